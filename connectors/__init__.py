@@ -1,0 +1,53 @@
+"""Transports behind one small protocol, picked by URL (importable as ``qtasks.connectors``).
+
+- ``memory://`` or ``memory://name``: an in-process log with Kafka's semantics
+  (partitions, offsets, consumer groups, compaction). Apps in one process that use the
+  same URL share one log.
+- ``kafka://host:port[,host:port]``: Apache Kafka through aiokafka. Query parameters
+  pass security settings (see ``docs/kafka.md``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qtasks.connectors.base import (
+    Connector,
+    Consumer,
+    Producer,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+    TopicSpec,
+)
+from qtasks.exc import ConfigError
+
+if TYPE_CHECKING:
+    from qtasks.config import QueueConfig
+
+__all__ = [
+    "Connector",
+    "Consumer",
+    "Producer",
+    "RebalanceListener",
+    "Record",
+    "TopicPartition",
+    "TopicSpec",
+    "from_url",
+]
+
+
+def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
+    """Build the connector a URL names; a clear :class:`ConfigError` for any other scheme."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ConfigError(f"broker_url must look like 'memory://' or 'kafka://host:9092', got {url!r}")
+    if scheme == "memory":
+        from qtasks.connectors.memory import MemoryConnector
+
+        return MemoryConnector(url)
+    if scheme == "kafka":
+        from qtasks.connectors.kafka import KafkaConnector
+
+        return KafkaConnector(url, config, **options)
+    raise ConfigError(f"unknown broker scheme {scheme!r} in {url!r}: use memory:// or kafka://")

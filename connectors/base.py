@@ -1,0 +1,120 @@
+"""The narrow seam between the engine and a transport.
+
+A connector offers what the engine needs from a log, and nothing else: topics with
+partitions, one producer that enqueues and flushes, and consumers that either join a
+group (``subscribe``) or read partitions they pick (``assign``). The shapes follow
+Kafka (and aiokafka) so the Kafka connector is thin; the memory connector implements
+the same semantics in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+
+class TopicPartition(NamedTuple):
+    """A partition of a topic."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(slots=True)
+class Record:
+    """One record read from a partition; key and value are raw bytes, decoded by the engine."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int  # milliseconds since the epoch
+
+    @property
+    def tp(self) -> TopicPartition:
+        """The partition this record came from."""
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic the app needs: its partitions and whether it is compacted."""
+
+    name: str
+    partitions: int
+    compacted: bool = False
+    replication_factor: int = 1
+    config: dict[str, str] = field(default_factory=dict)
+
+
+class RebalanceListener(Protocol):
+    """Told by a group consumer when its partitions change (eager protocol, as aiokafka)."""
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None: ...
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None: ...
+
+
+class Producer(Protocol):
+    """Sends records. ``send`` only enqueues and may return a delivery to await; ``flush`` waits for all."""
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None, partition: int
+    ) -> Awaitable[Any] | None: ...
+
+    async def flush(self) -> None: ...
+
+
+class Consumer(Protocol):
+    """Reads records, either as a member of a group or from partitions it assigns itself."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def subscribe(self, topics: list[str], listener: RebalanceListener) -> None: ...
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+    async def seek_to_end(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    async def seek_to_beginning(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    async def getmany(self, timeout: float, max_records: int | None = None) -> list[Record]: ...
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+
+    async def position(self, tp: TopicPartition) -> int: ...
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]: ...
+
+
+class Connector(Protocol):
+    """A transport, picked by URL: ``memory://`` or ``kafka://host:port``."""
+
+    url: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def ensure_topics(self, specs: list[TopicSpec]) -> None: ...
+
+    async def partitions_for(self, topic: str) -> int: ...
+
+    @property
+    def producer(self) -> Producer: ...
+
+    def consumer(self, group_id: str | None = None, *, client_id: str = "") -> Consumer: ...

@@ -1,0 +1,464 @@
+"""An in-process log with Kafka's semantics, for tests and embedded use.
+
+Not a stub: topics have partitions and offsets, records keep their order within a
+partition, consumer groups split partitions among members and rebalance when one joins
+or leaves (eager protocol: revoke all, then assign), committed offsets survive a
+member, and compacted topics keep the last record of each key (tombstones are dropped
+after ``delete.retention.ms``), leaving gaps in the offsets as Kafka does. Apps in one
+process that use the same ``memory://name`` URL share one log; it is thread-safe, so
+apps on different event loops can share it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import threading
+import time
+from collections.abc import Iterable
+
+from qtasks.connectors.base import RebalanceListener, Record, TopicPartition, TopicSpec
+from qtasks.exc import CommitFailedError, ConnectorError, TopicConfigError
+
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+def _wake(waiters: list[_Waiter]) -> None:
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, fut in waiters:
+        if loop is running:
+            if not fut.done():
+                fut.set_result(None)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Partition:
+    __slots__ = ("dirty", "next_offset", "offsets", "records", "waiters")
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.offsets: list[int] = []
+        self.next_offset = 0
+        self.waiters: list[_Waiter] = []
+        self.dirty = 0
+
+
+class _Topic:
+    def __init__(self, spec: TopicSpec) -> None:
+        self.spec = spec
+        self.partitions = [_Partition() for _ in range(spec.partitions)]
+        self.delete_retention_ms = int(spec.config.get("delete.retention.ms", "1000"))
+
+
+class _Group:
+    def __init__(self) -> None:
+        self.members: dict[str, MemoryConsumer] = {}
+        self.generation = 0
+        self.assignment: dict[str, set[TopicPartition]] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+
+class MemoryLog:
+    """The shared state behind ``memory://name``: topics and consumer groups."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.topics: dict[str, _Topic] = {}
+        self.groups: dict[str, _Group] = {}
+        self._member_ids = itertools.count(1)
+
+    # topics -----------------------------------------------------------------------
+
+    def create_topic(self, spec: TopicSpec) -> None:
+        """Create a topic; an existing one must have the same cleanup policy."""
+        with self.lock:
+            topic = self.topics.get(spec.name)
+            if topic is None:
+                self.topics[spec.name] = _Topic(spec)
+            elif topic.spec.compacted != spec.compacted:
+                policy = "compact" if topic.spec.compacted else "delete"
+                raise TopicConfigError(
+                    f"topic {spec.name!r} exists with cleanup.policy={policy}; "
+                    f"qtasks needs {'compact' if spec.compacted else 'delete'}: "
+                    "delete the topic or use another app name"
+                )
+
+    def _topic(self, name: str) -> _Topic:
+        try:
+            return self.topics[name]
+        except KeyError:
+            raise ConnectorError(f"unknown topic {name!r}: the app creates its topics at start") from None
+
+    def partitions_for(self, name: str) -> int:
+        """How many partitions a topic has."""
+        return len(self._topic(name).partitions)
+
+    def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> int:
+        """Append one record and wake the readers of its partition; return its offset."""
+        with self.lock:
+            t = self._topic(topic)
+            try:
+                p = t.partitions[partition]
+            except IndexError:
+                raise ConnectorError(f"topic {topic!r} has no partition {partition}") from None
+            offset = p.next_offset
+            p.next_offset = offset + 1
+            p.records.append(Record(topic, partition, offset, key, value, int(time.time() * 1000)))
+            p.offsets.append(offset)
+            waiters, p.waiters = p.waiters, []
+            if t.spec.compacted:
+                p.dirty += 1
+                if p.dirty > max(256, len(p.records) // 2):
+                    self._compact(t, p)
+        if waiters:
+            _wake(waiters)
+        return offset
+
+    def compact(self, topic: str) -> None:
+        """Compact every partition of a compacted topic now (Kafka's log cleaner does this in the background)."""
+        with self.lock:
+            t = self._topic(topic)
+            for p in t.partitions:
+                self._compact(t, p)
+
+    @staticmethod
+    def _compact(t: _Topic, p: _Partition) -> None:
+        last: dict[bytes | None, int] = {}
+        for i, record in enumerate(p.records):
+            last[record.key] = i
+        horizon = time.time() * 1000 - t.delete_retention_ms
+        kept = [
+            r for i, r in enumerate(p.records) if last[r.key] == i and (r.value is not None or r.timestamp > horizon)
+        ]
+        p.records = kept
+        p.offsets = [r.offset for r in kept]
+        p.dirty = 0
+
+    def fetch(self, tp: TopicPartition, position: int, limit: int) -> list[Record]:
+        """Records of a partition from ``position`` on, at most ``limit``."""
+        with self.lock:
+            p = self._topic(tp.topic).partitions[tp.partition]
+            start = bisect.bisect_left(p.offsets, position)
+            return p.records[start : start + limit]
+
+    def watch(self, tps: Iterable[TopicPartition], positions: dict[TopicPartition, int]) -> asyncio.Future[None] | None:
+        """A future resolved when any of ``tps`` gets a record past its position (None: data is there now)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self.lock:
+            parts = []
+            for tp in tps:
+                p = self._topic(tp.topic).partitions[tp.partition]
+                if p.next_offset > positions[tp]:
+                    return None
+                parts.append(p)
+            for p in parts:
+                p.waiters.append((loop, fut))
+        return fut
+
+    def end_offset(self, tp: TopicPartition) -> int:
+        """The offset the next record of a partition will get."""
+        with self.lock:
+            return self._topic(tp.topic).partitions[tp.partition].next_offset
+
+    def first_offset(self, tp: TopicPartition) -> int:
+        """The lowest offset still in a partition."""
+        with self.lock:
+            p = self._topic(tp.topic).partitions[tp.partition]
+            return p.offsets[0] if p.offsets else p.next_offset
+
+    def offset_for_time(self, tp: TopicPartition, timestamp_ms: int) -> int | None:
+        """The first offset whose timestamp is at or after ``timestamp_ms``, or None."""
+        with self.lock:
+            p = self._topic(tp.topic).partitions[tp.partition]
+            i = bisect.bisect_left(p.records, timestamp_ms, key=lambda r: r.timestamp)
+            return p.records[i].offset if i < len(p.records) else None
+
+    # groups -----------------------------------------------------------------------
+
+    def join(self, group_id: str, member: MemoryConsumer) -> str:
+        """Add a member to a group and rebalance; return its member id."""
+        with self.lock:
+            member_id = f"{member.client_id or 'member'}-{next(self._member_ids)}"
+            group = self.groups.setdefault(group_id, _Group())
+            group.members[member_id] = member
+            self._rebalance(group)
+            return member_id
+
+    def leave(self, group_id: str, member_id: str) -> None:
+        """Remove a member from its group and rebalance the rest."""
+        with self.lock:
+            group = self.groups.get(group_id)
+            if group and group.members.pop(member_id, None) is not None:
+                self._rebalance(group)
+
+    def _rebalance(self, group: _Group) -> None:
+        group.generation += 1
+        members = sorted(group.members)
+        group.assignment = {m: set() for m in members}
+        topics = sorted({t for m in members for t in group.members[m].topics})
+        tps = [TopicPartition(t, i) for t in topics if t in self.topics for i in range(len(self.topics[t].partitions))]
+        for i, tp in enumerate(tps):
+            candidates = [m for m in members if tp.topic in group.members[m].topics]
+            group.assignment[candidates[i % len(candidates)]].add(tp)
+        for m in members:
+            group.members[m].wake()
+
+    def group_state(self, group_id: str) -> tuple[int, dict[str, set[TopicPartition]]]:
+        """The generation and assignment of a group (for tests and tools)."""
+        with self.lock:
+            group = self.groups.get(group_id) or _Group()
+            return group.generation, {m: set(tps) for m, tps in group.assignment.items()}
+
+    def committed(self, group_id: str, tp: TopicPartition) -> int | None:
+        """The committed offset of a group on a partition, or None."""
+        with self.lock:
+            group = self.groups.get(group_id)
+            return group.committed.get(tp) if group else None
+
+    def commit(self, group_id: str, member_id: str, generation: int, offsets: dict[TopicPartition, int]) -> None:
+        """Store offsets for a group; refused when the member's generation is stale (like Kafka)."""
+        with self.lock:
+            group = self.groups.get(group_id)
+            if group is None or group.generation != generation or member_id not in group.members:
+                raise CommitFailedError(
+                    f"commit refused: group {group_id!r} rebalanced; these records will be delivered again"
+                )
+            owned = group.assignment.get(member_id, set())
+            for tp, offset in offsets.items():
+                if tp not in owned:
+                    raise CommitFailedError(f"commit refused: {tp} is not assigned to this member")
+                group.committed[tp] = offset
+
+
+_logs: dict[str, MemoryLog] = {}
+_logs_lock = threading.Lock()
+
+
+def get_log(url: str) -> MemoryLog:
+    """The shared log behind a ``memory://`` URL (one per name, per process)."""
+    name = url.partition("://")[2].strip("/")
+    with _logs_lock:
+        log = _logs.get(name)
+        if log is None:
+            log = _logs[name] = MemoryLog()
+        return log
+
+
+class MemoryProducer:
+    """Appends records to the log; every send is written at once, so ``flush`` has nothing to wait for."""
+
+    def __init__(self, log: MemoryLog) -> None:
+        self._log = log
+
+    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> None:
+        """Append the record (it is written at once: there is no delivery to wait for)."""
+        self._log.append(topic, partition, key, value)
+        return None
+
+    async def flush(self) -> None:
+        """Nothing is pending in memory."""
+
+
+class MemoryConsumer:
+    """A consumer of the memory log: a group member (``subscribe``) or self-assigned (``assign``)."""
+
+    def __init__(self, log: MemoryLog, group_id: str | None, client_id: str = "") -> None:
+        self._log = log
+        self.group_id = group_id
+        self.client_id = client_id
+        self.topics: set[str] = set()
+        self._listener: RebalanceListener | None = None
+        self._member_id = ""
+        self._generation = -1
+        self._assigned: set[TopicPartition] = set()
+        self._positions: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
+        self._started = False
+        self._wakeup: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Join the group, if subscribed."""
+        self._loop = asyncio.get_running_loop()
+        self._started = True
+        if self.group_id and self.topics and not self._member_id:
+            self._member_id = self._log.join(self.group_id, self)
+
+    async def stop(self) -> None:
+        """Leave the group, so its partitions go to the other members."""
+        self._started = False
+        if self.group_id and self._member_id:
+            self._log.leave(self.group_id, self._member_id)
+            self._member_id = ""
+        self.wake()
+
+    def wake(self) -> None:
+        """Interrupt a waiting ``getmany`` (a rebalance happened)."""
+        fut, loop = self._wakeup, self._loop
+        if fut is not None and loop is not None and not loop.is_closed():
+            try:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                _resolve(fut)
+            else:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def subscribe(self, topics: list[str], listener: RebalanceListener) -> None:
+        """Join ``group_id`` for these topics (at ``start``)."""
+        if not self.group_id:
+            raise ConnectorError("subscribe needs a consumer with a group_id")
+        self.topics = set(topics)
+        self._listener = listener
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read these partitions, from the beginning unless ``seek`` says otherwise."""
+        self._assigned = set(partitions)
+        for tp in self._assigned:
+            self._positions.setdefault(tp, self._log.first_offset(tp))
+
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this consumer reads now."""
+        return set(self._assigned)
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` on."""
+        self._positions[tp] = offset
+
+    async def seek_to_end(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read only records written from now on."""
+        for tp in partitions:
+            self._positions[tp] = self._log.end_offset(tp)
+
+    async def seek_to_beginning(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read from the oldest record still in the log."""
+        for tp in partitions:
+            self._positions[tp] = self._log.first_offset(tp)
+
+    async def _sync_group(self) -> None:
+        if not self.group_id or not self._member_id:
+            return
+        generation, assignment = self._log.group_state(self.group_id)
+        if generation == self._generation:
+            return
+        listener = self._listener
+        if listener is not None and self._generation != -1:
+            await listener.on_partitions_revoked(set(self._assigned))
+        # The listener may have committed; read the assignment again after it.
+        generation, assignment = self._log.group_state(self.group_id)
+        new = assignment.get(self._member_id, set())
+        self._generation = generation
+        self._assigned = set(new)
+        self._paused &= self._assigned
+        for tp in new:
+            committed = self._log.committed(self.group_id, tp)
+            self._positions[tp] = committed if committed is not None else self._log.first_offset(tp)
+        if listener is not None:
+            await listener.on_partitions_assigned(set(new))
+
+    async def getmany(self, timeout: float, max_records: int | None = None) -> list[Record]:
+        """Records from the assigned, unpaused partitions; waits up to ``timeout`` seconds for some."""
+        deadline = time.monotonic() + timeout
+        limit = max_records or 10_000
+        while True:
+            await self._sync_group()
+            out: list[Record] = []
+            active = [tp for tp in self._assigned if tp not in self._paused]
+            for tp in active:
+                if len(out) >= limit:
+                    break
+                records = self._log.fetch(tp, self._positions[tp], limit - len(out))
+                if records:
+                    self._positions[tp] = records[-1].offset + 1
+                    out.extend(records)
+            if out:
+                return out
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._started:
+                return out
+            fut = self._log.watch(active, self._positions) if active else asyncio.get_running_loop().create_future()
+            if fut is None:
+                continue
+            self._wakeup = fut
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), remaining)
+            except TimeoutError:
+                return []
+            finally:
+                self._wakeup = None
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit offsets for the group (the next offset to read, as in Kafka)."""
+        if not self.group_id:
+            raise ConnectorError("commit needs a consumer with a group_id")
+        self._log.commit(self.group_id, self._member_id, self._generation, offsets)
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stop returning records from these partitions (the group membership stays)."""
+        self._paused |= set(partitions) & self._assigned
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        """Return records from these partitions again."""
+        self._paused -= set(partitions)
+        self.wake()
+
+    def paused(self) -> set[TopicPartition]:
+        """The paused partitions."""
+        return set(self._paused)
+
+    async def position(self, tp: TopicPartition) -> int:
+        """The offset of the next record this consumer will return from ``tp``."""
+        return self._positions[tp]
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The next offset of each partition."""
+        return {tp: self._log.end_offset(tp) for tp in partitions}
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        """The first offset at or after each timestamp (milliseconds), or None."""
+        return {tp: self._log.offset_for_time(tp, ts) for tp, ts in timestamps.items()}
+
+
+class MemoryConnector:
+    """The connector for ``memory://`` URLs."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self.log = get_log(url)
+        self._producer = MemoryProducer(self.log)
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def stop(self) -> None:
+        """Nothing to disconnect; the log stays for other apps of the process."""
+
+    async def ensure_topics(self, specs: list[TopicSpec]) -> None:
+        """Create the topics that do not exist; check the cleanup policy of those that do."""
+        for spec in specs:
+            self.log.create_topic(spec)
+
+    async def partitions_for(self, topic: str) -> int:
+        """How many partitions a topic has."""
+        return self.log.partitions_for(topic)
+
+    @property
+    def producer(self) -> MemoryProducer:
+        """The one producer of this connector."""
+        return self._producer
+
+    def consumer(self, group_id: str | None = None, *, client_id: str = "") -> MemoryConsumer:
+        """A new consumer; with ``group_id`` it can ``subscribe`` as a group member."""
+        return MemoryConsumer(self.log, group_id, client_id)

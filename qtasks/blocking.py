@@ -1,0 +1,136 @@
+"""``qtasks.QueueTasks``: the blocking facade over the asyncio app, for sync programs.
+
+It owns no logic: every call runs the asyncio app's coroutine on a private loop in a
+background thread (the portal) and waits for it. Tasks run there too; sync tasks in
+the worker's thread pool as always.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid as uuid_mod
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from qtasks import _state
+from qtasks.app import QueueTasks as AsyncQueueTasks
+from qtasks.config import QueueConfig
+from qtasks.portal import Portal
+from qtasks.records import Task
+
+
+class QueueTasks:
+    """A qtasks app whose client methods block; for scripts, web handlers and sync code."""
+
+    def __init__(
+        self,
+        name: str = "QueueTasks",
+        broker_url: str | None = None,
+        *,
+        config: QueueConfig | None = None,
+        **settings: Any,
+    ) -> None:
+        self._core = AsyncQueueTasks(name, broker_url, config=config, **settings)
+        self._core._facade = self
+        self._portal = Portal()
+        _state.app_main = self
+
+    # -- components (what ctx.get_component reaches) --------------------------------
+
+    @property
+    def name(self) -> str:
+        """The app's name (its topics are ``<name>.tasks``, ...)."""
+        return self._core.name
+
+    @property
+    def broker_url(self) -> str:
+        """The connector's URL."""
+        return self._core.broker_url
+
+    @property
+    def config(self) -> QueueConfig:
+        """The app's settings."""
+        return self._core.config
+
+    @property
+    def broker(self) -> Any:
+        """The connector in use."""
+        return self._core.broker
+
+    @property
+    def worker(self) -> Any:
+        """The running worker, or None."""
+        return self._core.worker
+
+    @property
+    def plugins(self) -> Any:
+        """The plugin manager."""
+        return self._core.plugins
+
+    @property
+    def events(self) -> Any:
+        """Lifecycle events: ``@app.events.on.task_success()``."""
+        return self._core.events
+
+    @property
+    def registry(self) -> Any:
+        """The registered tasks."""
+        return self._core.registry
+
+    # -- registration ----------------------------------------------------------------
+
+    def task(self, func: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Register a task: ``@app.task`` or ``@app.task(name=..., ...)``."""
+        return self._core.task(func, **options)
+
+    def add_plugin(self, plugin: Any, trigger_names: list[str] | None = None, component: str | None = None) -> None:
+        """Add a plugin for ``trigger_names`` (None: every trigger)."""
+        self._core.add_plugin(plugin, trigger_names, component)
+
+    # -- client ----------------------------------------------------------------------
+
+    def add_task(
+        self, task_name: str, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any
+    ) -> Task | None:
+        """Submit a task; with ``timeout``, wait for it and return the finished Task (None if time runs out)."""
+        return self._portal.call(self._core.add_task(task_name, *args, priority=priority, timeout=timeout, **kwargs))
+
+    def get(self, uuid: str | uuid_mod.UUID) -> Task | None:
+        """The task's latest status, or None."""
+        return self._portal.call(self._core.get(uuid))
+
+    def wait(self, uuid: str, timeout: float | None = None) -> Task:
+        """Wait until the task (following retries) ends; TimeoutError when time runs out."""
+        return self._portal.call(self._core.wait(uuid, timeout))
+
+    def stream(self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None) -> Iterator[Any]:
+        """The task's handled values in order, live, until it ends."""
+        return self._portal.iterate(self._core.stream(uuid, timeout=timeout))
+
+    def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
+        """Cancel a queued or running task; False when it is unknown or already finished."""
+        return self._portal.call(self._core.cancel(uuid, reason))
+
+    # -- worker ----------------------------------------------------------------------
+
+    def start(self, concurrency: int | None = None) -> None:
+        """Start a worker in the background of this program."""
+        self._portal.call(self._core.start(concurrency))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the worker gracefully and disconnect."""
+        self._portal.call(self._core.stop(timeout))
+
+    def run_forever(self, concurrency: int | None = None) -> None:
+        """Run a worker until SIGINT or SIGTERM."""
+        stopped = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stopped.set())
+        self.start(concurrency)
+        try:
+            while not stopped.wait(0.5):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,141 @@
+"""The command line: ``qtasks -A module:app run | add | status``.
+
+- ``run [--concurrency N] [--broker URL]``: a worker in the foreground (SIGINT/SIGTERM stop it gracefully).
+- ``add NAME [ARGS...] [-k key=value ...] [--follow]``: submit a task; with ``--follow``,
+  stream its values to the terminal live, then its final status. Arguments are read as
+  JSON when they parse (``3``, ``"x"``, ``[1,2]``), else as strings. On ``memory://``
+  the log lives in this process, so ``add`` runs a worker here too.
+- ``status UUID``: the task's status as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+from qtasks.app import QueueTasks as AsyncQueueTasks
+
+
+def load_app(target: str) -> AsyncQueueTasks:
+    """Import ``module:attribute`` and return the asyncio app behind it."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(f"-A takes module:app, got {target!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attribute, None)
+    if app is None:
+        raise SystemExit(f"{module_name!r} has no attribute {attribute!r}")
+    core = getattr(app, "_core", app)
+    if not isinstance(core, AsyncQueueTasks):
+        raise SystemExit(f"{target!r} is not a qtasks QueueTasks app")
+    return core
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _kwargs(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"-k takes key=value, got {pair!r}")
+        out[key] = _value(value)
+    return out
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
+    embedded = app.broker_url.startswith("memory://")
+    if embedded:
+        await app.start()
+    try:
+        task = await app.add_task(args.name, *[_value(a) for a in args.args], **_kwargs(args.kwarg))
+        assert task is not None
+        print(task.uuid, flush=True)
+        if not (args.follow or embedded):
+            return 0
+        started = time.monotonic()
+        count = 0
+        async for value in app.stream(task.uuid):
+            count += 1
+            print(_show(value), flush=True)
+            if args.progress:
+                rate = count / max(time.monotonic() - started, 1e-9)
+                print(f"\r  {count} values, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+        final = await app.wait(task.uuid, timeout=args.timeout)
+        elapsed = time.monotonic() - started
+        print(f"{final.status}: {count} values in {elapsed:.2f} s (task {final.uuid})", file=sys.stderr)
+        if final.status == "error" and final.traceback:
+            print(final.traceback.rstrip().splitlines()[-1], file=sys.stderr)
+        return 0 if final.status == "success" else 1
+    finally:
+        if embedded:
+            await app.stop()
+        else:
+            await app.close()
+
+
+async def _status(app: AsyncQueueTasks, uuid: str) -> int:
+    try:
+        task = await app.get(uuid)
+    finally:
+        await app.close()
+    if task is None:
+        print(f"no task {uuid}", file=sys.stderr)
+        return 1
+    print(msgspec.json.format(msgspec.json.encode(task)).decode())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qtasks`` command."""
+    parser = argparse.ArgumentParser(prog="qtasks", description="qtasks: Kafka-native streaming tasks")
+    parser.add_argument("-A", "--app", required=True, help="the app, as module:attribute")
+    parser.add_argument("--broker", help="broker URL (overrides the app's)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a worker")
+    run.add_argument("--concurrency", type=int, help="tasks at once (default: config.concurrency)")
+    add = commands.add_parser("add", help="submit a task")
+    add.add_argument("name")
+    add.add_argument("args", nargs="*", help="positional arguments (JSON, else strings)")
+    add.add_argument("-k", "--kwarg", action="append", default=[], help="keyword argument key=value")
+    add.add_argument("--follow", "-f", action="store_true", help="stream the values live until the task ends")
+    add.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
+    add.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    status = commands.add_parser("status", help="show a task's status")
+    status.add_argument("uuid")
+    args = parser.parse_args(argv)
+
+    app = load_app(args.app)
+    if args.broker:
+        app.use_broker(args.broker)
+    if args.command == "run":
+        app.run_forever(args.concurrency)
+        return 0
+    if args.command == "add":
+        return asyncio.run(_add(app, args))
+    return asyncio.run(_status(app, args.uuid))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Errors raised by qtasks.
+
+Every error the engine raises derives from :class:`QTasksError`::
+
+    QTasksError
+    ├── ConfigError              a setting is missing or out of range
+    ├── TaskNotFoundError        no task is registered under that name
+    ├── TaskCancelError          a task was cancelled (ctx.cancel, app.cancel)
+    ├── TaskPluginTriggerError   raised by ctx.plugin_error, handled by plugins
+    ├── TaskTimeoutError         a task ran past its max_time
+    ├── RecordError              a record could not be decoded (goes to the dead-letter topic)
+    └── ConnectorError           the transport failed; carries ``retriable``
+        ├── TopicConfigError     a topic exists with the wrong settings
+        └── CommitFailedError    offsets could not be committed (the group rebalanced)
+
+``TaskCancelError`` and ``TaskPluginTriggerError`` keep QTasks' names so code written
+for QTasks catches them unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class QTasksError(Exception):
+    """The root of every qtasks error."""
+
+
+class ConfigError(QTasksError, ValueError):
+    """A configuration value is invalid; the message names the setting and what it takes."""
+
+
+class TaskNotFoundError(QTasksError, LookupError):
+    """No task is registered under the given name on this worker."""
+
+
+class TaskCancelError(QTasksError):
+    """The task was cancelled; it ends with status ``cancel`` and is never retried."""
+
+
+class TaskPluginTriggerError(QTasksError):
+    """Raised by ``ctx.plugin_error(**kwargs)``: plugins may turn it into a result.
+
+    The keyword arguments are kept in ``kwargs`` for the plugins to read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args or (kwargs.get("message", "plugin error"),))
+        self.kwargs = kwargs
+
+
+class TaskTimeoutError(QTasksError, TimeoutError):
+    """The task ran longer than its ``max_time``."""
+
+
+class RecordError(QTasksError, ValueError):
+    """A record could not be decoded: too large, not JSON, or of the wrong shape."""
+
+
+class ConnectorError(QTasksError):
+    """The transport failed. ``retriable`` says whether trying again may help."""
+
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        if retriable is not None:
+            self.retriable = retriable
+
+
+class TopicConfigError(ConnectorError):
+    """A topic exists with settings qtasks cannot use (for example a status topic that is not compacted)."""
+
+
+class CommitFailedError(ConnectorError):
+    """Offsets were not committed because the consumer group rebalanced; the records will be seen again."""
+
+    retriable = True

@@ -1,0 +1,375 @@
+"""The executor: runs one task and turns it into events for a sink it does not know.
+
+It drives the four kinds of task: coroutine functions and async generators on the event
+loop, sync functions and sync generators in a thread pool (so the loop, and with it the
+Kafka heartbeats, never blocks). Every value a generator yields goes through
+``generate_handler`` and straight to ``sink.emit``: one result record per value, the
+moment it is yielded. The executor decides the outcome (success, error, cancel); the
+worker writes it.
+
+Cancellation reaches a running task at its next yield (``TaskCancelError`` is thrown
+into the generator), at ``ctx.sleep`` (``TaskCancelError``), or, for async code, at any
+other await (``asyncio.CancelledError``, asyncio's own way). Sync code that never yields
+nor sleeps finishes first; its result is then discarded and the task ends as ``cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+import traceback
+from collections.abc import AsyncGenerator, Callable, Generator
+from concurrent.futures import Executor
+from typing import Any, Literal, Protocol
+
+from qtasks.context import AsyncContext, AsyncTask, CancelToken, SyncContext, SyncTask
+from qtasks.exc import TaskCancelError, TaskPluginTriggerError, TaskTimeoutError
+from qtasks.plugins import PluginManager, _call
+from qtasks.registry import TaskSpec
+
+#: A traceback kept in a status record is cut to this many characters (the record must stay small).
+TRACEBACK_LIMIT = 16_000
+
+
+class ResultSink(Protocol):
+    """Where the handled values of a generator go (the worker writes them as result records)."""
+
+    async def emit(self, value: Any) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """How a run ended."""
+
+    status: Literal["success", "error", "cancel"]
+    returning: Any = None
+    exc: BaseException | None = None
+    traceback: str | None = None
+    cancel_reason: str | None = None
+    yield_count: int = 0
+
+
+class _Abandoned(Exception):
+    """The task's result is no longer wanted (it timed out); the thread stops at its next yield."""
+
+
+class _ThreadBridge:
+    """Carries values from a generator's thread to the loop, in order, a batch per wake-up.
+
+    One ``call_soon_threadsafe`` per batch rather than per value: while the loop is
+    writing a batch, the thread keeps appending; ``max_pending`` bounds the buffer
+    (the thread waits), so a slow transport slows the generator instead of filling memory.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, emit: Callable[[Any], Any], max_pending: int = 4096) -> None:
+        self._loop = loop
+        self._emit = emit
+        self._max = max_pending
+        self._cond = threading.Condition()
+        self._buf: list[Any] = []
+        self._idle = True
+        self._closed = False
+        self._abandoned = False
+        self.error: BaseException | None = None
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run())
+
+    def put(self, value: Any) -> None:
+        """Called in the thread for every handled value."""
+        with self._cond:
+            if self._abandoned:
+                raise _Abandoned()
+            if self.error is not None:
+                raise self.error
+            self._buf.append(value)
+            notify, self._idle = self._idle, False
+            while len(self._buf) >= self._max and not self._abandoned and self.error is None:
+                if notify:
+                    self._loop.call_soon_threadsafe(self._wake.set)
+                    notify = False
+                self._cond.wait(0.1)
+        if notify:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._cond:
+                    items = self._buf
+                    if not items:
+                        self._idle = True
+                        break
+                    self._buf = []
+                    self._cond.notify_all()
+                try:
+                    for value in items:
+                        await self._emit(value)
+                except BaseException as exc:  # handed to the thread and to close()
+                    with self._cond:
+                        self.error = exc
+                        self._cond.notify_all()
+                    return
+            if self._closed:
+                return
+
+    def abandon(self) -> None:
+        """Make the thread's next ``put`` raise, so it stops."""
+        with self._cond:
+            self._abandoned = True
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        """Wait until every value put so far is emitted; raise an emit error."""
+        self._closed = True
+        self._wake.set()
+        await self._task
+        if self.error is not None:
+            raise self.error
+
+
+class TaskExecutor:
+    """Runs one task. ``await execute()`` returns an :class:`Outcome`; ``cancel(reason)`` stops it.
+
+    A task may name a subclass in ``@app.task(executor=...)`` to change a step.
+    """
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        *,
+        uuid: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        sink: ResultSink,
+        app: Any,
+        plugins: PluginManager,
+        thread_pool: Executor | None = None,
+        broker: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.uuid = uuid
+        self.args = list(args)
+        self.kwargs = dict(kwargs)
+        self.sink = sink
+        self.app = app
+        self.plugins = plugins
+        self.thread_pool = thread_pool
+        self.broker = broker
+        self.token = CancelToken()
+        self.yield_count = 0
+        self._inner: asyncio.Task[Any] | None = None
+        self._in_user_code = False
+        self._bridge: _ThreadBridge | None = None
+
+    # -- control -------------------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        """Ask the task to stop: at its next yield, ``ctx.sleep`` or (async code) await."""
+        self.token.set(reason)
+        inner = self._inner
+        if inner is not None and self.spec.is_async and (self._in_user_code or self.spec.kind == "async"):
+            inner.cancel()
+
+    # -- the run -------------------------------------------------------------------
+
+    async def execute(self) -> Outcome:
+        """Run the task to its end and say how it ended."""
+        spec = self.spec
+        try:
+            await self._before()
+            bound = self._bind()
+            self._inner = asyncio.get_running_loop().create_task(self._run(bound))
+            if spec.max_time is not None:
+                try:
+                    async with asyncio.timeout(spec.max_time):
+                        result = await self._wait_inner()
+                except TimeoutError:
+                    if self._bridge is not None:
+                        self._bridge.abandon()
+                    if self.token.is_set:
+                        raise TaskCancelError(self.token.reason) from None
+                    raise TaskTimeoutError(
+                        f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s"
+                    ) from None
+            else:
+                result = await self._wait_inner()
+            if self.token.is_set:
+                raise TaskCancelError(self.token.reason)
+            result = await self._after(result)
+            return Outcome("success", returning=result, yield_count=self.yield_count)
+        except TaskCancelError as exc:
+            return Outcome("cancel", cancel_reason=str(exc) or self.token.reason, yield_count=self.yield_count, exc=exc)
+        except TaskPluginTriggerError as exc:
+            replaced = await self.plugins.trigger(
+                "task_executor_run_task_trigger_error",
+                task_executor=self,
+                task_func=spec,
+                task_broker=self.broker,
+                e=exc,
+            )
+            if replaced and "result" in replaced:
+                return Outcome("success", returning=replaced["result"], yield_count=self.yield_count)
+            return self._error(exc)
+        except Exception as exc:
+            return self._error(exc)
+
+    async def _wait_inner(self) -> Any:
+        inner = self._inner
+        assert inner is not None
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if inner.done() and self.token.is_set:
+                raise TaskCancelError(self.token.reason) from None
+            # The executor itself is cancelled (max_time or the worker stopping): stop the task too.
+            inner.cancel()
+            if self._bridge is not None:
+                self._bridge.abandon()
+            raise
+
+    def _error(self, exc: BaseException) -> Outcome:
+        text = "".join(traceback.format_exception(exc))
+        if len(text) > TRACEBACK_LIMIT:
+            text = text[: TRACEBACK_LIMIT // 2] + "\n...\n" + text[-TRACEBACK_LIMIT // 2 :]
+        return Outcome("error", exc=exc, traceback=text, yield_count=self.yield_count)
+
+    async def _before(self) -> None:
+        plugins = self.plugins
+        if len(plugins):
+            new = await plugins.trigger(
+                "task_executor_args_replace", task_executor=self, args=self.args, kwargs=self.kwargs
+            )
+            if new and "new_args" in new:
+                args, kwargs = new["new_args"]
+                self.args, self.kwargs = list(args), dict(kwargs)
+            await plugins.trigger("task_executor_before_execute", task_executor=self)
+        for middleware in self.spec.middlewares_before:
+            replaced = await _call(middleware, self.spec.name, self.args, self.kwargs)
+            if replaced is not None:
+                args, kwargs = replaced
+                self.args, self.kwargs = list(args), dict(kwargs)
+
+    async def _after(self, result: Any) -> Any:
+        spec = self.spec
+        plugins = self.plugins
+        if len(plugins):
+            new = await plugins.trigger("task_executor_run_task", task_executor=self, result=result)
+            if new and "new_result" in new:
+                result = new["new_result"]
+            await plugins.trigger("task_executor_after_execute", task_executor=self, result=result)
+        for middleware in spec.middlewares_after:
+            result = await _call(middleware, spec.name, result)
+        if spec.decode is not None:
+            result = await _call(spec.decode, result)
+            if len(plugins):
+                new = await plugins.trigger("task_executor_decode", task_executor=self, result=result)
+                if new and "new_result" in new:
+                    result = new["new_result"]
+        return result
+
+    def _bind(self) -> tuple[list[Any], dict[str, Any]]:
+        spec = self.spec
+        args = list(self.args)
+        if spec.echo:
+            args.insert(0, self._echo_object())
+        try:
+            spec.signature.bind(*args, **self.kwargs)
+        except TypeError as exc:
+            shown = str(spec.signature)
+            raise TypeError(f"wrong arguments for task {spec.name!r}: {exc}; it takes {shown}") from None
+        return args, self.kwargs
+
+    def context(self) -> AsyncContext | SyncContext:
+        """A fresh context for this run (what ``self.ctx`` is inside the task)."""
+        common: dict[str, Any] = {
+            "task_name": self.spec.name,
+            "task_uuid": self.uuid,
+            "generate_handler": self.spec.generate_handler,
+            "app": self.app,
+            "token": self.token,
+        }
+        if self.spec.is_async:
+            return AsyncContext(**common)
+        return SyncContext(loop=asyncio.get_running_loop(), **common)
+
+    def _echo_object(self) -> AsyncTask | SyncTask:
+        ctx = self.context()
+        if isinstance(ctx, AsyncContext):
+            return AsyncTask(ctx, self.spec)
+        return SyncTask(ctx, self.spec)
+
+    async def _run(self, bound: tuple[list[Any], dict[str, Any]]) -> Any:
+        args, kwargs = bound
+        kind = self.spec.kind
+        if kind == "async":
+            self._in_user_code = True
+            return await self.spec.func(*args, **kwargs)
+        if kind == "async_gen":
+            return await self._drive_async_gen(self.spec.func(*args, **kwargs))
+        loop = asyncio.get_running_loop()
+        if kind == "sync":
+            return await loop.run_in_executor(self.thread_pool, lambda: self.spec.func(*args, **kwargs))
+        self._bridge = _ThreadBridge(loop, self.sink.emit)
+        try:
+            await loop.run_in_executor(self.thread_pool, self._drive_sync_gen, args, kwargs, loop)
+        finally:
+            await self._bridge.close()
+        return None
+
+    async def _drive_async_gen(self, agen: AsyncGenerator[Any, Any]) -> None:
+        handler = self.spec.generate_handler
+        handler_is_async = self.spec.handler_is_async
+        emit = self.sink.emit
+        token = self.token
+        try:
+            while True:
+                self._in_user_code = True
+                try:
+                    if token.is_set:
+                        value = await agen.athrow(TaskCancelError(token.reason))
+                    else:
+                        value = await agen.__anext__()
+                except StopAsyncIteration:
+                    return None
+                finally:
+                    self._in_user_code = False
+                if handler is not None:
+                    value = await handler(value) if handler_is_async else handler(value)
+                await emit(value)
+                self.yield_count += 1
+        finally:
+            await agen.aclose()
+
+    def _drive_sync_gen(self, args: list[Any], kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in a worker thread."""
+        bridge = self._bridge
+        assert bridge is not None
+        handler = self.spec.generate_handler
+        handler_is_async = self.spec.handler_is_async
+        token = self.token
+        deadline = None if self.spec.max_time is None else time.monotonic() + self.spec.max_time
+        gen: Generator[Any, Any, Any] = self.spec.func(*args, **kwargs)
+        try:
+            while True:
+                try:
+                    if token.is_set:
+                        value = gen.throw(TaskCancelError(token.reason))
+                    elif deadline is not None and time.monotonic() > deadline:
+                        value = gen.throw(_Abandoned())
+                    else:
+                        value = next(gen)
+                except StopIteration:
+                    return
+                if handler is not None:
+                    if handler_is_async:
+                        value = asyncio.run_coroutine_threadsafe(handler(value), loop).result()
+                    else:
+                        value = handler(value)
+                bridge.put(value)
+                self.yield_count += 1
+        finally:
+            gen.close()

@@ -1,0 +1,53 @@
+"""Logging: ``qtasks.logs.Logger``, a named logger on top of the standard library."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+
+class Logger:
+    """A logger with a ``name`` (the task's, by default), writing to ``qtasks.<name>``.
+
+    It has the standard methods (``debug``, ``info``, ``warning``, ``error``,
+    ``exception``, ``critical``); a ``subname`` is shown after the name.
+    """
+
+    def __init__(self, name: str, subname: str | None = None, level: int | str | None = None) -> None:
+        self.name = name
+        self.subname = subname
+        full = f"qtasks.{name}" + (f".{subname}" if subname else "")
+        self._log = logging.getLogger(full)
+        if level is not None:
+            self._log.setLevel(level)
+
+    def with_subname(self, subname: str) -> Logger:
+        """A logger with the same name and another subname."""
+        return Logger(self.name, subname)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log at DEBUG."""
+        self._log.debug(msg, *args, **kwargs)
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log at INFO."""
+        self._log.info(msg, *args, **kwargs)
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log at WARNING."""
+        self._log.warning(msg, *args, **kwargs)
+
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log at ERROR."""
+        self._log.error(msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log at ERROR with the current exception's traceback."""
+        self._log.exception(msg, *args, **kwargs)
+
+    def critical(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log at CRITICAL."""
+        self._log.critical(msg, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Logger(name={self.name!r})"

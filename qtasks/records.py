@@ -1,0 +1,182 @@
+"""The records qtasks writes to its topics, and their one encoder and decoder each.
+
+Records are versioned ``msgspec.Struct``s encoded as JSON. Schema evolution: new
+fields get defaults and go last, existing fields never change type. Decoding is
+typed and strict and checks the byte size first; every failure is a
+:class:`~qtasks.exc.RecordError` whose message says what was wrong, so the worker
+can send the record to the dead-letter topic with that reason. Nothing is ever
+unpickled.
+
+=========  ==============  ===========================================
+topic      key             value
+=========  ==============  ===========================================
+tasks      task uuid       :class:`TaskRecord`
+results    task uuid       :class:`ResultRecord` (one per yielded value, then an end marker)
+status     task uuid       :class:`Task` (compacted; a tombstone expires it)
+control    task uuid       :class:`ControlRecord` (cancel requests)
+dlq        original key    :class:`DeadLetter`
+=========  ==============  ===========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+from qtasks.exc import RecordError
+
+Status = Literal["new", "process", "success", "error", "cancel", "retry"]
+
+#: Statuses after which a task never changes again.
+TERMINAL: Final = frozenset({"success", "error", "cancel", "retry"})
+
+
+class TaskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A request to run a task (the tasks topic)."""
+
+    v: int = 1
+    uuid: str
+    task_name: str
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    priority: int = 0
+    created_at: float
+    #: Retries left for this run (None: the task's own ``retry`` setting).
+    retry: int | None = None
+    #: The task this one retries (QTasks' retry chain).
+    retry_parent_uuid: str | None = None
+    #: How many times the chain has been retried so far (drives the backoff).
+    retry_count: int = 0
+
+
+class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A task's state: what ``app.get(uuid)`` returns and the status topic holds.
+
+    ``rev`` orders the writes of one task: a record with a lower ``rev`` than the one
+    already seen is stale. ``lease_until`` is when a running task's worker must have
+    renewed its claim, or another worker takes the task over (``attempt`` + 1).
+    """
+
+    v: int = 1
+    uuid: str
+    task_name: str
+    status: Status
+    priority: int = 0
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    created_at: float
+    updated_at: float
+    returning: Any = None
+    traceback: str | None = None
+    retry: int | None = None
+    retry_parent_uuid: str | None = None
+    retry_child_uuid: str | None = None
+    cancel_reason: str | None = None
+    yield_count: int = 0
+    attempt: int = 0
+    worker: str | None = None
+    rev: int = 0
+    lease_until: float = 0.0
+    #: True when ``returning`` holds the count, not the list, of a generator's values.
+    returning_truncated: bool = False
+    #: Where the task's results live (the results partition; set once it ran).
+    results_partition: int | None = None
+    retry_count: int = 0
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the status is terminal (success, error, cancel or retry)."""
+        return self.status in TERMINAL
+
+
+class ResultRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One handled value of a generator task, or (``end=True``) the end of an attempt."""
+
+    v: int = 1
+    uuid: str
+    seq: int
+    attempt: int = 1
+    value: Any = None
+    end: bool = False
+    #: On an end marker: the status the attempt ended with.
+    status: str | None = None
+
+
+class ControlRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A command to whichever worker runs a task."""
+
+    v: int = 1
+    kind: Literal["cancel"]
+    uuid: str
+    reason: str = ""
+    at: float = 0.0
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A record the worker could not use, with why and where it came from."""
+
+    v: int = 1
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    at: float = 0.0
+
+
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+"""Encode any record (or value) as JSON bytes."""
+
+_task_decoder = msgspec.json.Decoder(TaskRecord)
+_status_decoder = msgspec.json.Decoder(Task)
+_result_decoder = msgspec.json.Decoder(ResultRecord)
+_control_decoder = msgspec.json.Decoder(ControlRecord)
+_dead_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | None, limit: int, what: str) -> Any:
+    if data is None:
+        raise RecordError(f"{what} record has no value")
+    if len(data) > limit:
+        raise RecordError(f"{what} record is {len(data)} bytes, over the limit of {limit}")
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise RecordError(f"{what} record has the wrong shape: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"{what} record is not valid JSON: {exc}") from None
+
+
+def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:
+    """Decode a tasks-topic record; raise :class:`RecordError` with the reason."""
+    record: TaskRecord = _decode(_task_decoder, data, limit, "task")
+    if not record.uuid or not record.task_name:
+        raise RecordError("task record has an empty uuid or task_name")
+    return record
+
+
+def decode_status(data: bytes | None, limit: int = 1_000_000) -> Task:
+    """Decode a status-topic record."""
+    result: Task = _decode(_status_decoder, data, limit, "status")
+    return result
+
+
+def decode_result(data: bytes | None, limit: int = 1_000_000) -> ResultRecord:
+    """Decode a results-topic record."""
+    result: ResultRecord = _decode(_result_decoder, data, limit, "result")
+    return result
+
+
+def decode_control(data: bytes | None, limit: int = 1_000_000) -> ControlRecord:
+    """Decode a control-topic record."""
+    result: ControlRecord = _decode(_control_decoder, data, limit, "control")
+    return result
+
+
+def decode_dead_letter(data: bytes | None, limit: int = 4_000_000) -> DeadLetter:
+    """Decode a dead-letter record."""
+    result: DeadLetter = _decode(_dead_decoder, data, limit, "dead-letter")
+    return result

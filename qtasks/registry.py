@@ -1,0 +1,109 @@
+"""Registered tasks: what ``@app.task`` records about a function."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+Kind = Literal["async", "async_gen", "sync", "sync_gen"]
+
+
+def kind_of(func: Callable[..., Any]) -> Kind:
+    """How the executor drives ``func``: coroutine, async generator, plain function or generator."""
+    target = inspect.unwrap(func)
+    if inspect.isasyncgenfunction(target):
+        return "async_gen"
+    if inspect.iscoroutinefunction(target):
+        return "async"
+    if inspect.isgeneratorfunction(target):
+        return "sync_gen"
+    return "sync"
+
+
+@dataclasses.dataclass(eq=False)
+class TaskSpec:
+    """A registered task. Calling it calls the function directly; ``add_task`` submits it."""
+
+    name: str
+    func: Callable[..., Any]
+    priority: int = 0
+    echo: bool = False
+    max_time: float | None = None
+    retry: int | None = None
+    retry_on_exc: Sequence[type[BaseException]] | None = None
+    decode: Callable[[Any], Any] | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    description: str | None = None
+    generate_handler: Callable[[Any], Any] | None = None
+    executor: type | None = None
+    middlewares_before: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
+    middlewares_after: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    app: Any = None
+    kind: Kind = dataclasses.field(init=False)
+    signature: inspect.Signature = dataclasses.field(init=False)
+    handler_is_async: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = kind_of(self.func)
+        self.signature = inspect.signature(self.func)
+        handler = self.generate_handler
+        self.handler_is_async = handler is not None and inspect.iscoroutinefunction(inspect.unwrap(handler))
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"task {self.name!r}: max_time must be greater than 0, got {self.max_time}")
+        if self.retry is not None and self.retry < 0:
+            raise ValueError(f"task {self.name!r}: retry must be 0 or more, got {self.retry}")
+        if self.retry_on_exc is not None:
+            bad = [e for e in self.retry_on_exc if not (isinstance(e, type) and issubclass(e, BaseException))]
+            if bad:
+                raise ValueError(f"task {self.name!r}: retry_on_exc must list exception classes, got {bad!r}")
+        self.__doc__ = self.description or self.func.__doc__
+
+    @property
+    def is_generator(self) -> bool:
+        """True for sync and async generator tasks."""
+        return self.kind in ("sync_gen", "async_gen")
+
+    @property
+    def is_async(self) -> bool:
+        """True for coroutine functions and async generators (they get an ``AsyncContext``)."""
+        return self.kind in ("async", "async_gen")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def add_task(self, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Submit this task through its app (a coroutine on the asyncio app)."""
+        return self.app.add_task(self.name, *args, priority=priority, timeout=timeout, **kwargs)
+
+
+class Registry:
+    """Task name -> :class:`TaskSpec`."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskSpec] = {}
+
+    def add(self, spec: TaskSpec) -> None:
+        """Register a task; a name already taken is a ``ValueError``."""
+        if spec.name in self._tasks:
+            raise ValueError(f"a task named {spec.name!r} is already registered")
+        self._tasks[spec.name] = spec
+
+    def get(self, name: str) -> TaskSpec | None:
+        """The task registered under ``name``, or None."""
+        return self._tasks.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Any:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._tasks)
