@@ -75,7 +75,9 @@ def client_options(servers: list[str], config: QueueConfig, overrides: dict[str,
 
     protocol = get("kafka_security_protocol").upper()
     if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise ConfigError(f"kafka security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, got {protocol!r}")
+        raise ConfigError(
+            f"kafka security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, got {protocol!r}"
+        )
     options: dict[str, Any] = {"bootstrap_servers": servers, "security_protocol": protocol}
     if protocol.startswith("SASL"):
         mechanism = get("kafka_sasl_mechanism").upper() or "PLAIN"
@@ -286,9 +288,7 @@ class KafkaConnector:
             try:
                 await producer.start()
             except KafkaError as exc:
-                raise ConnectorError(
-                    f"cannot reach Kafka at {','.join(self.servers)}: {exc}", retriable=True
-                ) from exc
+                raise ConnectorError(f"cannot reach Kafka at {','.join(self.servers)}: {exc}", retriable=True) from exc
             self._producer = producer
 
     async def stop(self) -> None:

@@ -1,0 +1,713 @@
+"""The engine's behaviour, end to end through the asyncio app.
+
+One suite for every connector: ``tests/unit`` runs it on ``memory://``, and
+``tests/integration`` on a real Apache Kafka broker (the ``broker_url`` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from qtasks import _state
+from qtasks.asyncio import QueueTasks
+from qtasks.context import AsyncContext, SyncContext
+from qtasks.exc import TaskCancelError
+from qtasks.logs import Logger
+
+# -- the main path ------------------------------------------------------------------
+
+
+async def test_generator_values_stream_in_order_and_returning_lists_them(app: QueueTasks) -> None:
+    @app.task(generate_handler=lambda v: v * 10)
+    async def count(n: int):
+        for i in range(n):
+            yield i
+
+    await app.start()
+    task = await app.add_task("count", 5)
+    assert task is not None and task.status == "new"
+    values = [v async for v in app.stream(task.uuid)]
+    assert values == [0, 10, 20, 30, 40]
+    done = await app.get(task.uuid)
+    assert done is not None
+    assert done.status == "success"
+    assert done.returning == [0, 10, 20, 30, 40]
+    assert done.yield_count == 5
+    assert done.attempt == 1
+
+
+async def test_each_value_reaches_the_stream_while_the_task_still_runs(app: QueueTasks) -> None:
+    gate = asyncio.Event()
+
+    @app.task
+    async def gated():
+        yield "first"
+        await gate.wait()
+        yield "second"
+
+    await app.start()
+    task = await app.add_task("gated")
+    stream = app.stream(task.uuid)
+    first = await asyncio.wait_for(stream.__anext__(), 10)
+    assert first == "first"
+    current = await app.get(task.uuid)
+    assert current is not None and current.status == "process"
+    gate.set()
+    assert [v async for v in stream] == ["second"]
+
+
+async def test_add_task_with_timeout_returns_the_finished_task(app: QueueTasks) -> None:
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    await app.start()
+    done = await app.add_task("add", 2, b=3, timeout=10)
+    assert done is not None
+    assert (done.status, done.returning, done.args, done.kwargs) == ("success", 5, [2], {"b": 3})
+
+
+async def test_add_task_timeout_that_runs_out_returns_none(app: QueueTasks) -> None:
+    @app.task
+    async def slow() -> None:
+        await asyncio.sleep(5)
+
+    await app.start()
+    assert await app.add_task("slow", timeout=0.2) is None
+
+
+async def test_get_of_an_unknown_uuid_is_none(app: QueueTasks) -> None:
+    await app.start()
+    assert await app.get("00000000-0000-0000-0000-000000000000") is None
+
+
+async def test_sync_function_and_sync_generator_run_in_threads(app: QueueTasks) -> None:
+    threads: list[str] = []
+
+    @app.task
+    def blocking(x: int) -> int:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return x * 2
+
+    @app.task(generate_handler=str)
+    def lines(n: int):
+        threads.append(threading.current_thread().name)
+        for i in range(n):
+            yield i
+
+    await app.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    running = asyncio.create_task(ticker())
+    done = await app.add_task("blocking", 21, timeout=10)
+    running.cancel()
+    assert done is not None and done.returning == 42
+    assert ticks >= 3, "the event loop was blocked while the sync task ran"
+    gen = await app.add_task("lines", 3)
+    assert [v async for v in app.stream(gen.uuid)] == ["0", "1", "2"]
+    assert all(name.startswith("qtasks-task") for name in threads)
+
+
+async def test_async_generate_handler_is_awaited(app: QueueTasks) -> None:
+    async def handler(v: int) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"v": v}
+
+    @app.task(generate_handler=handler)
+    def gen():
+        yield 1
+        yield 2
+
+    await app.start()
+    task = await app.add_task("gen")
+    assert [v async for v in app.stream(task.uuid)] == [{"v": 1}, {"v": 2}]
+
+
+async def test_values_yielded_before_an_error_stay_readable(app: QueueTasks) -> None:
+    @app.task
+    async def breaks():
+        yield 1
+        yield 2
+        raise ValueError("boom")
+
+    await app.start()
+    task = await app.add_task("breaks")
+    assert [v async for v in app.stream(task.uuid)] == [1, 2]
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "error"
+    assert done.returning == [1, 2]
+    assert done.traceback is not None and "ValueError: boom" in done.traceback
+
+
+async def test_returning_keeps_the_count_past_the_bound(make_app: Any) -> None:
+    app = make_app(returning_max_items=3)
+
+    @app.task
+    async def many():
+        for i in range(10):
+            yield i
+
+    await app.start()
+    task = await app.add_task("many")
+    assert [v async for v in app.stream(task.uuid)] == list(range(10))
+    done = await app.wait(task.uuid, 10)
+    assert (done.returning, done.returning_truncated, done.yield_count) == (10, True, 10)
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+async def test_unknown_task_ends_as_error_and_the_worker_keeps_serving(app: QueueTasks) -> None:
+    @app.task
+    async def ok() -> str:
+        return "ok"
+
+    await app.start()
+    bad = await app.add_task("no_such_task", timeout=10)
+    assert bad is not None and bad.status == "error"
+    assert "unknown task 'no_such_task'" in (bad.traceback or "")
+    assert "ok" in (bad.traceback or "")
+    good = await app.add_task("ok", timeout=10)
+    assert good is not None and good.returning == "ok"
+
+
+async def test_wrong_arguments_end_as_error_with_a_readable_message(app: QueueTasks) -> None:
+    @app.task
+    async def needs(a: int) -> int:
+        return a
+
+    await app.start()
+    done = await app.add_task("needs", 1, 2, 3, timeout=10)
+    assert done is not None and done.status == "error"
+    assert "wrong arguments for task 'needs'" in (done.traceback or "")
+    assert (await app.add_task("needs", 7, timeout=10)).returning == 7  # type: ignore[union-attr]
+
+
+async def test_unencodable_yield_is_an_error_not_a_crash(app: QueueTasks) -> None:
+    @app.task
+    async def odd():
+        yield 1
+        yield object()
+
+    await app.start()
+    task = await app.add_task("odd")
+    assert [v async for v in app.stream(task.uuid)] == [1]
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "error" and "cannot be encoded as JSON" in (done.traceback or "")
+
+
+async def test_unencodable_arguments_are_refused_at_submit(app: QueueTasks) -> None:
+    @app.task
+    async def noop(x: Any) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="JSON-encodable"):
+        await app.add_task("noop", object())
+
+
+# -- cancellation -------------------------------------------------------------------
+
+
+async def test_ctx_cancel_ends_as_cancel_with_reason_and_is_not_retried(app: QueueTasks) -> None:
+    @app.task(echo=True, retry=3)
+    async def stopper(self):
+        yield 1
+        self.ctx.cancel("too far")
+        yield 2
+
+    await app.start()
+    task = await app.add_task("stopper")
+    assert [v async for v in app.stream(task.uuid)] == [1]
+    done = await app.wait(task.uuid, 10)
+    assert (done.status, done.cancel_reason, done.retry_child_uuid) == ("cancel", "too far", None)
+
+
+async def test_ctx_cancel_default_reason_names_the_task(app: QueueTasks) -> None:
+    @app.task(echo=True)
+    def quitter(self) -> None:
+        self.ctx.cancel()
+
+    await app.start()
+    done = await app.add_task("quitter", timeout=10)
+    assert done is not None and (done.status, done.cancel_reason) == ("cancel", "quitter.cancel")
+
+
+@pytest.mark.parametrize("kind", ["async_gen", "sync_gen", "async_sleep", "sync_sleep"])
+async def test_app_cancel_stops_a_running_task(app: QueueTasks, kind: str) -> None:
+    started = threading.Event()
+
+    @app.task(echo=True, name="async_gen")
+    async def a_gen(self):
+        i = 0
+        while True:
+            started.set()
+            yield i
+            i += 1
+            await asyncio.sleep(0.01)
+
+    @app.task(echo=True, name="sync_gen")
+    def s_gen(self):
+        i = 0
+        while True:
+            started.set()
+            yield i
+            i += 1
+            time.sleep(0.01)
+
+    @app.task(echo=True, name="async_sleep")
+    async def a_sleep(self):
+        started.set()
+        await self.ctx.sleep(30)
+
+    @app.task(echo=True, name="sync_sleep")
+    def s_sleep(self):
+        started.set()
+        self.ctx.sleep(30)
+
+    await app.start()
+    task = await app.add_task(kind)
+    for _ in range(200):
+        current = await app.get(task.uuid)
+        if started.is_set() and current is not None and current.status == "process":
+            break
+        await asyncio.sleep(0.05)
+    assert await app.cancel(task.uuid, "user said stop") is True
+    done = await app.wait(task.uuid, 10)
+    assert (done.status, done.cancel_reason) == ("cancel", "user said stop")
+    assert await app.cancel(task.uuid) is False
+
+
+async def test_app_cancel_of_a_queued_task_means_it_never_runs(make_app: Any) -> None:
+    app = make_app(concurrency=1)
+    ran: list[int] = []
+    gate = asyncio.Event()
+
+    @app.task
+    async def hold() -> None:
+        await gate.wait()
+
+    @app.task
+    async def mark(i: int) -> None:
+        ran.append(i)
+
+    await app.start()
+    await app.add_task("hold")
+    queued = await app.add_task("mark", 1)
+    assert await app.cancel(queued.uuid, "not needed") is True
+    gate.set()
+    done = await app.wait(queued.uuid, 10)
+    assert (done.status, done.cancel_reason) == ("cancel", "not needed")
+    after = await app.add_task("mark", 2, timeout=10)
+    assert after is not None and after.status == "success"
+    assert ran == [2]
+
+
+# -- retry and time limits ----------------------------------------------------------
+
+
+class Flaky(Exception):
+    pass
+
+
+class VeryFlaky(Flaky):
+    pass
+
+
+async def test_retry_builds_a_chain_and_retries_subclasses(app: QueueTasks) -> None:
+    calls: list[int] = []
+
+    @app.task(retry=3, retry_on_exc=[Flaky])
+    async def sometimes() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise VeryFlaky(f"call {len(calls)}")
+        return "finally"
+
+    await app.start()
+    first = await app.add_task("sometimes")
+    final = await app.wait(first.uuid, 20)
+    assert final.status == "success" and final.returning == "finally"
+    assert len(calls) == 3
+    parent = await app.get(first.uuid)
+    assert parent is not None and parent.status == "retry"
+    assert parent.retry_child_uuid is not None
+    child = await app.get(parent.retry_child_uuid)
+    assert child is not None and child.retry_parent_uuid == first.uuid
+    assert final.retry_parent_uuid == child.uuid
+
+
+async def test_exceptions_outside_retry_on_exc_are_not_retried(app: QueueTasks) -> None:
+    @app.task(retry=3, retry_on_exc=[Flaky])
+    async def wrong() -> None:
+        raise KeyError("nope")
+
+    await app.start()
+    done = await app.add_task("wrong", timeout=10)
+    assert done is not None and done.status == "error" and done.retry_child_uuid is None
+
+
+async def test_stream_of_a_retried_generator_shows_each_seq_once(app: QueueTasks) -> None:
+    attempts: list[int] = []
+
+    @app.task(retry=2)
+    async def redo():
+        attempts.append(1)
+        for i in range(5):
+            yield i
+            if i == 2 and len(attempts) == 1:
+                raise RuntimeError("first run fails")
+
+    await app.start()
+    task = await app.add_task("redo")
+    assert [v async for v in app.stream(task.uuid)] == [0, 1, 2, 3, 4]
+    final = await app.wait(task.uuid, 10)
+    assert final.status == "success" and len(attempts) == 2
+
+
+@pytest.mark.parametrize("kind", ["async", "async_gen", "sync", "sync_gen"])
+async def test_max_time_is_enforced_for_every_kind(app: QueueTasks, kind: str) -> None:
+    @app.task(name="async", max_time=0.3)
+    async def a() -> None:
+        await asyncio.sleep(10)
+
+    @app.task(name="async_gen", max_time=0.3)
+    async def ag():
+        while True:
+            yield 1
+            await asyncio.sleep(0.05)
+
+    @app.task(name="sync", max_time=0.3)
+    def s() -> None:
+        time.sleep(1)
+
+    @app.task(name="sync_gen", max_time=0.3)
+    def sg():
+        while True:
+            yield 1
+            time.sleep(0.05)
+
+    await app.start()
+    started = time.monotonic()
+    done = await app.add_task(kind, timeout=10)
+    assert done is not None and done.status == "error"
+    assert "max_time" in (done.traceback or "")
+    assert time.monotonic() - started < 5
+
+
+# -- the context --------------------------------------------------------------------
+
+
+async def test_async_context_api(app: QueueTasks) -> None:
+    seen: dict[str, Any] = {}
+
+    @app.task(echo=True, name="ctx_async", generate_handler=str)
+    async def probe(task_object):
+        ctx = task_object.ctx
+        seen["type"] = type(ctx)
+        seen["names"] = (ctx.task_name, ctx.task_uuid, ctx.generate_handler)
+        seen["logger"] = (ctx.get_logger(), ctx.get_logger("custom"))
+        seen["config"] = ctx.get_config()
+        first = await ctx.get_metadata()
+        seen["meta"] = first
+        seen["cached"] = await ctx.get_metadata() is first
+        seen["fresh"] = await ctx.get_metadata(cache=False) is not first
+        seen["task"] = await ctx.get_task(ctx.task_uuid)
+        seen["components"] = {n: ctx.get_component(n) for n in ("broker", "worker", "config", "plugins", "nope")}
+        await ctx.sleep(0.01)
+        yield 1
+
+    await app.start()
+    task = await app.add_task("ctx_async")
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "success", done.traceback
+    assert seen["type"] is AsyncContext
+    assert seen["names"] == ("ctx_async", task.uuid, str)
+    default, custom = seen["logger"]
+    assert isinstance(default, Logger) and default.name == "ctx_async" and custom.name == "custom"
+    assert seen["config"] is app.config
+    assert seen["meta"].status == "process" and seen["meta"].uuid == task.uuid
+    assert seen["cached"] and seen["fresh"]
+    assert seen["task"].uuid == task.uuid
+    assert seen["components"] == {
+        "broker": app.broker,
+        "worker": app.worker,
+        "config": app.config,
+        "plugins": app.plugins,
+        "nope": None,
+    }
+
+
+async def test_sync_context_api(app: QueueTasks) -> None:
+    seen: dict[str, Any] = {}
+
+    @app.task(echo=True)
+    def ctx_sync(self, x: int):
+        seen["type"] = type(self.ctx)
+        seen["meta"] = self.ctx.get_metadata()
+        seen["task"] = self.ctx.get_task(self.ctx.task_uuid)
+        started = time.monotonic()
+        self.ctx.sleep(0.05)
+        seen["slept"] = time.monotonic() - started
+        seen["logger"] = self.ctx.get_logger().name
+        for i in range(x):
+            yield i
+
+    await app.start()
+    task = await app.add_task("ctx_sync", 2)
+    assert [v async for v in app.stream(task.uuid)] == [0, 1]
+    assert seen["type"] is SyncContext
+    assert seen["meta"].status == "process"
+    assert seen["task"].uuid == task.uuid
+    assert seen["slept"] >= 0.05
+    assert seen["logger"] == "ctx_sync"
+
+
+async def test_get_metadata_with_cache_calls_app_get_once(app: QueueTasks) -> None:
+    calls: list[str] = []
+    original = app.get
+
+    async def counting_get(uuid: Any) -> Any:
+        calls.append(str(uuid))
+        return await original(uuid)
+
+    app.get = counting_get  # type: ignore[method-assign]
+
+    @app.task(echo=True)
+    async def meta(self) -> None:
+        await self.ctx.get_metadata()
+        await self.ctx.get_metadata()
+        await self.ctx.get_metadata(cache=False)
+
+    await app.start()
+    task = await app.add_task("meta")
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "success", done.traceback
+    assert calls.count(task.uuid) == 2
+
+
+async def test_context_outside_a_worker_uses_the_last_app(app: QueueTasks) -> None:
+    ctx = AsyncContext(task_name=None)
+    assert _state.app_main is app
+    assert ctx.get_config() is app.config
+    assert ctx.get_logger().name == "AsyncContext"
+    assert SyncContext().get_logger().name == "SyncContext"
+    with pytest.raises(TaskCancelError, match="x"):
+        ctx.cancel("x")
+
+
+# -- plugins and events -------------------------------------------------------------
+
+
+async def test_plugin_error_trigger_can_turn_the_task_into_a_success(app: QueueTasks) -> None:
+    class Rescue:
+        def __init__(self) -> None:
+            self.started = self.stopped = False
+            self.kwargs: dict[str, Any] = {}
+
+        async def start(self) -> None:
+            self.started = True
+
+        def stop(self) -> None:
+            self.stopped = True
+
+        def trigger(self, name: str, **kwargs: Any) -> dict[str, Any] | None:
+            self.kwargs = kwargs
+            return {"result": {"rescued": kwargs["e"].kwargs}}
+
+    plugin = Rescue()
+    app.add_plugin(plugin, trigger_names=["task_executor_run_task_trigger_error"])
+
+    @app.task(echo=True)
+    async def needs_help(self) -> None:
+        self.ctx.plugin_error(code=7)
+
+    await app.start()
+    assert plugin.started
+    done = await app.add_task("needs_help", timeout=10)
+    assert done is not None and (done.status, done.returning) == ("success", {"rescued": {"code": 7}})
+    assert plugin.kwargs["task_func"].name == "needs_help"
+    await app.stop()
+    assert plugin.stopped
+
+
+async def test_plugin_error_without_a_plugin_is_an_error(app: QueueTasks) -> None:
+    @app.task(echo=True)
+    def lonely(self) -> None:
+        self.ctx.plugin_error(why="nobody listens")
+
+    await app.start()
+    done = await app.add_task("lonely", timeout=10)
+    assert done is not None and done.status == "error"
+    assert "TaskPluginTriggerError" in (done.traceback or "")
+
+
+async def test_every_event_fires(app: QueueTasks) -> None:
+    fired: list[str] = []
+    for name in (
+        "starting",
+        "stopping",
+        "worker_running",
+        "worker_stopping",
+        "task_running",
+        "task_stopping",
+        "task_success",
+        "task_error",
+        "task_cancel",
+    ):
+
+        async def handler(name: str = name, **_: Any) -> None:
+            fired.append(name)
+
+        getattr(app.events.on, name)()(handler)
+
+    @app.task
+    async def good() -> int:
+        return 1
+
+    @app.task
+    def bad() -> None:
+        raise ValueError
+
+    @app.task(echo=True)
+    def gives_up(self) -> None:
+        self.ctx.cancel()
+
+    await app.start()
+    for name in ("good", "bad", "gives_up"):
+        await app.add_task(name, timeout=10)
+    await app.stop()
+    assert set(fired) == {
+        "starting",
+        "stopping",
+        "worker_running",
+        "worker_stopping",
+        "task_running",
+        "task_stopping",
+        "task_success",
+        "task_error",
+        "task_cancel",
+    }
+
+
+# -- the worker ---------------------------------------------------------------------
+
+
+async def test_concurrency_limit_holds(make_app: Any) -> None:
+    app = make_app(concurrency=3)
+    running = 0
+    peak = 0
+
+    @app.task
+    async def busy() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+
+    await app.start()
+    tasks = [await app.add_task("busy") for _ in range(12)]
+    for task in tasks:
+        assert (await app.wait(task.uuid, 20)).status == "success"
+    assert peak == 3
+
+
+async def test_client_without_a_worker_sees_what_a_worker_app_does(make_app: Any) -> None:
+    name = make_app().name
+    worker_app = make_app(name)
+    client_app = make_app(name)
+
+    @worker_app.task
+    async def gen(n: int):
+        for i in range(n):
+            yield i
+
+    await worker_app.start()
+    task = await client_app.add_task("gen", 4)
+    assert [v async for v in client_app.stream(task.uuid)] == [0, 1, 2, 3]
+    done = await client_app.wait(task.uuid, 10)
+    assert done.status == "success" and done.returning == [0, 1, 2, 3]
+
+
+async def test_graceful_stop_lets_running_tasks_finish(app: QueueTasks) -> None:
+    @app.task
+    async def short() -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    await app.start()
+    task = await app.add_task("short")
+    for _ in range(100):
+        current = await app.get(task.uuid)
+        if current is not None and current.status == "process":
+            break
+        await asyncio.sleep(0.02)
+    await app.stop(timeout=5)
+    assert app.worker is not None and app.worker.tasks_done == 1
+
+
+async def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_goes_on(make_app: Any) -> None:
+    from qtasks.connectors import TopicPartition
+    from qtasks.records import decode_dead_letter
+
+    app = make_app(max_record_bytes=10_000)
+
+    @app.task
+    async def fine() -> str:
+        return "fine"
+
+    await app.start()
+    send = app.broker.producer.send
+    bad = {
+        b"{not json": "not valid JSON",
+        b'{"uuid": "bad-types", "task_name": 5, "created_at": 0}': "wrong shape",
+        b'{"uuid": "x", "task_name": "fine", "created_at": 0, "args": [' + b"1," * 6000 + b"1]}": "over the limit",
+    }
+    for raw in bad:
+        sent = await send(app.topics.tasks, raw, key=b"bad", partition=0)
+        if sent is not None:
+            await sent
+    done = await app.add_task("fine", timeout=20)
+    assert done is not None and done.returning == "fine"
+
+    reader = app.broker.consumer(None)
+    await reader.start()
+    try:
+        tp = TopicPartition(app.topics.dlq, 0)
+        reader.assign([tp])
+        await reader.seek_to_beginning([tp])
+        letters = []
+        deadline = time.monotonic() + 20
+        while len(letters) < len(bad) and time.monotonic() < deadline:
+            letters += [decode_dead_letter(r.value) for r in await reader.getmany(0.5)]
+    finally:
+        await reader.stop()
+    assert sorted(letter.value for letter in letters) == sorted(raw[:5000] for raw in bad)
+    for letter in letters:
+        expected = next(reason for raw, reason in bad.items() if raw.startswith(letter.value or b""))
+        assert expected in letter.reason
+        assert letter.topic == app.topics.tasks and letter.partition == 0
+    status = await app.get("bad-types")
+    assert status is not None and status.status == "error" and "wrong shape" in (status.traceback or "")
+
+
+async def test_duplicate_task_names_are_refused(app: QueueTasks) -> None:
+    @app.task(name="same")
+    async def one() -> None: ...
+
+    with pytest.raises(ValueError, match="already registered"):
+
+        @app.task(name="same")
+        async def two() -> None: ...

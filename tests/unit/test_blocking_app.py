@@ -1,0 +1,75 @@
+"""The blocking app (``qtasks.QueueTasks``): the same engine through a facade."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import qtasks
+from qtasks import QueueTasks, _state
+from tests.helpers import FAST, unique
+
+
+@pytest.fixture
+def sync_app() -> QueueTasks:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+    yield app
+    app.stop(timeout=2)
+
+
+def test_public_api_is_pinned() -> None:
+    assert qtasks.__all__ == sorted(qtasks.__all__)
+    assert set(qtasks.__all__) == {
+        "AsyncContext",
+        "Logger",
+        "QTasksError",
+        "QueueConfig",
+        "QueueTasks",
+        "SyncContext",
+        "Task",
+        "TaskCancelError",
+        "TaskPluginTriggerError",
+    }
+
+
+def test_blocking_client_runs_streams_and_cancels(sync_app: QueueTasks) -> None:
+    assert _state.app_main is sync_app
+
+    @sync_app.task(echo=True, generate_handler=lambda v: v + 1)
+    def gen(self, n: int):
+        assert self.ctx.get_metadata().status == "process"
+        assert self.ctx.get_component("config") is sync_app.config
+        yield from range(n)
+
+    @sync_app.task
+    def forever(self=None) -> None:
+        while True:
+            time.sleep(0.01)
+            yield None
+
+    sync_app.start()
+    task = sync_app.add_task("gen", 3)
+    assert list(sync_app.stream(task.uuid)) == [1, 2, 3]
+    assert sync_app.get(task.uuid).returning == [1, 2, 3]
+    done = sync_app.add_task("gen", 2, timeout=10)
+    assert done is not None and done.status == "success"
+
+    running = sync_app.add_task("forever")
+    for _ in range(100):
+        if sync_app.get(running.uuid).status == "process":
+            break
+        time.sleep(0.02)
+    assert sync_app.cancel(running.uuid, "enough")
+    final = sync_app.wait(running.uuid, 10)
+    assert (final.status, final.cancel_reason) == ("cancel", "enough")
+
+
+def test_registered_task_can_submit_itself(sync_app: QueueTasks) -> None:
+    @sync_app.task
+    def square(x: int) -> int:
+        return x * x
+
+    assert square(3) == 9
+    sync_app.start()
+    assert square.add_task(4, timeout=10).returning == 16

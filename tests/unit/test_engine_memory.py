@@ -1,0 +1,3 @@
+"""The engine suite on memory://."""
+
+from tests.engine_suite import *  # noqa: F403

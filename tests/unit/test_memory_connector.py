@@ -1,0 +1,145 @@
+"""The memory connector is a real log: partitions, offsets, groups, compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from qtasks.connectors import TopicPartition, TopicSpec
+from qtasks.connectors.memory import MemoryConnector
+from qtasks.exc import CommitFailedError, TopicConfigError
+from tests.helpers import unique
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, set[TopicPartition]]] = []
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.events.append(("revoked", revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.events.append(("assigned", assigned))
+
+
+@pytest.fixture
+async def conn() -> MemoryConnector:
+    c = MemoryConnector(f"memory://{unique()}")
+    await c.ensure_topics([TopicSpec("t", 4), TopicSpec("s", 1, compacted=True, config={"delete.retention.ms": "0"})])
+    return c
+
+
+async def test_offsets_grow_per_partition_and_order_is_kept(conn: MemoryConnector) -> None:
+    for i in range(3):
+        await conn.producer.send("t", f"a{i}".encode(), key=b"k", partition=1)
+    await conn.producer.send("t", b"b0", key=b"k", partition=2)
+    consumer = conn.consumer()
+    consumer.assign([TopicPartition("t", 1), TopicPartition("t", 2)])
+    records = await consumer.getmany(0.1)
+    by_partition = {(r.partition, r.offset): r.value for r in records}
+    assert by_partition == {(1, 0): b"a0", (1, 1): b"a1", (1, 2): b"a2", (2, 0): b"b0"}
+
+
+async def test_seek_end_offsets_and_offsets_for_times(conn: MemoryConnector) -> None:
+    tp = TopicPartition("t", 0)
+    await conn.producer.send("t", b"old", key=None, partition=0)
+    await asyncio.sleep(0.01)
+    middle = int(time.time() * 1000)
+    await conn.producer.send("t", b"new", key=None, partition=0)
+    consumer = conn.consumer()
+    consumer.assign([tp])
+    assert await consumer.end_offsets([tp]) == {tp: 2}
+    assert await consumer.offsets_for_times({tp: middle}) == {tp: 1}
+    assert await consumer.offsets_for_times({tp: middle + 60_000}) == {tp: None}
+    await consumer.seek(tp, 1)
+    assert [r.value for r in await consumer.getmany(0.1)] == [b"new"]
+    await consumer.seek_to_end([tp])
+    assert await consumer.getmany(0.05) == []
+
+
+async def test_getmany_wakes_as_soon_as_a_record_arrives(conn: MemoryConnector) -> None:
+    consumer = conn.consumer()
+    consumer.assign([TopicPartition("t", 3)])
+    await consumer.start()
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        await conn.producer.send("t", b"x", key=None, partition=3)
+
+    started = time.monotonic()
+    writer = asyncio.create_task(later())
+    records = await consumer.getmany(5.0)
+    await writer
+    assert [r.value for r in records] == [b"x"]
+    assert time.monotonic() - started < 1.0
+
+
+async def test_group_members_split_partitions_and_rebalance_on_join_and_leave(conn: MemoryConnector) -> None:
+    a, b = conn.consumer("g", client_id="a"), conn.consumer("g", client_id="b")
+    ra, rb = Recorder(), Recorder()
+    a.subscribe(["t"], ra)
+    b.subscribe(["t"], rb)
+    await a.start()
+    await a.getmany(0)
+    assert a.assignment() == {TopicPartition("t", p) for p in range(4)}
+    await b.start()
+    await a.getmany(0)
+    await b.getmany(0)
+    assert a.assignment() | b.assignment() == {TopicPartition("t", p) for p in range(4)}
+    assert len(a.assignment()) == len(b.assignment()) == 2
+    assert ra.events[1][0] == "revoked"
+    await b.stop()
+    await a.getmany(0)
+    assert len(a.assignment()) == 4
+
+
+async def test_committed_offsets_survive_a_member_and_stale_commits_are_refused(conn: MemoryConnector) -> None:
+    for i in range(5):
+        await conn.producer.send("t", str(i).encode(), key=None, partition=0)
+    a = conn.consumer("g2", client_id="a")
+    a.subscribe(["t"], Recorder())
+    await a.start()
+    records = await a.getmany(0.1)
+    assert len(records) == 5
+    await a.commit({TopicPartition("t", 0): 3})
+    b = conn.consumer("g2", client_id="b")
+    b.subscribe(["t"], Recorder())
+    await b.start()
+    with pytest.raises(CommitFailedError):
+        await a.commit({TopicPartition("t", 0): 5})
+    await a.stop()
+    records = await b.getmany(0.1)
+    assert [r.value for r in records if r.partition == 0] == [b"3", b"4"]
+
+
+async def test_paused_partitions_return_nothing_until_resumed(conn: MemoryConnector) -> None:
+    await conn.producer.send("t", b"x", key=None, partition=0)
+    a = conn.consumer("g3")
+    a.subscribe(["t"], Recorder())
+    await a.start()
+    assert [r.value for r in await a.getmany(0)] == [b"x"]
+    a.pause(a.assignment())
+    await conn.producer.send("t", b"y", key=None, partition=0)
+    assert await a.getmany(0.05) == []
+    a.resume(a.assignment())
+    assert [r.value for r in await a.getmany(0.05)] == [b"y"]
+
+
+async def test_compaction_keeps_the_last_record_per_key_and_drops_tombstones(conn: MemoryConnector) -> None:
+    for value in (b"1", b"2", b"3"):
+        await conn.producer.send("s", value, key=b"a", partition=0)
+    await conn.producer.send("s", b"x", key=b"b", partition=0)
+    await conn.producer.send("s", None, key=b"b", partition=0)
+    conn.log.compact("s")
+    consumer = conn.consumer()
+    consumer.assign([TopicPartition("s", 0)])
+    records = await consumer.getmany(0.05)
+    assert [(r.key, r.value, r.offset) for r in records] == [(b"a", b"3", 2)]
+    assert await consumer.end_offsets([TopicPartition("s", 0)]) == {TopicPartition("s", 0): 5}
+
+
+async def test_a_topic_with_the_wrong_cleanup_policy_is_an_error(conn: MemoryConnector) -> None:
+    with pytest.raises(TopicConfigError, match="cleanup.policy"):
+        await conn.ensure_topics([TopicSpec("t", 4, compacted=True)])
