@@ -98,8 +98,7 @@ async def test_sync_function_and_sync_generator_run_in_threads(app: QueueTasks) 
     @app.task(generate_handler=str)
     def lines(n: int):
         threads.append(threading.current_thread().name)
-        for i in range(n):
-            yield i
+        yield from range(n)
 
     await app.start()
     ticks = 0
@@ -461,8 +460,7 @@ async def test_sync_context_api(app: QueueTasks) -> None:
         self.ctx.sleep(0.05)
         seen["slept"] = time.monotonic() - started
         seen["logger"] = self.ctx.get_logger().name
-        for i in range(x):
-            yield i
+        yield from range(x)
 
     await app.start()
     task = await app.add_task("ctx_sync", 2)

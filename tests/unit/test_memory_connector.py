@@ -141,5 +141,5 @@ async def test_compaction_keeps_the_last_record_per_key_and_drops_tombstones(con
 
 
 async def test_a_topic_with_the_wrong_cleanup_policy_is_an_error(conn: MemoryConnector) -> None:
-    with pytest.raises(TopicConfigError, match="cleanup.policy"):
+    with pytest.raises(TopicConfigError, match=r"cleanup\.policy"):
         await conn.ensure_topics([TopicSpec("t", 4, compacted=True)])
