@@ -353,7 +353,7 @@ class KafkaConnector:
 
     @staticmethod
     async def _check_policies(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
-        resources = [ConfigResource(ConfigResourceType.TOPIC, s.name, configs=["cleanup.policy"]) for s in specs]
+        resources = [ConfigResource(ConfigResourceType.TOPIC, s.name, configs={"cleanup.policy": None}) for s in specs]
         policies: dict[str, str] = {}
         for response in await admin.describe_configs(resources):
             for resource in response.to_object()["resources"]:

@@ -255,6 +255,13 @@ def get_log(url: str) -> MemoryLog:
         return log
 
 
+def drop_log(url: str) -> None:
+    """Forget the log behind a ``memory://`` URL (its records are freed once no app uses it)."""
+    name = url.partition("://")[2].strip("/")
+    with _logs_lock:
+        _logs.pop(name, None)
+
+
 class MemoryProducer:
     """Appends records to the log; every send is written at once, so ``flush`` has nothing to wait for."""
 

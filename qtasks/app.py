@@ -161,40 +161,44 @@ class QueueTasks:
         async with self._connect_lock:
             if self._connected:
                 return
-            config = self.config
             await self.broker.start()
-            await self.broker.ensure_topics(
-                [
-                    TopicSpec(self.topics.tasks, config.tasks_partitions, replication_factor=config.replication_factor),
-                    TopicSpec(
-                        self.topics.results, config.results_partitions, replication_factor=config.replication_factor
-                    ),
-                    TopicSpec(
-                        self.topics.status,
-                        config.status_partitions,
-                        compacted=True,
-                        replication_factor=config.replication_factor,
-                    ),
-                    TopicSpec(
-                        self.topics.control, config.control_partitions, replication_factor=config.replication_factor
-                    ),
-                    TopicSpec(self.topics.dlq, 1, replication_factor=config.replication_factor),
-                ]
-            )
-            # Topics that already existed keep their partition counts; use what is there.
-            self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
-            self.results_partitions = await self.broker.partitions_for(self.topics.results)
-            self.status_partitions = await self.broker.partitions_for(self.topics.status)
-            self._loop = asyncio.get_running_loop()
-            consumer = self.broker.consumer(None, client_id=f"{self.name}-status")
-            await consumer.start()
-            tps = [TopicPartition(self.topics.status, p) for p in range(self.status_partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(tps)
-            ends = await consumer.end_offsets(tps)
-            self._tailer = asyncio.get_running_loop().create_task(self._tail_status(consumer, ends))
-            await self.view.caught_up.wait()
+            try:
+                await self._prepare()
+            except BaseException:
+                await self.broker.stop()
+                raise
             self._connected = True
+
+    async def _prepare(self) -> None:
+        """Create the topics, then read the status topic into the view."""
+        config = self.config
+        await self.broker.ensure_topics(
+            [
+                TopicSpec(self.topics.tasks, config.tasks_partitions, replication_factor=config.replication_factor),
+                TopicSpec(self.topics.results, config.results_partitions, replication_factor=config.replication_factor),
+                TopicSpec(
+                    self.topics.status,
+                    config.status_partitions,
+                    compacted=True,
+                    replication_factor=config.replication_factor,
+                ),
+                TopicSpec(self.topics.control, config.control_partitions, replication_factor=config.replication_factor),
+                TopicSpec(self.topics.dlq, 1, replication_factor=config.replication_factor),
+            ]
+        )
+        # Topics that already existed keep their partition counts; use what is there.
+        self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
+        self.results_partitions = await self.broker.partitions_for(self.topics.results)
+        self.status_partitions = await self.broker.partitions_for(self.topics.status)
+        self._loop = asyncio.get_running_loop()
+        consumer = self.broker.consumer(None, client_id=f"{self.name}-status")
+        await consumer.start()
+        tps = [TopicPartition(self.topics.status, p) for p in range(self.status_partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(tps)
+        ends = await consumer.end_offsets(tps)
+        self._tailer = asyncio.get_running_loop().create_task(self._tail_status(consumer, ends))
+        await self.view.caught_up.wait()
 
     async def _tail_status(self, consumer: Any, ends: dict[TopicPartition, int]) -> None:
         view = self.view

@@ -19,28 +19,45 @@ from qtasks.logs import Logger
 
 
 class CancelToken:
-    """Set when a running task is asked to stop; read from the loop and from threads."""
+    """Set when a running task is asked to stop; read from the loop and from threads.
 
-    __slots__ = ("_event", "reason")
+    The ``threading.Event`` a sleeping thread waits on is made only when one sleeps:
+    most tasks never need it, and making one per task costs more than the task.
+    """
+
+    __slots__ = ("_event", "_set", "reason")
+    _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._event: threading.Event | None = None
+        self._set = False
         self.reason = ""
 
     def set(self, reason: str) -> None:
         """Ask the task to stop with ``reason``."""
-        if not self._event.is_set():
+        with self._lock:
+            if self._set:
+                return
             self.reason = reason
-            self._event.set()
+            self._set = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     @property
     def is_set(self) -> bool:
         """Whether the task was asked to stop."""
-        return self._event.is_set()
+        return self._set
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds; True when the task was asked to stop."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._set:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
 
 class _BaseContext:

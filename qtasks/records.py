@@ -90,6 +90,24 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.status in TERMINAL
 
 
+class StatusHead(msgspec.Struct, kw_only=True):
+    """The few fields of a status record the engine decides on; decoding it skips the rest (fast)."""
+
+    uuid: str
+    status: Status
+    rev: int = 0
+    attempt: int = 0
+    worker: str | None = None
+    lease_until: float = 0.0
+    updated_at: float = 0.0
+    retry_child_uuid: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the status is terminal."""
+        return self.status in TERMINAL
+
+
 class ResultRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One handled value of a generator task, or (``end=True``) the end of an attempt."""
 
@@ -132,6 +150,7 @@ encode = _encoder.encode
 
 _task_decoder = msgspec.json.Decoder(TaskRecord)
 _status_decoder = msgspec.json.Decoder(Task)
+_head_decoder = msgspec.json.Decoder(StatusHead)
 _result_decoder = msgspec.json.Decoder(ResultRecord)
 _control_decoder = msgspec.json.Decoder(ControlRecord)
 _dead_decoder = msgspec.json.Decoder(DeadLetter)
@@ -162,6 +181,26 @@ def decode_status(data: bytes | None, limit: int = 1_000_000) -> Task:
     """Decode a status-topic record."""
     result: Task = _decode(_status_decoder, data, limit, "status")
     return result
+
+
+def decode_status_head(data: bytes | None, limit: int = 1_000_000) -> StatusHead:
+    """Decode only the head of a status record."""
+    result: StatusHead = _decode(_head_decoder, data, limit, "status")
+    return result
+
+
+def head_of(task: Task) -> StatusHead:
+    """The head of a full status record."""
+    return StatusHead(
+        uuid=task.uuid,
+        status=task.status,
+        rev=task.rev,
+        attempt=task.attempt,
+        worker=task.worker,
+        lease_until=task.lease_until,
+        updated_at=task.updated_at,
+        retry_child_uuid=task.retry_child_uuid,
+    )
 
 
 def decode_result(data: bytes | None, limit: int = 1_000_000) -> ResultRecord:

@@ -3,8 +3,9 @@
 Every process keeps one (like a Kafka Streams KTable): it reads the status topic from
 the beginning at start, then tails it. ``app.get(uuid)`` and ``ctx.get_metadata()``
 read it; a worker applies its own writes at once, so a running task sees itself as
-``process``. Entries are kept as the raw encoded record (small) and decoded on read.
-Which of two records of one task wins is a pure decision, :func:`supersedes`.
+``process``. Each entry is the raw record (small) with its decoded head (status, rev,
+lease); the whole record is decoded only when asked for. Which of two records of one
+task wins is a pure decision, :func:`supersedes`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from qtasks.records import TERMINAL, Task, decode_status
+from qtasks.records import StatusHead, Task, decode_status, decode_status_head, head_of
 
 
 def supersedes(current: tuple[int, bool] | None, new: tuple[int, bool]) -> bool:
@@ -35,7 +36,7 @@ class StatusView:
     """uuid -> latest status of each task, with waiters for changes."""
 
     def __init__(self, limit: int = 1_000_000) -> None:
-        self._rows: dict[str, tuple[int, bool, float, bytes]] = {}
+        self._rows: dict[str, tuple[StatusHead, bytes]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._limit = limit
         self.caught_up = asyncio.Event()
@@ -46,15 +47,20 @@ class StatusView:
     def __contains__(self, uuid: object) -> bool:
         return uuid in self._rows
 
-    def apply(self, task: Task, raw: bytes) -> bool:
-        """Take a record of the topic (or one this process wrote); return whether it was kept."""
-        row = self._rows.get(task.uuid)
-        terminal = task.status in TERMINAL
-        if not supersedes(None if row is None else (row[0], row[1]), (task.rev, terminal)):
-            return False
-        self._rows[task.uuid] = (task.rev, terminal, task.updated_at, raw)
-        self._notify(task.uuid)
+    def _apply(self, head: StatusHead, raw: bytes) -> bool:
+        row = self._rows.get(head.uuid)
+        if row is not None:
+            held = row[0]
+            if not supersedes((held.rev, held.is_finished), (head.rev, head.is_finished)):
+                return False
+        self._rows[head.uuid] = (head, raw)
+        if head.uuid in self._waiters:
+            self._notify(head.uuid)
         return True
+
+    def apply(self, task: Task, raw: bytes) -> bool:
+        """Take a record this process wrote; return whether it was kept."""
+        return self._apply(head_of(task), raw)
 
     def apply_raw(self, key: bytes | None, value: bytes | None) -> None:
         """Take a record as read from the topic: a tombstone (no value) removes the task."""
@@ -64,31 +70,41 @@ class StatusView:
                 self._rows.pop(uuid, None)
                 self._notify(uuid)
             return
-        self.apply(decode_status(value, self._limit), value)
+        if key is not None:
+            row = self._rows.get(key.decode())
+            if row is not None and row[1] == value:
+                return  # the echo of this process's own write
+        self._apply(decode_status_head(value, self._limit), value)
 
     def get(self, uuid: str) -> Task | None:
-        """The latest status of a task, or None."""
+        """The latest status of a task (a fresh object), or None."""
         row = self._rows.get(uuid)
-        return None if row is None else decode_status(row[3], self._limit)
+        return None if row is None else decode_status(row[1], self._limit)
+
+    def head(self, uuid: str) -> StatusHead | None:
+        """The head of the latest status (status, rev, attempt, worker, lease), or None."""
+        row = self._rows.get(uuid)
+        return None if row is None else row[0]
 
     def rev(self, uuid: str) -> int:
         """The ``rev`` of the held record (-1 when there is none)."""
         row = self._rows.get(uuid)
-        return -1 if row is None else row[0]
+        return -1 if row is None else row[0].rev
 
     def expired(self, before: float) -> Iterator[str]:
         """uuids of finished tasks last updated before ``before`` (epoch seconds)."""
-        for uuid, (_, terminal, updated_at, _raw) in list(self._rows.items()):
-            if terminal and updated_at < before:
+        for uuid, (head, _raw) in list(self._rows.items()):
+            if head.is_finished and head.updated_at < before:
                 yield uuid
 
-    async def wait_for(self, uuid: str, predicate: Callable[[Task | None], bool], timeout: float | None) -> Task | None:
-        """Wait until ``predicate(task)`` holds; return the task, or raise TimeoutError."""
+    async def wait_for(
+        self, uuid: str, predicate: Callable[[StatusHead | None], bool], timeout: float | None
+    ) -> Task | None:
+        """Wait until ``predicate(head)`` holds; return the whole task, or raise TimeoutError."""
         async with asyncio.timeout(timeout):
             while True:
-                task = self.get(uuid)
-                if predicate(task):
-                    return task
+                if predicate(self.head(uuid)):
+                    return self.get(uuid)
                 fut = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(uuid, []).append(fut)
                 try:

@@ -39,9 +39,12 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
             tp = TopicPartition(app.topics.results, partition_for(uuid, app.results_partitions))
             consumer.assign([tp])
             since = int((task.created_at - app.config.stream_clock_skew) * 1000)
+            # The end is read first: if no record is as new as `since` yet, every record
+            # of this task comes after that end, even one written in between.
+            end = (await consumer.end_offsets([tp]))[tp]
             start = (await consumer.offsets_for_times({tp: since})).get(tp)
             if start is None:
-                start = (await consumer.end_offsets([tp]))[tp]
+                start = end
             await consumer.seek(tp, start)
             key = uuid.encode()
             ended: str | None = None

@@ -42,6 +42,7 @@ from qtasks.records import (
     DeadLetter,
     ResultRecord,
     Status,
+    StatusHead,
     Task,
     TaskRecord,
     decode_control,
@@ -363,7 +364,7 @@ class Worker:
             # Delivered again while it runs here (a rebalance gave the partition back).
             await asyncio.shield(existing)
             return
-        current = app.view.get(uuid)
+        current = app.view.head(uuid)
         if current is not None and current.is_finished:
             return
         if uuid in self._cancelled:
@@ -390,11 +391,11 @@ class Worker:
         finally:
             self._active.pop(uuid, None)
 
-    async def _wait_for_lease(self, uuid: str) -> Task | None:
+    async def _wait_for_lease(self, uuid: str) -> StatusHead | None:
         """Wait until the task another worker runs ends, or its lease runs out (that worker died)."""
         view = self.app.view
         while True:
-            current = view.get(uuid)
+            current = view.head(uuid)
             if current is None or current.is_finished or current.status != "process":
                 return current
             left = current.lease_until - time.time()
@@ -403,7 +404,7 @@ class Worker:
                 return current
             lease = current.lease_until
 
-            def changed(t: Task | None, lease: float = lease) -> bool:
+            def changed(t: StatusHead | None, lease: float = lease) -> bool:
                 return t is None or t.is_finished or t.lease_until != lease
 
             try:
@@ -411,7 +412,7 @@ class Worker:
             except TimeoutError:
                 pass
 
-    async def _execute(self, rec: TaskRecord, spec: Any, current: Task | None, attempt: int) -> None:
+    async def _execute(self, rec: TaskRecord, spec: Any, current: StatusHead | None, attempt: int) -> None:
         app = self.app
         uuid = rec.uuid
         config = app.config
@@ -503,7 +504,7 @@ class Worker:
             await app.events.fire(event, app=app, task=task, exc=outcome.exc, worker=self)
         await app.events.fire("task_stopping", app=app, task=task, worker=self)
 
-    def _base(self, rec: TaskRecord, current: Task | None) -> Task:
+    def _base(self, rec: TaskRecord, current: StatusHead | None) -> Task:
         now = time.time()
         return Task(
             uuid=rec.uuid,
@@ -523,7 +524,7 @@ class Worker:
     async def _finish(
         self,
         rec: TaskRecord,
-        current: Task | None,
+        current: StatusHead | None,
         status: str,
         *,
         traceback: str | None = None,
@@ -574,7 +575,7 @@ class Worker:
         await app.broker.producer.send(app.topics.dlq, encode(letter), key=key, partition=0)
         log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
         uuid, task_name = self._identify(record.value, limit)
-        current = app.view.get(uuid) if uuid is not None else None
+        current = app.view.head(uuid) if uuid is not None else None
         if uuid is not None and (current is None or not current.is_finished):
             now = time.time()
             task = Task(

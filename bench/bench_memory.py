@@ -1,0 +1,102 @@
+"""Hot-path benchmarks on memory:// (not tests): per-yield emit and per-task overhead.
+
+    python bench/bench_memory.py [--yields 1000000] [--tasks 100000]
+
+1. One async generator yielding N small values through executor + worker + memory
+   connector (each value encoded and appended as its own result record), against a bare
+   Python loop over the same generator: the ratio is the engine's overhead per yield.
+   The same for a sync generator (it runs in a thread; values cross to the loop in batches).
+2. N no-op tasks submitted and run to their terminal status: tasks per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import sys
+import time
+import uuid
+
+from qtasks.asyncio import QueueTasks
+from qtasks.connectors.memory import drop_log
+
+
+def make_app() -> QueueTasks:
+    return QueueTasks(name=f"bench{uuid.uuid4().hex[:8]}", broker_url=f"memory://bench{uuid.uuid4().hex}")
+
+
+async def agen(n: int):
+    for i in range(n):
+        yield i
+
+
+def sgen(n: int):
+    yield from range(n)
+
+
+async def bare_loop(n: int) -> float:
+    started = time.perf_counter()
+    async for _ in agen(n):
+        pass
+    return time.perf_counter() - started
+
+
+async def bench_yields(n: int, kind: str) -> float:
+    app = make_app()
+    app.task(name="gen")(agen if kind == "async" else sgen)
+    await app.start()
+    try:
+        started = time.perf_counter()
+        task = await app.add_task("gen", n, timeout=600)
+        elapsed = time.perf_counter() - started
+        assert task is not None and task.status == "success" and task.yield_count == n, task
+        return elapsed
+    finally:
+        await app.stop()
+        drop_log(app.broker_url)
+        gc.collect()
+
+
+async def bench_noop(n: int, concurrency: int) -> float:
+    app = make_app()
+    app.config.concurrency = concurrency
+
+    @app.task
+    async def noop() -> None:
+        return None
+
+    await app.start()
+    try:
+        started = time.perf_counter()
+        tasks = [await app.add_task("noop") for _ in range(n)]
+        last = await app.wait(tasks[-1].uuid, timeout=600)
+        for t in tasks[:: max(1, n // 100)]:
+            assert (await app.wait(t.uuid, timeout=600)).status == "success"
+        elapsed = time.perf_counter() - started
+        assert last.status == "success"
+        return elapsed
+    finally:
+        await app.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--yields", type=int, default=1_000_000)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    args = parser.parse_args()
+    print(f"python {platform.python_version()} on {platform.machine()}, {sys.platform}")
+    n = args.yields
+    bare = await bare_loop(n)
+    print(f"bare async-generator loop : {n / bare:>12,.0f} yields/s  ({bare:.2f} s for {n:,})")
+    for kind in ("async", "sync"):
+        t = await bench_yields(n, kind)
+        print(f"qtasks {kind:5} generator     : {n / t:>12,.0f} yields/s  ({t:.2f} s; {t / bare:.1f}x the bare loop)")
+    t = await bench_noop(args.tasks, args.concurrency)
+    print(f"qtasks no-op tasks        : {args.tasks / t:>12,.0f} tasks/s   ({t:.2f} s for {args.tasks:,}, concurrency {args.concurrency})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

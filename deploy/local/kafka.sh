@@ -1,0 +1,393 @@
+#!/usr/bin/env bash
+# Single-node Apache Kafka 4.x broker (KRaft, combined broker+controller) on
+# 127.0.0.1, run from Maven Central jars: no Docker, no Kafka tarball.
+#
+#   kafka.sh fetch            populate the jar cache (idempotent; no Maven call when warm)
+#   kafka.sh start  [PORT]    fetch if needed, format storage, start, wait until ready
+#   kafka.sh stop   [PORT]    SIGTERM, wait, SIGKILL; idempotent; deletes no data
+#   kafka.sh status [PORT]    exit 0 if running, 3 if not
+#   kafka.sh logs   [PORT]    tail of the broker logs
+#
+# PORT defaults to $KAFKA_PORT, else 9092. See README.md for all env vars.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+POM="$HERE/pom.xml"
+CACHE="${QTASKS_KAFKA_CACHE:-${HOME:-/tmp}/.cache/qtasks-kafka}"
+LIBS="$CACHE/libs"
+MARKER="$CACHE/libs.pom-sha256"
+DATA_ROOT="${QTASKS_KAFKA_DATA:-$PWD/.kafka}"
+HEAP="${KAFKA_HEAP:-${KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}}"
+# Measured on 2 cores (see README): SerialGC + C1-only starts fastest and keeps
+# the idle broker light; override with KAFKA_JVM_OPTS="" to get JVM defaults.
+JVM_OPTS="${KAFKA_JVM_OPTS--XX:+UseSerialGC -XX:TieredStopAtLevel=1}"
+START_TIMEOUT="${QTASKS_KAFKA_START_TIMEOUT:-120}"
+STOP_TIMEOUT="${QTASKS_KAFKA_STOP_TIMEOUT:-30}"
+JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
+
+die() { echo "kafka.sh: error: $*" >&2; exit 1; }
+say() { echo "kafka.sh: $*" >&2; }
+
+# ---------------------------------------------------------------- helpers
+
+pom_hash() { sha256sum "$POM" | cut -d' ' -f1; }
+
+cache_ok() {
+    [[ -f "$MARKER" ]] && [[ "$(cat "$MARKER")" == "$(pom_hash)" ]] \
+        && compgen -G "$LIBS/kafka_2.13-*.jar" >/dev/null
+}
+
+port_of() {
+    local p="${1:-${KAFKA_PORT:-9092}}"
+    if ! [[ "$p" =~ ^[0-9]+$ ]] || ((p < 1 || p > 65535)); then die "bad port: '$p'"; fi
+    echo "$p"
+}
+
+abs_path() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+
+# data dir of the broker on port $1: $QTASKS_KAFKA_DATA_DIR if set (exact dir),
+# else $QTASKS_KAFKA_DATA/<port>, else $PWD/.kafka/<port>
+data_dir_of() {
+    if [[ -n "${QTASKS_KAFKA_DATA_DIR:-}" ]]; then
+        abs_path "$QTASKS_KAFKA_DATA_DIR"
+    else
+        abs_path "$DATA_ROOT/$1"
+    fi
+}
+
+# true if something accepts TCP connections on 127.0.0.1:$1
+port_open() {
+    if command -v timeout >/dev/null; then
+        timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+    else
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+    fi
+}
+
+# a currently free TCP port on 127.0.0.1 (ask the kernel; fall back to a scan)
+free_port() {
+    local p
+    if command -v python3 >/dev/null && p="$(python3 -c '
+import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
+' 2>/dev/null)" && [[ -n "$p" ]]; then
+        echo "$p"; return 0
+    fi
+    for ((p = 20000 + RANDOM % 20000; p < 65000; p++)); do
+        port_open "$p" || { echo "$p"; return 0; }
+    done
+    die "no free port found"
+}
+
+# pid of the live broker for data dir $1 (empty if none)
+broker_pid() {
+    local f="$1/kafka.pid" pid
+    [[ -f "$f" ]] || return 0
+    pid="$(cat "$f" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
+    # guard against pid reuse: must be our java running kafka.Kafka on this dir
+    if [[ -r "/proc/$pid/cmdline" ]]; then
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $1/server.properties" \
+            && echo "$pid"
+    elif kill -0 "$pid" 2>/dev/null; then
+        echo "$pid"
+    fi
+    return 0
+}
+
+log_tail() {
+    local dir="$1" n="${2:-40}"
+    if [[ -s "$dir/kafka.out" ]]; then
+        echo "---- $dir/kafka.out (stdout/stderr, last $n lines) ----"
+        tail -n "$n" "$dir/kafka.out"
+    fi
+    if [[ -f "$dir/server.log" ]]; then
+        echo "---- $dir/server.log (last $n lines) ----"
+        tail -n "$n" "$dir/server.log"
+    fi
+    if [[ -s "$dir/format.log" ]] && ! grep -q '^Formatting' "$dir/format.log"; then
+        echo "---- $dir/format.log ----"
+        tail -n "$n" "$dir/format.log"
+    fi
+    return 0
+}
+
+# ---------------------------------------------------------------- fetch
+
+cmd_fetch() {
+    cache_ok && return 0
+    mkdir -p "$CACHE"
+    # serialise concurrent fetches (parallel test sessions)
+    if command -v flock >/dev/null; then
+        exec 9>"$CACHE/.fetch.lock"
+        flock 9
+        if cache_ok; then exec 9>&-; return 0; fi
+    fi
+    command -v mvn >/dev/null || die "mvn not found: Maven is needed once to fetch the Kafka jars into $LIBS"
+    local tmp log="$CACHE/fetch.log" t0=$SECONDS
+    tmp="$(mktemp -d "$CACHE/libs.tmp.XXXXXX")"
+    say "fetching Kafka jars from Maven Central into $LIBS ..."
+    # shellcheck disable=SC2086  # extra args are meant to be word-split
+    if ! mvn -B -q -Dstyle.color=never -f "$POM" \
+        dependency:copy-dependencies -DoutputDirectory="$tmp" \
+        ${QTASKS_KAFKA_MVN_ARGS:-} >"$log" 2>&1; then
+        rm -rf "$tmp"
+        tail -n 40 "$log" >&2
+        die "maven fetch failed (full log: $log)"
+    fi
+    compgen -G "$tmp/kafka_2.13-*.jar" >/dev/null || { rm -rf "$tmp"; die "maven fetched no kafka_2.13 jar (see $log)"; }
+    rm -rf "$LIBS"
+    mv "$tmp" "$LIBS"
+    pom_hash >"$MARKER"
+    exec 9>&- # release the lock; the broker started later must not inherit it
+    say "fetched $(find "$LIBS" -name '*.jar' | wc -l) jars in $((SECONDS - t0))s"
+}
+
+# ---------------------------------------------------------------- start
+
+write_config() {
+    local dir="$1" port="$2" cport="$3"
+    cat >"$dir/server.properties" <<EOF
+# generated by deploy/local/kafka.sh -- rewritten on every start
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$dir/logs
+
+# one node
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+# one partition for the internal topics: first group join / transaction is faster
+offsets.topic.num.partitions=1
+transaction.state.log.num.partitions=1
+auto.create.topics.enable=false
+
+# small machine (2 cores)
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+background.threads=4
+log.cleaner.threads=1
+log.cleaner.dedupe.buffer.size=33554432
+
+# make compaction observable in tests
+log.cleaner.backoff.ms=1000
+EOF
+    if [[ -n "${QTASKS_KAFKA_EXTRA_PROPS:-}" ]]; then
+        printf '\n# QTASKS_KAFKA_EXTRA_PROPS (later keys win)\n%s\n' "$QTASKS_KAFKA_EXTRA_PROPS" >>"$dir/server.properties"
+    fi
+    cat >"$dir/log4j2.properties" <<EOF
+# generated by deploy/local/kafka.sh: everything to server.log, nothing to the console
+status = warn
+shutdownHook = disable
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = $dir/server.log
+appender.file.append = true
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = ${QTASKS_KAFKA_LOG_LEVEL:-INFO}
+rootLogger.appenderRef.file.ref = FILE
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+EOF
+}
+
+format_storage() {
+    local dir="$1" cid
+    [[ -f "$dir/logs/meta.properties" ]] && return 0
+    # random base64url cluster id (16 bytes, 22 chars); not starting with '-'
+    # so it is never taken for an option
+    cid="-"
+    while [[ "$cid" == -* ]]; do
+        cid="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    done
+    # shellcheck disable=SC2086
+    if ! "$JAVA" $JVM_OPTS -Xmx256m \
+        -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+        -cp "$LIBS/*" kafka.tools.StorageTool format \
+        -t "$cid" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
+        cat "$dir/format.log" >&2
+        die "storage format failed (see $dir/format.log)"
+    fi
+}
+
+# Optional watchdog: when QTASKS_KAFKA_OWNER_PID is set (broker.py sets it),
+# stop the broker once that process is gone, so a killed test run leaks no JVM.
+start_watchdog() {
+    local dir="$1" bpid="$2" owner="${QTASKS_KAFKA_OWNER_PID:-}"
+    [[ "$owner" =~ ^[0-9]+$ ]] || return 0
+    (
+        trap '' INT HUP
+        while kill -0 "$bpid" 2>/dev/null; do
+            if ! kill -0 "$owner" 2>/dev/null; then
+                kill -TERM "$bpid" 2>/dev/null || true
+                for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+                    kill -0 "$bpid" 2>/dev/null || exit 0
+                    sleep 0.1
+                done
+                kill -KILL "$bpid" 2>/dev/null || true
+                exit 0
+            fi
+            sleep 1
+        done
+    ) </dev/null >/dev/null 2>&1 &
+    echo $! >"$dir/watchdog.pid"
+}
+
+# wait until the broker logged "Kafka Server started" and the port accepts connections
+wait_ready() {
+    local dir="$1" port="$2" pid="$3" deadline=$((SECONDS + START_TIMEOUT))
+    while :; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log_tail "$dir" >&2
+            die "broker (pid $pid) exited during startup"
+        fi
+        if grep -q 'Kafka Server started' "$dir/server.log" 2>/dev/null && port_open "$port"; then
+            return 0
+        fi
+        if ((SECONDS >= deadline)); then
+            log_tail "$dir" >&2
+            say "broker not ready after ${START_TIMEOUT}s; stopping it"
+            stop_dir "$dir" >/dev/null 2>&1 || true
+            die "timeout: broker on 127.0.0.1:$port not ready after ${START_TIMEOUT}s"
+        fi
+        sleep 0.2
+    done
+}
+
+cmd_start() {
+    local port dir pid cport t0="${EPOCHREALTIME/[.,]/}"
+    port="$(port_of "${1:-}")"
+    dir="$(data_dir_of "$port")"
+    pid="$(broker_pid "$dir")"
+    if [[ -n "$pid" ]]; then
+        wait_ready "$dir" "$port" "$pid"
+        say "already running: pid $pid, bootstrap 127.0.0.1:$port, data $dir"
+        echo "127.0.0.1:$port"
+        return 0
+    fi
+    port_open "$port" && die "127.0.0.1:$port is already in use by another process"
+    command -v "$JAVA" >/dev/null || die "java not found (need Java 17+; set JAVA_HOME)"
+    cmd_fetch
+    mkdir -p "$dir/logs"
+    # controller port: keep the previous one for this data dir if still free
+    cport=""
+    if [[ -f "$dir/controller.port" ]]; then
+        cport="$(cat "$dir/controller.port")"
+        if ! [[ "$cport" =~ ^[0-9]+$ ]] || [[ "$cport" == "$port" ]] || port_open "$cport"; then cport=""; fi
+    fi
+    if [[ -z "$cport" ]] && [[ -n "${KAFKA_CONTROLLER_PORT:-}" ]]; then
+        cport="$KAFKA_CONTROLLER_PORT"
+    fi
+    while [[ -z "$cport" || "$cport" == "$port" ]]; do cport="$(free_port)"; done
+    echo "$cport" >"$dir/controller.port"
+    write_config "$dir" "$port" "$cport"
+    if [[ -f "$dir/server.log" ]]; then mv -f "$dir/server.log" "$dir/server.log.prev"; fi
+    format_storage "$dir"
+    # shellcheck disable=SC2086
+    nohup "$JAVA" $HEAP $JVM_OPTS -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+        -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" \
+        </dev/null >"$dir/kafka.out" 2>&1 &
+    pid=$!
+    echo "$pid" >"$dir/kafka.pid"
+    start_watchdog "$dir" "$pid"
+    wait_ready "$dir" "$port" "$pid"
+    local ms=$(((${EPOCHREALTIME/[.,]/} - t0) / 1000))
+    say "started in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s: pid $pid, bootstrap 127.0.0.1:$port, controller 127.0.0.1:$cport, data $dir"
+    echo "127.0.0.1:$port"
+}
+
+# ---------------------------------------------------------------- stop / status
+
+stop_dir() {
+    local dir="$1" pid wpid i
+    pid="$(broker_pid "$dir")"
+    if [[ -f "$dir/watchdog.pid" ]]; then
+        wpid="$(cat "$dir/watchdog.pid" 2>/dev/null || true)"
+        if [[ "$wpid" =~ ^[0-9]+$ ]]; then kill "$wpid" 2>/dev/null || true; fi
+        rm -f "$dir/watchdog.pid"
+    fi
+    if [[ -z "$pid" ]]; then
+        rm -f "$dir/kafka.pid"
+        say "not running (data $dir)"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "pid $pid still alive after ${STOP_TIMEOUT}s; SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rm -f "$dir/kafka.pid"
+    say "stopped pid $pid (data $dir)"
+}
+
+cmd_stop() {
+    local port
+    port="$(port_of "${1:-}")"
+    stop_dir "$(data_dir_of "$port")"
+}
+
+cmd_status() {
+    local port dir pid
+    port="$(port_of "${1:-}")"
+    dir="$(data_dir_of "$port")"
+    pid="$(broker_pid "$dir")"
+    if [[ -n "$pid" ]] && port_open "$port"; then
+        echo "running: pid $pid, bootstrap 127.0.0.1:$port, data $dir"
+        return 0
+    elif [[ -n "$pid" ]]; then
+        echo "starting (port not open yet): pid $pid, data $dir"
+        return 3
+    fi
+    echo "stopped: 127.0.0.1:$port (data $dir)"
+    return 3
+}
+
+cmd_logs() {
+    local port
+    port="$(port_of "${1:-}")"
+    log_tail "$(data_dir_of "$port")" "${QTASKS_KAFKA_LOG_LINES:-60}"
+}
+
+usage() {
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+main() {
+    local cmd="${1:-}"
+    [[ $# -gt 0 ]] && shift
+    case "$cmd" in
+        fetch) cmd_fetch ;;
+        start) cmd_start "$@" ;;
+        stop) cmd_stop "$@" ;;
+        status) cmd_status "$@" ;;
+        logs) cmd_logs "$@" ;;
+        -h | --help | help) usage ;;
+        *) usage >&2; exit 2 ;;
+    esac
+}
+
+main "$@"
