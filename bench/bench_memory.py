@@ -95,7 +95,9 @@ async def main() -> None:
         t = await bench_yields(n, kind)
         print(f"qtasks {kind:5} generator     : {n / t:>12,.0f} yields/s  ({t:.2f} s; {t / bare:.1f}x the bare loop)")
     t = await bench_noop(args.tasks, args.concurrency)
-    print(f"qtasks no-op tasks        : {args.tasks / t:>12,.0f} tasks/s   ({t:.2f} s for {args.tasks:,}, concurrency {args.concurrency})")
+    print(
+        f"qtasks no-op tasks        : {args.tasks / t:>12,.0f} tasks/s   ({t:.2f} s for {args.tasks:,}, concurrency {args.concurrency})"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["LocalKafka", "KAFKA_SH", "free_port"]
+__all__ = ["KAFKA_SH", "LocalKafka", "free_port"]
 
 KAFKA_SH = Path(__file__).resolve().parent / "kafka.sh"
 
@@ -74,9 +74,7 @@ class LocalKafka:
         self.port: int = free_port() if port is None else int(port)
         self._own_dir = data_dir is None
         self.data_dir: Path = (
-            Path(tempfile.mkdtemp(prefix="qtasks-kafka-"))
-            if data_dir is None
-            else Path(data_dir).resolve()
+            Path(tempfile.mkdtemp(prefix="qtasks-kafka-")) if data_dir is None else Path(data_dir).resolve()
         )
         self.extra_props = dict(extra_props or {})
         self._env = dict(env or {})
@@ -111,14 +109,10 @@ class LocalKafka:
         if start_timeout is not None:
             env["QTASKS_KAFKA_START_TIMEOUT"] = str(max(1, int(start_timeout)))
         if self.extra_props:
-            env["QTASKS_KAFKA_EXTRA_PROPS"] = "\n".join(
-                f"{k}={v}" for k, v in self.extra_props.items()
-            )
+            env["QTASKS_KAFKA_EXTRA_PROPS"] = "\n".join(f"{k}={v}" for k, v in self.extra_props.items())
         return env
 
-    def _run(
-        self, *args: str, timeout: float, start_timeout: float | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, timeout: float, start_timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["bash", str(KAFKA_SH), *args],
             env=self._sh_env(start_timeout),
@@ -149,8 +143,7 @@ class LocalKafka:
             except subprocess.TimeoutExpired as e:
                 self._stop_quietly()
                 raise RuntimeError(
-                    f"kafka.sh start {self.port} did not finish in {e.timeout:.0f}s\n"
-                    + self.log_tail()
+                    f"kafka.sh start {self.port} did not finish in {e.timeout:.0f}s\n" + self.log_tail()
                 ) from None
             if proc.returncode == 0:
                 self._started = True
@@ -159,9 +152,7 @@ class LocalKafka:
                     self._atexit_registered = True
                 return
             detail = f"{proc.stdout}\n{proc.stderr}"
-            bind_race = "Address already in use" in detail or (
-                "already in use" in detail and "127.0.0.1" in detail
-            )
+            bind_race = "Address already in use" in detail or ("already in use" in detail and "127.0.0.1" in detail)
             if bind_race and attempt + 1 < attempts:
                 self._stop_quietly()
                 self.port = free_port()
@@ -188,14 +179,14 @@ class LocalKafka:
         """Best-effort stop that keeps the data dir (used on failed starts)."""
         try:
             self._run("stop", str(self.port), timeout=120.0)
-        except Exception:  # noqa: BLE001 - best effort cleanup
+        except Exception:
             pass
 
     def _atexit(self) -> None:
         if self._started:
             try:
                 self.stop()
-            except Exception:  # noqa: BLE001 - interpreter is exiting
+            except Exception:
                 pass
 
     def is_running(self) -> bool:
