@@ -42,11 +42,17 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+# A stored record: (offset, key, value, timestamp ms). Tuples of bytes and ints are
+# untracked by the garbage collector, so a long log costs no collector time; Record
+# objects are made only for what a consumer fetches.
+_Stored = tuple[int, bytes | None, bytes | None, int]
+
+
 class _Partition:
     __slots__ = ("dirty", "next_offset", "offsets", "records", "waiters")
 
     def __init__(self) -> None:
-        self.records: list[Record] = []
+        self.records: list[_Stored] = []
         self.offsets: list[int] = []
         self.next_offset = 0
         self.waiters: list[_Waiter] = []
@@ -113,7 +119,7 @@ class MemoryLog:
                 raise ConnectorError(f"topic {topic!r} has no partition {partition}") from None
             offset = p.next_offset
             p.next_offset = offset + 1
-            p.records.append(Record(topic, partition, offset, key, value, int(time.time() * 1000)))
+            p.records.append((offset, key, value, int(time.time() * 1000)))
             p.offsets.append(offset)
             waiters, p.waiters = p.waiters, []
             if t.spec.compacted:
@@ -135,13 +141,11 @@ class MemoryLog:
     def _compact(t: _Topic, p: _Partition) -> None:
         last: dict[bytes | None, int] = {}
         for i, record in enumerate(p.records):
-            last[record.key] = i
+            last[record[1]] = i
         horizon = time.time() * 1000 - t.delete_retention_ms
-        kept = [
-            r for i, r in enumerate(p.records) if last[r.key] == i and (r.value is not None or r.timestamp > horizon)
-        ]
+        kept = [r for i, r in enumerate(p.records) if last[r[1]] == i and (r[2] is not None or r[3] > horizon)]
         p.records = kept
-        p.offsets = [r.offset for r in kept]
+        p.offsets = [r[0] for r in kept]
         p.dirty = 0
 
     def fetch(self, tp: TopicPartition, position: int, limit: int) -> list[Record]:
@@ -149,7 +153,9 @@ class MemoryLog:
         with self.lock:
             p = self._topic(tp.topic).partitions[tp.partition]
             start = bisect.bisect_left(p.offsets, position)
-            return p.records[start : start + limit]
+            stored = p.records[start : start + limit]
+        topic, partition = tp
+        return [Record(topic, partition, o, k, v, ts) for o, k, v, ts in stored]
 
     def watch(self, tps: Iterable[TopicPartition], positions: dict[TopicPartition, int]) -> asyncio.Future[None] | None:
         """A future resolved when any of ``tps`` gets a record past its position (None: data is there now)."""
@@ -181,8 +187,8 @@ class MemoryLog:
         """The first offset whose timestamp is at or after ``timestamp_ms``, or None."""
         with self.lock:
             p = self._topic(tp.topic).partitions[tp.partition]
-            i = bisect.bisect_left(p.records, timestamp_ms, key=lambda r: r.timestamp)
-            return p.records[i].offset if i < len(p.records) else None
+            i = bisect.bisect_left(p.records, timestamp_ms, key=lambda r: r[3])
+            return p.records[i][0] if i < len(p.records) else None
 
     # groups -----------------------------------------------------------------------
 

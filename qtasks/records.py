@@ -90,7 +90,7 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.status in TERMINAL
 
 
-class StatusHead(msgspec.Struct, kw_only=True):
+class StatusHead(msgspec.Struct, gc=False, kw_only=True):
     """The few fields of a status record the engine decides on; decoding it skips the rest (fast)."""
 
     uuid: str
@@ -108,7 +108,7 @@ class StatusHead(msgspec.Struct, kw_only=True):
         return self.status in TERMINAL
 
 
-class ResultRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ResultRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     """One handled value of a generator task, or (``end=True``) the end of an attempt."""
 
     v: int = 1
@@ -121,7 +121,7 @@ class ResultRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str | None = None
 
 
-class ControlRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ControlRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     """A command to whichever worker runs a task."""
 
     v: int = 1
@@ -131,7 +131,7 @@ class ControlRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     at: float = 0.0
 
 
-class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
+class DeadLetter(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     """A record the worker could not use, with why and where it came from."""
 
     v: int = 1
