@@ -161,8 +161,9 @@ class TaskExecutor:
         self.broker = broker
         self.token = CancelToken()
         self.yield_count = 0
-        self._inner: asyncio.Task[Any] | None = None
+        self._host: asyncio.Task[Any] | None = None
         self._in_user_code = False
+        self._cancel_sent = False
         self._bridge: _ThreadBridge | None = None
 
     # -- control -------------------------------------------------------------------
@@ -170,33 +171,49 @@ class TaskExecutor:
     def cancel(self, reason: str) -> None:
         """Ask the task to stop: at its next yield, ``ctx.sleep`` or (async code) await."""
         self.token.set(reason)
-        inner = self._inner
-        if inner is not None and self.spec.is_async and (self._in_user_code or self.spec.kind == "async"):
-            inner.cancel()
+        host = self._host
+        if host is not None and self._in_user_code and not self._cancel_sent:
+            # Interrupt the await the task is suspended in; execute() tells this
+            # cancellation from a real one (the worker stopping) by the flag.
+            self._cancel_sent = True
+            host.cancel()
 
     # -- the run -------------------------------------------------------------------
 
     async def execute(self) -> Outcome:
-        """Run the task to its end and say how it ended."""
+        """Run the task to its end and say how it ended.
+
+        The task runs in the caller's asyncio task (no extra task per run): a cancel
+        request cancels that task while it waits in the task's own code, and the
+        cancellation is taken back (``uncancel``) once it is turned into an outcome.
+        """
         spec = self.spec
+        self._host = asyncio.current_task()
         try:
             await self._before()
             bound = self._bind()
-            self._inner = asyncio.get_running_loop().create_task(self._run(bound))
-            if spec.max_time is not None:
-                try:
+            try:
+                if spec.max_time is not None:
                     async with asyncio.timeout(spec.max_time):
-                        result = await self._wait_inner()
-                except TimeoutError:
+                        result = await self._run(bound)
+                else:
+                    result = await self._run(bound)
+            except TimeoutError:
+                if self._bridge is not None:
+                    self._bridge.abandon()
+                if self._cancel_sent or self.token.is_set:
+                    raise TaskCancelError(self.token.reason) from None
+                raise TaskTimeoutError(f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s") from None
+            except asyncio.CancelledError:
+                if not self._cancel_sent:
                     if self._bridge is not None:
                         self._bridge.abandon()
-                    if self.token.is_set:
-                        raise TaskCancelError(self.token.reason) from None
-                    raise TaskTimeoutError(
-                        f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s"
-                    ) from None
-            else:
-                result = await self._wait_inner()
+                    raise
+                raise TaskCancelError(self.token.reason) from None
+            finally:
+                self._in_user_code = False
+                if self._cancel_sent and self._host is not None and self._host.cancelling():
+                    self._host.uncancel()
             if self.token.is_set:
                 raise TaskCancelError(self.token.reason)
             result = await self._after(result)
@@ -216,20 +233,6 @@ class TaskExecutor:
             return self._error(exc)
         except Exception as exc:
             return self._error(exc)
-
-    async def _wait_inner(self) -> Any:
-        inner = self._inner
-        assert inner is not None
-        try:
-            return await asyncio.shield(inner)
-        except asyncio.CancelledError:
-            if inner.done() and self.token.is_set:
-                raise TaskCancelError(self.token.reason) from None
-            # The executor itself is cancelled (max_time or the worker stopping): stop the task too.
-            inner.cancel()
-            if self._bridge is not None:
-                self._bridge.abandon()
-            raise
 
     def _error(self, exc: BaseException) -> Outcome:
         text = "".join(traceback.format_exception(exc))
@@ -307,7 +310,10 @@ class TaskExecutor:
         kind = self.spec.kind
         if kind == "async":
             self._in_user_code = True
-            return await self.spec.func(*args, **kwargs)
+            try:
+                return await self.spec.func(*args, **kwargs)
+            finally:
+                self._in_user_code = False
         if kind == "async_gen":
             return await self._drive_async_gen(self.spec.func(*args, **kwargs))
         loop = asyncio.get_running_loop()
