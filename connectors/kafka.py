@@ -115,6 +115,7 @@ class KafkaProducer:
             request_timeout_ms=config.kafka_request_timeout_ms,
         )
         self._error: BaseException | None = None
+        self._ends: dict[tuple[str, int], int] = {}
 
     async def start(self) -> None:
         """Connect."""
@@ -125,8 +126,20 @@ class KafkaProducer:
         await self._producer.stop()
 
     def _on_done(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is not None and self._error is None:
-            self._error = fut.exception()
+        if fut.cancelled():
+            return
+        error = fut.exception()
+        if error is None:
+            meta = fut.result()
+            key = (meta.topic, meta.partition)
+            if meta.offset >= self._ends.get(key, 0):
+                self._ends[key] = meta.offset + 1
+        elif self._error is None:
+            self._error = error
+
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """One past the highest offset this producer has written to the partition (None: none yet)."""
+        return self._ends.get((topic, partition))
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:
         """Enqueue a record (waits only when the producer's buffer is full); return its delivery."""

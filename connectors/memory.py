@@ -282,6 +282,10 @@ class MemoryProducer:
     async def flush(self) -> None:
         """Nothing is pending in memory."""
 
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """The partition's end offset (exact in memory)."""
+        return self._log.end_offset(TopicPartition(topic, partition))
+
 
 class MemoryConsumer:
     """A consumer of the memory log: a group member (``subscribe``) or self-assigned (``assign``)."""
@@ -341,6 +345,7 @@ class MemoryConsumer:
         self._assigned = set(partitions)
         for tp in self._assigned:
             self._positions.setdefault(tp, self._log.first_offset(tp))
+        self.wake()
 
     def assignment(self) -> set[TopicPartition]:
         """The partitions this consumer reads now."""
@@ -349,6 +354,7 @@ class MemoryConsumer:
     async def seek(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` from ``offset`` on."""
         self._positions[tp] = offset
+        self.wake()
 
     async def seek_to_end(self, partitions: Iterable[TopicPartition]) -> None:
         """Read only records written from now on."""

@@ -26,6 +26,7 @@ from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, Task, TaskRecord, encode
 from qtasks.registry import Registry, TaskSpec
 from qtasks.status import StatusView
+from qtasks.stream import ResultsReader, stream_results
 from qtasks.worker import Worker
 
 log = logging.getLogger("qtasks.app")
@@ -79,6 +80,7 @@ class QueueTasks:
         self._connect_lock: asyncio.Lock | None = None
         self._tailer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: ResultsReader | None = None
         _state.app_main = self
 
     # -- registration ----------------------------------------------------------------
@@ -341,8 +343,6 @@ class QueueTasks:
 
     def stream(self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """The task's handled values in order, live; ends when the task ends (follows retries)."""
-        from qtasks.stream import stream_results
-
         return stream_results(self, str(uuid), timeout=timeout)
 
     async def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
@@ -385,8 +385,16 @@ class QueueTasks:
         await self.plugins.stop()
         await self.close()
 
+    def _results_reader(self) -> ResultsReader:
+        if self._reader is None:
+            self._reader = ResultsReader(self)
+        return self._reader
+
     async def close(self) -> None:
-        """Disconnect the client side (the status view and the connector)."""
+        """Disconnect the client side (the status view, the results reader and the connector)."""
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
         if self._tailer is not None:
             self._tailer.cancel()
             await asyncio.gather(self._tailer, return_exceptions=True)

@@ -67,7 +67,8 @@ class QueueConfig:
     kafka_max_poll_interval_ms: int = 300_000
     kafka_session_timeout_ms: int = 45_000
     kafka_heartbeat_interval_ms: int = 3_000
-    kafka_linger_ms: int = 5
+    #: 0: send at once; aiokafka still batches what piles up while a request is in flight.
+    kafka_linger_ms: int = 0
     kafka_request_timeout_ms: int = 40_000
 
     @classmethod

@@ -203,7 +203,9 @@ class TaskExecutor:
                     self._bridge.abandon()
                 if self._cancel_sent or self.token.is_set:
                     raise TaskCancelError(self.token.reason) from None
-                raise TaskTimeoutError(f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s") from None
+                raise TaskTimeoutError(
+                    f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s"
+                ) from None
             except asyncio.CancelledError:
                 if not self._cancel_sent:
                     if self._bridge is not None:

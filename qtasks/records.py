@@ -83,6 +83,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Where the task's results live (the results partition; set once it ran).
     results_partition: int | None = None
     retry_count: int = 0
+    #: An offset of the results partition at or before the task's first result (set once it runs).
+    results_offset: int | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -37,7 +37,7 @@ class StatusView:
 
     def __init__(self, limit: int = 1_000_000) -> None:
         self._rows: dict[str, tuple[StatusHead, bytes]] = {}
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[tuple[Callable[[StatusHead | None], bool], asyncio.Future[None]]]] = {}
         self._limit = limit
         self.caught_up = asyncio.Event()
 
@@ -100,25 +100,41 @@ class StatusView:
     async def wait_for(
         self, uuid: str, predicate: Callable[[StatusHead | None], bool], timeout: float | None
     ) -> Task | None:
-        """Wait until ``predicate(head)`` holds; return the whole task, or raise TimeoutError."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if predicate(self.head(uuid)):
-                    return self.get(uuid)
-                fut = asyncio.get_running_loop().create_future()
-                self._waiters.setdefault(uuid, []).append(fut)
-                try:
-                    await fut
-                finally:
-                    waiters = self._waiters.get(uuid)
-                    if waiters and fut in waiters:
-                        waiters.remove(fut)
-                        if not waiters:
-                            del self._waiters[uuid]
+        """Wait until ``predicate(head)`` holds; return the whole task, or raise TimeoutError.
+
+        A waiter is woken only by a change that satisfies it, so many waiters on busy
+        tasks cost nothing per status write.
+        """
+        if predicate(self.head(uuid)):
+            return self.get(uuid)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (predicate, fut)
+        self._waiters.setdefault(uuid, []).append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        finally:
+            waiters = self._waiters.get(uuid)
+            if waiters is not None and entry in waiters:
+                waiters.remove(entry)
+                if not waiters:
+                    del self._waiters[uuid]
+        return self.get(uuid)
 
     def _notify(self, uuid: str) -> None:
-        waiters = self._waiters.pop(uuid, None)
-        if waiters:
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        waiters = self._waiters.get(uuid)
+        if not waiters:
+            return
+        head = self.head(uuid)
+        keep = []
+        for predicate, fut in waiters:
+            if fut.done():
+                continue
+            if predicate(head):
+                fut.set_result(None)
+            else:
+                keep.append((predicate, fut))
+        if keep:
+            self._waiters[uuid] = keep
+        else:
+            del self._waiters[uuid]

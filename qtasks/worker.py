@@ -423,6 +423,8 @@ class Worker:
         task.worker = self.id
         task.lease_until = time.time() + config.lease_timeout
         task.results_partition = partition
+        # Every result of this run lands after this offset: a reader starts here.
+        task.results_offset = app.broker.producer.known_end(app.topics.results, partition)
         task.updated_at = time.time()
         await app._write_status(task)
         await app.plugins.trigger("worker_execute_before", worker=self, task=task) if len(app.plugins) else None
