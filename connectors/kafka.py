@@ -352,17 +352,24 @@ class KafkaConnector:
             present = [s for s in specs if s.name in existing]
             if present:
                 await self._check_policies(admin, present)
+            if missing:
+                await self._wait_for_leaders(admin, [s.name for s in missing])
         finally:
             await admin.close()
-        # New topics need their leaders elected before the first send.
-        for spec in specs:
-            for _ in range(100):
-                try:
-                    if await asyncio.wait_for(self.producer.partitions_for(spec.name), 10) > 0:
-                        break
-                except (KafkaError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.1)
+
+    @staticmethod
+    async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
+        """New topics need a leader for every partition before clients use them."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            topics = await admin.describe_topics(names)
+            ready = all(
+                t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in topics
+            )
+            if ready or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
 
     @staticmethod
     async def _check_policies(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:

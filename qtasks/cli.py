@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -130,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.broker:
         app.use_broker(args.broker)
     if args.command == "run":
+        if not logging.getLogger().handlers:
+            logging.basicConfig(
+                level=app.config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+            )
+        # What was imported so far lives as long as the worker: keep it out of the
+        # collector's way (fewer objects to walk in every full collection).
+        gc.freeze()
         app.run_forever(args.concurrency)
         return 0
     if args.command == "add":

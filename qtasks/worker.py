@@ -106,9 +106,15 @@ class _ResultSink:
         await self._send(self._topic, raw, key=self._key, partition=self._partition)
 
     async def end(self, status: str) -> None:
-        """The end marker of this attempt, so a reader knows the stream is complete."""
+        """Write the end marker of this attempt and wait until it is stored.
+
+        All of a task's results go to one partition, in order, from an idempotent
+        producer: once the marker is acknowledged, every value before it is too.
+        """
         raw = encode(ResultRecord(uuid=self._uuid, seq=self.seq, attempt=self._attempt, end=True, status=status))
-        await self._send(self._topic, raw, key=self._key, partition=self._partition)
+        delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
+        if delivery is not None:
+            await delivery
 
 
 class Worker:
@@ -472,10 +478,9 @@ class Worker:
         if outcome.status != "success":
             returning = returning if spec.is_generator else None
         if sink.seq or spec.is_generator:
-            await sink.end(final_status)
             # Results are durable before the status says the task ended, so a reader who
             # sees the terminal status can read every value.
-            await app.broker.producer.flush()
+            await sink.end(final_status)
         task.yield_count = sink.seq
         task.returning = returning
         task.returning_truncated = truncated
