@@ -433,7 +433,7 @@ class Worker:
         task.results_offset = app.broker.producer.known_end(app.topics.results, partition)
         task.updated_at = time.time()
         await app._write_status(task)
-        await app.plugins.trigger("worker_execute_before", worker=self, task=task) if len(app.plugins) else None
+        await self._trigger("worker_execute_before", task=task)
         await app.events.fire("task_running", app=app, task=task, worker=self)
         sink = _ResultSink(app, uuid, attempt, partition)
         executor_cls = spec.executor or TaskExecutor
@@ -461,8 +461,33 @@ class Worker:
         await self._conclude(rec, spec, task, sink, outcome)
         self.tasks_done += 1
 
+    async def _trigger(self, name: str, **kwargs: Any) -> None:
+        """Fire a worker trigger; a failing plugin is logged and never leaves a task unfinished."""
+        if len(self.app.plugins):
+            try:
+                await self.app.plugins.trigger(name, worker=self, **kwargs)
+            except Exception:
+                log.exception("plugin trigger %s failed", name)
+
+    def _checked(self, spec: Any, outcome: Outcome) -> Outcome:
+        """A result that cannot be stored (not JSON, or too large for a status record) is an error."""
+        if outcome.status != "success" or spec.is_generator:
+            return outcome
+        try:
+            size = len(encode(outcome.returning))
+        except (TypeError, msgspec.EncodeError) as exc:
+            problem = f"the result of task {spec.name!r} cannot be encoded as JSON: {exc}"
+        else:
+            limit = self.app.config.returning_max_bytes
+            if size <= limit:
+                return outcome
+            problem = f"the result of task {spec.name!r} is {size} bytes encoded, over returning_max_bytes={limit}"
+        error = TypeError(problem)
+        return Outcome("error", exc=error, traceback=f"TypeError: {problem}", yield_count=outcome.yield_count)
+
     async def _conclude(self, rec: TaskRecord, spec: Any, task: Task, sink: _ResultSink, outcome: Outcome) -> None:
         app = self.app
+        outcome = self._checked(spec, outcome)
         retries_left = rec.retry if rec.retry is not None else (spec.retry or 0)
         retrying = (
             outcome.status == "error"
@@ -504,8 +529,7 @@ class Worker:
         task.status = final_status
         task.updated_at = time.time()
         await app._write_status(task)
-        if len(app.plugins):
-            await app.plugins.trigger("worker_execute_after", worker=self, task=task)
+        await self._trigger("worker_execute_after", task=task)
         event = {"success": "task_success", "error": "task_error", "cancel": "task_cancel"}.get(final_status)
         if event:
             await app.events.fire(event, app=app, task=task, exc=outcome.exc, worker=self)

@@ -709,3 +709,37 @@ async def test_duplicate_task_names_are_refused(app: QueueTasks) -> None:
 
         @app.task(name="same")
         async def two() -> None: ...
+
+
+async def test_a_result_that_cannot_be_stored_is_an_error(make_app: Any) -> None:
+    app = make_app(returning_max_bytes=1000)
+
+    @app.task
+    async def odd_result() -> object:
+        return object()
+
+    @app.task
+    async def huge_result() -> str:
+        return "x" * 5000
+
+    await app.start()
+    odd = await app.add_task("odd_result", timeout=10)
+    assert odd is not None and odd.status == "error" and "cannot be encoded as JSON" in (odd.traceback or "")
+    huge = await app.add_task("huge_result", timeout=10)
+    assert huge is not None and huge.status == "error" and "over returning_max_bytes" in (huge.traceback or "")
+
+
+async def test_a_failing_worker_plugin_does_not_leave_tasks_unfinished(app: QueueTasks) -> None:
+    class Broken:
+        def trigger(self, name: str, **kwargs: Any) -> None:
+            raise RuntimeError("plugin bug")
+
+    app.add_plugin(Broken(), trigger_names=["worker_execute_before", "worker_execute_after"])
+
+    @app.task
+    async def fine() -> int:
+        return 3
+
+    await app.start()
+    done = await app.add_task("fine", timeout=10)
+    assert done is not None and (done.status, done.returning) == ("success", 3)
