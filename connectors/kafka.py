@@ -114,7 +114,11 @@ class KafkaProducer:
             max_request_size=max(1_048_576, config.max_record_bytes + 64 * 1024),
             request_timeout_ms=config.kafka_request_timeout_ms,
         )
-        self._error: BaseException | None = None
+        # The last delivery of each partition. An idempotent producer writes a partition's
+        # batches in order, and a failed batch fails the ones after it, so the last
+        # delivery tells both the partition's end and whether anything failed; no
+        # callback per record is needed.
+        self._last: dict[tuple[str, int], asyncio.Future[Any]] = {}
         self._ends: dict[tuple[str, int], int] = {}
 
     async def start(self) -> None:
@@ -125,20 +129,29 @@ class KafkaProducer:
         """Deliver what is pending, then disconnect."""
         await self._producer.stop()
 
-    def _on_done(self, fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled():
-            return
-        error = fut.exception()
-        if error is None:
-            meta = fut.result()
-            key = (meta.topic, meta.partition)
-            if meta.offset >= self._ends.get(key, 0):
-                self._ends[key] = meta.offset + 1
-        elif self._error is None:
-            self._error = error
+    def _settle(self) -> BaseException | None:
+        """Fold finished last deliveries into the known ends; return the first error among them."""
+        error: BaseException | None = None
+        for key, fut in list(self._last.items()):
+            if not fut.done():
+                continue
+            del self._last[key]
+            if fut.cancelled():
+                continue
+            exc = fut.exception()
+            if exc is not None:
+                error = error or exc
+                continue
+            offset = fut.result().offset
+            if offset >= self._ends.get(key, 0):
+                self._ends[key] = offset + 1
+        return error
 
     def known_end(self, topic: str, partition: int) -> int | None:
-        """One past the highest offset this producer has written to the partition (None: none yet)."""
+        """One past the highest offset this producer knows it wrote to the partition (None: none yet)."""
+        last = self._last.get((topic, partition))
+        if last is not None and last.done():
+            self._settle()
         return self._ends.get((topic, partition))
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:
@@ -147,13 +160,13 @@ class KafkaProducer:
             fut: asyncio.Future[Any] = await self._producer.send(topic, value, key=key, partition=partition)
         except KafkaError as exc:
             raise ConnectorError(f"could not send to {topic}: {exc}", retriable=exc.retriable) from exc
-        fut.add_done_callback(self._on_done)
+        self._last[(topic, partition)] = fut
         return fut
 
     async def flush(self) -> None:
         """Wait until every enqueued record is written; raise the first delivery error since the last flush."""
         await self._producer.flush()
-        error, self._error = self._error, None
+        error = self._settle()
         if error is not None:
             raise ConnectorError(f"a record was not delivered: {error}", retriable=getattr(error, "retriable", False))
 
@@ -176,7 +189,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaConsumer:
     """A Kafka consumer with auto-commit off, reading raw bytes."""
 
-    def __init__(self, options: dict[str, Any], config: QueueConfig, group_id: str | None, client_id: str) -> None:
+    def __init__(
+        self, options: dict[str, Any], config: QueueConfig, group_id: str | None, client_id: str, max_wait_ms: int
+    ) -> None:
         extra: dict[str, Any] = {}
         if group_id:
             extra.update(
@@ -191,9 +206,9 @@ class KafkaConsumer:
             client_id=client_id or "qtasks",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            # Short fetch waits keep seeks and new assignments responsive; data still
-            # returns as soon as it arrives.
-            fetch_max_wait_ms=100,
+            # Data returns as soon as it arrives; this bounds how long a seek or a new
+            # assignment waits for the fetch in flight.
+            fetch_max_wait_ms=max_wait_ms,
             max_partition_fetch_bytes=max(1_048_576, config.max_record_bytes + 64 * 1024),
             request_timeout_ms=config.kafka_request_timeout_ms,
         )
@@ -317,9 +332,16 @@ class KafkaConnector:
             raise ConnectorError("the Kafka connector is not started")
         return self._producer
 
-    def consumer(self, group_id: str | None = None, *, client_id: str = "") -> KafkaConsumer:
-        """A new consumer; with ``group_id`` it can ``subscribe`` as a group member."""
-        return KafkaConsumer(self.options, self.config, group_id, client_id)
+    def consumer(
+        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
+    ) -> KafkaConsumer:
+        """A new consumer; with ``group_id`` it can ``subscribe`` as a group member.
+
+        ``max_wait_ms`` is how long the broker holds an empty fetch (``fetch.max.wait.ms``);
+        a seek or a new assignment takes effect only after the fetch in flight returns, so a
+        reader that seeks often wants it short.
+        """
+        return KafkaConsumer(self.options, self.config, group_id, client_id, max_wait_ms or 100)
 
     async def partitions_for(self, topic: str) -> int:
         """How many partitions a topic has."""

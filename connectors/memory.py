@@ -478,6 +478,8 @@ class MemoryConnector:
         """The one producer of this connector."""
         return self._producer
 
-    def consumer(self, group_id: str | None = None, *, client_id: str = "") -> MemoryConsumer:
-        """A new consumer; with ``group_id`` it can ``subscribe`` as a group member."""
+    def consumer(
+        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
+    ) -> MemoryConsumer:
+        """A new consumer; with ``group_id`` it can ``subscribe`` as a group member (reads never wait in memory)."""
         return MemoryConsumer(self.log, group_id, client_id)

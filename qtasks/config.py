@@ -54,6 +54,9 @@ class QueueConfig:
     #: A stream starts reading results this many seconds before the task's creation
     #: time, to allow for clock skew between machines.
     stream_clock_skew: float = 30.0
+    #: A client keeps reading a results partition this many seconds after its last
+    #: stream on it ends, so the next stream there starts at once (no lookup, no seek).
+    stream_linger: float = 10.0
     #: Log level of qtasks' loggers.
     log_level: str = "INFO"
     # Kafka client settings (see docs/kafka.md).
@@ -106,7 +109,7 @@ class QueueConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
-        for name in ("returning_max_items", "returning_max_bytes", "status_ttl", "stop_timeout"):
+        for name in ("returning_max_items", "returning_max_bytes", "status_ttl", "stop_timeout", "stream_linger"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
         if self.lease_timeout <= self.lease_interval:

@@ -7,9 +7,10 @@ each record to the streams of its key, so opening a stream costs a seek, not a n
 connection.
 
 Where a stream starts: at the ``results_offset`` the worker recorded when the task
-started (at or before its first result), and never before the first record as new as
-the task's creation time minus ``stream_clock_skew``; never at the start of the topic.
-A stream opened before the task runs waits for that ``process`` status. A stream yields
+started (the end of that partition as its producer knew it: at or before the task's
+first result). A stream opened before the task runs waits for that ``process`` status.
+A task that never ran has no such offset; its stream starts at the first record as new
+as the task's creation time minus ``stream_clock_skew``. Never at the start of the topic. A stream yields
 each ``seq`` once, in order: a later attempt (after a crash) or a retry task starts
 again at seq 0 and its repeats are dropped. It ends at the end marker of the final
 attempt, or when the status is terminal and the partition has been read to its end (a
@@ -36,7 +37,11 @@ log = logging.getLogger("qtasks.stream")
 
 
 class ResultsReader:
-    """One consumer of the results topic, shared by every open stream of an app."""
+    """One consumer of the results topic, shared by every open stream of an app.
+
+    A partition stays assigned ``stream_linger`` seconds after its last stream closes,
+    so the next stream on it starts from the live position with no lookup and no seek.
+    """
 
     def __init__(self, app: QueueTasks) -> None:
         self._app = app
@@ -44,40 +49,46 @@ class ResultsReader:
         self._task: asyncio.Task[None] | None = None
         self._streams: dict[bytes, list[asyncio.Queue[Record]]] = {}
         self._users: dict[TopicPartition, int] = {}
+        self._idle_since: dict[TopicPartition, float] = {}
         self.positions: dict[TopicPartition, int] = {}
         self._lock = asyncio.Lock()
         self._needed = asyncio.Event()
 
     async def _ensure(self) -> Any:
         if self._consumer is None:
-            consumer = self._app.broker.consumer(None, client_id=f"{self._app.name}-results")
+            # Streams open and seek often: short broker waits make a seek take effect fast.
+            consumer = self._app.broker.consumer(None, client_id=f"{self._app.name}-results", max_wait_ms=5)
             await consumer.start()
             self._consumer = consumer
             self._task = asyncio.get_running_loop().create_task(self._run(), name="qtasks-results")
         return self._consumer
 
-    async def open(self, uuid: str, tp: TopicPartition, start_of: Any) -> asyncio.Queue[Record]:
-        """Register a stream of ``uuid`` on ``tp``; ``start_of(consumer)`` says where it starts."""
+    async def open(self, uuid: str, tp: TopicPartition) -> tuple[asyncio.Queue[Record], int]:
+        """Register a stream of ``uuid`` on ``tp``, reading live from now; return its queue and start offset."""
         async with self._lock:
             consumer = await self._ensure()
             queue: asyncio.Queue[Record] = asyncio.Queue()
             self._streams.setdefault(uuid.encode(), []).append(queue)
-            start: int = await start_of(consumer)
             if tp not in self._users:
+                end = int((await consumer.end_offsets([tp]))[tp])
                 self._users[tp] = 0
                 consumer.assign(set(self._users))
-                await consumer.seek(tp, start)
-                self.positions[tp] = start
-            elif start < self.positions.get(tp, start):
-                # Going back for this stream: the others on the partition drop what they saw.
-                await consumer.seek(tp, start)
-                self.positions[tp] = start
+                await consumer.seek(tp, end)
+                self.positions[tp] = end
             self._users[tp] += 1
+            self._idle_since.pop(tp, None)
             self._needed.set()
-            return queue
+            return queue, self.positions[tp]
+
+    async def rewind(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` again from ``offset`` (the other streams on it drop what they already saw)."""
+        async with self._lock:
+            if tp in self._users and offset < self.positions.get(tp, offset):
+                await self._consumer.seek(tp, offset)
+                self.positions[tp] = offset
 
     async def close(self, uuid: str, tp: TopicPartition, queue: asyncio.Queue[Record]) -> None:
-        """Unregister a stream; a partition no stream needs is released."""
+        """Unregister a stream; its partition is released once no stream used it for ``stream_linger``."""
         async with self._lock:
             key = uuid.encode()
             queues = self._streams.get(key, [])
@@ -85,14 +96,26 @@ class ResultsReader:
                 queues.remove(queue)
             if not queues:
                 self._streams.pop(key, None)
-            self._users[tp] = self._users.get(tp, 1) - 1
-            if self._users[tp] <= 0:
-                del self._users[tp]
-                self.positions.pop(tp, None)
-                if self._consumer is not None:
-                    self._consumer.assign(set(self._users))
-                if not self._users:
-                    self._needed.clear()
+            if tp in self._users:
+                self._users[tp] -= 1
+                if self._users[tp] <= 0:
+                    self._users[tp] = 0
+                    self._idle_since[tp] = time.monotonic()
+
+    async def _release_idle(self) -> None:
+        linger = self._app.config.stream_linger
+        now = time.monotonic()
+        idle = [tp for tp, since in self._idle_since.items() if now - since >= linger]
+        if not idle:
+            return
+        async with self._lock:
+            for tp in idle:
+                if self._users.get(tp) == 0 and tp in self._idle_since:
+                    del self._users[tp], self._idle_since[tp]
+                    self.positions.pop(tp, None)
+            self._consumer.assign(set(self._users))
+            if not self._users:
+                self._needed.clear()
 
     async def end_offset(self, tp: TopicPartition) -> int:
         """The partition's end offset now."""
@@ -105,6 +128,8 @@ class ResultsReader:
             consumer = self._consumer
             try:
                 records = await consumer.getmany(timeout=0.5)
+                if self._idle_since:
+                    await self._release_idle()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -112,10 +137,11 @@ class ResultsReader:
                 await asyncio.sleep(0.5)
                 continue
             streams = self._streams
+            positions = self.positions
             for record in records:
                 tp = record.tp
-                if tp in self.positions:
-                    self.positions[tp] = record.offset + 1
+                if tp in positions:
+                    positions[tp] = record.offset + 1
                 queues = streams.get(record.key) if record.key is not None else None
                 if queues:
                     for queue in queues:
@@ -136,6 +162,17 @@ def _started(head: StatusHead | None) -> bool:
     return head is not None and head.status != "new"
 
 
+async def _start_by_time(app: QueueTasks, reader: ResultsReader, tp: TopicPartition, task: Task) -> int:
+    """Where to read a task that never ran here (cancelled while queued, unknown) or ran on an older worker."""
+    consumer = await reader._ensure()
+    # The end is read first: if no record is as new as `since` yet, every result of this
+    # task comes after that end, even one written in between.
+    end = int((await consumer.end_offsets([tp]))[tp])
+    since = int((task.created_at - app.config.stream_clock_skew) * 1000)
+    by_time = (await consumer.offsets_for_times({tp: since})).get(tp)
+    return end if by_time is None else int(by_time)
+
+
 async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = None) -> AsyncIterator[Any]:
     """Yield the handled values of ``uuid`` (and of its retries), live, until it ends."""
     await app._connect()
@@ -153,33 +190,38 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
         return remaining
 
     while True:
-        # A task that has not run yet has no results offset: wait for its process status.
-        task = await app.view.wait_for(uuid, _started, left())
-        assert task is not None
         tp = TopicPartition(app.topics.results, partition_for(uuid, app.results_partitions))
-
-        async def start_of(consumer: Any, task: Task = task, tp: TopicPartition = tp) -> int:
-            # The end is read first: if no record is as new as `since` yet, every result
-            # of this task comes after that end, even one written in between.
-            end = int((await consumer.end_offsets([tp]))[tp])
-            since = int((task.created_at - app.config.stream_clock_skew) * 1000)
-            by_time = (await consumer.offsets_for_times({tp: since})).get(tp)
-            lower = end if by_time is None else by_time
-            return max(lower, task.results_offset or 0)
-
-        queue = await reader.open(uuid, tp, start_of)
+        # Listen from now on at once, while the worker takes the task ...
+        queue, opened_at = await reader.open(uuid, tp)
+        try:
+            # ... then learn from its process status where its results start, and go back
+            # if the worker was quicker than this reader.
+            task = await app.view.wait_for(uuid, _started, left())
+            assert task is not None
+            start = task.results_offset
+            if start is None:
+                start = await _start_by_time(app, reader, tp, task)
+            if start < opened_at:
+                await reader.rewind(tp, start)
+        except BaseException:
+            await reader.close(uuid, tp, queue)
+            raise
         ended: str | None = None
         drain_to: int | None = None
         try:
             while ended is None:
-                wait = 0.1
-                remaining = left()
-                if remaining is not None:
-                    wait = min(wait, remaining)
+                record: Record | None
                 try:
-                    record: Record | None = await asyncio.wait_for(queue.get(), wait)
-                except TimeoutError:
-                    record = None
+                    record = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    wait = 0.1
+                    remaining = left()
+                    if remaining is not None:
+                        wait = min(wait, remaining)
+                    try:
+                        record = await asyncio.wait_for(queue.get(), wait)
+                    except TimeoutError:
+                        record = None
                 if record is not None:
                     try:
                         result: ResultRecord = decode_result(record.value, limit)
