@@ -13,7 +13,7 @@ Throughput (``--rounds`` rounds, raw then qtasks, after an unmeasured warm-up of
    qtasks' TaskRecord) are pre-loaded into an input topic; a group consumer (auto-commit
    off, raw bytes) fetches a batch, decodes each task, produces its k result records
    (``{"uuid", "seq", "value"}`` keyed by uuid, partition computed once per task) with
-   the producer settings of connectors/kafka.py (acks=all, idempotent, linger_ms=5,
+   the producer settings of connectors/kafka.py (acks=all, idempotent, linger_ms as QueueConfig,
    256 KiB batches), awaits the batch's deliveries, then commits its offsets.
 2. qtasks: the same N tasks (``gen(k)``, an async generator yielding k ints) submitted
    with ``add_task`` before the worker starts, then ``app.start()`` and ``app.wait`` on
@@ -75,9 +75,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qtasks.asyncio import QueueTasks  # noqa: E402
+from qtasks.config import QueueConfig  # noqa: E402
 
 PARTITIONS = 6  # qtasks' default tasks_partitions and results_partitions; the raw topics get the same
-LINGER_MS = 5  # connectors/kafka.py's default (QueueConfig.kafka_linger_ms); --linger-ms changes both sides
+LINGER_MS = QueueConfig().kafka_linger_ms  # the default of both sides; --linger-ms changes both
 CONSUMER_SETTINGS: dict[str, Any] = dict(  # as connectors/kafka.py
     enable_auto_commit=False,
     auto_offset_reset="earliest",

@@ -21,6 +21,9 @@ class QueueConfig:
 
     #: Tasks one worker runs at once; past it the worker pauses its partitions (backpressure).
     concurrency: int = 16
+    #: Records fetched ahead of free slots (-1: as many as ``concurrency``); they start in
+    #: priority order (lower number first) as slots free up.
+    prefetch: int = -1
     #: Partitions of the tasks, results and status topics created at start.
     tasks_partitions: int = 6
     results_partitions: int = 6

@@ -21,6 +21,7 @@ stops renewing, and the next owner of the partition takes the task over (``attem
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import socket
@@ -130,6 +131,11 @@ class Worker:
         self._owned: set[TopicPartition] = set()
         self._paused = False
         self._in_flight = 0
+        #: Records fetched ahead of free slots, so a finishing task is replaced without a
+        #: fetch round trip: (priority, arrival, record decoded, record, its partition's offsets).
+        self.prefetch = app.config.prefetch if app.config.prefetch >= 0 else self.concurrency
+        self._backlog: list[tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]] = []
+        self._sequence = 0
         self._handlers: set[asyncio.Task[None]] = set()
         self._running: dict[str, TaskExecutor] = {}
         self._active: dict[str, asyncio.Task[Any]] = {}
@@ -208,23 +214,28 @@ class Worker:
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Track the new partitions; running tasks of lost ones go on, their offsets are the new owner's."""
         self._owned = set(assigned)
-        for tp in list(self._offsets):
-            if tp not in assigned:
-                del self._offsets[tp]
-        for tp in assigned:
-            self._offsets.setdefault(tp, PartitionOffsets())
+        # After a rebalance every assigned partition is read again from its committed
+        # offset: waiting records come again, and running ones too (they are then
+        # joined to the run in progress). So bookkeeping starts afresh; running tasks
+        # finish into the trackers they started with, which no longer count.
+        self._backlog = []
+        self._offsets = {tp: PartitionOffsets() for tp in assigned}
         if self._paused:
             self._consumer.pause(assigned)
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
 
     # -- loops -----------------------------------------------------------------------
 
+    @property
+    def _capacity(self) -> int:
+        """Records the worker may still take: running plus waiting stay within concurrency + prefetch."""
+        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog)
+
     async def _poll_loop(self) -> None:
         consumer = self._consumer
         while not self._stopping:
             try:
-                free = self.concurrency - self._in_flight
-                records = await consumer.getmany(timeout=0.5, max_records=max(free, 1))
+                records = await consumer.getmany(timeout=0.5, max_records=max(self._capacity, 1))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -233,29 +244,36 @@ class Worker:
                 continue
             if not records or self._stopping:
                 continue
-            decoded = [(self._decode(r), r) for r in records]
-            # Records fetched together start in priority order (lower number first).
-            decoded.sort(key=lambda pair: pair[0].priority if isinstance(pair[0], TaskRecord) else 0)
-            for rec, record in decoded:
-                self._accept(rec, record)
+            for record in records:
+                self._take(record)
+            self._fill()
+            if self._capacity <= 0 and not self._paused:
+                # Full: stop fetching, but keep polling so the group knows this worker lives.
+                self._paused = True
+                consumer.pause(self._owned)
 
-    def _decode(self, record: Record) -> TaskRecord | RecordError:
-        try:
-            return decode_task(record.value, self.app.config.max_record_bytes)
-        except RecordError as exc:
-            return exc
-
-    def _accept(self, rec: TaskRecord | RecordError, record: Record) -> None:
-        tp = record.tp
-        offsets = self._offsets.setdefault(tp, PartitionOffsets())
+    def _take(self, record: Record) -> None:
+        """Hold a fetched record in the backlog (its offset counts as unfinished from now on)."""
+        offsets = self._offsets.setdefault(record.tp, PartitionOffsets())
         offsets.start(record.offset)
-        self._in_flight += 1
-        if self._in_flight >= self.concurrency and not self._paused:
-            self._paused = True
-            self._consumer.pause(self._owned)
-        task = asyncio.get_running_loop().create_task(self._handle(rec, record, offsets))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        rec: TaskRecord | RecordError
+        try:
+            rec = decode_task(record.value, self.app.config.max_record_bytes)
+            priority = rec.priority
+        except RecordError as exc:
+            rec, priority = exc, -(2**31)  # bad records go first: they only need a dead letter
+        self._sequence += 1
+        heapq.heappush(self._backlog, (priority, self._sequence, rec, record, offsets))
+
+    def _fill(self) -> None:
+        """Start backlog records, lowest priority number first, while there is room."""
+        backlog = self._backlog
+        while backlog and self._in_flight < self.concurrency and not self._stopping:
+            _, _, rec, record, offsets = heapq.heappop(backlog)
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._handle(rec, record, offsets))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
         handed_back = False
@@ -273,9 +291,11 @@ class Worker:
             if not handed_back:
                 offsets.finish(record.offset)
             self._in_flight -= 1
-            if self._paused and self._in_flight < self.concurrency and not self._stopping:
-                self._paused = False
-                self._consumer.resume(self._owned)
+            if not self._stopping:
+                self._fill()
+                if self._paused and self._capacity > 0:
+                    self._paused = False
+                    self._consumer.resume(self._owned)
 
     async def _control_loop(self) -> None:
         limit = self.app.config.max_record_bytes

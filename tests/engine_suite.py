@@ -743,3 +743,31 @@ async def test_a_failing_worker_plugin_does_not_leave_tasks_unfinished(app: Queu
     await app.start()
     done = await app.add_task("fine", timeout=10)
     assert done is not None and (done.status, done.returning) == ("success", 3)
+
+
+async def test_waiting_tasks_start_in_priority_order(make_app: Any) -> None:
+    app = make_app(concurrency=1, prefetch=10)
+    gate = asyncio.Event()
+    order: list[int] = []
+
+    @app.task
+    async def hold() -> None:
+        await gate.wait()
+
+    @app.task
+    async def mark(i: int) -> None:
+        order.append(i)
+
+    await app.start()
+    first = await app.add_task("hold")
+    for _ in range(100):
+        current = await app.get(first.uuid)
+        if current is not None and current.status == "process":
+            break
+        await asyncio.sleep(0.02)
+    queued = [await app.add_task("mark", p, priority=p) for p in (5, 1, 3)]
+    await asyncio.sleep(0.5)  # let the worker fetch them into its backlog
+    gate.set()
+    for task in queued:
+        await app.wait(task.uuid, 10)
+    assert order == [1, 3, 5]
