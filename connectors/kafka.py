@@ -120,6 +120,9 @@ class KafkaProducer:
         # callback per record is needed.
         self._last: dict[tuple[str, int], asyncio.Future[Any]] = {}
         self._ends: dict[tuple[str, int], int] = {}
+        #: A failed delivery stays reported: every later flush raises it, so no offset is
+        #: committed past a record that was lost (the worker must be restarted).
+        self._error: BaseException | None = None
 
     async def start(self) -> None:
         """Connect."""
@@ -141,6 +144,9 @@ class KafkaProducer:
             exc = fut.exception()
             if exc is not None:
                 error = error or exc
+                if self._error is None:
+                    self._error = exc
+                    log.error("a record to %s[%d] was not delivered: %s", key[0], key[1], exc)
                 continue
             offset = fut.result().offset
             if offset >= self._ends.get(key, 0):
@@ -166,7 +172,8 @@ class KafkaProducer:
     async def flush(self) -> None:
         """Wait until every enqueued record is written; raise the first delivery error since the last flush."""
         await self._producer.flush()
-        error = self._settle()
+        self._settle()
+        error = self._error
         if error is not None:
             raise ConnectorError(f"a record was not delivered: {error}", retriable=getattr(error, "retriable", False))
 

@@ -232,15 +232,27 @@ class MemoryLog:
             group = self.groups.get(group_id)
             return group.committed.get(tp) if group else None
 
-    def commit(self, group_id: str, member_id: str, generation: int, offsets: dict[TopicPartition, int]) -> None:
-        """Store offsets for a group; refused when the member's generation is stale (like Kafka)."""
+    def commit(
+        self,
+        group_id: str,
+        member_id: str,
+        generation: int,
+        offsets: dict[TopicPartition, int],
+        held: set[TopicPartition],
+    ) -> None:
+        """Store offsets for a group, as Kafka does.
+
+        A member may commit the partitions of its current generation, and, while it has not
+        yet joined a newer one (the revoke callback of an eager rebalance), those it held
+        before. A member that left, or partitions it never held, are refused.
+        """
         with self.lock:
             group = self.groups.get(group_id)
-            if group is None or group.generation != generation or member_id not in group.members:
+            if group is None or member_id not in group.members:
                 raise CommitFailedError(
-                    f"commit refused: group {group_id!r} rebalanced; these records will be delivered again"
+                    f"commit refused: not a member of group {group_id!r}; the records will be delivered again"
                 )
-            owned = group.assignment.get(member_id, set())
+            owned = group.assignment.get(member_id, set()) if generation == group.generation else held
             for tp, offset in offsets.items():
                 if tp not in owned:
                     raise CommitFailedError(f"commit refused: {tp} is not assigned to this member")
@@ -402,6 +414,10 @@ class MemoryConsumer:
                 if records:
                     self._positions[tp] = records[-1].offset + 1
                     out.extend(records)
+                else:
+                    # Nothing at or after the position: compaction removed the offsets up to
+                    # the end. Kafka moves the position past such gaps too.
+                    self._positions[tp] = max(self._positions[tp], self._log.end_offset(tp))
             if out:
                 return out
             remaining = deadline - time.monotonic()
@@ -422,7 +438,7 @@ class MemoryConsumer:
         """Commit offsets for the group (the next offset to read, as in Kafka)."""
         if not self.group_id:
             raise ConnectorError("commit needs a consumer with a group_id")
-        self._log.commit(self.group_id, self._member_id, self._generation, offsets)
+        self._log.commit(self.group_id, self._member_id, self._generation, offsets, self._assigned)
 
     def pause(self, partitions: Iterable[TopicPartition]) -> None:
         """Stop returning records from these partitions (the group membership stays)."""

@@ -225,11 +225,11 @@ class QueueTasks:
                     except Exception as exc:
                         log.warning("ignored a status record at %s@%d: %s", record.tp, record.offset, exc)
                 if pending:
-                    if not records:
-                        # Compaction can leave the last offsets empty: an empty fetch is the end too.
-                        pending.clear()
-                    else:
-                        pending = {tp for tp in pending if positions.get(tp, -1) < ends[tp]}
+                    # Caught up when the consumer's position (which moves past offsets that
+                    # compaction removed) reaches the end seen at start.
+                    pending = {tp for tp in pending if positions.get(tp, -1) < ends[tp]}
+                    if pending and not records:
+                        pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
                     if not pending:
                         view.caught_up.set()
         finally:
@@ -238,10 +238,27 @@ class QueueTasks:
     async def _write_status(self, task: Task) -> None:
         task.rev = self.view.rev(task.uuid) + 1
         raw = encode(task)
-        self.view.apply(task, raw)
+        if len(raw) > self.config.max_record_bytes:
+            raw = self._slim(task)
         await self.broker.producer.send(
             self.topics.status, raw, key=task.uuid.encode(), partition=partition_for(task.uuid, self.status_partitions)
         )
+        # Read-your-writes: this process sees the new status at once, once it is on its way.
+        self.view.apply(task, raw)
+
+    def _slim(self, task: Task) -> bytes:
+        """Fit a status record under max_record_bytes: the arguments stay in the task record only."""
+        task.args, task.kwargs = [], {}
+        raw = encode(task)
+        if len(raw) > self.config.max_record_bytes:
+            if task.status == "success":
+                task.status = "error"
+                task.traceback = "ValueError: the task's status record is too large to store; return less"
+            task.returning = None
+            if task.traceback and len(task.traceback) > 8000:
+                task.traceback = task.traceback[-8000:]
+            raw = encode(task)
+        return raw
 
     async def _write_tombstone(self, uuid: str) -> None:
         self.view.apply_raw(uuid.encode(), None)

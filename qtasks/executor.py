@@ -192,26 +192,34 @@ class TaskExecutor:
         try:
             await self._before()
             bound = self._bind()
+            limit: asyncio.Timeout | None = None
             try:
                 if spec.max_time is not None:
-                    async with asyncio.timeout(spec.max_time):
+                    async with asyncio.timeout(spec.max_time) as limit:
                         result = await self._run(bound)
                 else:
                     result = await self._run(bound)
             except TimeoutError:
+                if limit is None or not limit.expired():
+                    raise  # the task's own TimeoutError: an ordinary error
                 if self._bridge is not None:
                     self._bridge.abandon()
-                if self._cancel_sent or self.token.is_set:
+                if self.token.is_set:
                     raise TaskCancelError(self.token.reason) from None
                 raise TaskTimeoutError(
                     f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s"
                 ) from None
-            except asyncio.CancelledError:
-                if not self._cancel_sent:
+            except asyncio.CancelledError as exc:
+                if self._cancel_sent:
+                    raise TaskCancelError(self.token.reason) from None
+                host = self._host
+                if host is not None and host.cancelling():
+                    # The worker itself is being stopped: stop the task with it.
                     if self._bridge is not None:
                         self._bridge.abandon()
                     raise
-                raise TaskCancelError(self.token.reason) from None
+                # Raised by the task's own code (a sub-task it awaited was cancelled).
+                return self._error(exc)
             finally:
                 self._in_user_code = False
                 if self._cancel_sent and self._host is not None and self._host.cancelling():
@@ -367,7 +375,7 @@ class TaskExecutor:
                     if token.is_set:
                         value = gen.throw(TaskCancelError(token.reason))
                     elif deadline is not None and time.monotonic() > deadline:
-                        value = gen.throw(_Abandoned())
+                        value = gen.throw(TaskTimeoutError(f"task {self.spec.name!r} ran longer than its max_time"))
                     else:
                         value = next(gen)
                 except StopIteration:

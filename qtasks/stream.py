@@ -50,7 +50,6 @@ class ResultsReader:
         self._streams: dict[bytes, list[asyncio.Queue[Record]]] = {}
         self._users: dict[TopicPartition, int] = {}
         self._idle_since: dict[TopicPartition, float] = {}
-        self.positions: dict[TopicPartition, int] = {}
         self._lock = asyncio.Lock()
         self._needed = asyncio.Event()
 
@@ -71,21 +70,19 @@ class ResultsReader:
             self._streams.setdefault(uuid.encode(), []).append(queue)
             if tp not in self._users:
                 end = int((await consumer.end_offsets([tp]))[tp])
+                await self._assign(set(self._users) | {tp})
                 self._users[tp] = 0
-                consumer.assign(set(self._users))
                 await consumer.seek(tp, end)
-                self.positions[tp] = end
             self._users[tp] += 1
             self._idle_since.pop(tp, None)
             self._needed.set()
-            return queue, self.positions[tp]
+            return queue, await self.position(tp)
 
     async def rewind(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` again from ``offset`` (the other streams on it drop what they already saw)."""
         async with self._lock:
-            if tp in self._users and offset < self.positions.get(tp, offset):
+            if tp in self._users and offset < await self.position(tp):
                 await self._consumer.seek(tp, offset)
-                self.positions[tp] = offset
 
     async def close(self, uuid: str, tp: TopicPartition, queue: asyncio.Queue[Record]) -> None:
         """Unregister a stream; its partition is released once no stream used it for ``stream_linger``."""
@@ -109,13 +106,25 @@ class ResultsReader:
         if not idle:
             return
         async with self._lock:
+            keep = {tp for tp in self._users if tp not in idle or self._users[tp] > 0}
+            await self._assign(keep)
             for tp in idle:
-                if self._users.get(tp) == 0 and tp in self._idle_since:
+                if tp not in keep:
                     del self._users[tp], self._idle_since[tp]
-                    self.positions.pop(tp, None)
-            self._consumer.assign(set(self._users))
             if not self._users:
                 self._needed.clear()
+
+    async def _assign(self, partitions: set[TopicPartition]) -> None:
+        # A new assignment forgets the positions of the partitions it keeps (Kafka
+        # resets them to the earliest offset): put them back.
+        kept = {tp: await self.position(tp) for tp in self._users if tp in partitions}
+        self._consumer.assign(partitions)
+        for tp, position in kept.items():
+            await self._consumer.seek(tp, position)
+
+    async def position(self, tp: TopicPartition) -> int:
+        """The next offset the reader returns from ``tp``: everything before it was handed out."""
+        return int(await self._consumer.position(tp))
 
     async def end_offset(self, tp: TopicPartition) -> int:
         """The partition's end offset now."""
@@ -128,8 +137,6 @@ class ResultsReader:
             consumer = self._consumer
             try:
                 records = await consumer.getmany(timeout=0.5)
-                if self._idle_since:
-                    await self._release_idle()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -137,15 +144,14 @@ class ResultsReader:
                 await asyncio.sleep(0.5)
                 continue
             streams = self._streams
-            positions = self.positions
             for record in records:
-                tp = record.tp
-                if tp in positions:
-                    positions[tp] = record.offset + 1
                 queues = streams.get(record.key) if record.key is not None else None
                 if queues:
                     for queue in queues:
                         queue.put_nowait(record)
+            if self._idle_since:
+                # After dispatching: a seek made meanwhile must not be undone by this batch.
+                await self._release_idle()
 
     async def stop(self) -> None:
         """Stop the consumer."""
@@ -238,7 +244,9 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
                     head = app.view.head(uuid)
                     if head is not None and head.is_finished:
                         drain_to = await reader.end_offset(tp)
-                if drain_to is not None and reader.positions.get(tp, 0) >= drain_to and queue.empty():
+                # Position first: past drain_to means every record before it was handed out
+                # (records are dispatched as soon as they are fetched); then the queue.
+                if drain_to is not None and await reader.position(tp) >= drain_to and queue.empty():
                     head = app.view.head(uuid)
                     ended = head.status if head is not None else "success"
         finally:

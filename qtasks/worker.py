@@ -286,7 +286,13 @@ class Worker:
             handed_back = True
             raise
         except Exception:
-            log.exception("worker error on %s@%d; the record is done, the worker goes on", record.tp, record.offset)
+            # Its terminal status may not be written: the offset stays uncommitted (so
+            # the partition's commits wait here) and the task runs again after a
+            # rebalance or restart. The worker goes on with other records.
+            handed_back = True
+            log.exception(
+                "could not finish %s@%d; it stays uncommitted and will be delivered again", record.tp, record.offset
+            )
         finally:
             if not handed_back:
                 offsets.finish(record.offset)
@@ -383,24 +389,41 @@ class Worker:
     # -- one task --------------------------------------------------------------------
 
     async def _run_record(self, rec: TaskRecord) -> None:
-        app = self.app
         uuid = rec.uuid
         existing = self._active.get(uuid)
         if existing is not None:
-            # Delivered again while it runs here (a rebalance gave the partition back).
+            # Delivered again while it is handled here (a rebalance gave the partition back).
             await asyncio.shield(existing)
             return
+        me = asyncio.current_task()
+        assert me is not None
+        self._active[uuid] = me
+        try:
+            await self._admit(rec)
+        finally:
+            self._active.pop(uuid, None)
+
+    async def _admit(self, rec: TaskRecord) -> None:
+        """Decide whether the record runs here, and run it."""
+        app = self.app
+        uuid = rec.uuid
         current = app.view.head(uuid)
         if current is not None and current.is_finished:
             return
-        if uuid in self._cancelled:
-            reason = self._cancelled.pop(uuid) or f"{rec.task_name}.cancel"
-            await self._finish(rec, current, "cancel", cancel_reason=reason)
+        ttl = app.config.status_ttl
+        if current is None and ttl > 0 and rec.created_at < time.time() - ttl:
+            # Every submitted task has a status, and only finished ones expire: this one
+            # ran long ago and is delivered again (its partition's commit lagged).
+            log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
             return
         if current is not None and current.status == "process" and current.worker not in (None, self.id):
             current = await self._wait_for_lease(uuid)
             if current is not None and current.is_finished:
                 return
+        if uuid in self._cancelled:
+            reason = self._cancelled.pop(uuid) or f"{rec.task_name}.cancel"
+            await self._finish(rec, current, "cancel", cancel_reason=reason)
+            return
         attempt = (current.attempt if current is not None else 0) + 1
         spec = app.registry.get(rec.task_name)
         if spec is None:
@@ -409,13 +432,7 @@ class Worker:
             await self._finish(rec, current, "error", traceback=f"{type(exc).__name__}: {exc}", attempt=attempt)
             await app.events.fire("task_error", app=app, task=app.view.get(uuid), exc=exc)
             return
-        me = asyncio.current_task()
-        assert me is not None
-        self._active[uuid] = me
-        try:
-            await self._execute(rec, spec, current, attempt)
-        finally:
-            self._active.pop(uuid, None)
+        await self._execute(rec, spec, current, attempt)
 
     async def _wait_for_lease(self, uuid: str) -> StatusHead | None:
         """Wait until the task another worker runs ends, or its lease runs out (that worker died)."""
@@ -468,17 +485,22 @@ class Worker:
             thread_pool=self._pool,
             broker=app.broker,
         )
+        # Registered until the terminal status is written: the lease is renewed (also
+        # through a retry's backoff) and a cancel request reaches it.
         self._running[uuid] = executor
         try:
+            if uuid in self._cancelled:
+                executor.cancel(self._cancelled.pop(uuid) or f"{spec.name}.cancel")
             outcome = await executor.execute()
-        except asyncio.CancelledError:
-            # The worker is stopping and its deadline passed: hand the task back (lease released).
-            self._running.pop(uuid, None)
+            await self._conclude(rec, spec, task, sink, outcome)
+        except BaseException:
+            # The worker is stopping past its deadline, or the status could not be
+            # written: hand the task back. Its lease ends now, so the partition's next
+            # owner runs it again at once (at least once).
             await self._release(uuid)
             raise
         finally:
             self._running.pop(uuid, None)
-        await self._conclude(rec, spec, task, sink, outcome)
         self.tasks_done += 1
 
     async def _trigger(self, name: str, **kwargs: Any) -> None:

@@ -771,3 +771,42 @@ async def test_waiting_tasks_start_in_priority_order(make_app: Any) -> None:
     for task in queued:
         await app.wait(task.uuid, 10)
     assert order == [1, 3, 5]
+
+
+async def test_errors_a_task_raises_itself_are_reported_as_they_are(app: QueueTasks) -> None:
+    @app.task
+    async def own_timeout() -> None:
+        raise TimeoutError("the service did not answer")
+
+    @app.task(max_time=30)
+    async def own_cancelled() -> None:
+        sub = asyncio.create_task(asyncio.sleep(10))
+        sub.cancel()
+        await sub
+
+    await app.start()
+    timed = await app.add_task("own_timeout", timeout=10)
+    assert timed is not None and timed.status == "error"
+    assert "the service did not answer" in (timed.traceback or "") and "max_time" not in (timed.traceback or "")
+    cancelled = await app.add_task("own_cancelled", timeout=10)
+    assert cancelled is not None and cancelled.status == "error" and "CancelledError" in (cancelled.traceback or "")
+    # The worker still serves, and nothing was left uncommitted behind these tasks.
+    again = await app.add_task("own_timeout", timeout=10)
+    assert again is not None and again.status == "error"
+
+
+async def test_a_status_too_large_for_one_record_keeps_its_arguments_out(make_app: Any) -> None:
+    app = make_app()
+
+    @app.task
+    async def summarize(text: str) -> str:
+        return text[:200_000]
+
+    await app.start()
+    big = "x" * 800_000
+    done = await app.add_task("summarize", big, timeout=30)
+    assert done is not None and done.status == "success" and len(done.returning) == 200_000
+    assert done.args == []  # the arguments stay in the task record; the status had no room for them
+    other = make_app(app.name)
+    seen = await other.get(done.uuid)
+    assert seen is not None and seen.status == "success"
