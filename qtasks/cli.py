@@ -84,6 +84,8 @@ async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             if args.progress:
                 rate = count / max(time.monotonic() - started, 1e-9)
                 print(f"\r  {count} values, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+        if args.progress and count:
+            print(file=sys.stderr)  # end the progress line
         final = await app.wait(task.uuid, timeout=args.timeout)
         elapsed = time.monotonic() - started
         print(f"{final.status}: {count} values in {elapsed:.2f} s (task {final.uuid})", file=sys.stderr)

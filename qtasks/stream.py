@@ -164,6 +164,11 @@ class ResultsReader:
             await consumer.stop()
 
 
+def _clear(queue: asyncio.Queue[Record]) -> None:
+    while not queue.empty():
+        queue.get_nowait()
+
+
 def _started(head: StatusHead | None) -> bool:
     return head is not None and head.status != "new"
 
@@ -214,6 +219,7 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
             raise
         ended: str | None = None
         drain_to: int | None = None
+        heals = 0
         try:
             while ended is None:
                 record: Record | None
@@ -233,6 +239,21 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
                         result: ResultRecord = decode_result(record.value, limit)
                     except RecordError:
                         continue
+                    if result.seq > next_seq and heals < 2:
+                        # Values before this one were not seen: the start was too late.
+                        # Read again from further back; what comes twice is dropped by seq.
+                        heals += 1
+                        back = await _start_by_time(app, reader, tp, task) if heals == 1 else 0
+                        log.warning(
+                            "stream of %s missed seq %d..%d; reading again from offset %d",
+                            uuid,
+                            next_seq,
+                            result.seq - 1,
+                            back,
+                        )
+                        await reader.rewind(tp, back)
+                        _clear(queue)  # all of it comes again from `back`
+                        continue
                     if result.end:
                         ended = result.status or "success"
                     elif result.seq == next_seq:
@@ -247,8 +268,23 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
                 # Position first: past drain_to means every record before it was handed out
                 # (records are dispatched as soon as they are fetched); then the queue.
                 if drain_to is not None and await reader.position(tp) >= drain_to and queue.empty():
-                    head = app.view.head(uuid)
-                    ended = head.status if head is not None else "success"
+                    final = app.view.get(uuid)
+                    if final is not None and final.yield_count > next_seq and heals < 2:
+                        # It ended with more values than this stream saw: read again.
+                        heals += 1
+                        back = await _start_by_time(app, reader, tp, task) if heals == 1 else 0
+                        log.warning(
+                            "stream of %s saw %d of %d values; reading again from offset %d",
+                            uuid,
+                            next_seq,
+                            final.yield_count,
+                            back,
+                        )
+                        await reader.rewind(tp, back)
+                        _clear(queue)  # all of it comes again from `back`
+                        drain_to = None
+                        continue
+                    ended = final.status if final is not None else "success"
         finally:
             await reader.close(uuid, tp, queue)
         head = app.view.head(uuid)

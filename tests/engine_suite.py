@@ -19,6 +19,12 @@ from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import TaskCancelError
 from qtasks.logs import Logger
 
+
+async def until_running(app: QueueTasks, uuid: str) -> None:
+    """Wait until the task's status is ``process``."""
+    await app.view.wait_for(uuid, lambda head: head is not None and head.status == "process", 20)
+
+
 # -- the main path ------------------------------------------------------------------
 
 
@@ -277,11 +283,8 @@ async def test_app_cancel_stops_a_running_task(app: QueueTasks, kind: str) -> No
 
     await app.start()
     task = await app.add_task(kind)
-    for _ in range(200):
-        current = await app.get(task.uuid)
-        if started.is_set() and current is not None and current.status == "process":
-            break
-        await asyncio.sleep(0.05)
+    await until_running(app, task.uuid)
+    assert await asyncio.to_thread(started.wait, 10)
     assert await app.cancel(task.uuid, "user said stop") is True
     done = await app.wait(task.uuid, 10)
     assert (done.status, done.cancel_reason) == ("cancel", "user said stop")
@@ -647,11 +650,7 @@ async def test_graceful_stop_lets_running_tasks_finish(app: QueueTasks) -> None:
 
     await app.start()
     task = await app.add_task("short")
-    for _ in range(100):
-        current = await app.get(task.uuid)
-        if current is not None and current.status == "process":
-            break
-        await asyncio.sleep(0.02)
+    await until_running(app, task.uuid)
     await app.stop(timeout=5)
     assert app.worker is not None and app.worker.tasks_done == 1
 
@@ -760,11 +759,7 @@ async def test_waiting_tasks_start_in_priority_order(make_app: Any) -> None:
 
     await app.start()
     first = await app.add_task("hold")
-    for _ in range(100):
-        current = await app.get(first.uuid)
-        if current is not None and current.status == "process":
-            break
-        await asyncio.sleep(0.02)
+    await until_running(app, first.uuid)
     queued = [await app.add_task("mark", p, priority=p) for p in (5, 1, 3)]
     await asyncio.sleep(0.5)  # let the worker fetch them into its backlog
     gate.set()
@@ -810,3 +805,26 @@ async def test_a_status_too_large_for_one_record_keeps_its_arguments_out(make_ap
     other = make_app(app.name)
     seen = await other.get(done.uuid)
     assert seen is not None and seen.status == "success"
+
+
+async def test_a_stream_that_starts_too_late_reads_again_and_misses_nothing(app: QueueTasks) -> None:
+    @app.task
+    async def gen(n: int):
+        for i in range(n):
+            yield i
+
+    await app.start()
+    warmup = await app.add_task("gen", 30, timeout=20)
+    assert warmup is not None and warmup.status == "success"
+    producer = app.broker.producer
+    known_end = producer.known_end
+    # A worker that records a start offset past the task's first result.
+    producer.known_end = lambda topic, partition: (known_end(topic, partition) or 0) + 3  # type: ignore[method-assign]
+    try:
+        task = await app.add_task("gen", 10)
+        assert [v async for v in app.stream(task.uuid, timeout=30)] == list(range(10))
+        done = await app.add_task("gen", 4, timeout=20)
+        assert done is not None
+        assert [v async for v in app.stream(done.uuid, timeout=30)] == [0, 1, 2, 3]
+    finally:
+        producer.known_end = known_end  # type: ignore[method-assign]
