@@ -150,3 +150,18 @@ async def test_compaction_keeps_the_last_record_per_key_and_drops_tombstones(con
 async def test_a_topic_with_the_wrong_cleanup_policy_is_an_error(conn: MemoryConnector) -> None:
     with pytest.raises(TopicConfigError, match=r"cleanup\.policy"):
         await conn.ensure_topics([TopicSpec("t", 4, compacted=True)])
+
+
+async def test_a_reader_moves_past_offsets_compaction_removed(conn: MemoryConnector) -> None:
+    await conn.producer.send("s", b"v", key=b"k", partition=0)
+    await conn.producer.send("s", None, key=b"k", partition=0)
+    conn.log.compact("s")  # delete.retention.ms is 0 here: both records go, the end stays at 2
+    consumer = conn.consumer()
+    tp = TopicPartition("s", 0)
+    consumer.assign([tp])
+    await consumer.start()
+    assert await consumer.getmany(0.05) == []
+    assert await consumer.position(tp) == 2
+    started = time.monotonic()
+    assert await consumer.getmany(0.2) == []  # waits for new records instead of spinning
+    assert time.monotonic() - started >= 0.15
