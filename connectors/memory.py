@@ -449,10 +449,6 @@ class MemoryConsumer:
         self._paused -= set(partitions)
         self.wake()
 
-    def paused(self) -> set[TopicPartition]:
-        """The paused partitions."""
-        return set(self._paused)
-
     async def position(self, tp: TopicPartition) -> int:
         """The offset of the next record this consumer will return from ``tp``."""
         return self._positions[tp]

@@ -79,7 +79,6 @@ class QueueTasks:
         self._connected = False
         self._connect_lock: asyncio.Lock | None = None
         self._tailer: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: ResultsReader | None = None
         _state.app_main = self
 
@@ -192,7 +191,6 @@ class QueueTasks:
         self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
         self.results_partitions = await self.broker.partitions_for(self.topics.results)
         self.status_partitions = await self.broker.partitions_for(self.topics.status)
-        self._loop = asyncio.get_running_loop()
         consumer = self.broker.consumer(None, client_id=f"{self.name}-status")
         await consumer.start()
         tps = [TopicPartition(self.topics.status, p) for p in range(self.status_partitions)]

@@ -4,7 +4,7 @@ Every error the engine raises derives from :class:`QTasksError`::
 
     QTasksError
     ├── ConfigError              a setting is missing or out of range
-    ├── TaskNotFoundError        no task is registered under that name
+    ├── TaskNotFoundError        no such task: a name no worker knows, or a uuid no one wrote
     ├── TaskCancelError          a task was cancelled (ctx.cancel, app.cancel)
     ├── TaskPluginTriggerError   raised by ctx.plugin_error, handled by plugins
     ├── TaskTimeoutError         a task ran past its max_time
@@ -31,7 +31,7 @@ class ConfigError(QTasksError, ValueError):
 
 
 class TaskNotFoundError(QTasksError, LookupError):
-    """No task is registered under the given name on this worker."""
+    """No such task: a name not registered on this worker, or a uuid with no status."""
 
 
 class TaskCancelError(QTasksError):

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from qtasks.connectors.base import Record, TopicPartition
-from qtasks.exc import RecordError
+from qtasks.exc import RecordError, TaskNotFoundError
 from qtasks.partitioner import partition_for
 from qtasks.records import ResultRecord, StatusHead, Task, decode_result
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from qtasks.app import QueueTasks
 
 log = logging.getLogger("qtasks.stream")
+
+#: How long a stream waits for the status of a task it does not know yet.
+_UNKNOWN_WAIT = 10.0
 
 
 class ResultsReader:
@@ -200,6 +203,13 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
             raise TimeoutError(f"stream of {uuid} did not end within {timeout} s")
         return remaining
 
+    if app.view.head(uuid) is None:
+        # Submitted elsewhere a moment ago, or no such task: wait a little, not forever.
+        wait = _UNKNOWN_WAIT if deadline is None else min(_UNKNOWN_WAIT, left() or 0.0)
+        try:
+            await app.view.wait_for(uuid, lambda head: head is not None, wait)
+        except TimeoutError:
+            raise TaskNotFoundError(f"no task {uuid} is known (waited {wait:.0f} s for its status)") from None
     while True:
         tp = TopicPartition(app.topics.results, partition_for(uuid, app.results_partitions))
         # Listen from now on at once, while the worker takes the task ...

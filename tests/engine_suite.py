@@ -828,3 +828,11 @@ async def test_a_stream_that_starts_too_late_reads_again_and_misses_nothing(app:
         assert [v async for v in app.stream(done.uuid, timeout=30)] == [0, 1, 2, 3]
     finally:
         producer.known_end = known_end  # type: ignore[method-assign]
+
+
+async def test_streaming_an_unknown_task_is_a_clear_error(app: QueueTasks) -> None:
+    from qtasks.exc import TaskNotFoundError
+
+    await app.start()
+    with pytest.raises(TaskNotFoundError, match="no task"):
+        [v async for v in app.stream("00000000-0000-0000-0000-000000000000", timeout=0.5)]
