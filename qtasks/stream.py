@@ -297,6 +297,16 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
                     ended = final.status if final is not None else "success"
         finally:
             await reader.close(uuid, tp, queue)
+        # The end marker comes just before the terminal status: wait for it, so that what
+        # `app.get` says after the stream agrees with it (a dead worker cannot hold this
+        # up for more than a lease).
+        wait = app.config.lease_timeout
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - time.monotonic()))
+        try:
+            await app.view.wait_for(uuid, lambda h: h is None or h.is_finished, wait)
+        except TimeoutError:
+            pass
         head = app.view.head(uuid)
         if ended == "retry" or (head is not None and head.status == "retry"):
             parent = await app.view.wait_for(

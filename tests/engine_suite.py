@@ -761,7 +761,13 @@ async def test_waiting_tasks_start_in_priority_order(make_app: Any) -> None:
     first = await app.add_task("hold")
     await until_running(app, first.uuid)
     queued = [await app.add_task("mark", p, priority=p) for p in (5, 1, 3)]
-    await asyncio.sleep(0.5)  # let the worker fetch them into its backlog
+    worker = app.worker
+    assert worker is not None
+    for _ in range(200):  # until the worker has fetched all three into its backlog
+        if len(worker._backlog) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert len(worker._backlog) == 3
     gate.set()
     for task in queued:
         await app.wait(task.uuid, 10)
