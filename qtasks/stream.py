@@ -167,8 +167,20 @@ class ResultsReader:
             await consumer.stop()
 
 
-def _clear(queue: asyncio.Queue[Record]) -> None:
-    while not queue.empty():
+async def _read_again(
+    app: QueueTasks,
+    reader: ResultsReader,
+    tp: TopicPartition,
+    task: Task,
+    queue: asyncio.Queue[Record],
+    attempt: int,
+    why: str,
+) -> None:
+    """Read the partition again from further back (by time, then from its start); repeats are dropped by seq."""
+    back = await _start_by_time(app, reader, tp, task) if attempt == 1 else 0
+    log.warning("stream of %s %s; reading again from offset %d", task.uuid, why, back)
+    await reader.rewind(tp, back)
+    while not queue.empty():  # all of it comes again from `back`
         queue.get_nowait()
 
 
@@ -251,18 +263,10 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
                         continue
                     if result.seq > next_seq and heals < 2:
                         # Values before this one were not seen: the start was too late.
-                        # Read again from further back; what comes twice is dropped by seq.
                         heals += 1
-                        back = await _start_by_time(app, reader, tp, task) if heals == 1 else 0
-                        log.warning(
-                            "stream of %s missed seq %d..%d; reading again from offset %d",
-                            uuid,
-                            next_seq,
-                            result.seq - 1,
-                            back,
+                        await _read_again(
+                            app, reader, tp, task, queue, heals, f"missed seq {next_seq}..{result.seq - 1}"
                         )
-                        await reader.rewind(tp, back)
-                        _clear(queue)  # all of it comes again from `back`
                         continue
                     if result.end:
                         ended = result.status or "success"
@@ -280,18 +284,11 @@ async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = 
                 if drain_to is not None and await reader.position(tp) >= drain_to and queue.empty():
                     final = app.view.get(uuid)
                     if final is not None and final.yield_count > next_seq and heals < 2:
-                        # It ended with more values than this stream saw: read again.
+                        # It ended with more values than this stream saw.
                         heals += 1
-                        back = await _start_by_time(app, reader, tp, task) if heals == 1 else 0
-                        log.warning(
-                            "stream of %s saw %d of %d values; reading again from offset %d",
-                            uuid,
-                            next_seq,
-                            final.yield_count,
-                            back,
+                        await _read_again(
+                            app, reader, tp, task, queue, heals, f"saw {next_seq} of {final.yield_count} values"
                         )
-                        await reader.rewind(tp, back)
-                        _clear(queue)  # all of it comes again from `back`
                         drain_to = None
                         continue
                     ended = final.status if final is not None else "success"
