@@ -72,7 +72,7 @@ class ResultsReader:
             queue: asyncio.Queue[Record] = asyncio.Queue()
             self._streams.setdefault(uuid.encode(), []).append(queue)
             if tp not in self._users:
-                end = int((await consumer.end_offsets([tp]))[tp])
+                end = await self.end_offset(tp)
                 await self._assign(set(self._users) | {tp})
                 self._users[tp] = 0
                 await consumer.seek(tp, end)
@@ -134,6 +134,12 @@ class ResultsReader:
         consumer = await self._ensure()
         return int((await consumer.end_offsets([tp]))[tp])
 
+    async def offset_for_time(self, tp: TopicPartition, timestamp_ms: int) -> int | None:
+        """The first offset of ``tp`` whose record is as new as ``timestamp_ms``, or None."""
+        consumer = await self._ensure()
+        found = (await consumer.offsets_for_times({tp: timestamp_ms})).get(tp)
+        return None if found is None else int(found)
+
     async def _run(self) -> None:
         while True:
             await self._needed.wait()
@@ -190,13 +196,11 @@ def _started(head: StatusHead | None) -> bool:
 
 async def _start_by_time(app: QueueTasks, reader: ResultsReader, tp: TopicPartition, task: Task) -> int:
     """Where to read a task that never ran here (cancelled while queued, unknown) or ran on an older worker."""
-    consumer = await reader._ensure()
     # The end is read first: if no record is as new as `since` yet, every result of this
     # task comes after that end, even one written in between.
-    end = int((await consumer.end_offsets([tp]))[tp])
-    since = int((task.created_at - app.config.stream_clock_skew) * 1000)
-    by_time = (await consumer.offsets_for_times({tp: since})).get(tp)
-    return end if by_time is None else int(by_time)
+    end = await reader.end_offset(tp)
+    by_time = await reader.offset_for_time(tp, int((task.created_at - app.config.stream_clock_skew) * 1000))
+    return end if by_time is None else by_time
 
 
 async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = None) -> AsyncIterator[Any]:
