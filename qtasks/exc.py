@@ -11,7 +11,9 @@ Every error the engine raises derives from :class:`QTasksError`::
     ├── RecordError              a record could not be decoded (goes to the dead-letter topic)
     └── ConnectorError           the transport failed; carries ``retriable``
         ├── TopicConfigError     a topic exists with the wrong settings
-        └── CommitFailedError    offsets could not be committed (the group rebalanced)
+        ├── CommitFailedError    offsets could not be committed (the group rebalanced)
+        ├── RecordTooLargeError  a record is over the broker's or the topic's size limit
+        └── BrokerUnavailableError  the broker cannot be reached (or does not answer) in time
 
 ``TaskCancelError`` and ``TaskPluginTriggerError`` keep QTasks' names so code written
 for QTasks catches them unchanged.
@@ -74,5 +76,17 @@ class TopicConfigError(ConnectorError):
 
 class CommitFailedError(ConnectorError):
     """Offsets were not committed because the consumer group rebalanced; the records will be seen again."""
+
+    retriable = True
+
+
+class RecordTooLargeError(ConnectorError):
+    """A record is larger than the broker or its topic accepts; it was not sent (nothing else is affected)."""
+
+    retriable = False
+
+
+class BrokerUnavailableError(ConnectorError):
+    """The broker could not be reached, or did not answer, in the time allowed."""
 
     retriable = True
