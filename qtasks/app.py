@@ -1,7 +1,8 @@
-"""The app: task registry, components and client, on one connector.
+"""The app: task registry, plugins, events and the client, over one :class:`~qtasks.core.Core`.
 
 This is the asyncio app (``qtasks.asyncio.QueueTasks``): client methods are
-coroutines. ``qtasks.QueueTasks`` is a thin blocking facade over it.
+coroutines. ``qtasks.QueueTasks`` is a thin blocking facade over it. The app holds the
+core, the worker and the results reader; none of them imports the app.
 """
 
 from __future__ import annotations
@@ -15,32 +16,22 @@ import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-import msgspec
-
 from qtasks import _state
-from qtasks.config import QueueConfig
-from qtasks.connectors import Connector, TopicPartition, TopicSpec, from_url
-from qtasks.exc import ConfigError
-from qtasks.partitioner import partition_for
+from qtasks.config import QueueConfig, validate_app_name
+from qtasks.connectors import Connector
+from qtasks.core import Core, Topics
+from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.plugins import Events, PluginManager
-from qtasks.records import ControlRecord, Task, TaskRecord, encode
+from qtasks.records import ControlRecord, Task
 from qtasks.registry import Registry, TaskSpec
 from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
+from qtasks.validate import check_submission, check_uuid
 from qtasks.worker import Worker
 
 log = logging.getLogger("qtasks.app")
 
-
-class Topics:
-    """The names of an app's topics: ``<name>.tasks``, ``.results``, ``.status``, ``.control``, ``.dlq``."""
-
-    def __init__(self, name: str) -> None:
-        self.tasks = f"{name}.tasks"
-        self.results = f"{name}.results"
-        self.status = f"{name}.status"
-        self.control = f"{name}.control"
-        self.dlq = f"{name}.dlq"
+__all__ = ["QueueTasks", "Topics"]
 
 
 class QueueTasks:
@@ -59,27 +50,17 @@ class QueueTasks:
         config: QueueConfig | None = None,
         **settings: Any,
     ) -> None:
-        if not name or any(c in name for c in "/\\ :"):
-            raise ConfigError(f"app name must be non-empty without '/', '\\\\', ':' or spaces, got {name!r}")
-        self.name = name
-        self.broker_url = broker_url or os.environ.get("QTASKS_BROKER_URL") or "memory://"
+        self.name = validate_app_name(name)
         self.config = config if config is not None else QueueConfig.from_env(**settings)
         logging.getLogger("qtasks").setLevel(self.config.log_level)
-        self.topics = Topics(name)
+        self.core = Core(name, broker_url or os.environ.get("QTASKS_BROKER_URL") or "memory://", self.config)
         self.registry = Registry()
         self.plugins = PluginManager()
         self.events = Events()
-        self.broker: Connector = from_url(self.broker_url, self.config)
         self.worker: Worker | None = None
-        self.view = StatusView(self.config.max_record_bytes)
-        self.results_partitions = self.config.results_partitions
-        self.tasks_partitions = self.config.tasks_partitions
-        self.status_partitions = self.config.status_partitions
         self._facade: Any = None
-        self._connected = False
-        self._connect_lock: asyncio.Lock | None = None
-        self._tailer: asyncio.Task[None] | None = None
         self._reader: ResultsReader | None = None
+        self._lifecycle: asyncio.Lock | None = None
         _state.app_main = self
 
     # -- registration ----------------------------------------------------------------
@@ -133,10 +114,7 @@ class QueueTasks:
 
     def use_broker(self, broker_url: str) -> None:
         """Switch to another broker URL (before the app connects)."""
-        if self._connected:
-            raise RuntimeError("use_broker must be called before the app connects")
-        self.broker_url = broker_url
-        self.broker = from_url(broker_url, self.config)
+        self.core.use_broker(broker_url)
 
     def add_plugin(self, plugin: Any, trigger_names: list[str] | None = None, component: str | None = None) -> None:
         """Add a plugin for ``trigger_names`` (None: every trigger)."""
@@ -152,176 +130,37 @@ class QueueTasks:
         """The workers' consumer group."""
         return self.config.group_id or f"{self.name}-workers"
 
-    # -- connection and the status view ----------------------------------------------
+    # -- what the parts share --------------------------------------------------------
+
+    @property
+    def broker_url(self) -> str:
+        """The connector's URL."""
+        return self.core.broker_url
+
+    @property
+    def broker(self) -> Connector:
+        """The connector in use."""
+        return self.core.broker
+
+    @property
+    def topics(self) -> Topics:
+        """The app's topic names."""
+        return self.core.topics
+
+    @property
+    def view(self) -> StatusView:
+        """This process's status view."""
+        return self.core.store.view
+
+    @property
+    def results_partitions(self) -> int:
+        """Partitions of the results topic (as found at connect)."""
+        return self.core.results_partitions
 
     async def _connect(self) -> None:
-        if self._connected:
-            return
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
-        async with self._connect_lock:
-            if self._connected:
-                return
-            await self.broker.start()
-            try:
-                await self._prepare()
-            except BaseException:
-                await self.broker.stop()
-                raise
-            self._connected = True
-
-    async def _prepare(self) -> None:
-        """Create the topics, then read the status topic into the view."""
-        config = self.config
-        await self.broker.ensure_topics(
-            [
-                TopicSpec(self.topics.tasks, config.tasks_partitions, replication_factor=config.replication_factor),
-                TopicSpec(self.topics.results, config.results_partitions, replication_factor=config.replication_factor),
-                TopicSpec(
-                    self.topics.status,
-                    config.status_partitions,
-                    compacted=True,
-                    replication_factor=config.replication_factor,
-                ),
-                TopicSpec(self.topics.control, config.control_partitions, replication_factor=config.replication_factor),
-                TopicSpec(self.topics.dlq, 1, replication_factor=config.replication_factor),
-            ]
-        )
-        # Topics that already existed keep their partition counts; use what is there.
-        self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
-        self.results_partitions = await self.broker.partitions_for(self.topics.results)
-        self.status_partitions = await self.broker.partitions_for(self.topics.status)
-        consumer = self.broker.consumer(None, client_id=f"{self.name}-status")
-        await consumer.start()
-        tps = [TopicPartition(self.topics.status, p) for p in range(self.status_partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(tps)
-        ends = await consumer.end_offsets(tps)
-        self._tailer = asyncio.get_running_loop().create_task(self._tail_status(consumer, ends))
-        await self.view.caught_up.wait()
-
-    async def _tail_status(self, consumer: Any, ends: dict[TopicPartition, int]) -> None:
-        view = self.view
-        pending = {tp for tp, end in ends.items() if end > 0}
-        positions: dict[TopicPartition, int] = {}
-        if not pending:
-            view.caught_up.set()
-        try:
-            while True:
-                try:
-                    records = await consumer.getmany(timeout=0.2 if pending else 1.0)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("status tail failed; retrying in 1 s")
-                    await asyncio.sleep(1)
-                    continue
-                for record in records:
-                    positions[record.tp] = record.offset + 1
-                    try:
-                        view.apply_raw(record.key, record.value)
-                    except Exception as exc:
-                        log.warning("ignored a status record at %s@%d: %s", record.tp, record.offset, exc)
-                if pending:
-                    # Caught up when the consumer's position (which moves past offsets that
-                    # compaction removed) reaches the end seen at start.
-                    pending = {tp for tp in pending if positions.get(tp, -1) < ends[tp]}
-                    if pending and not records:
-                        pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-                    if not pending:
-                        view.caught_up.set()
-        finally:
-            await consumer.stop()
-
-    async def _write_status(self, task: Task) -> None:
-        task.rev = self.view.rev(task.uuid) + 1
-        raw = encode(task)
-        if len(raw) > self.config.max_record_bytes:
-            raw = self._slim(task)
-        await self.broker.producer.send(
-            self.topics.status, raw, key=task.uuid.encode(), partition=partition_for(task.uuid, self.status_partitions)
-        )
-        # Read-your-writes: this process sees the new status at once, once it is on its way.
-        self.view.apply(task, raw)
-
-    def _slim(self, task: Task) -> bytes:
-        """Fit a status record under max_record_bytes: the arguments stay in the task record only."""
-        task.args, task.kwargs = [], {}
-        raw = encode(task)
-        if len(raw) > self.config.max_record_bytes:
-            if task.status == "success":
-                task.status = "error"
-                task.traceback = "ValueError: the task's status record is too large to store; return less"
-            task.returning = None
-            if task.traceback and len(task.traceback) > 8000:
-                task.traceback = task.traceback[-8000:]
-            raw = encode(task)
-        return raw
-
-    async def _write_tombstone(self, uuid: str) -> None:
-        self.view.apply_raw(uuid.encode(), None)
-        await self.broker.producer.send(
-            self.topics.status, None, key=uuid.encode(), partition=partition_for(uuid, self.status_partitions)
-        )
+        await self.core.connect()
 
     # -- client ----------------------------------------------------------------------
-
-    async def _submit(
-        self,
-        task_name: str,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        *,
-        priority: int | None = None,
-        retry: int | None = None,
-        retry_parent_uuid: str | None = None,
-        retry_count: int = 0,
-    ) -> Task:
-        await self._connect()
-        spec = self.registry.get(task_name)
-        if priority is None:
-            priority = spec.priority if spec is not None else 0
-        uuid = str(uuid_mod.uuid4())
-        now = time.time()
-        record = TaskRecord(
-            uuid=uuid,
-            task_name=task_name,
-            args=list(args),
-            kwargs=dict(kwargs),
-            priority=priority,
-            created_at=now,
-            retry=retry,
-            retry_parent_uuid=retry_parent_uuid,
-            retry_count=retry_count,
-        )
-        try:
-            raw = encode(record)
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise TypeError(f"arguments of task {task_name!r} must be JSON-encodable: {exc}") from None
-        if len(raw) > self.config.max_record_bytes:
-            raise ValueError(
-                f"task {task_name!r} is {len(raw)} bytes encoded, over max_record_bytes={self.config.max_record_bytes}"
-            )
-        task = Task(
-            uuid=uuid,
-            task_name=task_name,
-            status="new",
-            priority=priority,
-            args=record.args,
-            kwargs=record.kwargs,
-            created_at=now,
-            updated_at=now,
-            retry=retry,
-            retry_parent_uuid=retry_parent_uuid,
-            retry_count=retry_count,
-        )
-        await self._write_status(task)
-        sent = await self.broker.producer.send(
-            self.topics.tasks, raw, key=uuid.encode(), partition=partition_for(uuid, self.tasks_partitions)
-        )
-        if sent is not None:
-            await sent
-        return task
 
     async def add_task(
         self, task_name: str, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any
@@ -329,99 +168,149 @@ class QueueTasks:
         """Submit a task; with ``timeout``, wait for it to end and return the finished Task (None if time runs out).
 
         A task that is retried ends as ``retry`` and hands over to a new task
-        (``retry_child_uuid``); the wait follows that chain to its last task.
+        (``retry_child_uuid``); the wait follows that chain to its last task. With
+        ``timeout``, a broker that cannot take the task in that time raises
+        :class:`~qtasks.exc.BrokerUnavailableError`.
         """
-        task = await self._submit(task_name, args, kwargs, priority=priority)
+        check_submission(task_name, priority)
         if timeout is None:
-            return task
+            return await self._submit(task_name, args, kwargs, priority=priority)
+        deadline = time.monotonic() + timeout
         try:
-            return await self.wait(task.uuid, timeout)
+            async with asyncio.timeout(timeout):
+                task = await self._submit(task_name, args, kwargs, priority=priority)
+        except TimeoutError:
+            raise BrokerUnavailableError(f"task {task_name!r} could not be submitted within {timeout} s") from None
+        try:
+            return await self.wait(task.uuid, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             return None
 
-    async def wait(self, uuid: str, timeout: float | None = None) -> Task:
-        """Wait until a task (following its retry chain) ends; raise TimeoutError when time runs out."""
-        await self._connect()
+    async def _submit(
+        self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, priority: int | None
+    ) -> Task:
+        if priority is None:
+            spec = self.registry.get(task_name)
+            priority = spec.priority if spec is not None else 0
+        return await self.core.submit(task_name, args, kwargs, priority=priority)
+
+    async def _follow(self, uuid: str) -> Task:
+        """The task, or the last one of its retry chain that is known; TaskNotFoundError if none."""
+        task = await self.core.store.lookup(uuid)
+        if task is None:
+            raise TaskNotFoundError(f"no task {uuid} is known")
+        while task.status == "retry" and task.retry_child_uuid:
+            child = await self.core.store.lookup(task.retry_child_uuid)
+            if child is None:
+                break
+            task = child
+        return task
+
+    async def wait(self, uuid: str | uuid_mod.UUID, timeout: float | None = None) -> Task:
+        """Wait until a task (following its retry chain) ends; TimeoutError when time runs out.
+
+        An unknown uuid is a :class:`~qtasks.exc.TaskNotFoundError` at once.
+        """
+        uuid = check_uuid(uuid)
+        await self.core.connect()
         async with asyncio.timeout(timeout):
+            await self._follow(uuid)
+            view = self.core.store.view
             while True:
-                task = await self.view.wait_for(uuid, lambda t: t is not None and t.is_finished, None)
-                assert task is not None
+                task = await view.wait_for(uuid, lambda t: t is None or t.is_finished, None)
+                if task is None:
+                    raise TaskNotFoundError(f"task {uuid} expired while waiting for it")
                 if task.status == "retry" and task.retry_child_uuid:
                     uuid = task.retry_child_uuid
                     continue
                 return task
 
     async def get(self, uuid: str | uuid_mod.UUID) -> Task | None:
-        """The task's latest status, or None if no such task is known."""
-        await self._connect()
-        return self.view.get(str(uuid))
+        """The task's latest status, or None if no such task is known (after reading the log to its end)."""
+        uuid = check_uuid(uuid)
+        await self.core.connect()
+        return await self.core.store.lookup(uuid)
 
     def stream(self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """The task's handled values in order, live; ends when the task ends (follows retries)."""
-        return stream_results(self, str(uuid), timeout=timeout)
+        return stream_results(self.core, self._results_reader, check_uuid(uuid), timeout=timeout)
 
     async def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
-        """Cancel a queued or running task; False when it is unknown or already finished."""
-        await self._connect()
-        uuid = str(uuid)
-        task = self.view.get(uuid)
-        if task is None or task.is_finished:
+        """Cancel a queued or running task (or the retry it handed over to); False when it is unknown or finished."""
+        uuid = check_uuid(uuid)
+        await self.core.connect()
+        try:
+            task = await self._follow(uuid)
+        except TaskNotFoundError:
+            return False
+        if task.is_finished:
             return False
         reason = reason or f"{task.task_name}.cancel"
-        command = ControlRecord(kind="cancel", uuid=uuid, reason=reason, at=time.time())
-        partition = partition_for(uuid, self.config.control_partitions)
-        await self.broker.producer.send(self.topics.control, encode(command), key=uuid.encode(), partition=partition)
+        await self.core.send_control(ControlRecord(kind="cancel", uuid=task.uuid, reason=reason, at=time.time()))
         if task.status == "new":
-            # Queued: mark it now, the worker that takes it will skip it.
+            # Queued (or waiting out a retry's backoff): mark it now, the worker that takes it skips it.
             task.status = "cancel"
             task.cancel_reason = reason
             task.updated_at = time.time()
-            await self._write_status(task)
-        await self.broker.producer.flush()
+            await self.core.store.write(task, durable=True)
         return True
 
     # -- worker ----------------------------------------------------------------------
 
+    def _lock(self) -> asyncio.Lock:
+        if self._lifecycle is None:
+            self._lifecycle = asyncio.Lock()
+        return self._lifecycle
+
     async def start(self, concurrency: int | None = None) -> Worker:
-        """Start a worker in this program (returns once it has joined the group)."""
-        if self.worker is not None and self.worker._started:
-            return self.worker
-        await self.events.fire("starting", app=self)
-        await self.plugins.start()
-        self.worker = Worker(self, concurrency)
-        await self.worker.start()
-        return self.worker
+        """Start a worker in this program (returns once it has joined the group); a second call returns it."""
+        async with self._lock():
+            if self.worker is not None and self.worker._started:
+                return self.worker
+            await self.events.fire("starting", app=self)
+            await self.plugins.start()
+            worker = Worker(
+                self.core,
+                self.registry,
+                self.plugins,
+                self.events,
+                app=self,
+                user_app=self.user_app,
+                group_id=self.group_id,
+                concurrency=concurrency,
+            )
+            await worker.start()
+            self.worker = worker
+            await self.events.fire("worker_running", app=self, worker=worker)
+            return worker
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the worker (running tasks get ``timeout``, default ``stop_timeout``) and disconnect."""
-        await self.events.fire("stopping", app=self)
-        if self.worker is not None:
-            await self.worker.stop(timeout)
-        await self.plugins.stop()
-        await self.close()
+        async with self._lock():
+            await self.events.fire("stopping", app=self)
+            worker = self.worker
+            if worker is not None and worker._started:
+                await self.events.fire("worker_stopping", app=self, worker=worker)
+                await worker.stop(timeout)
+            await self.plugins.stop()
+            await self.close()
 
+    @property
     def _results_reader(self) -> ResultsReader:
         if self._reader is None:
-            self._reader = ResultsReader(self)
+            self._reader = ResultsReader(self.core)
         return self._reader
 
     async def close(self) -> None:
-        """Disconnect the client side (the status view, the results reader and the connector)."""
-        if self._reader is not None:
-            await self._reader.stop()
-            self._reader = None
-        if self._tailer is not None:
-            self._tailer.cancel()
-            await asyncio.gather(self._tailer, return_exceptions=True)
-            self._tailer = None
-        if self._connected:
-            await self.broker.stop()
-        self._connected = False
-        self.view = StatusView(self.config.max_record_bytes)
+        """Disconnect the client side: open streams end with an error, the status view is dropped."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.stop()
+        await self.core.close()
 
     async def serve(self, concurrency: int | None = None) -> None:
-        """Run a worker until SIGINT or SIGTERM, then stop gracefully."""
-        await self.start(concurrency)
+        """Run a worker until SIGINT or SIGTERM (or until it fails for good), then stop gracefully."""
+        worker = await self.start(concurrency)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -430,7 +319,7 @@ class QueueTasks:
             except (NotImplementedError, RuntimeError):
                 pass
         try:
-            await stop.wait()
+            await worker.supervisor.wait(stop.wait())
         finally:
             await self.stop()
 

@@ -60,6 +60,14 @@ class QueueConfig:
     #: A client keeps reading a results partition this many seconds after its last
     #: stream on it ends, so the next stream there starts at once (no lookup, no seek).
     stream_linger: float = 10.0
+    #: How often (seconds) an app checks whether its topics gained partitions.
+    metadata_refresh_interval: float = 30.0
+    #: Finished tasks whose whole status a process keeps in memory; older ones keep only
+    #: their head and are read back from the status topic when asked for.
+    status_cache_size: int = 100_000
+    #: Values a slow stream may have waiting before the reader leaves it behind (it then
+    #: reads them again from the log when it catches up): the memory bound of one stream.
+    stream_buffer: int = 10_000
     #: Log level of qtasks' loggers.
     log_level: str = "INFO"
     # Kafka client settings (see docs/kafka.md).
@@ -108,6 +116,8 @@ class QueueConfig:
             "lease_interval",
             "lease_timeout",
             "commit_interval",
+            "metadata_refresh_interval",
+            "stream_buffer",
         ]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -141,3 +151,10 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
     except ValueError:
         raise ConfigError(f"QTASKS_{name.upper()} must be a {kind}, got {raw!r}") from None
     return raw
+
+
+def validate_app_name(name: str) -> str:
+    """An app name usable in Kafka topic names; ConfigError otherwise."""
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ :"):
+        raise ConfigError(f"app name must be non-empty without '/', '\\\\', ':' or spaces, got {name!r}")
+    return name

@@ -9,6 +9,7 @@ Every error the engine raises derives from :class:`QTasksError`::
     ├── TaskPluginTriggerError   raised by ctx.plugin_error, handled by plugins
     ├── TaskTimeoutError         a task ran past its max_time
     ├── RecordError              a record could not be decoded (goes to the dead-letter topic)
+    ├── AppClosedError           the app was closed while a call (a stream) still used it
     └── ConnectorError           the transport failed; carries ``retriable``
         ├── TopicConfigError     a topic exists with the wrong settings
         ├── CommitFailedError    offsets could not be committed (the group rebalanced)
@@ -57,6 +58,10 @@ class TaskTimeoutError(QTasksError, TimeoutError):
 
 class RecordError(QTasksError, ValueError):
     """A record could not be decoded: too large, not JSON, or of the wrong shape."""
+
+
+class AppClosedError(QTasksError, RuntimeError):
+    """The app was closed (``stop``/``close``) while a stream or a call still used it."""
 
 
 class ConnectorError(QTasksError):

@@ -48,6 +48,8 @@ class TaskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     retry_parent_uuid: str | None = None
     #: How many times the chain has been retried so far (drives the backoff).
     retry_count: int = 0
+    #: Epoch seconds before which the task must not start (a retry's backoff); 0: at once.
+    not_before: float = 0.0
 
 
 class Task(msgspec.Struct, kw_only=True, omit_defaults=True):

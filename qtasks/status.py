@@ -13,7 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from qtasks.records import StatusHead, Task, decode_status, decode_status_head, head_of
+import msgspec
+
+from qtasks.records import StatusHead, Task, decode_status, decode_status_head, encode, head_of
+
+#: A traceback kept in a status record that had to be slimmed is cut to this many characters.
+SLIM_TRACEBACK = 8000
 
 
 def supersedes(current: tuple[int, bool] | None, new: tuple[int, bool]) -> bool:
@@ -30,6 +35,37 @@ def supersedes(current: tuple[int, bool] | None, new: tuple[int, bool]) -> bool:
     if cur_terminal and not new_terminal:
         return False
     return new_rev >= cur_rev
+
+
+def next_rev(held: int, status: str) -> int:
+    """The ``rev`` of a new write, given the ``rev`` this process holds for the task (-1: none).
+
+    ``new`` is always rev 0 and every later write is at least 1, so a worker that has not
+    yet seen ``new`` (its view lags) still writes ``process`` above it, and the late
+    ``new`` cannot win, before or after compaction.
+    """
+    if status == "new":
+        return 0
+    return max(held, 0) + 1
+
+
+def slim(task: Task, limit: int) -> Task:
+    """A copy of ``task`` that fits one status record of ``limit`` bytes.
+
+    The arguments go first (they stay in the task record); if that is not enough, the
+    result goes, and a ``success`` becomes an ``error`` that says so (never silent loss).
+    """
+    slimmed = msgspec.structs.replace(task, args=[], kwargs={})
+    if len(encode(slimmed)) <= limit:
+        return slimmed
+    status = task.status
+    traceback = task.traceback
+    if status == "success":
+        status = "error"
+        traceback = "ValueError: the task's status record is too large to store; return less"
+    if traceback and len(traceback) > SLIM_TRACEBACK:
+        traceback = traceback[-SLIM_TRACEBACK:]
+    return msgspec.structs.replace(slimmed, status=status, traceback=traceback, returning=None)
 
 
 class StatusView:

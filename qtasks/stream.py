@@ -1,42 +1,87 @@
 """Reading tasks' values live: ``app.stream(uuid)``.
 
-A task's results sit in one partition of the results topic (key = uuid, same
-partitioner as the writer). One :class:`ResultsReader` per app serves every open
-stream: a single consumer that assigns itself the partitions streams need and hands
-each record to the streams of its key, so opening a stream costs a seek, not a new
-connection.
+A task's results sit in one partition of the results topic: the ``results_partition``
+its ``process`` status records (computed from the uuid with the same partitioner, and
+trusted over the reader's own count when the topic grew). One :class:`ResultsReader` per
+app serves every open stream: a single consumer that assigns itself the partitions
+streams need and hands each record to the streams of its key, so opening a stream costs
+a seek, not a new connection.
 
 Where a stream starts: at the ``results_offset`` the worker recorded when the task
 started (the end of that partition as its producer knew it: at or before the task's
 first result). A stream opened before the task runs waits for that ``process`` status.
 A task that never ran has no such offset; its stream starts at the first record as new
-as the task's creation time minus ``stream_clock_skew``. Never at the start of the topic. A stream yields
-each ``seq`` once, in order: a later attempt (after a crash) or a retry task starts
-again at seq 0 and its repeats are dropped. It ends at the end marker of the final
-attempt, or when the status is terminal and the partition has been read to its end (a
-task that never ran has no marker).
+as the task's creation time minus ``stream_clock_skew``. A stream yields each ``seq`` of
+a task once, in order (a later attempt after a crash starts again at seq 0 and its
+repeats are dropped). A retry is a new task: the stream goes on with its values from
+seq 0, so the failed run's values are never spliced into the retry's. It ends at the
+end marker of the final attempt, or when the status is terminal and the partition has
+been read to its end (a task that never ran has no marker).
+
+Memory is bounded: a stream buffers at most ``stream_buffer`` records; a reader that
+falls further behind is left behind and reads the rest again from the log when it
+catches up (no value is lost, the other streams are never held up).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qtasks.connectors.base import Record, TopicPartition
-from qtasks.exc import RecordError, TaskNotFoundError
+from qtasks.core import Core
+from qtasks.exc import AppClosedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.partitioner import partition_for
 from qtasks.records import ResultRecord, StatusHead, Task, decode_result
-
-if TYPE_CHECKING:
-    from qtasks.app import QueueTasks
+from qtasks.supervise import Supervisor
 
 log = logging.getLogger("qtasks.stream")
 
-#: How long a stream waits for the status of a task it does not know yet.
-_UNKNOWN_WAIT = 10.0
+
+class StreamQueue:
+    """The records of one open stream, bounded: past ``limit`` it remembers where it fell behind."""
+
+    __slots__ = ("closed", "limit", "missed_from", "ready", "records")
+
+    def __init__(self, limit: int) -> None:
+        self.records: collections.deque[Record] = collections.deque()
+        self.limit = limit
+        #: The offset of the first record not buffered (the stream reads again from there).
+        self.missed_from: int | None = None
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    def put(self, record: Record) -> None:
+        if len(self.records) >= self.limit:
+            if self.missed_from is None:
+                self.missed_from = record.offset
+            return
+        self.records.append(record)
+        self.ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.missed_from = None
+
+    async def get(self, timeout: float) -> Record | None:
+        """The next record, or None after ``timeout`` seconds without one."""
+        if not self.records and not self.closed:
+            self.ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
+        if self.closed:
+            raise AppClosedError("the app was closed while this stream was open")
+        return self.records.popleft() if self.records else None
 
 
 class ResultsReader:
@@ -46,30 +91,30 @@ class ResultsReader:
     so the next stream on it starts from the live position with no lookup and no seek.
     """
 
-    def __init__(self, app: QueueTasks) -> None:
-        self._app = app
+    def __init__(self, core: Core) -> None:
+        self._core = core
         self._consumer: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._streams: dict[bytes, list[asyncio.Queue[Record]]] = {}
+        self._streams: dict[bytes, list[StreamQueue]] = {}
         self._users: dict[TopicPartition, int] = {}
         self._idle_since: dict[TopicPartition, float] = {}
         self._lock = asyncio.Lock()
         self._needed = asyncio.Event()
+        self._supervisor = Supervisor(f"{core.name} results reader")
 
     async def _ensure(self) -> Any:
         if self._consumer is None:
             # Streams open and seek often: short broker waits make a seek take effect fast.
-            consumer = self._app.broker.consumer(None, client_id=f"{self._app.name}-results", max_wait_ms=5)
+            consumer = self._core.broker.consumer(None, client_id=f"{self._core.name}-results", max_wait_ms=5)
             await consumer.start()
             self._consumer = consumer
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="qtasks-results")
+            self._supervisor.spawn("results", self._run)
         return self._consumer
 
-    async def open(self, uuid: str, tp: TopicPartition) -> tuple[asyncio.Queue[Record], int]:
+    async def open(self, uuid: str, tp: TopicPartition) -> tuple[StreamQueue, int]:
         """Register a stream of ``uuid`` on ``tp``, reading live from now; return its queue and start offset."""
         async with self._lock:
             consumer = await self._ensure()
-            queue: asyncio.Queue[Record] = asyncio.Queue()
+            queue = StreamQueue(self._core.config.stream_buffer)
             self._streams.setdefault(uuid.encode(), []).append(queue)
             if tp not in self._users:
                 end = await self.end_offset(tp)
@@ -87,7 +132,7 @@ class ResultsReader:
             if tp in self._users and offset < await self.position(tp):
                 await self._consumer.seek(tp, offset)
 
-    async def close(self, uuid: str, tp: TopicPartition, queue: asyncio.Queue[Record]) -> None:
+    async def close(self, uuid: str, tp: TopicPartition, queue: StreamQueue) -> None:
         """Unregister a stream; its partition is released once no stream used it for ``stream_linger``."""
         async with self._lock:
             key = uuid.encode()
@@ -97,13 +142,12 @@ class ResultsReader:
             if not queues:
                 self._streams.pop(key, None)
             if tp in self._users:
-                self._users[tp] -= 1
-                if self._users[tp] <= 0:
-                    self._users[tp] = 0
+                self._users[tp] = max(0, self._users[tp] - 1)
+                if self._users[tp] == 0:
                     self._idle_since[tp] = time.monotonic()
 
     async def _release_idle(self) -> None:
-        linger = self._app.config.stream_linger
+        linger = self._core.config.stream_linger
         now = time.monotonic()
         idle = [tp for tp, since in self._idle_since.items() if now - since >= linger]
         if not idle:
@@ -143,13 +187,11 @@ class ResultsReader:
     async def _run(self) -> None:
         while True:
             await self._needed.wait()
-            consumer = self._consumer
             try:
-                records = await consumer.getmany(timeout=0.5)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("results reader failed; retrying in 0.5 s")
+                records = await self._consumer.getmany(timeout=0.5)
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
                 await asyncio.sleep(0.5)
                 continue
             streams = self._streams
@@ -157,166 +199,164 @@ class ResultsReader:
                 queues = streams.get(record.key) if record.key is not None else None
                 if queues:
                     for queue in queues:
-                        queue.put_nowait(record)
+                        queue.put(record)
             if self._idle_since:
                 # After dispatching: a seek made meanwhile must not be undone by this batch.
                 await self._release_idle()
 
     async def stop(self) -> None:
-        """Stop the consumer."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        """Stop the consumer; every open stream ends with :class:`~qtasks.exc.AppClosedError`."""
+        await self._supervisor.stop()
+        for queues in self._streams.values():
+            for queue in queues:
+                queue.close()
+        self._streams.clear()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
 
 
-async def _read_again(
-    app: QueueTasks,
-    reader: ResultsReader,
-    tp: TopicPartition,
-    task: Task,
-    queue: asyncio.Queue[Record],
-    attempt: int,
-    why: str,
-) -> None:
-    """Read the partition again from further back (by time, then from its start); repeats are dropped by seq."""
-    back = await _start_by_time(app, reader, tp, task) if attempt == 1 else 0
-    log.warning("stream of %s %s; reading again from offset %d", task.uuid, why, back)
-    await reader.rewind(tp, back)
-    while not queue.empty():  # all of it comes again from `back`
-        queue.get_nowait()
-
-
 def _started(head: StatusHead | None) -> bool:
-    return head is not None and head.status != "new"
+    return head is None or head.status != "new"
 
 
-async def _start_by_time(app: QueueTasks, reader: ResultsReader, tp: TopicPartition, task: Task) -> int:
+async def _start_by_time(core: Core, reader: ResultsReader, tp: TopicPartition, task: Task) -> int:
     """Where to read a task that never ran here (cancelled while queued, unknown) or ran on an older worker."""
     # The end is read first: if no record is as new as `since` yet, every result of this
     # task comes after that end, even one written in between.
     end = await reader.end_offset(tp)
-    by_time = await reader.offset_for_time(tp, int((task.created_at - app.config.stream_clock_skew) * 1000))
+    by_time = await reader.offset_for_time(tp, int((task.created_at - core.config.stream_clock_skew) * 1000))
     return end if by_time is None else by_time
 
 
-async def stream_results(app: QueueTasks, uuid: str, *, timeout: float | None = None) -> AsyncIterator[Any]:
-    """Yield the handled values of ``uuid`` (and of its retries), live, until it ends."""
-    await app._connect()
-    reader = app._results_reader()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    limit = app.config.max_record_bytes
-    next_seq = 0
+class _Deadline:
+    def __init__(self, uuid: str, timeout: float | None) -> None:
+        self.uuid = uuid
+        self.timeout = timeout
+        self.at = None if timeout is None else time.monotonic() + timeout
 
-    def left() -> float | None:
-        if deadline is None:
+    def left(self) -> float | None:
+        if self.at is None:
             return None
-        remaining = deadline - time.monotonic()
+        remaining = self.at - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"stream of {uuid} did not end within {timeout} s")
+            raise TimeoutError(f"stream of {self.uuid} did not end within {self.timeout} s")
         return remaining
 
-    if app.view.head(uuid) is None:
-        # Submitted elsewhere a moment ago, or no such task: wait a little, not forever.
-        wait = _UNKNOWN_WAIT if deadline is None else min(_UNKNOWN_WAIT, left() or 0.0)
-        try:
-            await app.view.wait_for(uuid, lambda head: head is not None, wait)
-        except TimeoutError:
-            raise TaskNotFoundError(f"no task {uuid} is known (waited {wait:.0f} s for its status)") from None
+    def cap(self, seconds: float) -> float:
+        left = self.left()
+        return seconds if left is None else min(seconds, left)
+
+
+async def stream_results(
+    core: Core, reader: ResultsReader, uuid: str, *, timeout: float | None = None
+) -> AsyncIterator[Any]:
+    """Yield the handled values of ``uuid`` (and of its retries), live, until it ends."""
+    await core.connect()
+    deadline = _Deadline(uuid, timeout)
+    if await core.store.lookup(uuid) is None:
+        raise TaskNotFoundError(f"no task {uuid} is known")
     while True:
-        tp = TopicPartition(app.topics.results, partition_for(uuid, app.results_partitions))
-        # Listen from now on at once, while the worker takes the task ...
-        queue, opened_at = await reader.open(uuid, tp)
-        try:
-            # ... then learn from its process status where its results start, and go back
-            # if the worker was quicker than this reader.
-            task = await app.view.wait_for(uuid, _started, left())
-            assert task is not None
-            start = task.results_offset
-            if start is None:
-                start = await _start_by_time(app, reader, tp, task)
-            if start < opened_at:
-                await reader.rewind(tp, start)
-        except BaseException:
-            await reader.close(uuid, tp, queue)
-            raise
-        ended: str | None = None
-        drain_to: int | None = None
-        heals = 0
-        try:
-            while ended is None:
-                record: Record | None
-                try:
-                    record = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    wait = 0.1
-                    remaining = left()
-                    if remaining is not None:
-                        wait = min(wait, remaining)
-                    try:
-                        record = await asyncio.wait_for(queue.get(), wait)
-                    except TimeoutError:
-                        record = None
-                if record is not None:
-                    try:
-                        result: ResultRecord = decode_result(record.value, limit)
-                    except RecordError:
-                        continue
-                    if result.seq > next_seq and heals < 2:
-                        # Values before this one were not seen: the start was too late.
-                        heals += 1
-                        await _read_again(
-                            app, reader, tp, task, queue, heals, f"missed seq {next_seq}..{result.seq - 1}"
-                        )
-                        continue
-                    if result.end:
-                        ended = result.status or "success"
-                    elif result.seq == next_seq:
-                        next_seq += 1
-                        yield result.value
-                    continue
-                # Nothing new for a while: has the task ended without (or before) a marker?
-                if drain_to is None:
-                    head = app.view.head(uuid)
-                    if head is not None and head.is_finished:
-                        drain_to = await reader.end_offset(tp)
-                # Position first: past drain_to means every record before it was handed out
-                # (records are dispatched as soon as they are fetched); then the queue.
-                if drain_to is not None and await reader.position(tp) >= drain_to and queue.empty():
-                    final = app.view.get(uuid)
-                    if final is not None and final.yield_count > next_seq and heals < 2:
-                        # It ended with more values than this stream saw.
-                        heals += 1
-                        await _read_again(
-                            app, reader, tp, task, queue, heals, f"saw {next_seq} of {final.yield_count} values"
-                        )
-                        drain_to = None
-                        continue
-                    ended = final.status if final is not None else "success"
-        finally:
-            await reader.close(uuid, tp, queue)
+        async for value in _stream_one(core, reader, uuid, deadline):
+            yield value
         # The end marker comes just before the terminal status: wait for it, so that what
         # `app.get` says after the stream agrees with it (a dead worker cannot hold this
         # up for more than a lease).
-        wait = app.config.lease_timeout
-        if deadline is not None:
-            wait = max(0.0, min(wait, deadline - time.monotonic()))
-        try:
-            await app.view.wait_for(uuid, lambda h: h is None or h.is_finished, wait)
-        except TimeoutError:
-            pass
-        head = app.view.head(uuid)
-        if ended == "retry" or (head is not None and head.status == "retry"):
-            parent = await app.view.wait_for(
-                uuid,
-                lambda h: h is None or (h.is_finished and (h.status != "retry" or h.retry_child_uuid is not None)),
-                left(),
+        with contextlib.suppress(TimeoutError):
+            await core.view.wait_for(
+                uuid, lambda h: h is None or h.is_finished, deadline.cap(core.config.lease_timeout)
             )
-            if parent is None or parent.retry_child_uuid is None:
+        head = core.view.head(uuid)
+        if head is None or head.status != "retry":
+            return
+        parent = await core.view.wait_for(uuid, lambda h: h is None or h.retry_child_uuid is not None, deadline.left())
+        if parent is None or parent.retry_child_uuid is None:
+            return
+        uuid = parent.retry_child_uuid
+
+
+async def _open_at_start(
+    core: Core, reader: ResultsReader, uuid: str, deadline: _Deadline
+) -> tuple[TopicPartition, StreamQueue, Task]:
+    """Listen on the task's results partition and go back to where its results start."""
+    tp = TopicPartition(core.topics.results, partition_for(uuid, core.results_partitions))
+    while True:
+        # Listen from now on at once, while the worker takes the task ...
+        queue, opened_at = await reader.open(uuid, tp)
+        try:
+            # ... then learn from its process status where its results start.
+            task = await core.view.wait_for(uuid, _started, deadline.left())
+            if task is None:
+                raise TaskNotFoundError(f"task {uuid} expired")
+            if task.results_partition is not None and task.results_partition != tp.partition:
+                # The topic grew since this process counted its partitions: trust the worker.
+                await reader.close(uuid, tp, queue)
+                tp = TopicPartition(tp.topic, task.results_partition)
+                continue
+            start = task.results_offset
+            if start is None:
+                start = await _start_by_time(core, reader, tp, task)
+            if start < opened_at:
+                await reader.rewind(tp, start)
+            return tp, queue, task
+        except BaseException:
+            await reader.close(uuid, tp, queue)
+            raise
+
+
+async def _stream_one(core: Core, reader: ResultsReader, uuid: str, deadline: _Deadline) -> AsyncIterator[Any]:
+    """The values of one task of a chain, each seq once, until its end."""
+    tp, queue, task = await _open_at_start(core, reader, uuid, deadline)
+    limit = core.config.max_record_bytes
+    next_seq = 0
+    drain_to: int | None = None
+    heals = 0
+
+    async def read_again(why: str) -> None:
+        nonlocal heals
+        heals += 1
+        back = await _start_by_time(core, reader, tp, task) if heals == 1 else 0
+        log.warning("stream of %s %s; reading again from offset %d", uuid, why, back)
+        await reader.rewind(tp, back)
+        queue.clear()  # all of it comes again from `back`
+
+    try:
+        while True:
+            if queue.missed_from is not None and not queue.records:
+                # This stream fell behind its buffer: read the rest again from the log.
+                missed, queue.missed_from = queue.missed_from, None
+                await reader.rewind(tp, missed)
+            record = await queue.get(deadline.cap(0.1))
+            if record is not None:
+                try:
+                    result: ResultRecord = decode_result(record.value, limit)
+                except RecordError:
+                    continue
+                if result.seq > next_seq and heals < 2:
+                    # Values before this one were not seen: the start was too late.
+                    await read_again(f"missed seq {next_seq}..{result.seq - 1}")
+                    continue
+                if result.end:
+                    return
+                if result.seq == next_seq:
+                    next_seq += 1
+                    yield result.value
+                continue
+            # Nothing new for a while: has the task ended without (or before) a marker?
+            if drain_to is None:
+                head = core.view.head(uuid)
+                if head is not None and head.is_finished:
+                    drain_to = await reader.end_offset(tp)
+            # Position first: past drain_to means every record before it was handed out
+            # (records are dispatched as soon as they are fetched); then the queue.
+            if drain_to is not None and await reader.position(tp) >= drain_to and not queue.records:
+                if queue.missed_from is not None:
+                    continue
+                final = core.view.get(uuid)
+                if final is not None and final.yield_count > next_seq and heals < 2:
+                    await read_again(f"saw {next_seq} of {final.yield_count} values")
+                    drain_to = None
+                    continue
                 return
-            uuid = parent.retry_child_uuid
-            continue
-        return
+    finally:
+        await reader.close(uuid, tp, queue)

@@ -1,188 +1,136 @@
-"""The worker: one poll loop over the tasks topic, as a member of the consumer group.
+"""The worker: a member of the consumer group that sequences its loops; nothing else.
 
-It only sequences I/O; the decisions live elsewhere (``offsets``, ``retry``, ``status``)
-and the running of a task in ``executor``. For each record it:
+Loops (each supervised: a loop that raises is restarted, one that keeps failing stops
+the worker with a clear error):
 
-1. decodes it (a bad record goes to the dead-letter topic with the reason);
-2. skips it if the status view says the task already finished (a redelivery) or was
-   cancelled while queued, and waits if another live worker holds its lease (a rebalance
-   moved the partition while the task runs there);
-3. writes status ``process`` (attempt n, its lease), runs the task, streaming each value
-   to the results topic, then an end marker;
-4. writes the terminal status (or ``retry`` and the child task) and only then marks the
-   offset done; the committer commits the lowest unfinished offset of each partition.
+- **poll**: fetch task records into a backlog (decoded; a bad record is dead-lettered),
+  start them in priority order while slots are free, pause the partitions when full or
+  while the broker is failing, and keep polling so the group never thinks it dead;
+- **delayed**: hold records whose ``not_before`` (a retry's backoff) lies ahead, with no
+  slot, and move them to the backlog when due;
+- **control**: cancel requests; **commit**: the lowest unfinished offset of each
+  partition; **lease**: renew the leases of running tasks; **expire**: tombstones.
 
-Backpressure: when ``concurrency`` tasks run, the worker pauses its partitions but keeps
-polling, so the group never sees it as dead (``max.poll.interval.ms``), however long a
-task runs. A running task renews its lease every ``lease_interval``; a worker that dies
-stops renewing, and the next owner of the partition takes the task over (``attempt`` + 1).
+What to do with a record is decided by :func:`qtasks.decisions.admit`; one run is a
+:class:`qtasks.runner.TaskRun`. A record of a task that already runs here (a rebalance
+gave its partition back) joins that run: no second slot, its offset finishes with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import os
 import socket
 import time
+import traceback
 import uuid as uuid_mod
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
-
-import msgspec
+from typing import Any
 
 from qtasks.connectors.base import Record, TopicPartition
-from qtasks.exc import CommitFailedError, RecordError, TaskNotFoundError
-from qtasks.executor import Outcome, TaskExecutor
+from qtasks.core import Core
+from qtasks.deadletter import dead_letter
+from qtasks.decisions import admit
+from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.offsets import PartitionOffsets
-from qtasks.partitioner import partition_for
-from qtasks.records import (
-    ControlRecord,
-    DeadLetter,
-    ResultRecord,
-    Status,
-    StatusHead,
-    Task,
-    TaskRecord,
-    decode_control,
-    decode_task,
-    encode,
-)
-from qtasks.retry import backoff, should_retry
-
-if TYPE_CHECKING:
-    from qtasks.app import QueueTasks
+from qtasks.plugins import Events, PluginManager
+from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
+from qtasks.registry import Registry
+from qtasks.runner import Host, TaskRun, base_status
+from qtasks.supervise import Supervisor
 
 log = logging.getLogger("qtasks.worker")
 
-
-class _ResultSink:
-    """Writes a task's handled values as result records and keeps a bounded ``returning``."""
-
-    __slots__ = (
-        "_attempt",
-        "_bytes",
-        "_key",
-        "_max_bytes",
-        "_max_items",
-        "_partition",
-        "_send",
-        "_topic",
-        "_uuid",
-        "items",
-        "seq",
-    )
-
-    def __init__(self, app: QueueTasks, uuid: str, attempt: int, partition: int) -> None:
-        self._send = app.broker.producer.send
-        self._topic = app.topics.results
-        self._uuid = uuid
-        self._key = uuid.encode()
-        self._partition = partition
-        self._attempt = attempt
-        self.seq = 0
-        self.items: list[Any] | None = []
-        self._bytes = 0
-        self._max_items = app.config.returning_max_items
-        self._max_bytes = app.config.returning_max_bytes
-
-    async def emit(self, value: Any) -> None:
-        """One result record for one handled value."""
-        try:
-            raw = encode(ResultRecord(uuid=self._uuid, seq=self.seq, attempt=self._attempt, value=value))
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise TypeError(
-                f"the task yielded a value of type {type(value).__name__} that cannot be encoded as JSON: {exc}"
-            ) from None
-        self.seq += 1
-        items = self.items
-        if items is not None:
-            self._bytes += len(raw)
-            if len(items) >= self._max_items or self._bytes > self._max_bytes:
-                self.items = None
-            else:
-                items.append(value)
-        await self._send(self._topic, raw, key=self._key, partition=self._partition)
-
-    async def end(self, status: str) -> None:
-        """Write the end marker of this attempt and wait until it is stored.
-
-        All of a task's results go to one partition, in order, from an idempotent
-        producer: once the marker is acknowledged, every value before it is too.
-        """
-        raw = encode(ResultRecord(uuid=self._uuid, seq=self.seq, attempt=self._attempt, end=True, status=status))
-        delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
-        if delivery is not None:
-            await delivery
+#: A fetched record waiting for a slot: (priority, arrival, decoded or error, record, its partition's offsets).
+_Waiting = tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]
 
 
 class Worker:
     """Runs the app's tasks as a member of the workers' consumer group."""
 
-    def __init__(self, app: QueueTasks, concurrency: int | None = None) -> None:
-        self.app = app
-        self.concurrency = concurrency or app.config.concurrency
+    def __init__(
+        self,
+        core: Core,
+        registry: Registry,
+        plugins: PluginManager,
+        events: Events,
+        *,
+        app: Any,
+        user_app: Any,
+        group_id: str,
+        concurrency: int | None = None,
+    ) -> None:
+        config = core.config
+        self.core = core
+        self.registry = registry
+        self.group_id = group_id
+        self.concurrency = concurrency or config.concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid_mod.uuid4().hex[:6]}"
+        self.prefetch = config.prefetch if config.prefetch >= 0 else self.concurrency
+        self._pool = ThreadPoolExecutor(config.thread_pool_size, thread_name_prefix="qtasks-task")
+        self.host = Host(core, self.id, plugins, events, app, user_app, self._pool, self)
+        self.supervisor = Supervisor(f"worker {self.id}", on_fatal=self._on_fatal)
+        self.error: BaseException | None = None
+        self.tasks_done = 0
         self._consumer: Any = None
         self._control: Any = None
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._owned: set[TopicPartition] = set()
         self._paused = False
         self._in_flight = 0
-        #: Records fetched ahead of free slots, so a finishing task is replaced without a
-        #: fetch round trip: (priority, arrival, record decoded, record, its partition's offsets).
-        self.prefetch = app.config.prefetch if app.config.prefetch >= 0 else self.concurrency
-        self._backlog: list[tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]] = []
+        self._backlog: list[_Waiting] = []
+        self._delayed: list[tuple[float, int, TaskRecord, Record, PartitionOffsets]] = []
+        self._delay_changed = asyncio.Event()
         self._sequence = 0
         self._handlers: set[asyncio.Task[None]] = set()
-        self._running: dict[str, TaskExecutor] = {}
-        self._active: dict[str, asyncio.Task[Any]] = {}
+        self._running: dict[str, TaskRun] = {}
+        #: uuid -> offsets of records that joined the run of that uuid here.
+        self._active: dict[str, list[tuple[PartitionOffsets, int]]] = {}
         self._cancelled: OrderedDict[str, str] = OrderedDict()
-        self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._started = False
-        self._room = asyncio.Event()
-        self._pool = ThreadPoolExecutor(app.config.thread_pool_size, thread_name_prefix="qtasks-task")
-        self.tasks_done = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Join the group and start the loops (poll, control, commit, lease, expiry)."""
-        app = self.app
-        await app._connect()
-        connector = app.broker
-        self._consumer = connector.consumer(app.group_id, client_id=self.id)
-        self._consumer.subscribe([app.topics.tasks], self)
-        await self._consumer.start()
+        """Join the group and start the loops."""
+        core = self.core
+        await core.connect()
+        connector = core.broker
         self._control = connector.consumer(None, client_id=f"{self.id}-control")
         await self._control.start()
-        control_tps = [TopicPartition(app.topics.control, p) for p in range(app.config.control_partitions)]
+        control_tps = [TopicPartition(core.topics.control, p) for p in range(core.config.control_partitions)]
         self._control.assign(control_tps)
         await self._control.seek_to_end(control_tps)
+        self._consumer = connector.consumer(self.group_id, client_id=self.id)
+        self._consumer.subscribe([core.topics.tasks], self)
+        await self._consumer.start()
         self._started = True
-        loop = asyncio.get_running_loop()
-        self._loops = [
-            loop.create_task(self._poll_loop(), name="qtasks-poll"),
-            loop.create_task(self._control_loop(), name="qtasks-control"),
-            loop.create_task(self._commit_loop(), name="qtasks-commit"),
-            loop.create_task(self._lease_loop(), name="qtasks-lease"),
-        ]
-        if app.config.status_ttl > 0:
-            self._loops.append(loop.create_task(self._expire_loop(), name="qtasks-expire"))
-        log.info("worker %s running tasks %s (concurrency %d)", self.id, app.registry.names(), self.concurrency)
-        await app.events.fire("worker_running", app=app, worker=self)
+        spawn = self.supervisor.spawn
+        spawn("poll", self._poll_loop)
+        spawn("delayed", self._delay_loop)
+        spawn("control", self._control_loop)
+        spawn("commit", self._commit_loop)
+        spawn("lease", self._lease_loop)
+        if core.config.status_ttl > 0:
+            spawn("expire", self._expire_loop)
+        log.info("worker %s running tasks %s (concurrency %d)", self.id, self.registry.names(), self.concurrency)
+
+    def _on_fatal(self, error: BaseException) -> None:
+        self.error = error
+        log.critical("worker %s stops: %s", self.id, error)
+        asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop taking tasks, let running ones finish within ``timeout``, cancel the rest, commit, leave."""
-        if not self._started:
+        """Stop taking tasks, let running ones finish within ``timeout``, hand back the rest, commit, leave."""
+        if not self._started or self._stopping:
             return
-        app = self.app
-        await app.events.fire("worker_stopping", app=app, worker=self)
         self._stopping = True
-        timeout = app.config.stop_timeout if timeout is None else timeout
+        timeout = self.core.config.stop_timeout if timeout is None else timeout
         if self._handlers:
             _, pending = await asyncio.wait(set(self._handlers), timeout=timeout)
             if pending:
@@ -190,13 +138,11 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=5)
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.supervisor.stop()
         try:
             await self._commit()
-        except Exception:
-            log.exception("final commit failed; the uncommitted records will be delivered again")
+        except ConnectorError as exc:
+            log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
         await self._consumer.stop()
         await self._control.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -208,23 +154,21 @@ class Worker:
         """Commit what is done before the partitions go (eager rebalance)."""
         try:
             await self._commit()
-        except Exception as exc:
-            log.warning("commit before rebalance failed: %s", exc)
+        except ConnectorError as exc:
+            log.info("commit before rebalance failed: %s", exc)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Track the new partitions; running tasks of lost ones go on, their offsets are the new owner's."""
+        """Start the bookkeeping afresh: every assigned partition is read again from its committed offset."""
         self._owned = set(assigned)
-        # After a rebalance every assigned partition is read again from its committed
-        # offset: waiting records come again, and running ones too (they are then
-        # joined to the run in progress). So bookkeeping starts afresh; running tasks
-        # finish into the trackers they started with, which no longer count.
+        # Waiting and delayed records come again; records of runs in progress here join them.
         self._backlog = []
+        self._delayed = []
         self._offsets = {tp: PartitionOffsets() for tp in assigned}
         if self._paused:
             self._consumer.pause(assigned)
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
 
-    # -- loops -----------------------------------------------------------------------
+    # -- the poll loop ---------------------------------------------------------------
 
     @property
     def _capacity(self) -> int:
@@ -234,85 +178,206 @@ class Worker:
     async def _poll_loop(self) -> None:
         consumer = self._consumer
         while not self._stopping:
+            # Full, or the broker is failing (status writes wait): take nothing new, keep polling.
+            self._set_paused(self._capacity <= 0 or bool(self.core.trouble))
             try:
                 records = await consumer.getmany(timeout=0.5, max_records=max(self._capacity, 1))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("poll failed; retrying in 1 s")
-                await asyncio.sleep(1)
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                await asyncio.sleep(0.5)
                 continue
-            if not records or self._stopping:
-                continue
+            if self._stopping:
+                return
             for record in records:
                 self._take(record)
             self._fill()
-            if self._capacity <= 0 and not self._paused:
-                # Full: stop fetching, but keep polling so the group knows this worker lives.
-                self._paused = True
-                consumer.pause(self._owned)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self._paused:
+            self._paused = paused
+            (self._consumer.pause if paused else self._consumer.resume)(self._owned)
 
     def _take(self, record: Record) -> None:
-        """Hold a fetched record in the backlog (its offset counts as unfinished from now on)."""
+        """Hold a fetched record (its offset counts as unfinished from now on)."""
         offsets = self._offsets.setdefault(record.tp, PartitionOffsets())
         offsets.start(record.offset)
         rec: TaskRecord | RecordError
         try:
-            rec = decode_task(record.value, self.app.config.max_record_bytes)
-            priority = rec.priority
+            rec = decode_task(record.value, self.core.record_limit(self.core.topics.tasks))
         except RecordError as exc:
-            rec, priority = exc, -(2**31)  # bad records go first: they only need a dead letter
+            rec = exc
+        except Exception as exc:  # a decoder bug must not stop the loop: the record is bad input
+            rec = RecordError(f"task record could not be decoded: {type(exc).__name__}: {exc}")
         self._sequence += 1
-        heapq.heappush(self._backlog, (priority, self._sequence, rec, record, offsets))
+        if isinstance(rec, RecordError):
+            heapq.heappush(self._backlog, (-(2**31), self._sequence, rec, record, offsets))
+        elif (joined := self._active.get(rec.uuid)) is not None:
+            joined.append((offsets, record.offset))  # runs here already (a rebalance gave it back)
+        elif rec.not_before > time.time():
+            heapq.heappush(self._delayed, (rec.not_before, self._sequence, rec, record, offsets))
+            self._delay_changed.set()
+        else:
+            heapq.heappush(self._backlog, (rec.priority, self._sequence, rec, record, offsets))
 
     def _fill(self) -> None:
         """Start backlog records, lowest priority number first, while there is room."""
         backlog = self._backlog
         while backlog and self._in_flight < self.concurrency and not self._stopping:
             _, _, rec, record, offsets = heapq.heappop(backlog)
+            if isinstance(rec, TaskRecord):
+                if (joined := self._active.get(rec.uuid)) is not None:
+                    joined.append((offsets, record.offset))
+                    continue
+                self._active[rec.uuid] = []
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._handle(rec, record, offsets))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
 
+    async def _delay_loop(self) -> None:
+        while True:
+            self._delay_changed.clear()
+            now = time.time()
+            while self._delayed and self._delayed[0][0] <= now:
+                _, sequence, rec, record, offsets = heapq.heappop(self._delayed)
+                heapq.heappush(self._backlog, (rec.priority, sequence, rec, record, offsets))
+            self._fill()
+            wait = self._delayed[0][0] - now if self._delayed else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._delay_changed.wait()
+
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
-        handed_back = False
+        finished = False
         try:
             if isinstance(rec, RecordError):
-                await self._dead_letter(record, str(rec))
+                await dead_letter(self.core, record, str(rec), self.id)
             else:
                 await self._run_record(rec)
+            finished = True
         except asyncio.CancelledError:
-            handed_back = True
-            raise
-        except Exception:
-            # Its terminal status may not be written: the offset stays uncommitted (so
-            # the partition's commits wait here) and the task runs again after a
-            # rebalance or restart. The worker goes on with other records.
-            handed_back = True
-            log.exception(
-                "could not finish %s@%d; it stays uncommitted and will be delivered again", record.tp, record.offset
-            )
+            raise  # handed back: the worker stops past its deadline
+        except Exception as exc:
+            finished = await self._last_resort(rec, record, exc)
         finally:
-            if not handed_back:
+            joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
+            if finished:
                 offsets.finish(record.offset)
+                for other, offset in joined:
+                    other.finish(offset)
             self._in_flight -= 1
             if not self._stopping:
                 self._fill()
-                if self._paused and self._capacity > 0:
-                    self._paused = False
-                    self._consumer.resume(self._owned)
+
+    async def _last_resort(self, rec: TaskRecord | RecordError, record: Record, exc: Exception) -> bool:
+        """Something failed outside the task (a bug, or a write refused for good): end the task as error."""
+        log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
+        if not isinstance(rec, TaskRecord):
+            return False
+        text = "".join(traceback.format_exception(exc))[-8000:]
+        task = base_status(rec, self.core.view.head(rec.uuid), self.id)
+        task.status = "error"
+        task.traceback = f"the worker could not finish this task:\n{text}"
+        try:
+            await self.core.store.write(task, durable=True)
+        except ConnectorError as again:
+            # Not even the error could be written: the offset stays uncommitted, so the
+            # record is delivered again after a restart or rebalance (at least once).
+            log.error("could not write the error status of %s: %s", rec.uuid, again)
+            return False
+        return True
+
+    # -- one record ------------------------------------------------------------------
+
+    async def _run_record(self, rec: TaskRecord) -> None:
+        core = self.core
+        uuid = rec.uuid
+        while True:
+            head = core.view.head(uuid)
+            if head is None:
+                await core.store.catch_up(uuid, timeout=2.0)  # the view may lag behind the submit
+                head = core.view.head(uuid)
+            spec = self.registry.get(rec.task_name)
+            decision = admit(
+                head,
+                rec,
+                now=time.time(),
+                ttl=core.config.status_ttl,
+                me=self.id,
+                cancelled=uuid in self._cancelled,
+                known=spec is not None,
+            )
+            if decision.action != "wait":
+                break
+            await self._wait_for_lease(uuid, head)
+        action = decision.action
+        if action == "expired":
+            log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
+        elif action == "cancel":
+            reason = self._cancelled.pop(uuid, "") or f"{rec.task_name}.cancel"
+            await self._finish(rec, head, "cancel", cancel_reason=reason)
+        elif action == "unknown":
+            known = ", ".join(self.registry.names()) or "none"
+            exc = TaskNotFoundError(f"unknown task {rec.task_name!r}: this worker knows {known}")
+            task = await self._finish(
+                rec, head, "error", traceback=f"TaskNotFoundError: {exc}", attempt=decision.attempt
+            )
+            await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc)
+        elif action == "run":
+            assert spec is not None
+            await self._run(TaskRun(self.host, rec, spec, head, decision.attempt))
+
+    async def _run(self, run: TaskRun) -> None:
+        uuid = run.rec.uuid
+        # Registered until the terminal status is written: the lease is renewed, a cancel reaches it.
+        self._running[uuid] = run
+        try:
+            if uuid in self._cancelled:
+                run.executor.cancel(self._cancelled.pop(uuid) or f"{run.spec.name}.cancel")
+            await run.run()
+        except BaseException:
+            await run.release()
+            raise
+        finally:
+            self._running.pop(uuid, None)
+        self.tasks_done += 1
+
+    async def _wait_for_lease(self, uuid: str, head: StatusHead | None) -> None:
+        """Wait until another worker's run ends or its lease changes or runs out."""
+        if head is None:
+            return
+        lease = head.lease_until
+
+        def changed(h: StatusHead | None) -> bool:
+            return h is None or h.is_finished or h.lease_until != lease
+
+        with contextlib.suppress(TimeoutError):
+            await self.core.view.wait_for(uuid, changed, max(0.0, lease - time.time()) + 0.01)
+        if (now := self.core.view.head(uuid)) is not None and now.lease_until == lease and lease <= time.time():
+            log.info("taking over %s from %s (lease expired)", uuid, head.worker)
+
+    async def _finish(self, rec: TaskRecord, head: StatusHead | None, status: str, **fields: Any) -> Any:
+        task = base_status(rec, head, self.id)
+        task.status = status  # type: ignore[assignment]
+        for name, value in fields.items():
+            setattr(task, name, value)
+        written = await self.core.store.write(task, durable=True)
+        if status == "cancel":
+            await self.host.events.fire("task_cancel", app=self.host.app, task=written, worker=self)
+        return written
+
+    # -- the other loops -------------------------------------------------------------
 
     async def _control_loop(self) -> None:
-        limit = self.app.config.max_record_bytes
+        limit = self.core.config.max_record_bytes
         while True:
             try:
                 records = await self._control.getmany(timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("control poll failed; retrying in 1 s")
-                await asyncio.sleep(1)
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                await asyncio.sleep(0.5)
                 continue
             for record in records:
                 try:
@@ -325,353 +390,54 @@ class Worker:
     def _on_control(self, command: ControlRecord) -> None:
         if command.kind != "cancel":
             return
-        executor = self._running.get(command.uuid)
-        if executor is not None:
-            executor.cancel(command.reason or f"{executor.spec.name}.cancel")
+        run = self._running.get(command.uuid)
+        if run is not None:
+            run.executor.cancel(command.reason or f"{run.spec.name}.cancel")
             return
         self._cancelled[command.uuid] = command.reason
         while len(self._cancelled) > 10_000:
             self._cancelled.popitem(last=False)
 
     async def _commit_loop(self) -> None:
-        interval = self.app.config.commit_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.core.config.commit_interval)
             try:
                 await self._commit()
             except CommitFailedError as exc:
                 log.info("%s", exc)
-            except Exception:
-                log.exception("commit failed; will try again")
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
 
     async def _commit(self) -> None:
+        """Commit the lowest unfinished offset of each owned partition.
+
+        A finished offset's records are stored already (terminal statuses and end markers
+        are written durably), so no flush is needed first.
+        """
         offsets = {}
         for tp, tracker in self._offsets.items():
-            if tp in self._owned:
-                target = tracker.committable()
-                if target is not None:
-                    offsets[tp] = target
+            if tp in self._owned and (target := tracker.committable()) is not None:
+                offsets[tp] = target
         if not offsets:
             return
-        # Everything a finished task wrote must be durable before its offset is committed.
-        await self.app.broker.producer.flush()
         await self._consumer.commit(offsets)
         for tp, offset in offsets.items():
             if (kept := self._offsets.get(tp)) is not None:
                 kept.committed(offset)
 
     async def _lease_loop(self) -> None:
-        config = self.app.config
         while True:
-            await asyncio.sleep(config.lease_interval)
-            for uuid, executor in list(self._running.items()):
-                current = self.app.view.get(uuid)
-                if current is None or current.is_finished or current.worker != self.id:
+            await asyncio.sleep(self.core.config.lease_interval)
+            for uuid, run in list(self._running.items()):
+                head = self.core.view.head(uuid)
+                if head is None or head.is_finished or head.worker != self.id:
                     continue
-                current.lease_until = time.time() + config.lease_timeout
-                current.yield_count = executor.yield_count
-                current.updated_at = time.time()
-                try:
-                    await self.app._write_status(current)
-                except Exception:
-                    log.exception("lease renewal of %s failed", uuid)
+                await run.renew()
 
     async def _expire_loop(self) -> None:
-        ttl = self.app.config.status_ttl
+        ttl = self.core.config.status_ttl
         while True:
             await asyncio.sleep(min(ttl / 4, 60.0))
-            for uuid in list(self.app.view.expired(time.time() - ttl)):
-                try:
-                    await self.app._write_tombstone(uuid)
-                except Exception:
-                    log.exception("expiring %s failed", uuid)
-
-    # -- one task --------------------------------------------------------------------
-
-    async def _run_record(self, rec: TaskRecord) -> None:
-        uuid = rec.uuid
-        existing = self._active.get(uuid)
-        if existing is not None:
-            # Delivered again while it is handled here (a rebalance gave the partition back).
-            await asyncio.shield(existing)
-            return
-        me = asyncio.current_task()
-        assert me is not None
-        self._active[uuid] = me
-        try:
-            await self._admit(rec)
-        finally:
-            self._active.pop(uuid, None)
-
-    async def _admit(self, rec: TaskRecord) -> None:
-        """Decide whether the record runs here, and run it."""
-        app = self.app
-        uuid = rec.uuid
-        current = app.view.head(uuid)
-        if current is not None and current.is_finished:
-            return
-        ttl = app.config.status_ttl
-        if current is None and ttl > 0 and rec.created_at < time.time() - ttl:
-            # Every submitted task has a status, and only finished ones expire: this one
-            # ran long ago and is delivered again (its partition's commit lagged).
-            log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
-            return
-        if current is not None and current.status == "process" and current.worker not in (None, self.id):
-            current = await self._wait_for_lease(uuid)
-            if current is not None and current.is_finished:
-                return
-        if uuid in self._cancelled:
-            reason = self._cancelled.pop(uuid) or f"{rec.task_name}.cancel"
-            await self._finish(rec, current, "cancel", cancel_reason=reason)
-            return
-        attempt = (current.attempt if current is not None else 0) + 1
-        spec = app.registry.get(rec.task_name)
-        if spec is None:
-            known = ", ".join(app.registry.names()) or "none"
-            exc = TaskNotFoundError(f"unknown task {rec.task_name!r}: this worker knows {known}")
-            await self._finish(rec, current, "error", traceback=f"{type(exc).__name__}: {exc}", attempt=attempt)
-            await app.events.fire("task_error", app=app, task=app.view.get(uuid), exc=exc)
-            return
-        await self._execute(rec, spec, current, attempt)
-
-    async def _wait_for_lease(self, uuid: str) -> StatusHead | None:
-        """Wait until the task another worker runs ends, or its lease runs out (that worker died)."""
-        view = self.app.view
-        while True:
-            current = view.head(uuid)
-            if current is None or current.is_finished or current.status != "process":
-                return current
-            left = current.lease_until - time.time()
-            if left <= 0 or current.worker == self.id:
-                log.info("taking over %s from %s (lease expired)", uuid, current.worker)
-                return current
-            lease = current.lease_until
-
-            def changed(t: StatusHead | None, lease: float = lease) -> bool:
-                return t is None or t.is_finished or t.lease_until != lease
-
-            try:
-                await view.wait_for(uuid, changed, left)
-            except TimeoutError:
-                pass
-
-    async def _execute(self, rec: TaskRecord, spec: Any, current: StatusHead | None, attempt: int) -> None:
-        app = self.app
-        uuid = rec.uuid
-        config = app.config
-        partition = partition_for(uuid, app.results_partitions)
-        task = self._base(rec, current)
-        task.status = "process"
-        task.attempt = attempt
-        task.worker = self.id
-        task.lease_until = time.time() + config.lease_timeout
-        task.results_partition = partition
-        # Every result of this run lands after this offset: a reader starts here.
-        task.results_offset = app.broker.producer.known_end(app.topics.results, partition)
-        task.updated_at = time.time()
-        await app._write_status(task)
-        await self._trigger("worker_execute_before", task=task)
-        await app.events.fire("task_running", app=app, task=task, worker=self)
-        sink = _ResultSink(app, uuid, attempt, partition)
-        executor_cls = spec.executor or TaskExecutor
-        executor: TaskExecutor = executor_cls(
-            spec,
-            uuid=uuid,
-            args=rec.args,
-            kwargs=rec.kwargs,
-            sink=sink,
-            app=app.user_app,
-            plugins=app.plugins,
-            thread_pool=self._pool,
-            broker=app.broker,
-        )
-        # Registered until the terminal status is written: the lease is renewed (also
-        # through a retry's backoff) and a cancel request reaches it.
-        self._running[uuid] = executor
-        try:
-            if uuid in self._cancelled:
-                executor.cancel(self._cancelled.pop(uuid) or f"{spec.name}.cancel")
-            outcome = await executor.execute()
-            await self._conclude(rec, spec, task, sink, outcome)
-        except BaseException:
-            # The worker is stopping past its deadline, or the status could not be
-            # written: hand the task back. Its lease ends now, so the partition's next
-            # owner runs it again at once (at least once).
-            await self._release(uuid)
-            raise
-        finally:
-            self._running.pop(uuid, None)
-        self.tasks_done += 1
-
-    async def _trigger(self, name: str, **kwargs: Any) -> None:
-        """Fire a worker trigger; a failing plugin is logged and never leaves a task unfinished."""
-        if len(self.app.plugins):
-            try:
-                await self.app.plugins.trigger(name, worker=self, **kwargs)
-            except Exception:
-                log.exception("plugin trigger %s failed", name)
-
-    def _checked(self, spec: Any, outcome: Outcome) -> Outcome:
-        """A result that cannot be stored (not JSON, or too large for a status record) is an error."""
-        if outcome.status != "success" or spec.is_generator:
-            return outcome
-        try:
-            size = len(encode(outcome.returning))
-        except (TypeError, msgspec.EncodeError) as exc:
-            problem = f"the result of task {spec.name!r} cannot be encoded as JSON: {exc}"
-        else:
-            limit = self.app.config.returning_max_bytes
-            if size <= limit:
-                return outcome
-            problem = f"the result of task {spec.name!r} is {size} bytes encoded, over returning_max_bytes={limit}"
-        error = TypeError(problem)
-        return Outcome("error", exc=error, traceback=f"TypeError: {problem}", yield_count=outcome.yield_count)
-
-    async def _conclude(self, rec: TaskRecord, spec: Any, task: Task, sink: _ResultSink, outcome: Outcome) -> None:
-        app = self.app
-        outcome = self._checked(spec, outcome)
-        retries_left = rec.retry if rec.retry is not None else (spec.retry or 0)
-        retrying = (
-            outcome.status == "error"
-            and outcome.exc is not None
-            and should_retry(outcome.exc, retries_left, spec.retry_on_exc)
-        )
-        final_status: Status = "retry" if retrying else outcome.status
-        if spec.is_generator:
-            returning: Any = sink.items if sink.items is not None else sink.seq
-            truncated = sink.items is None
-        else:
-            returning, truncated = outcome.returning, False
-        if outcome.status != "success":
-            returning = returning if spec.is_generator else None
-        if sink.seq or spec.is_generator:
-            # Results are durable before the status says the task ended, so a reader who
-            # sees the terminal status can read every value.
-            await sink.end(final_status)
-        task.yield_count = sink.seq
-        task.returning = returning
-        task.returning_truncated = truncated
-        task.traceback = outcome.traceback
-        task.cancel_reason = outcome.cancel_reason
-        task.lease_until = 0.0
-        if retrying:
-            delay = backoff(rec.retry_count, app.config.retry_backoff_base, app.config.retry_backoff_max)
-            await asyncio.sleep(0 if self._stopping else delay)
-            child = await app._submit(
-                rec.task_name,
-                rec.args,
-                rec.kwargs,
-                priority=rec.priority,
-                retry=retries_left - 1,
-                retry_parent_uuid=rec.uuid,
-                retry_count=rec.retry_count + 1,
-            )
-            task.retry_child_uuid = child.uuid
-            task.retry = retries_left
-        task.status = final_status
-        task.updated_at = time.time()
-        await app._write_status(task)
-        await self._trigger("worker_execute_after", task=task)
-        event = {"success": "task_success", "error": "task_error", "cancel": "task_cancel"}.get(final_status)
-        if event:
-            await app.events.fire(event, app=app, task=task, exc=outcome.exc, worker=self)
-        await app.events.fire("task_stopping", app=app, task=task, worker=self)
-
-    def _base(self, rec: TaskRecord, current: StatusHead | None) -> Task:
-        now = time.time()
-        return Task(
-            uuid=rec.uuid,
-            task_name=rec.task_name,
-            status="new",
-            priority=rec.priority,
-            args=rec.args,
-            kwargs=rec.kwargs,
-            created_at=rec.created_at,
-            updated_at=now,
-            retry=rec.retry,
-            retry_parent_uuid=rec.retry_parent_uuid,
-            retry_count=rec.retry_count,
-            attempt=current.attempt if current is not None else 0,
-        )
-
-    async def _finish(
-        self,
-        rec: TaskRecord,
-        current: StatusHead | None,
-        status: str,
-        *,
-        traceback: str | None = None,
-        cancel_reason: str | None = None,
-        attempt: int | None = None,
-    ) -> None:
-        task = self._base(rec, current)
-        task.status = status  # type: ignore[assignment]
-        task.traceback = traceback
-        task.cancel_reason = cancel_reason
-        if attempt is not None:
-            task.attempt = attempt
-        task.worker = self.id
-        await self.app._write_status(task)
-        if status == "cancel":
-            await self.app.events.fire("task_cancel", app=self.app, task=task, worker=self)
-
-    async def _release(self, uuid: str) -> None:
-        """Give up a task this worker will not finish: the lease ends now so another worker takes it at once."""
-        current = self.app.view.get(uuid)
-        if current is None or current.is_finished:
-            return
-        current.lease_until = 0.0
-        current.updated_at = time.time()
-        try:
-            await self.app._write_status(current)
-            await self.app.broker.producer.flush()
-        except Exception:
-            log.exception("could not release %s", uuid)
-
-    async def _dead_letter(self, record: Record, reason: str) -> None:
-        app = self.app
-        limit = app.config.max_record_bytes
-        value = record.value
-        if value is not None and len(value) > limit // 2:
-            reason = f"{reason} (value cut to its first {limit // 2} bytes here)"
-            value = value[: limit // 2]
-        letter = DeadLetter(
-            reason=reason,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            value=value,
-            at=time.time(),
-        )
-        key = record.key or f"{record.topic}:{record.partition}:{record.offset}".encode()
-        await app.broker.producer.send(app.topics.dlq, encode(letter), key=key, partition=0)
-        log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
-        uuid, task_name = self._identify(record.value, limit)
-        current = app.view.head(uuid) if uuid is not None else None
-        if uuid is not None and (current is None or not current.is_finished):
-            now = time.time()
-            task = Task(
-                uuid=uuid,
-                task_name=task_name,
-                status="error",
-                created_at=now,
-                updated_at=now,
-                traceback=f"RecordError: {reason}",
-                worker=self.id,
-            )
-            await app._write_status(task)
-
-    @staticmethod
-    def _identify(value: bytes | None, limit: int) -> tuple[str | None, str]:
-        """uuid and name of a record that is JSON but not a valid task, so its status can say why."""
-        if value is None or len(value) > limit:
-            return None, ""
-        try:
-            data = msgspec.json.decode(value)
-        except msgspec.DecodeError:
-            return None, ""
-        if not isinstance(data, dict):
-            return None, ""
-        uuid, name = data.get("uuid"), data.get("task_name")
-        return (uuid if isinstance(uuid, str) and uuid else None), (name if isinstance(name, str) else "")
+            for uuid in self.core.store.expired(ttl):
+                await self.core.store.tombstone(uuid)

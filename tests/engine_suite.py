@@ -360,7 +360,8 @@ async def test_exceptions_outside_retry_on_exc_are_not_retried(app: QueueTasks) 
     assert done is not None and done.status == "error" and done.retry_child_uuid is None
 
 
-async def test_stream_of_a_retried_generator_shows_each_seq_once(app: QueueTasks) -> None:
+async def test_stream_of_a_retried_generator_goes_on_with_the_retry_unspliced(app: QueueTasks) -> None:
+    """A retry is a new task: its values follow the failed run's whole, never mixed into them."""
     attempts: list[int] = []
 
     @app.task(retry=2)
@@ -373,7 +374,7 @@ async def test_stream_of_a_retried_generator_shows_each_seq_once(app: QueueTasks
 
     await app.start()
     task = await app.add_task("redo")
-    assert [v async for v in app.stream(task.uuid)] == [0, 1, 2, 3, 4]
+    assert [v async for v in app.stream(task.uuid, timeout=30)] == [0, 1, 2, 0, 1, 2, 3, 4]
     final = await app.wait(task.uuid, 10)
     assert final.status == "success" and len(attempts) == 2
 

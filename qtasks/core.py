@@ -1,0 +1,236 @@
+"""The core every part of an app shares: settings, the connector, the topics, the status store, submit.
+
+The app (client and registry), the worker and the streams all hold one :class:`Core`
+and never each other: imports point one way (app -> worker -> runner -> core -> store).
+The core connects once (topics created, the status topic read to its end), follows the
+topics' partition counts while it runs (a topic that grows is read in full), and is the
+one place a task is submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid as uuid_mod
+from collections.abc import Sequence
+from typing import Any
+
+from qtasks.config import QueueConfig
+from qtasks.connectors import Connector, TopicSpec, from_url
+from qtasks.delivery import Trouble, deliver
+from qtasks.exc import ConnectorError
+from qtasks.partitioner import partition_for
+from qtasks.records import ControlRecord, Task, TaskRecord, encode
+from qtasks.store import StatusStore
+from qtasks.supervise import Supervisor
+from qtasks.validate import encode_task_record
+
+log = logging.getLogger("qtasks.core")
+
+
+class Topics:
+    """The names of an app's topics: ``<name>.tasks``, ``.results``, ``.status``, ``.control``, ``.dlq``."""
+
+    def __init__(self, name: str) -> None:
+        self.tasks = f"{name}.tasks"
+        self.results = f"{name}.results"
+        self.status = f"{name}.status"
+        self.control = f"{name}.control"
+        self.dlq = f"{name}.dlq"
+
+    def all(self) -> list[str]:
+        """Every topic name of the app."""
+        return [self.tasks, self.results, self.status, self.control, self.dlq]
+
+
+class Core:
+    """Settings, connector, topics and status store of one app, and the one way to submit a task."""
+
+    def __init__(self, name: str, broker_url: str, config: QueueConfig) -> None:
+        self.name = name
+        self.config = config
+        self.topics = Topics(name)
+        self.broker_url = broker_url
+        self.broker: Connector = from_url(broker_url, config)
+        self.tasks_partitions = config.tasks_partitions
+        self.results_partitions = config.results_partitions
+        self.trouble = Trouble()
+        self.supervisor = Supervisor(f"{name} client")
+        self.store = StatusStore(self.topics.status, config, self.supervisor, self.trouble)
+        self.connected = False
+        self._lock: asyncio.Lock | None = None
+        self._closed: asyncio.Event | None = None
+
+    @property
+    def view(self) -> Any:
+        """The status view (``core.store.view``)."""
+        return self.store.view
+
+    @property
+    def closed(self) -> asyncio.Event:
+        """Set when the core is closed (open streams end with an error)."""
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        return self._closed
+
+    def use_broker(self, broker_url: str) -> None:
+        """Switch to another broker URL (before connecting)."""
+        if self.connected:
+            raise RuntimeError("use_broker must be called before the app connects")
+        self.broker_url = broker_url
+        self.broker = from_url(broker_url, self.config)
+
+    # -- connection ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect once: start the connector, create the topics, read the status topic to its end."""
+        if self.connected:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.connected:
+                return
+            await self.broker.start()
+            try:
+                await self._prepare()
+            except BaseException:
+                await self.supervisor.stop()
+                await self.store.stop()
+                await self.broker.stop()
+                raise
+            self.closed.clear()
+            self.connected = True
+
+    async def _prepare(self) -> None:
+        config = self.config
+        rf = config.replication_factor
+        await self.broker.ensure_topics(
+            [
+                TopicSpec(self.topics.tasks, config.tasks_partitions, replication_factor=rf),
+                TopicSpec(self.topics.results, config.results_partitions, replication_factor=rf),
+                TopicSpec(self.topics.status, config.status_partitions, compacted=True, replication_factor=rf),
+                TopicSpec(self.topics.control, config.control_partitions, replication_factor=rf),
+                TopicSpec(self.topics.dlq, 1, replication_factor=rf),
+            ]
+        )
+        # Topics that already existed keep their partition counts; use what is there.
+        self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
+        self.results_partitions = await self.broker.partitions_for(self.topics.results)
+        status_partitions = await self.broker.partitions_for(self.topics.status)
+        await self.store.start(self.broker, status_partitions, self.record_limit(self.topics.status))
+        self.supervisor.spawn("partitions", self._follow_partitions)
+
+    def record_limit(self, topic: str) -> int:
+        """The largest record value ``topic`` accepts: ``max_record_bytes``, or less if the broker says so."""
+        limit = self.config.max_record_bytes
+        broker_limit = getattr(self.broker, "record_limit", None)
+        if broker_limit is not None:
+            limit = min(limit, int(broker_limit(topic)))
+        return limit
+
+    async def _follow_partitions(self) -> None:
+        """Partitions added to the topics while the app runs are used: statuses on them are read."""
+        refresh = self.config.metadata_refresh_interval
+        while True:
+            await asyncio.sleep(refresh)
+            try:
+                tasks = await self._partitions(self.topics.tasks)
+                results = await self._partitions(self.topics.results)
+                status = await self._partitions(self.topics.status)
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                continue
+            self.tasks_partitions = max(self.tasks_partitions, tasks)
+            self.results_partitions = max(self.results_partitions, results)
+            await self.store.follow(status)
+
+    async def _partitions(self, topic: str) -> int:
+        try:
+            return await self.broker.partitions_for(topic, refresh=True)  # type: ignore[call-arg]
+        except TypeError:
+            return await self.broker.partitions_for(topic)
+
+    async def close(self) -> None:
+        """Stop the background loops and disconnect (idempotent)."""
+        self.closed.set()
+        await self.supervisor.stop()
+        await self.store.stop()
+        if self.connected:
+            self.connected = False
+            await self.broker.stop()
+        self._lock = None
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def send(self, topic: str, raw: bytes, key: str, partitions: int, *, what: str) -> None:
+        """Deliver one record to the partition of ``key`` (retried while the failure is retriable)."""
+        producer = self.broker.producer
+        partition = partition_for(key, partitions)
+        raw_key = key.encode()
+
+        def send() -> Any:
+            return producer.send(topic, raw, key=raw_key, partition=partition)
+
+        await deliver(send, what=what, trouble=self.trouble)
+
+    async def submit(
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        priority: int = 0,
+        retry: int | None = None,
+        retry_parent_uuid: str | None = None,
+        retry_count: int = 0,
+        not_before: float = 0.0,
+    ) -> Task:
+        """Write the task's ``new`` status and its task record; return once both are stored."""
+        await self.connect()
+        uuid = str(uuid_mod.uuid4())
+        now = time.time()
+        record = TaskRecord(
+            uuid=uuid,
+            task_name=task_name,
+            args=list(args),
+            kwargs=dict(kwargs),
+            priority=priority,
+            created_at=now,
+            retry=retry,
+            retry_parent_uuid=retry_parent_uuid,
+            retry_count=retry_count,
+            not_before=not_before,
+        )
+        raw = encode_task_record(record, self.record_limit(self.topics.tasks))
+        task = Task(
+            uuid=uuid,
+            task_name=task_name,
+            status="new",
+            priority=priority,
+            args=record.args,
+            kwargs=record.kwargs,
+            created_at=now,
+            updated_at=now,
+            retry=retry,
+            retry_parent_uuid=retry_parent_uuid,
+            retry_count=retry_count,
+        )
+        # Both stored before this returns: another process that asks next finds the task.
+        await asyncio.gather(
+            self.store.write(task, durable=True),
+            self.send(self.topics.tasks, raw, uuid, self.tasks_partitions, what=f"task {uuid}"),
+        )
+        return task
+
+    async def send_control(self, command: ControlRecord) -> None:
+        """Send a command to whichever worker runs the task."""
+        await self.send(
+            self.topics.control,
+            encode(command),
+            command.uuid,
+            self.config.control_partitions,
+            what=f"{command.kind} of {command.uuid}",
+        )

@@ -1,0 +1,65 @@
+"""The dead-letter topic: a record the worker cannot use goes there with the reason, and work goes on."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+from qtasks.connectors.base import Record
+from qtasks.core import Core
+from qtasks.records import DeadLetter, Task, encode
+
+log = logging.getLogger("qtasks.worker")
+
+
+async def dead_letter(core: Core, record: Record, reason: str, worker_id: str) -> None:
+    """Send ``record`` to ``<app>.dlq`` with ``reason``; a record that names a task ends that task as error."""
+    limit = core.config.max_record_bytes
+    value = record.value
+    if value is not None and len(value) > limit // 2:
+        reason = f"{reason} (value cut to its first {limit // 2} bytes here)"
+        value = value[: limit // 2]
+    letter = DeadLetter(
+        reason=reason,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=value,
+        at=time.time(),
+    )
+    key = (record.key or f"{record.topic}:{record.partition}:{record.offset}".encode()).decode("utf-8", "replace")
+    await core.send(core.topics.dlq, encode(letter), key, 1, what=f"dead letter of {record.tp}@{record.offset}")
+    log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
+    uuid, task_name = identify(record.value, limit)
+    if uuid is None:
+        return
+    head = core.view.head(uuid)
+    if head is None or not head.is_finished:
+        now = time.time()
+        task = Task(
+            uuid=uuid,
+            task_name=task_name,
+            status="error",
+            created_at=now,
+            updated_at=now,
+            traceback=f"RecordError: {reason}",
+            worker=worker_id,
+        )
+        await core.store.write(task, durable=True)
+
+
+def identify(value: bytes | None, limit: int) -> tuple[str | None, str]:
+    """uuid and name of a record that is JSON but not a valid task, so its status can say why."""
+    if value is None or len(value) > limit:
+        return None, ""
+    try:
+        data = msgspec.json.decode(value)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None, ""
+    if not isinstance(data, dict):
+        return None, ""
+    uuid, name = data.get("uuid"), data.get("task_name")
+    return (uuid if isinstance(uuid, str) and uuid else None), (name if isinstance(name, str) else "")

@@ -1,0 +1,115 @@
+"""The worker's decisions, as pure functions tested with tables: no I/O, no clock of their own.
+
+- :func:`admit`: what to do with a task record that was delivered (run it, skip it,
+  wait for another worker's lease, end it as cancelled or as an unknown task).
+- :func:`check_result`: a result that cannot be stored becomes an error.
+- :func:`conclude`: the terminal status, ``returning`` and whether to retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from qtasks.executor import Outcome
+from qtasks.records import Status, StatusHead, TaskRecord, encode
+from qtasks.retry import should_retry
+
+Action = Literal["run", "skip", "expired", "wait", "cancel", "unknown"]
+
+#: What encoding a value can raise: not JSON, cyclic, an int out of range, NaN rules.
+ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """What the worker does with a delivered task record; ``attempt`` is the run's number."""
+
+    action: Action
+    attempt: int = 0
+
+
+def admit(
+    head: StatusHead | None,
+    rec: TaskRecord,
+    *,
+    now: float,
+    ttl: float,
+    me: str,
+    cancelled: bool,
+    known: bool,
+) -> Admission:
+    """Decide about a delivered record from the task's status head.
+
+    - finished already (a redelivery after a crash before the commit): ``skip``;
+    - no status although it is older than ``status_ttl``: it ran long ago (``expired``);
+    - running under another worker's live lease (a rebalance moved it): ``wait``;
+    - cancelled while queued: ``cancel``; a name this worker does not know: ``unknown``;
+    - otherwise ``run`` as attempt n + 1 (a lapsed lease is taken over).
+    """
+    if head is not None and head.is_finished:
+        return Admission("skip")
+    if head is None and ttl > 0 and rec.created_at < now - ttl:
+        return Admission("expired")
+    if head is not None and head.status == "process" and head.worker not in (None, me) and head.lease_until > now:
+        return Admission("wait")
+    attempt = (head.attempt if head is not None else 0) + 1
+    if cancelled:
+        return Admission("cancel", attempt)
+    if not known:
+        return Admission("unknown", attempt)
+    return Admission("run", attempt)
+
+
+def check_result(task_name: str, is_generator: bool, outcome: Outcome, limit: int) -> Outcome:
+    """A function's result that cannot be stored (not JSON, cyclic, over ``limit`` bytes) is an error."""
+    if outcome.status != "success" or is_generator:
+        return outcome
+    try:
+        size = len(encode(outcome.returning))
+    except ENCODE_ERRORS as exc:
+        problem = f"the result of task {task_name!r} cannot be encoded as JSON: {type(exc).__name__}: {exc}"
+    else:
+        if size <= limit:
+            return outcome
+        problem = f"the result of task {task_name!r} is {size} bytes encoded, over returning_max_bytes={limit}"
+    return Outcome("error", exc=TypeError(problem), traceback=f"TypeError: {problem}", yield_count=outcome.yield_count)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conclusion:
+    """How a run is written down."""
+
+    status: Status
+    returning: Any
+    truncated: bool
+    #: Retries the child task gets (only when ``status == "retry"``).
+    retries_left: int = 0
+
+
+def conclude(
+    outcome: Outcome,
+    *,
+    is_generator: bool,
+    retries_left: int,
+    retry_on_exc: Sequence[type[BaseException]] | None,
+    items: list[Any] | None,
+    count: int,
+) -> Conclusion:
+    """The terminal status of a run and what ``returning`` holds.
+
+    A generator's ``returning`` is its list of handled values (``items``), or their
+    ``count`` once the list outgrew its bound (``truncated``), whatever the status;
+    a function's is its result on success, else None.
+    """
+    retrying = (
+        outcome.status == "error" and outcome.exc is not None and should_retry(outcome.exc, retries_left, retry_on_exc)
+    )
+    status: Status = "retry" if retrying else outcome.status
+    if is_generator:
+        return Conclusion(status, items if items is not None else count, items is None, retries_left - 1)
+    returning = outcome.returning if outcome.status == "success" else None
+    return Conclusion(status, returning, False, retries_left - 1)

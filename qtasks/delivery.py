@@ -1,0 +1,86 @@
+"""Sending a record that must arrive: retried while the failure is retriable, quiet while it lasts.
+
+Status writes and task submissions go through :func:`deliver`. A retriable
+:class:`~qtasks.exc.ConnectorError` (the broker is unreachable, a leader moved) is
+retried with a capped backoff until the record is stored or the caller gives up
+(cancellation, or its own deadline); the first failure is logged once as a WARNING and
+the recovery once as INFO, never a line per try. A non-retriable error (a record over
+the size limit, an authorization failure) is raised at once. Result values are not sent
+through here: they are the hot path, and their failures surface at the attempt's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from qtasks.exc import ConnectorError
+
+log = logging.getLogger("qtasks.delivery")
+
+
+class Trouble:
+    """How many deliveries are waiting for the broker right now (a worker takes no new tasks meanwhile)."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.since: float | None = None
+
+    def enter(self) -> None:
+        if self.waiting == 0:
+            self.since = time.monotonic()
+        self.waiting += 1
+
+    def leave(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.since = None
+
+    def __bool__(self) -> bool:
+        return self.waiting > 0
+
+
+def retry_delay(tries: int, base: float = 0.05, cap: float = 2.0) -> float:
+    """Seconds before try number ``tries + 1`` of a delivery (``tries`` failed so far, 1-based)."""
+    return min(cap, base * 2.0 ** max(0, tries - 1))
+
+
+async def deliver(
+    send: Callable[[], Awaitable[Awaitable[Any] | None]],
+    *,
+    what: str,
+    durable: bool = True,
+    trouble: Trouble | None = None,
+) -> None:
+    """Run ``send()`` (which enqueues one record and may return its delivery) until it succeeds.
+
+    With ``durable`` the delivery is awaited too (the record is stored when this returns).
+    """
+    tries = 0
+    started = 0.0
+    try:
+        while True:
+            try:
+                delivery = await send()
+                if durable and delivery is not None:
+                    await delivery
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                tries += 1
+                if tries == 1:
+                    started = time.monotonic()
+                    log.warning("%s waits for the broker: %s (retrying)", what, exc)
+                    if trouble is not None:
+                        trouble.enter()
+                await asyncio.sleep(retry_delay(tries))
+                continue
+            if tries:
+                log.info("%s stored after %d tries (%.1f s)", what, tries + 1, time.monotonic() - started)
+            return
+    finally:
+        if tries and trouble is not None:
+            trouble.leave()

@@ -1,0 +1,197 @@
+"""The status store: the status view, the tailer that feeds it, and the one way to write a status.
+
+- **Reading.** At start the store reads the compacted status topic from the beginning
+  into its :class:`~qtasks.status.StatusView`, then tails it (a supervised loop).
+- **Writing.** :meth:`StatusStore.write` writes a *copy* of the task it is given (the
+  caller's object never changes) with the next ``rev`` (:func:`~qtasks.status.next_rev`),
+  slimmed to fit one record (:func:`~qtasks.status.slim`). A non-durable write is applied
+  to the view at once (a running task sees itself as ``process``); a durable write
+  (terminal statuses, submissions) only once the broker stored it, so whatever this
+  process reports as done is on the log, where any other process can read it.
+- **Read-your-writes across processes.** A question about a uuid the view has not seen
+  (:meth:`StatusStore.lookup`) first catches up: it reads the end offset of the uuid's
+  status partition and waits (bounded) until the tailer has read that far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from qtasks.config import QueueConfig
+from qtasks.connectors.base import Connector, TopicPartition
+from qtasks.delivery import Trouble, deliver
+from qtasks.exc import ConnectorError, RecordError
+from qtasks.partitioner import partition_for
+from qtasks.records import Task, encode
+from qtasks.status import StatusView, next_rev, slim
+from qtasks.supervise import Supervisor
+
+log = logging.getLogger("qtasks.status")
+
+#: How long a lookup of an unseen uuid waits for the tailer to reach the log's end.
+CATCH_UP_TIMEOUT = 10.0
+
+
+class StatusStore:
+    """The status view of one process, its tailer, and its writes."""
+
+    def __init__(self, topic: str, config: QueueConfig, supervisor: Supervisor, trouble: Trouble) -> None:
+        self.topic = topic
+        self.config = config
+        self.view = StatusView(config.max_record_bytes)
+        self.partitions = 0
+        self._supervisor = supervisor
+        self._trouble = trouble
+        self._connector: Connector | None = None
+        self._consumer: Any = None
+        self._positions: dict[TopicPartition, int] = {}
+        self._progress: asyncio.Event | None = None
+        self._record_limit = config.max_record_bytes
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, connector: Connector, partitions: int, record_limit: int | None = None) -> None:
+        """Read the status topic to its end (bootstrap), then keep tailing it."""
+        self._connector = connector
+        self.partitions = partitions
+        if record_limit is not None:
+            self._record_limit = min(self._record_limit, record_limit)
+        self._progress = asyncio.Event()
+        consumer = connector.consumer(None, client_id=f"{self.topic}-tail")
+        await consumer.start()
+        self._consumer = consumer
+        tps = self._tps(range(partitions))
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(tps)
+        ends = await consumer.end_offsets(tps)
+        self._supervisor.spawn("status-tail", self._tail)
+        await self._supervisor.wait(self._reach(ends))
+        self.view.caught_up.set()
+
+    async def stop(self) -> None:
+        """Stop reading (the supervisor has stopped the tailer)."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+        self._positions.clear()
+        self.view = StatusView(self.config.max_record_bytes)
+
+    def _tps(self, partitions: Any) -> list[TopicPartition]:
+        return [TopicPartition(self.topic, p) for p in partitions]
+
+    async def follow(self, partitions: int) -> None:
+        """The status topic grew: read its new partitions from their beginning too."""
+        if partitions <= self.partitions or self._consumer is None:
+            return
+        new = self._tps(range(self.partitions, partitions))
+        keep = {tp: await self._consumer.position(tp) for tp in self._tps(range(self.partitions))}
+        self._consumer.assign([*keep, *new])
+        for tp, position in keep.items():
+            await self._consumer.seek(tp, position)
+        await self._consumer.seek_to_beginning(new)
+        log.info("status topic %s grew from %d to %d partitions", self.topic, self.partitions, partitions)
+        self.partitions = partitions
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _tail(self) -> None:
+        consumer = self._consumer
+        view = self.view
+        positions = self._positions
+        while True:
+            try:
+                records = await consumer.getmany(timeout=0.5)
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                await asyncio.sleep(0.5)
+                continue
+            for record in records:
+                positions[record.tp] = record.offset + 1
+                try:
+                    view.apply_raw(record.key, record.value)
+                except (RecordError, UnicodeDecodeError) as exc:
+                    log.warning("ignored a status record at %s@%d: %s", record.tp, record.offset, exc)
+            if not records:
+                # Compaction leaves gaps: the consumer's position moves past them.
+                for tp in consumer.assignment():
+                    positions[tp] = max(positions.get(tp, 0), await consumer.position(tp))
+            assert self._progress is not None
+            self._progress.set()
+            self._progress = asyncio.Event()
+
+    async def _reach(self, ends: dict[TopicPartition, int]) -> None:
+        """Wait until the tailer has read every partition in ``ends`` up to its end offset."""
+        while True:
+            behind = [tp for tp, end in ends.items() if end > 0 and self._positions.get(tp, 0) < end]
+            if not behind:
+                return
+            assert self._progress is not None
+            await self._progress.wait()
+
+    async def catch_up(self, uuid: str, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        """Wait until the view holds everything written to ``uuid``'s partition before now (bounded)."""
+        if self._consumer is None:
+            return
+        tp = TopicPartition(self.topic, partition_for(uuid, self.partitions))
+        ends = await self._consumer.end_offsets([tp])
+        try:
+            await self._supervisor.wait(self._reach(ends), timeout)
+        except TimeoutError:
+            log.warning("the status view did not reach the end of %s within %.0f s", tp, timeout)
+
+    async def lookup(self, uuid: str) -> Task | None:
+        """The latest status of ``uuid``; an unseen uuid is looked for up to the log's end first."""
+        task = self.view.get(uuid)
+        if task is None:
+            await self.catch_up(uuid)
+            task = self.view.get(uuid)
+        return task
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def write(self, task: Task, *, durable: bool = False) -> Task:
+        """Write a copy of ``task`` with the next rev; return what was written.
+
+        ``durable``: wait until the broker stored it (retrying while the failure is
+        retriable) and only then show it in the view.
+        """
+        uuid = task.uuid
+        record = msgspec.structs.replace(task, rev=next_rev(self.view.rev(uuid), task.status))
+        raw = encode(record)
+        if len(raw) > self._record_limit:
+            record = slim(record, self._record_limit)
+            raw = encode(record)
+        if not durable:
+            self.view.apply(record, raw)
+        await self._send(uuid, raw, durable=durable, what=f"status {record.status} of {uuid}")
+        if durable:
+            self.view.apply(record, raw)
+        return record
+
+    async def tombstone(self, uuid: str) -> None:
+        """Expire a finished task: it leaves the view now and the topic at its next compaction."""
+        self.view.apply_raw(uuid.encode(), None)
+        await self._send(uuid, None, durable=False, what=f"expiry of {uuid}")
+
+    async def _send(self, uuid: str, raw: bytes | None, *, durable: bool, what: str) -> None:
+        connector = self._connector
+        if connector is None:
+            raise ConnectorError("the app is not connected", retriable=False)
+        key = uuid.encode()
+        partition = partition_for(uuid, self.partitions)
+        producer = connector.producer
+
+        def send() -> Any:
+            return producer.send(self.topic, raw, key=key, partition=partition)
+
+        await deliver(send, what=what, durable=durable, trouble=self._trouble)
+
+    def expired(self, ttl: float) -> list[str]:
+        """uuids of finished tasks older than ``ttl`` seconds."""
+        return list(self.view.expired(time.time() - ttl))
