@@ -11,6 +11,7 @@ task wins is a pure decision, :func:`supersedes`.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import msgspec
@@ -69,12 +70,21 @@ def slim(task: Task, limit: int) -> Task:
 
 
 class StatusView:
-    """uuid -> latest status of each task, with waiters for changes."""
+    """uuid -> latest status of each task, with waiters for changes.
 
-    def __init__(self, limit: int = 1_000_000) -> None:
+    Memory is bounded: unfinished tasks are always held; of the finished ones, the
+    ``cache_size`` most recently finished are. An older one is dropped (``evicted``
+    counts them) and read back from the status topic when asked for
+    (:meth:`qtasks.store.StatusStore.lookup`).
+    """
+
+    def __init__(self, limit: int = 1_000_000, cache_size: int = 100_000) -> None:
         self._rows: dict[str, tuple[StatusHead, bytes]] = {}
         self._waiters: dict[str, list[tuple[Callable[[StatusHead | None], bool], asyncio.Future[None]]]] = {}
         self._limit = limit
+        self._cache_size = cache_size
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self.evicted = 0
         self.caught_up = asyncio.Event()
 
     def __len__(self) -> int:
@@ -90,6 +100,14 @@ class StatusView:
             if not supersedes((held.rev, held.is_finished), (head.rev, head.is_finished)):
                 return False
         self._rows[head.uuid] = (head, raw)
+        if head.is_finished:
+            finished = self._finished
+            finished[head.uuid] = None
+            finished.move_to_end(head.uuid)
+            while len(finished) > self._cache_size:
+                old, _ = finished.popitem(last=False)
+                self._rows.pop(old, None)
+                self.evicted += 1
         if head.uuid in self._waiters:
             self._notify(head.uuid)
         return True
@@ -104,6 +122,7 @@ class StatusView:
             if key is not None:
                 uuid = key.decode()
                 self._rows.pop(uuid, None)
+                self._finished.pop(uuid, None)
                 self._notify(uuid)
             return
         if key is not None:

@@ -27,7 +27,7 @@ from qtasks.connectors.base import Connector, TopicPartition
 from qtasks.delivery import Trouble, deliver
 from qtasks.exc import ConnectorError, RecordError
 from qtasks.partitioner import partition_for
-from qtasks.records import Task, encode
+from qtasks.records import StatusHead, Task, decode_status, encode, head_of
 from qtasks.status import StatusView, next_rev, slim
 from qtasks.supervise import Supervisor
 
@@ -43,7 +43,7 @@ class StatusStore:
     def __init__(self, topic: str, config: QueueConfig, supervisor: Supervisor, trouble: Trouble) -> None:
         self.topic = topic
         self.config = config
-        self.view = StatusView(config.max_record_bytes)
+        self.view = StatusView(config.max_record_bytes, config.status_cache_size)
         self.partitions = 0
         self._supervisor = supervisor
         self._trouble = trouble
@@ -79,7 +79,7 @@ class StatusStore:
         if consumer is not None:
             await consumer.stop()
         self._positions.clear()
-        self.view = StatusView(self.config.max_record_bytes)
+        self.view = StatusView(self.config.max_record_bytes, self.config.status_cache_size)
 
     def _tps(self, partitions: Any) -> list[TopicPartition]:
         return [TopicPartition(self.topic, p) for p in partitions]
@@ -146,12 +146,50 @@ class StatusStore:
             log.warning("the status view did not reach the end of %s within %.0f s", tp, timeout)
 
     async def lookup(self, uuid: str) -> Task | None:
-        """The latest status of ``uuid``; an unseen uuid is looked for up to the log's end first."""
+        """The latest status of ``uuid``; an unseen uuid is looked for up to the log's end first.
+
+        If the view has dropped finished tasks (its cache is bounded), a uuid it does not
+        hold is read back from its status partition.
+        """
         task = self.view.get(uuid)
         if task is None:
             await self.catch_up(uuid)
             task = self.view.get(uuid)
+        if task is None and self.view.evicted:
+            task = await self._read_back(uuid)
         return task
+
+    async def head(self, uuid: str, timeout: float = CATCH_UP_TIMEOUT) -> StatusHead | None:
+        """The head of ``uuid``'s latest status, looked for as :meth:`lookup` does."""
+        head = self.view.head(uuid)
+        if head is None:
+            await self.catch_up(uuid, timeout)
+            head = self.view.head(uuid)
+        if head is None and self.view.evicted:
+            task = await self._read_back(uuid)
+            head = None if task is None else head_of(task)
+        return head
+
+    async def _read_back(self, uuid: str, timeout: float = CATCH_UP_TIMEOUT) -> Task | None:
+        """Scan ``uuid``'s status partition for its last record (a dropped, finished task)."""
+        assert self._connector is not None
+        tp = TopicPartition(self.topic, partition_for(uuid, self.partitions))
+        key = uuid.encode()
+        consumer = self._connector.consumer(None, client_id=f"{self.topic}-lookup")
+        await consumer.start()
+        last: bytes | None = None
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            async with asyncio.timeout(timeout):
+                while await consumer.position(tp) < end:
+                    for record in await consumer.getmany(timeout=0.5):
+                        if record.key == key:
+                            last = record.value
+        finally:
+            await consumer.stop()
+        return None if last is None else decode_status(last, self.config.max_record_bytes)
 
     # -- writing ---------------------------------------------------------------------
 

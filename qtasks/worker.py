@@ -294,10 +294,8 @@ class Worker:
         core = self.core
         uuid = rec.uuid
         while True:
-            head = core.view.head(uuid)
-            if head is None:
-                await core.store.catch_up(uuid, timeout=2.0)  # the view may lag behind the submit
-                head = core.view.head(uuid)
+            # The view may lag behind the submit, or have dropped an old finished task.
+            head = await core.store.head(uuid, timeout=2.0)
             spec = self.registry.get(rec.task_name)
             decision = admit(
                 head,
@@ -326,6 +324,8 @@ class Worker:
             await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc)
         elif action == "run":
             assert spec is not None
+            if head is not None and head.status == "process" and head.worker not in (None, self.id):
+                log.info("taking over %s from %s (lease expired)", uuid, head.worker)
             await self._run(TaskRun(self.host, rec, spec, head, decision.attempt))
 
     async def _run(self, run: TaskRun) -> None:
@@ -354,8 +354,6 @@ class Worker:
 
         with contextlib.suppress(TimeoutError):
             await self.core.view.wait_for(uuid, changed, max(0.0, lease - time.time()) + 0.01)
-        if (now := self.core.view.head(uuid)) is not None and now.lease_until == lease and lease <= time.time():
-            log.info("taking over %s from %s (lease expired)", uuid, head.worker)
 
     async def _finish(self, rec: TaskRecord, head: StatusHead | None, status: str, **fields: Any) -> Any:
         task = base_status(rec, head, self.id)

@@ -843,3 +843,166 @@ async def test_streaming_an_unknown_task_is_a_clear_error(app: QueueTasks) -> No
     await app.start()
     with pytest.raises(TaskNotFoundError, match="no task"):
         [v async for v in app.stream("00000000-0000-0000-0000-000000000000", timeout=0.5)]
+
+
+# -- hardening: read-your-writes, retries without slots, limits, lifecycle ----------
+
+
+async def test_another_process_sees_a_task_the_moment_it_was_submitted(make_app: Any) -> None:
+    """get and cancel from a second, already connected client never answer from a stale view."""
+    worker_app = make_app()
+
+    @worker_app.task
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    submitter = make_app(worker_app.name)
+    other = make_app(worker_app.name)
+    await other.get("00000000-0000-0000-0000-000000000000")  # connected before the submits
+    for _ in range(20):
+        task = await submitter.add_task("slow")
+        seen = await other.get(task.uuid)
+        assert seen is not None and seen.status == "new"
+        assert await other.cancel(task.uuid, "changed my mind") is True
+    await worker_app.start()
+    done = await worker_app.wait(task.uuid, 20)
+    assert (done.status, done.cancel_reason) == ("cancel", "changed my mind")
+
+
+async def test_a_retry_backoff_holds_no_slot_and_cancel_reaches_the_chain(make_app: Any) -> None:
+    app = make_app(concurrency=1, retry_backoff_base=2.0, retry_backoff_max=2.0)
+    runs: list[str] = []
+
+    @app.task(retry=3)
+    async def failing() -> None:
+        runs.append("failing")
+        raise RuntimeError("try again later")
+
+    @app.task
+    async def quick() -> str:
+        return "done"
+
+    await app.start()
+    first = await app.add_task("failing")
+    parent = await app.view.wait_for(first.uuid, lambda h: h is not None and h.status == "retry", 10)
+    assert parent is not None and parent.retry_child_uuid is not None
+    # The only slot is free during the backoff (1-2 s): a quick task runs at once.
+    started = time.monotonic()
+    quick = await app.add_task("quick", timeout=10)
+    assert quick is not None and quick.status == "success"
+    assert time.monotonic() - started < 0.9
+    # Cancelling the original task cancels the retry it handed over to.
+    assert await app.cancel(first.uuid, "enough") is True
+    final = await app.wait(first.uuid, 10)
+    assert (final.uuid, final.status, final.cancel_reason) == (parent.retry_child_uuid, "cancel", "enough")
+    await asyncio.sleep(2.5)  # past the backoff: the cancelled retry must not run
+    assert runs == ["failing"]
+
+
+async def test_a_value_too_large_for_a_record_ends_the_task_as_error(make_app: Any) -> None:
+    app = make_app(max_record_bytes=50_000)
+
+    @app.task
+    async def big():
+        yield "small"
+        yield "x" * 60_000
+        yield "never"
+
+    await app.start()
+    task = await app.add_task("big")
+    assert [v async for v in app.stream(task.uuid, timeout=20)] == ["small"]
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "error" and "over the results topic's limit" in (done.traceback or "")
+    assert done.yield_count == 1
+
+
+async def test_a_cyclic_result_ends_the_task_as_error(app: QueueTasks) -> None:
+    @app.task
+    async def cyclic() -> list[Any]:
+        loop: list[Any] = []
+        loop.append(loop)
+        return loop
+
+    await app.start()
+    done = await app.add_task("cyclic", timeout=10)
+    assert done is not None and done.status == "error" and "cannot be encoded" in (done.traceback or "")
+
+
+async def test_a_stream_open_across_close_ends_with_a_clear_error(app: QueueTasks) -> None:
+    from qtasks.exc import AppClosedError
+
+    @app.task
+    async def forever():
+        yield 0
+        await asyncio.sleep(60)
+
+    await app.start()
+    task = await app.add_task("forever")
+    values: list[Any] = []
+
+    async def read() -> None:
+        async for value in app.stream(task.uuid):
+            values.append(value)
+
+    reader = asyncio.ensure_future(read())
+    while not values:
+        await asyncio.sleep(0.01)
+    await app.stop(timeout=0.5)
+    with pytest.raises(AppClosedError):
+        await asyncio.wait_for(reader, 10)
+
+
+async def test_overlapping_starts_make_one_worker(app: QueueTasks) -> None:
+    first, second = await asyncio.gather(app.start(), app.start())
+    assert first is second
+
+
+async def test_wait_takes_a_uuid_object_and_refuses_an_unknown_one(app: QueueTasks) -> None:
+    import uuid
+
+    from qtasks.exc import TaskNotFoundError
+
+    @app.task
+    async def noop() -> int:
+        return 1
+
+    await app.start()
+    task = await app.add_task("noop")
+    done = await app.wait(uuid.UUID(task.uuid), 10)
+    assert done.status == "success"
+    started = time.monotonic()
+    with pytest.raises(TaskNotFoundError):
+        await app.wait(uuid.uuid4(), 30)
+    assert time.monotonic() - started < 15
+
+
+async def test_a_slow_stream_reader_gets_every_value_with_a_small_buffer(make_app: Any) -> None:
+    app = make_app(stream_buffer=8)
+
+    @app.task
+    async def many(n: int):
+        for i in range(n):
+            yield i
+
+    await app.start()
+    task = await app.add_task("many", 300)
+    seen = []
+    async for value in app.stream(task.uuid, timeout=60):
+        seen.append(value)
+        if len(seen) % 50 == 0:
+            await asyncio.sleep(0.05)  # a slow reader: the writer runs far ahead
+    assert seen == list(range(300))
+
+
+async def test_the_status_view_is_bounded_and_reads_dropped_tasks_back(make_app: Any) -> None:
+    app = make_app(status_cache_size=5)
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    await app.start()
+    done = [await app.add_task("noop", i, timeout=10) for i in range(12)]
+    assert app.view.evicted >= 7 and len(app.view) <= 5 + 2
+    first = await app.get(done[0].uuid)  # type: ignore[union-attr]
+    assert first is not None and (first.status, first.returning) == ("success", 0)

@@ -1,0 +1,166 @@
+"""The redesign's pure decisions as tables (rev, slimming, admission, conclusion) and the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from qtasks.decisions import admit, check_result, conclude
+from qtasks.executor import Outcome
+from qtasks.records import StatusHead, Task, TaskRecord, encode
+from qtasks.status import StatusView, next_rev, slim
+from qtasks.supervise import LoopFailedError, Supervisor, restart_delay
+
+NOW = 1_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("held", "status", "expected"),
+    [(-1, "new", 0), (-1, "process", 1), (0, "process", 1), (4, "success", 5), (7, "new", 0), (-1, "cancel", 1)],
+)
+def test_next_rev_puts_every_worker_write_above_new(held: int, status: str, expected: int) -> None:
+    assert next_rev(held, status) == expected
+
+
+def _task(**fields: Any) -> Task:
+    base: dict[str, Any] = {"uuid": "u", "task_name": "t", "status": "new", "created_at": 1.0, "updated_at": 1.0}
+    return Task(**{**base, **fields})
+
+
+def test_a_late_new_never_replaces_a_process_written_by_a_worker_that_had_not_seen_it() -> None:
+    view = StatusView()
+    process = _task(status="process", rev=next_rev(view.rev("u"), "process"))
+    view.apply(process, encode(process))
+    late_new = _task(status="new", rev=next_rev(-1, "new"))
+    assert view.apply(late_new, encode(late_new)) is False
+    assert view.head("u") is not None and view.head("u").status == "process"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "has_args", "returning"),
+    [
+        ({"status": "success", "args": ["x" * 900], "returning": "ok"}, "success", False, "ok"),
+        ({"status": "success", "returning": "y" * 900}, "error", False, None),
+        ({"status": "error", "traceback": "z" * 20_000, "returning": None}, "error", False, None),
+    ],
+)
+def test_slim_fits_a_record_and_never_hides_a_lost_result(
+    fields: dict[str, Any], status: str, has_args: bool, returning: Any
+) -> None:
+    task = _task(**fields)
+    slimmed = slim(task, 600 if "traceback" not in fields else 9000)
+    assert (slimmed.status, bool(slimmed.args), slimmed.returning) == (status, has_args, returning)
+    assert task.status == fields["status"]  # a copy: the caller's task is unchanged
+
+
+def _head(**fields: Any) -> StatusHead:
+    return StatusHead(**{"uuid": "u", "status": "new", **fields})
+
+
+REC = TaskRecord(uuid="u", task_name="t", created_at=NOW - 10)
+OLD = TaskRecord(uuid="u", task_name="t", created_at=NOW - 100_000)
+
+
+@pytest.mark.parametrize(
+    ("head", "rec", "cancelled", "known", "expected"),
+    [
+        (None, REC, False, True, ("run", 1)),
+        (_head(), REC, False, True, ("run", 1)),
+        (_head(status="success"), REC, False, True, ("skip", 0)),
+        (_head(status="retry"), REC, True, True, ("skip", 0)),
+        (None, OLD, False, True, ("expired", 0)),
+        (_head(status="process", worker="other", lease_until=NOW + 5, attempt=1), REC, False, True, ("wait", 0)),
+        (_head(status="process", worker="other", lease_until=NOW - 1, attempt=1), REC, False, True, ("run", 2)),
+        (_head(status="process", worker="me", lease_until=NOW + 5, attempt=1), REC, False, True, ("run", 2)),
+        (_head(), REC, True, True, ("cancel", 1)),
+        (_head(), REC, False, False, ("unknown", 1)),
+    ],
+)
+def test_admit(
+    head: StatusHead | None, rec: TaskRecord, cancelled: bool, known: bool, expected: tuple[str, int]
+) -> None:
+    decision = admit(head, rec, now=NOW, ttl=86_400, me="me", cancelled=cancelled, known=known)
+    assert (decision.action, decision.attempt) == expected
+
+
+@pytest.mark.parametrize(
+    ("outcome", "is_generator", "left", "items", "expected"),
+    [
+        (Outcome("success", returning=3), False, 0, [], ("success", 3, False)),
+        (Outcome("error", exc=ValueError("x")), False, 2, [], ("retry", None, False)),
+        (Outcome("error", exc=ValueError("x")), False, 0, [], ("error", None, False)),
+        (Outcome("cancel", cancel_reason="r"), False, 3, [], ("cancel", None, False)),
+        (Outcome("success"), True, 0, [1, 2], ("success", [1, 2], False)),
+        (Outcome("error", exc=ValueError("x")), True, 0, None, ("error", 7, True)),
+    ],
+)
+def test_conclude(
+    outcome: Outcome, is_generator: bool, left: int, items: list[int] | None, expected: tuple[str, Any, bool]
+) -> None:
+    done = conclude(outcome, is_generator=is_generator, retries_left=left, retry_on_exc=None, items=items, count=7)
+    assert (done.status, done.returning, done.truncated) == expected
+
+
+def test_check_result_turns_unstorable_results_into_errors() -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    assert check_result("t", False, Outcome("success", returning=cyclic), 100).status == "error"
+    assert check_result("t", False, Outcome("success", returning="x" * 200), 100).status == "error"
+    assert check_result("t", False, Outcome("success", returning="ok"), 100).status == "success"
+
+
+def test_restart_delay_is_capped() -> None:
+    assert [restart_delay(n) for n in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert restart_delay(50) == 5.0
+
+
+async def test_a_loop_that_raises_is_restarted() -> None:
+    runs: list[float] = []
+
+    async def flaky() -> None:
+        runs.append(time.monotonic())
+        if len(runs) < 3:
+            raise RuntimeError("boom")
+        await asyncio.sleep(60)
+
+    supervisor = Supervisor("test")
+    supervisor.spawn("flaky", flaky)
+    while len(runs) < 3:
+        await asyncio.sleep(0.01)
+    assert supervisor.running() == ["flaky"] and supervisor.error is None
+    await supervisor.stop()
+    assert supervisor.running() == []
+
+
+async def test_a_loop_that_keeps_failing_is_fatal_and_wakes_whoever_waits() -> None:
+    fatal: list[BaseException] = []
+
+    async def broken() -> None:
+        raise RuntimeError("always")
+
+    supervisor = Supervisor("test", on_fatal=fatal.append, max_failures=2)
+    supervisor.spawn("broken", broken)
+    never = asyncio.Event()
+    with pytest.raises(LoopFailedError, match="broken failed 2 times"):
+        await supervisor.wait(never.wait(), timeout=10)
+    assert len(fatal) == 1
+    await supervisor.stop()
+
+
+async def test_a_loop_that_returns_is_restarted_too() -> None:
+    runs = 0
+
+    async def returns() -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 2:
+            await asyncio.sleep(60)
+
+    supervisor = Supervisor("test")
+    supervisor.spawn("returns", returns)
+    while runs < 3:
+        await asyncio.sleep(0.01)
+    await supervisor.stop()

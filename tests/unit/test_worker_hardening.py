@@ -1,0 +1,119 @@
+"""The worker's fault paths on memory://: redelivery during a run, supervised loops, Python 3.11 shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+from qtasks.asyncio import QueueTasks
+from qtasks.connectors.base import Record
+from qtasks.records import TaskRecord, encode
+
+
+async def test_a_record_of_a_task_running_here_joins_the_run_and_takes_no_slot(app: QueueTasks) -> None:
+    gate = asyncio.Event()
+
+    @app.task
+    async def hold() -> str:
+        await gate.wait()
+        return "held"
+
+    worker = await app.start(concurrency=2)
+    task = await app.add_task("hold")
+    await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
+    # The same record again, as after a rebalance that gave the partition back.
+    rec = TaskRecord(uuid=task.uuid, task_name="hold", created_at=task.created_at)
+    again = Record(app.topics.tasks, 0, 10_000, task.uuid.encode(), encode(rec), 0)
+    in_flight = worker._in_flight
+    worker._take(again)
+    worker._fill()
+    assert worker._in_flight == in_flight and not worker._backlog
+    tracker = worker._offsets[again.tp]
+    assert tracker.in_flight >= 1
+    gate.set()
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "success" and done.attempt == 1
+    for _ in range(100):
+        if tracker.committable() is not None and tracker.in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert tracker.in_flight == 0  # the joined offset finished with the run
+
+
+async def test_a_control_loop_that_raises_is_restarted_and_cancel_still_works(app: QueueTasks) -> None:
+    @app.task
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    worker = await app.start()
+    consumer: Any = worker._control
+    real = consumer.getmany
+    failures = 0
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise RuntimeError("a bug in a loop")
+        return await real(*args, **kwargs)
+
+    consumer.getmany = broken
+    task = await app.add_task("slow")
+    await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
+    while failures < 2:
+        await asyncio.sleep(0.01)
+    assert await app.cancel(task.uuid, "stop") is True
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "cancel" and worker.error is None
+
+
+def _run_script(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_asyncio_run_of_add_task_returns() -> None:
+    result = _run_script(
+        """
+        import asyncio
+        from qtasks.asyncio import QueueTasks
+
+        app = QueueTasks(name="script", broker_url="memory://script")
+        task = asyncio.run(app.add_task("anything", 1))
+        print("submitted", task.status)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "submitted new" in result.stdout
+
+
+def test_a_script_that_raises_after_add_task_prints_its_traceback_and_exits() -> None:
+    result = _run_script(
+        """
+        import asyncio
+        from qtasks.asyncio import QueueTasks
+
+        async def main():
+            app = QueueTasks(name="script", broker_url="memory://script")
+            await app.add_task("anything")
+            raise SystemExit("the script's own error")
+
+        asyncio.run(main())
+        """
+    )
+    assert result.returncode == 1 and "the script's own error" in result.stderr
+
+
+async def test_stop_and_close_right_after_add_task_and_cancel_return(make_app: Any) -> None:
+    for _ in range(20):
+        app = make_app()
+        task = await app.add_task("nothing")
+        await app.cancel(task.uuid)
+        await asyncio.wait_for(app.stop(), 10)
+        other = make_app()
+        await other.add_task("nothing")
+        await asyncio.wait_for(other.close(), 10)
