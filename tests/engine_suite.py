@@ -888,8 +888,8 @@ async def test_a_retry_backoff_holds_no_slot_and_cancel_reaches_the_chain(make_a
     assert parent is not None and parent.retry_child_uuid is not None
     # The only slot is free during the backoff (1-2 s): a quick task runs at once.
     started = time.monotonic()
-    quick = await app.add_task("quick", timeout=10)
-    assert quick is not None and quick.status == "success"
+    other = await app.add_task("quick", timeout=10)
+    assert other is not None and other.status == "success"
     assert time.monotonic() - started < 0.9
     # Cancelling the original task cancels the retry it handed over to.
     assert await app.cancel(first.uuid, "enough") is True
@@ -938,15 +938,14 @@ async def test_a_stream_open_across_close_ends_with_a_clear_error(app: QueueTask
 
     await app.start()
     task = await app.add_task("forever")
-    values: list[Any] = []
+    first = asyncio.Event()
 
     async def read() -> None:
-        async for value in app.stream(task.uuid):
-            values.append(value)
+        async for _ in app.stream(task.uuid):
+            first.set()
 
     reader = asyncio.ensure_future(read())
-    while not values:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(first.wait(), 10)
     await app.stop(timeout=0.5)
     with pytest.raises(AppClosedError):
         await asyncio.wait_for(reader, 10)

@@ -119,17 +119,18 @@ def test_restart_delay_is_capped() -> None:
 
 async def test_a_loop_that_raises_is_restarted() -> None:
     runs: list[float] = []
+    third = asyncio.Event()
 
     async def flaky() -> None:
         runs.append(time.monotonic())
         if len(runs) < 3:
             raise RuntimeError("boom")
+        third.set()
         await asyncio.sleep(60)
 
     supervisor = Supervisor("test")
     supervisor.spawn("flaky", flaky)
-    while len(runs) < 3:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(third.wait(), 10)
     assert supervisor.running() == ["flaky"] and supervisor.error is None
     await supervisor.stop()
     assert supervisor.running() == []
@@ -152,15 +153,16 @@ async def test_a_loop_that_keeps_failing_is_fatal_and_wakes_whoever_waits() -> N
 
 async def test_a_loop_that_returns_is_restarted_too() -> None:
     runs = 0
+    third = asyncio.Event()
 
     async def returns() -> None:
         nonlocal runs
         runs += 1
         if runs > 2:
+            third.set()
             await asyncio.sleep(60)
 
     supervisor = Supervisor("test")
     supervisor.spawn("returns", returns)
-    while runs < 3:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(third.wait(), 10)
     await supervisor.stop()

@@ -52,19 +52,20 @@ async def test_a_control_loop_that_raises_is_restarted_and_cancel_still_works(ap
     consumer: Any = worker._control
     real = consumer.getmany
     failures = 0
+    recovered = asyncio.Event()
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
         nonlocal failures
         if failures < 2:
             failures += 1
             raise RuntimeError("a bug in a loop")
+        recovered.set()
         return await real(*args, **kwargs)
 
     consumer.getmany = broken
     task = await app.add_task("slow")
     await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
-    while failures < 2:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(recovered.wait(), 10)
     assert await app.cancel(task.uuid, "stop") is True
     done = await app.wait(task.uuid, 10)
     assert done.status == "cancel" and worker.error is None
