@@ -212,8 +212,8 @@ class QueueTasks:
         An unknown uuid is a :class:`~qtasks.exc.TaskNotFoundError` at once.
         """
         uuid = check_uuid(uuid)
-        await self.core.connect()
         async with asyncio.timeout(timeout):
+            await self.core.connect()
             await self._follow(uuid)
             view = self.core.store.view
             while True:

@@ -252,9 +252,11 @@ async def stream_results(
     core: Core, reader: ResultsReader, uuid: str, *, timeout: float | None = None
 ) -> AsyncIterator[Any]:
     """Yield the handled values of ``uuid`` (and of its retries), live, until it ends."""
-    await core.connect()
     deadline = _Deadline(uuid, timeout)
-    if await core.store.lookup(uuid) is None:
+    async with asyncio.timeout(deadline.left()):
+        await core.connect()
+        known = await core.store.lookup(uuid)
+    if known is None:
         raise TaskNotFoundError(f"no task {uuid} is known")
     while True:
         async for value in _stream_one(core, reader, uuid, deadline):
