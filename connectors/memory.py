@@ -428,11 +428,16 @@ class MemoryConsumer:
                 continue
             self._wakeup = fut
             try:
-                await asyncio.wait_for(asyncio.shield(fut), remaining)
-            except TimeoutError:
-                return []
+                # Not asyncio.wait_for: on Python 3.11, if ``fut`` completes in the loop
+                # iteration in which this task is cancelled, wait_for returns its result
+                # instead of raising CancelledError, and a ``while True: getmany()`` loop
+                # never ends. asyncio.wait never loses a cancellation (a cancel that meets a
+                # finished wait is raised at the next step) and never cancels ``fut``.
+                await asyncio.wait((fut,), timeout=remaining)
             finally:
                 self._wakeup = None
+            if not fut.done():
+                return []
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit offsets for the group (the next offset to read, as in Kafka)."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 
 import pytest
@@ -165,3 +169,92 @@ async def test_a_reader_moves_past_offsets_compaction_removed(conn: MemoryConnec
     started = time.monotonic()
     assert await consumer.getmany(0.2) == []  # waits for new records instead of spinning
     assert time.monotonic() - started >= 0.15
+
+
+# -- cancellation: a cancel that meets a record must still end the reader ------------
+
+
+async def _blocked_reader(conn: MemoryConnector, tp: TopicPartition) -> asyncio.Task[None]:
+    """A ``while True: getmany`` loop, as the engine's readers are, parked in ``getmany``."""
+    consumer = conn.consumer()
+    consumer.assign([tp])
+    await consumer.start()
+
+    async def loop() -> None:
+        while True:
+            await consumer.getmany(5.0)
+
+    task = asyncio.create_task(loop())
+    for _ in range(3):  # let it reach its wait
+        await asyncio.sleep(0)
+    return task
+
+
+async def _ends_cancelled(task: asyncio.Task[None]) -> bool:
+    await asyncio.wait({task}, timeout=2.0)
+    if not task.done():
+        task.cancel()  # do not leak the reader into other tests
+        await asyncio.wait({task}, timeout=2.0)
+        return False
+    return task.cancelled()
+
+
+async def test_a_reader_cancelled_as_a_record_arrives_on_its_loop_is_cancelled(conn: MemoryConnector) -> None:
+    tp = TopicPartition("t", 0)
+    for _ in range(50):
+        reader = await _blocked_reader(conn, tp)
+        await conn.producer.send("t", b"x", key=None, partition=0)  # resolves the reader's wait at once
+        reader.cancel()  # in the same loop iteration
+        assert await _ends_cancelled(reader)
+
+
+async def test_a_reader_cancelled_as_another_thread_appends_is_cancelled(conn: MemoryConnector) -> None:
+    tp = TopicPartition("t", 1)
+    loop = asyncio.get_running_loop()
+    for _ in range(50):
+        reader = await _blocked_reader(conn, tp)
+
+        def from_thread(reader: asyncio.Task[None] = reader) -> None:
+            conn.log.append("t", 1, None, b"x")  # wakes the reader through call_soon_threadsafe
+            loop.call_soon_threadsafe(reader.cancel)
+
+        thread = threading.Thread(target=from_thread)
+        thread.start()
+        ended = await _ends_cancelled(reader)
+        thread.join()
+        assert ended
+
+
+def test_asyncio_run_returns_when_main_leaves_a_reader_running_after_a_write() -> None:
+    # asyncio.run cancels the tasks main leaves behind and waits for them: the write
+    # wakes the reader in the same iteration as that cancel (``asyncio.run(app.add_task(...))``).
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from qtasks.connectors import TopicPartition, TopicSpec
+        from qtasks.connectors.memory import MemoryConnector
+
+        async def main() -> None:
+            conn = MemoryConnector("memory://run")
+            await conn.ensure_topics([TopicSpec("t", 1)])
+            consumer = conn.consumer()
+            consumer.assign([TopicPartition("t", 0)])
+            await consumer.start()
+
+            async def reader() -> None:
+                while True:
+                    await consumer.getmany(1.0)
+
+            asyncio.create_task(reader())
+            await asyncio.sleep(0.01)
+            await conn.producer.send("t", b"x", key=None, partition=0)
+
+        asyncio.run(main())
+        print("returned")
+        """
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("asyncio.run did not return: the reader swallowed its cancellation")
+    assert done.stdout.strip() == "returned", done.stderr
