@@ -172,6 +172,14 @@ class MemoryLog:
                 p.waiters.append((loop, fut))
         return fut
 
+    def unwatch(self, tps: Iterable[TopicPartition], fut: asyncio.Future[None]) -> None:
+        """Forget a ``watch`` future, so idle partitions do not collect the waits that timed out."""
+        with self.lock:
+            for tp in tps:
+                p = self._topic(tp.topic).partitions[tp.partition]
+                if p.waiters:
+                    p.waiters = [w for w in p.waiters if w[1] is not fut]
+
     def end_offset(self, tp: TopicPartition) -> int:
         """The offset the next record of a partition will get."""
         with self.lock:
@@ -436,6 +444,7 @@ class MemoryConsumer:
                 await asyncio.wait((fut,), timeout=remaining)
             finally:
                 self._wakeup = None
+                self._log.unwatch(active, fut)
             if not fut.done():
                 return []
 

@@ -258,3 +258,12 @@ def test_asyncio_run_returns_when_main_leaves_a_reader_running_after_a_write() -
     except subprocess.TimeoutExpired:
         pytest.fail("asyncio.run did not return: the reader swallowed its cancellation")
     assert done.stdout.strip() == "returned", done.stderr
+
+
+async def test_waits_that_time_out_do_not_pile_up_on_an_idle_partition(conn: MemoryConnector) -> None:
+    consumer = conn.consumer()
+    consumer.assign([TopicPartition("t", 2)])
+    await consumer.start()
+    for _ in range(20):
+        assert await consumer.getmany(0.001) == []
+    assert conn.log.topics["t"].partitions[2].waiters == []
