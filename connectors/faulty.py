@@ -19,8 +19,10 @@ The operations a plan names, and what a fault does to each:
   ListOffsets), ``seek`` (and ``seek_to_end``, ``seek_to_beginning``): the call waits for
   any delay, then raises the error.
 - ``delivery``: ``send`` succeeds and returns the record's delivery, an awaitable. A
-  record whose delivery fails is never written; one delayed is written when its delivery
-  resolves. Records of one partition are written in the order they were sent.
+  record whose delivery fails is never written, nor are the records of its partition
+  sent while it was pending (their deliveries fail too, as an idempotent producer's
+  batches behind a failed one do). One delayed is written when its delivery resolves.
+  Records of one partition are written in the order they were sent.
 
 ``flush`` waits for every delivery pending when it is called, then raises the first
 delivery failure since the last flush (once), as Kafka's producer reports a failed
@@ -171,7 +173,10 @@ class FaultyProducer:
         partition: int,
     ) -> Any:
         if tail is not None:
-            await asyncio.wait({tail})  # keep the partition's order; its failure is not ours
+            await asyncio.wait({tail})  # keep the partition's order
+            if error is None and not tail.cancelled():
+                # An idempotent producer fails the batches in flight behind a failed one.
+                error = tail.exception()
         await asyncio.sleep(delay)
         if error is None and self._faults.is_down:
             error = BrokerUnavailableError("injected outage: the broker went down before the record was delivered")

@@ -72,18 +72,23 @@ async def test_a_fault_with_a_topic_applies_only_to_that_topic(broker: FaultyCon
     assert await held(broker) == [b"fine"]
 
 
-async def test_a_failed_delivery_loses_the_record_and_the_next_flush_raises_once(broker: FaultyConnector) -> None:
+async def test_a_failed_delivery_loses_the_records_behind_it_and_the_next_flush_raises_once(
+    broker: FaultyConnector,
+) -> None:
     broker.faults.fail("delivery", error=BrokerUnavailableError("timed out"))
     delivery = await broker.producer.send("t", b"lost", key=None, partition=0)
-    after = await broker.producer.send("t", b"kept", key=None, partition=0)
-    assert delivery is not None and after is not None  # the second waits behind the first
-    with pytest.raises(BrokerUnavailableError):
-        await delivery
-    await after
+    behind = await broker.producer.send("t", b"lost too", key=None, partition=0)
+    elsewhere = await broker.producer.send("t", b"kept", key=None, partition=1)
+    assert delivery is not None and behind is not None and elsewhere is None
+    for pending in (delivery, behind):
+        with pytest.raises(BrokerUnavailableError):
+            await pending
     with pytest.raises(BrokerUnavailableError, match="timed out"):
         await broker.producer.flush()
     await broker.producer.flush()  # a failure is reported by one flush only
-    assert await held(broker) == [b"kept"]
+    assert await broker.producer.send("t", b"later", key=None, partition=0) is None
+    assert await held(broker) == [b"later"]
+    assert await held(broker, TopicPartition("t", 1)) == [b"kept"]
 
 
 async def test_a_failed_delivery_nobody_awaits_is_still_reported_by_flush(broker: FaultyConnector) -> None:
