@@ -68,7 +68,14 @@ def _wake(waiters: list[_Waiter]) -> None:
             if not fut.done():
                 fut.set_result(None)
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(_resolve, fut)
+            _call_soon(loop, fut)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, fut)
+    except RuntimeError:
+        pass  # the loop closed since is_closed(): nobody waits there any more
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -466,7 +473,7 @@ class MemoryConsumer:
             if running is loop:
                 _resolve(fut)
             else:
-                loop.call_soon_threadsafe(_resolve, fut)
+                _call_soon(loop, fut)
 
     def subscribe(self, topics: list[str], listener: RebalanceListener) -> None:
         """Join ``group_id`` for these topics (at ``start``)."""

@@ -418,3 +418,18 @@ async def test_topics_get_the_default_retention_unless_config_or_url_set_it() ->
 def test_bad_url_options_are_config_errors(url: str) -> None:
     with pytest.raises(ConfigError, match=r"retention"):
         MemoryConnector(url)
+
+
+async def test_an_append_does_not_fail_when_a_waiting_readers_loop_closes_under_it(conn: MemoryConnector) -> None:
+    class ClosingLoop:
+        """A loop that closes between ``is_closed()`` and ``call_soon_threadsafe``."""
+
+        def is_closed(self) -> bool:
+            return False
+
+        def call_soon_threadsafe(self, *args: object) -> None:
+            raise RuntimeError("Event loop is closed")
+
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    conn.log.topics["t"].partitions[0].waiters.append((ClosingLoop(), fut))  # type: ignore[arg-type]
+    assert conn.log.append("t", 0, None, b"x") == 0
