@@ -5,6 +5,8 @@
   same URL share one log.
 - ``kafka://host:port[,host:port]``: Apache Kafka through aiokafka. Query parameters
   pass security settings (see ``docs/kafka.md``).
+- ``faulty+<url>``, e.g. ``faulty+memory://name``: the connector of ``<url>`` wrapped in a
+  :class:`~qtasks.connectors.faulty.FaultyConnector`, whose ``faults`` fail I/O on demand.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise ConfigError(f"broker_url must look like 'memory://' or 'kafka://host:9092', got {url!r}")
+    if scheme.startswith("faulty+"):
+        from qtasks.connectors.faulty import FaultyConnector
+
+        return FaultyConnector(from_url(url.removeprefix("faulty+"), config, **options))
     if scheme == "memory":
         from qtasks.connectors.memory import MemoryConnector
 
@@ -50,4 +56,4 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
         from qtasks.connectors.kafka import KafkaConnector
 
         return KafkaConnector(url, config, **options)
-    raise ConfigError(f"unknown broker scheme {scheme!r} in {url!r}: use memory:// or kafka://")
+    raise ConfigError(f"unknown broker scheme {scheme!r} in {url!r}: use memory://, kafka:// or faulty+ either")

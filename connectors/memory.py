@@ -7,6 +7,31 @@ member, and compacted topics keep the last record of each key (tombstones are dr
 after ``delete.retention.ms``), leaving gaps in the offsets as Kafka does. Apps in one
 process that use the same ``memory://name`` URL share one log; it is thread-safe, so
 apps on different event loops can share it too.
+
+Retention keeps the log bounded, as Kafka's ``cleanup.policy=delete`` does: a topic that
+is not compacted drops its oldest records once a partition holds more than
+``retention.bytes``, or once they are older than ``retention.ms``. The limits come from the topic's config
+(``TopicSpec.config``), else from the URL, else from the defaults::
+
+    memory://name?retention_ms=600000&retention_bytes=1000000
+
+=================== ============================= ===================================
+URL option          topic config                  default
+=================== ============================= ===================================
+``retention_bytes`` ``retention.bytes``           67108864 (64 MiB) per partition
+``retention_ms``    ``retention.ms``              3600000 (1 hour)
+=================== ============================= ===================================
+
+``-1`` means no limit. The first app to create a topic sets its limits (as on a broker:
+a topic that exists keeps its config). A record counts its key and value bytes plus
+``RECORD_OVERHEAD`` (what the log holds per record besides them), so ``retention.bytes``
+bounds the memory a partition takes, however small its records. Deletion is by whole
+records, oldest first, in batches (Kafka deletes whole segments): past the byte limit a
+partition is cut to three quarters of it, and the time limit is checked every tenth of
+``retention.ms``, so a record may outlive it by that much. The newest record is always
+kept. A consumer whose position fell below the first kept offset reads on from it, as
+Kafka's consumer does with ``auto.offset.reset=earliest``. As on Kafka, records nobody
+has read yet are deleted too: a backlog older or larger than the limits is lost.
 """
 
 from __future__ import annotations
@@ -16,10 +41,19 @@ import bisect
 import itertools
 import threading
 import time
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Callable, Iterable
 
 from qtasks.connectors.base import RebalanceListener, Record, TopicPartition, TopicSpec
-from qtasks.exc import CommitFailedError, ConnectorError, TopicConfigError
+from qtasks.exc import CommitFailedError, ConfigError, ConnectorError, TopicConfigError
+
+#: The retention of topics that neither their config nor the URL sets.
+DEFAULT_RETENTION = {"retention.bytes": str(64 * 2**20), "retention.ms": str(3_600_000)}
+#: Bytes a stored record costs besides its key and value (the tuple, its ints, the bytes
+#: objects' headers, two list slots: about 220 on CPython 3.11), counted by ``retention.bytes``.
+RECORD_OVERHEAD = 200
+#: The URL query options, and the topic config each one sets.
+_URL_OPTIONS = {"retention_bytes": "retention.bytes", "retention_ms": "retention.ms"}
 
 _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
@@ -34,7 +68,14 @@ def _wake(waiters: list[_Waiter]) -> None:
             if not fut.done():
                 fut.set_result(None)
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(_resolve, fut)
+            _call_soon(loop, fut)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, fut)
+    except RuntimeError:
+        pass  # the loop closed since is_closed(): nobody waits there any more
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -49,7 +90,7 @@ _Stored = tuple[int, bytes | None, bytes | None, int]
 
 
 class _Partition:
-    __slots__ = ("dirty", "next_offset", "offsets", "records", "waiters")
+    __slots__ = ("dirty", "next_check", "next_offset", "offsets", "records", "size", "waiters")
 
     def __init__(self) -> None:
         self.records: list[_Stored] = []
@@ -57,13 +98,43 @@ class _Partition:
         self.next_offset = 0
         self.waiters: list[_Waiter] = []
         self.dirty = 0
+        self.size = 0  # bytes held, as retention.bytes counts them
+        self.next_check = 0  # when (ms) to next apply retention.ms
+
+
+def _size(record: _Stored) -> int:
+    return len(record[1] or b"") + len(record[2] or b"") + RECORD_OVERHEAD
+
+
+#: A limit never reached: what -1 (no limit) stands for.
+_NEVER = 2**62
+
+
+def _limit(name: str, value: str) -> int:
+    """A retention limit: a positive integer, or -1 for none (``_NEVER``)."""
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit == -1:
+        return _NEVER
+    if limit < 1:
+        raise ConfigError(f"{name} must be a positive integer, or -1 for no limit; got {value!r}")
+    return limit
 
 
 class _Topic:
-    def __init__(self, spec: TopicSpec) -> None:
+    def __init__(self, spec: TopicSpec, defaults: dict[str, str]) -> None:
         self.spec = spec
+        self.compacted = spec.compacted
         self.partitions = [_Partition() for _ in range(spec.partitions)]
-        self.delete_retention_ms = int(spec.config.get("delete.retention.ms", "1000"))
+        config = {**DEFAULT_RETENTION, **defaults, **spec.config}
+        self.delete_retention_ms = int(config.get("delete.retention.ms", "1000"))
+        self.retention_bytes = _limit("retention.bytes", config["retention.bytes"])
+        self.retention_ms = _limit("retention.ms", config["retention.ms"])
+        # Kafka checks retention every log.retention.check.interval.ms; here every tenth
+        # of retention.ms, so each check drops about a tenth of a full partition.
+        self.check_interval = max(1, self.retention_ms // 10)
 
 
 class _Group:
@@ -82,15 +153,20 @@ class MemoryLog:
         self.topics: dict[str, _Topic] = {}
         self.groups: dict[str, _Group] = {}
         self._member_ids = itertools.count(1)
+        #: Seconds since the epoch: record timestamps and retention read it (tests replace it).
+        self.clock: Callable[[], float] = time.time
 
     # topics -----------------------------------------------------------------------
 
-    def create_topic(self, spec: TopicSpec) -> None:
-        """Create a topic; an existing one must have the same cleanup policy."""
+    def create_topic(self, spec: TopicSpec, defaults: dict[str, str] | None = None) -> None:
+        """Create a topic; an existing one must have the same cleanup policy.
+
+        ``defaults`` is topic config for what ``spec.config`` does not set (the URL's retention).
+        """
         with self.lock:
             topic = self.topics.get(spec.name)
             if topic is None:
-                self.topics[spec.name] = _Topic(spec)
+                self.topics[spec.name] = _Topic(spec, defaults or {})
             elif topic.spec.compacted != spec.compacted:
                 policy = "compact" if topic.spec.compacted else "delete"
                 raise TopicConfigError(
@@ -119,13 +195,19 @@ class MemoryLog:
                 raise ConnectorError(f"topic {topic!r} has no partition {partition}") from None
             offset = p.next_offset
             p.next_offset = offset + 1
-            p.records.append((offset, key, value, int(time.time() * 1000)))
+            now = int(self.clock() * 1000)
+            p.records.append((offset, key, value, now))
             p.offsets.append(offset)
             waiters, p.waiters = p.waiters, []
-            if t.spec.compacted:
+            if t.compacted:
                 p.dirty += 1
                 if p.dirty > max(256, len(p.records) // 2):
                     self._compact(t, p)
+            else:
+                # The hot path: one sum and two comparisons; _retain cuts in batches.
+                p.size = size = p.size + len(key or b"") + len(value or b"") + RECORD_OVERHEAD
+                if size > t.retention_bytes or now >= p.next_check:
+                    self._retain(t, p, now)
         if waiters:
             _wake(waiters)
         return offset
@@ -137,12 +219,37 @@ class MemoryLog:
             for p in t.partitions:
                 self._compact(t, p)
 
+    def retain(self, topic: str) -> None:
+        """Apply the retention of a non-compacted topic now (appends do it as they go)."""
+        with self.lock:
+            t = self._topic(topic)
+            if not t.compacted:
+                now = int(self.clock() * 1000)
+                for p in t.partitions:
+                    self._retain(t, p, now)
+
     @staticmethod
-    def _compact(t: _Topic, p: _Partition) -> None:
+    def _retain(t: _Topic, p: _Partition, now: int) -> None:
+        # Cut past the byte limit to 3/4 of it, so the next cut is a quarter of a
+        # partition away: deleting in batches keeps an append O(1) on average.
+        target = t.retention_bytes * 3 // 4 if p.size > t.retention_bytes else _NEVER
+        horizon = now - t.retention_ms
+        records, size, drop = p.records, p.size, 0
+        keep_last = len(records) - 1
+        while drop < keep_last and (size > target or records[drop][3] < horizon):
+            size -= _size(records[drop])
+            drop += 1
+        if drop:
+            del records[:drop]
+            del p.offsets[:drop]
+            p.size = size
+        p.next_check = now + t.check_interval  # past _NEVER if there is no time limit
+
+    def _compact(self, t: _Topic, p: _Partition) -> None:
         last: dict[bytes | None, int] = {}
         for i, record in enumerate(p.records):
             last[record[1]] = i
-        horizon = time.time() * 1000 - t.delete_retention_ms
+        horizon = self.clock() * 1000 - t.delete_retention_ms
         kept = [r for i, r in enumerate(p.records) if last[r[1]] == i and (r[2] is not None or r[3] > horizon)]
         p.records = kept
         p.offsets = [r[0] for r in kept]
@@ -171,6 +278,14 @@ class MemoryLog:
             for p in parts:
                 p.waiters.append((loop, fut))
         return fut
+
+    def unwatch(self, tps: Iterable[TopicPartition], fut: asyncio.Future[None]) -> None:
+        """Forget a ``watch`` future, so idle partitions do not collect the waits that timed out."""
+        with self.lock:
+            for tp in tps:
+                p = self._topic(tp.topic).partitions[tp.partition]
+                if p.waiters:
+                    p.waiters = [w for w in p.waiters if w[1] is not fut]
 
     def end_offset(self, tp: TopicPartition) -> int:
         """The offset the next record of a partition will get."""
@@ -263,9 +378,24 @@ _logs: dict[str, MemoryLog] = {}
 _logs_lock = threading.Lock()
 
 
+def _name(url: str) -> str:
+    return url.partition("://")[2].partition("?")[0].strip("/")
+
+
+def url_options(url: str) -> dict[str, str]:
+    """The topic config a ``memory://name?...`` URL sets (see the module docstring)."""
+    config = {}
+    for key, value in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True):
+        if key not in _URL_OPTIONS:
+            raise ConfigError(f"unknown memory:// option {key!r} in {url!r}: use {' or '.join(_URL_OPTIONS)}")
+        _limit(key, value)
+        config[_URL_OPTIONS[key]] = value
+    return config
+
+
 def get_log(url: str) -> MemoryLog:
-    """The shared log behind a ``memory://`` URL (one per name, per process)."""
-    name = url.partition("://")[2].strip("/")
+    """The shared log behind a ``memory://`` URL (one per name, per process; the query is not part of the name)."""
+    name = _name(url)
     with _logs_lock:
         log = _logs.get(name)
         if log is None:
@@ -275,7 +405,7 @@ def get_log(url: str) -> MemoryLog:
 
 def drop_log(url: str) -> None:
     """Forget the log behind a ``memory://`` URL (its records are freed once no app uses it)."""
-    name = url.partition("://")[2].strip("/")
+    name = _name(url)
     with _logs_lock:
         _logs.pop(name, None)
 
@@ -343,7 +473,7 @@ class MemoryConsumer:
             if running is loop:
                 _resolve(fut)
             else:
-                loop.call_soon_threadsafe(_resolve, fut)
+                _call_soon(loop, fut)
 
     def subscribe(self, topics: list[str], listener: RebalanceListener) -> None:
         """Join ``group_id`` for these topics (at ``start``)."""
@@ -428,11 +558,17 @@ class MemoryConsumer:
                 continue
             self._wakeup = fut
             try:
-                await asyncio.wait_for(asyncio.shield(fut), remaining)
-            except TimeoutError:
-                return []
+                # Not asyncio.wait_for: on Python 3.11, if ``fut`` completes in the loop
+                # iteration in which this task is cancelled, wait_for returns its result
+                # instead of raising CancelledError, and a ``while True: getmany()`` loop
+                # never ends. asyncio.wait never loses a cancellation (a cancel that meets a
+                # finished wait is raised at the next step) and never cancels ``fut``.
+                await asyncio.wait((fut,), timeout=remaining)
             finally:
                 self._wakeup = None
+                self._log.unwatch(active, fut)
+            if not fut.done():
+                return []
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit offsets for the group (the next offset to read, as in Kafka)."""
@@ -467,6 +603,7 @@ class MemoryConnector:
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
+        self._defaults = url_options(url)
         self.log = get_log(url)
         self._producer = MemoryProducer(self.log)
 
@@ -477,9 +614,9 @@ class MemoryConnector:
         """Nothing to disconnect; the log stays for other apps of the process."""
 
     async def ensure_topics(self, specs: list[TopicSpec]) -> None:
-        """Create the topics that do not exist; check the cleanup policy of those that do."""
+        """Create the topics that do not exist (with the URL's retention); check the cleanup policy of those that do."""
         for spec in specs:
-            self.log.create_topic(spec)
+            self.log.create_topic(spec, self._defaults)
 
     async def partitions_for(self, topic: str) -> int:
         """How many partitions a topic has."""

@@ -1,0 +1,327 @@
+"""A connector that fails on demand: wrap any connector and plan its faults.
+
+Tests of the engine's fault paths need I/O that fails when they say, in milliseconds
+and without a broker. ``FaultyConnector`` wraps a connector (``memory://`` in practice;
+``faulty+memory://name`` builds one) and follows a plan held in ``faults``::
+
+    broker = FaultyConnector(MemoryConnector("memory://x"))   # app.broker of "faulty+memory://x"
+    broker.faults.fail("send", nth=2)                   # the 2nd send from now raises
+    broker.faults.fail("delivery", topic="app.results") # a result is lost; its delivery and the next flush raise
+    broker.faults.delay("fetch", 0.5, times=3)          # the next 3 getmany calls wait 0.5 s first
+    broker.faults.down()                                # an outage: every operation raises BrokerUnavailableError
+    broker.faults.up()
+    assert broker.faults.calls["commit"] == 3
+
+The operations a plan names, and what a fault does to each:
+
+- ``start`` (connector and consumers), ``ensure_topics``, ``send``, ``flush``, ``commit``,
+  ``fetch`` (``getmany``), ``end_offsets`` (and ``offsets_for_times``: both are Kafka's
+  ListOffsets), ``seek`` (and ``seek_to_end``, ``seek_to_beginning``): the call waits for
+  any delay, then raises the error.
+- ``delivery``: ``send`` succeeds and returns the record's delivery, an awaitable. A
+  record whose delivery fails is never written, nor are the records of its partition
+  sent while it was pending (their deliveries fail too, as an idempotent producer's
+  batches behind a failed one do). One delayed is written when its delivery resolves.
+  Records of one partition are written in the order they were sent.
+
+``flush`` waits for every delivery pending when it is called, then raises the first
+delivery failure since the last flush (once), as Kafka's producer reports a failed
+batch. ``stop``, ``partitions_for`` and the calls that only change the consumer's own
+state (``assign``, ``subscribe``, ``pause``, ...) never fail. ``topic=`` restricts a
+fault to records of that topic, or to consumers that read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from qtasks.connectors.base import Connector, Consumer, Producer, RebalanceListener, Record, TopicPartition, TopicSpec
+from qtasks.exc import BrokerUnavailableError, ConnectorError
+
+__all__ = ["Faults", "FaultyConnector", "Op"]
+
+Op = Literal["start", "ensure_topics", "send", "delivery", "flush", "commit", "fetch", "end_offsets", "seek"]
+_OPS = frozenset(get_args(Op))
+Error = BaseException | type[BaseException]
+
+
+@dataclass
+class _Rule:
+    op: Op
+    topic: str | None
+    skip: int  # matching calls to let through first
+    times: int | None  # matching calls it then applies to (None: every one)
+    delay: float = 0.0
+    error: Error | None = None
+
+
+class Faults:
+    """The plan of a :class:`FaultyConnector`, and how often each operation was called."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._rules: list[_Rule] = []
+        self._down = False
+
+    def fail(
+        self, op: Op, *, nth: int = 1, times: int = 1, error: Error | None = None, topic: str | None = None
+    ) -> None:
+        """Make the ``nth`` matching call of ``op`` from now on, and the ``times - 1`` after it, raise ``error``.
+
+        The default error is a retriable ``ConnectorError("injected fault")``.
+        """
+        error = error if error is not None else ConnectorError("injected fault", retriable=True)
+        self._add(_Rule(op, topic, nth - 1, times, error=error))
+
+    def delay(self, op: Op, seconds: float, *, topic: str | None = None, times: int | None = None) -> None:
+        """Delay the matching calls of ``op`` by ``seconds`` (the next ``times``; every one if None)."""
+        self._add(_Rule(op, topic, 0, times, delay=seconds))
+
+    def down(self) -> None:
+        """Start an outage: every operation raises ``BrokerUnavailableError`` (retriable) until :meth:`up`."""
+        self._down = True
+
+    @property
+    def is_down(self) -> bool:
+        """Whether an outage is on."""
+        return self._down
+
+    def up(self) -> None:
+        """End an outage."""
+        self._down = False
+
+    def clear(self) -> None:
+        """Forget the plan and the call counts, and end any outage."""
+        self._rules.clear()
+        self.calls.clear()
+        self._down = False
+
+    def _add(self, rule: _Rule) -> None:
+        if rule.op not in _OPS:
+            raise ValueError(f"unknown operation {rule.op!r}: use one of {sorted(_OPS)}")
+        if rule.skip < 0 or (rule.times is not None and rule.times < 1):
+            raise ValueError("nth and times count calls: they must be 1 or more")
+        self._rules.append(rule)
+
+    def take(self, op: Op, topics: Iterable[str] = ()) -> tuple[float, Error | None]:
+        """Count a call of ``op`` on ``topics`` and return its fate: a delay, and an error or None."""
+        self.calls[op] += 1
+        if self._down:
+            return 0.0, BrokerUnavailableError("injected outage: the broker is down until faults.up()")
+        topics = set(topics)
+        delay, error = 0.0, None
+        for rule in list(self._rules):
+            if rule.op != op or (rule.topic is not None and rule.topic not in topics):
+                continue
+            if rule.skip:
+                rule.skip -= 1
+                continue
+            if rule.times is not None:
+                rule.times -= 1
+                if rule.times <= 0:
+                    self._rules.remove(rule)
+            delay += rule.delay
+            error = error or rule.error
+        return delay, error
+
+    async def enter(self, op: Op, topics: Iterable[str] = ()) -> None:
+        """Apply the plan to a call of ``op``: wait for its delay, then raise its error, if any."""
+        delay, error = self.take(op, topics)
+        if delay:
+            await asyncio.sleep(delay)
+        if error is not None:
+            raise error
+
+
+class FaultyProducer:
+    """Sends through the inner producer, failing or delaying sends and deliveries as planned."""
+
+    def __init__(self, inner: Producer, faults: Faults) -> None:
+        self._inner = inner
+        self._faults = faults
+        self._tails: dict[tuple[str, int], asyncio.Task[Any]] = {}  # the last pending delivery per partition
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._failure: BaseException | None = None  # the first failed delivery since the last flush
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None, partition: int
+    ) -> Awaitable[Any] | None:
+        """Send a record; return its delivery if it has a planned fault or waits behind one."""
+        await self._faults.enter("send", (topic,))
+        delay, error = self._faults.take("delivery", (topic,))
+        tail = self._tails.get((topic, partition))
+        if not delay and error is None and tail is None:
+            return await self._inner.send(topic, value, key=key, partition=partition)
+        delivery = asyncio.create_task(self._deliver(tail, delay, error, topic, value, key, partition))
+        self._tails[(topic, partition)] = delivery
+        self._pending.add(delivery)
+        delivery.add_done_callback(lambda d: self._delivered((topic, partition), d))
+        return delivery
+
+    async def _deliver(
+        self,
+        tail: asyncio.Task[Any] | None,
+        delay: float,
+        error: Error | None,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int,
+    ) -> Any:
+        if tail is not None:
+            await asyncio.wait({tail})  # keep the partition's order
+            if error is None and not tail.cancelled():
+                # An idempotent producer fails the batches in flight behind a failed one.
+                error = tail.exception()
+        await asyncio.sleep(delay)
+        if error is None and self._faults.is_down:
+            error = BrokerUnavailableError("injected outage: the broker went down before the record was delivered")
+        if error is not None:
+            raise error
+        sent = await self._inner.send(topic, value, key=key, partition=partition)
+        return await sent if sent is not None else None
+
+    def _delivered(self, tp: tuple[str, int], delivery: asyncio.Task[Any]) -> None:
+        self._pending.discard(delivery)
+        if self._tails.get(tp) is delivery:
+            del self._tails[tp]
+        error = None if delivery.cancelled() else delivery.exception()  # also marks it retrieved
+        if error is not None and self._failure is None:
+            self._failure = error
+
+    async def flush(self) -> None:
+        """Wait for the pending deliveries and the inner flush; raise the first delivery failure since the last flush."""
+        await self._faults.enter("flush")
+        if self._pending:
+            await asyncio.wait(set(self._pending))
+        await self._inner.flush()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """What the inner producer knows."""
+        return self._inner.known_end(topic, partition)
+
+
+class FaultyConsumer:
+    """Reads through the inner consumer, failing or delaying its broker calls as planned."""
+
+    def __init__(self, inner: Consumer, faults: Faults) -> None:
+        self._inner = inner
+        self._faults = faults
+        self._topics: set[str] = set()  # what it reads, for faults restricted to a topic
+
+    async def start(self) -> None:
+        """Start (a group member joins its group)."""
+        await self._faults.enter("start", self._topics)
+        await self._inner.start()
+
+    async def stop(self) -> None:
+        """Stop; never fails, so cleanup always can."""
+        await self._inner.stop()
+
+    def subscribe(self, topics: list[str], listener: RebalanceListener) -> None:
+        """Subscribe as a group member."""
+        self._topics = set(topics)
+        self._inner.subscribe(topics, listener)
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read these partitions."""
+        partitions = list(partitions)
+        self._topics = {tp.topic for tp in partitions}
+        self._inner.assign(partitions)
+
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions read now."""
+        return self._inner.assignment()
+
+    async def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` on (op ``seek``)."""
+        await self._faults.enter("seek", self._topics)
+        await self._inner.seek(tp, offset)
+
+    async def seek_to_end(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read only new records (op ``seek``)."""
+        await self._faults.enter("seek", self._topics)
+        await self._inner.seek_to_end(partitions)
+
+    async def seek_to_beginning(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read from the oldest record (op ``seek``)."""
+        await self._faults.enter("seek", self._topics)
+        await self._inner.seek_to_beginning(partitions)
+
+    async def getmany(self, timeout: float, max_records: int | None = None) -> list[Record]:
+        """Fetch records (op ``fetch``: a delay comes before the inner wait)."""
+        await self._faults.enter("fetch", self._topics)
+        return await self._inner.getmany(timeout, max_records)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit offsets (op ``commit``)."""
+        await self._faults.enter("commit", self._topics)
+        await self._inner.commit(offsets)
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stop returning records of these partitions."""
+        self._inner.pause(partitions)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        """Return records of these partitions again."""
+        self._inner.resume(partitions)
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The end of each partition (op ``end_offsets``)."""
+        await self._faults.enter("end_offsets", self._topics)
+        return await self._inner.end_offsets(partitions)
+
+    async def position(self, tp: TopicPartition) -> int:
+        """The next offset this consumer returns from ``tp``."""
+        return await self._inner.position(tp)
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        """Offsets by time (op ``end_offsets``: Kafka's ListOffsets serves both)."""
+        await self._faults.enter("end_offsets", self._topics)
+        return await self._inner.offsets_for_times(timestamps)
+
+
+class FaultyConnector:
+    """A connector that wraps ``inner`` and fails or delays its I/O as ``faults`` plans."""
+
+    def __init__(self, inner: Connector) -> None:
+        self.inner = inner
+        self.url = f"faulty+{inner.url}"
+        self.faults = Faults()
+        self._producer = FaultyProducer(inner.producer, self.faults)
+
+    async def start(self) -> None:
+        """Connect (op ``start``)."""
+        await self.faults.enter("start")
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        """Disconnect; never fails, so cleanup always can."""
+        await self.inner.stop()
+
+    async def ensure_topics(self, specs: list[TopicSpec]) -> None:
+        """Create the topics (op ``ensure_topics``)."""
+        await self.faults.enter("ensure_topics", [spec.name for spec in specs])
+        await self.inner.ensure_topics(specs)
+
+    async def partitions_for(self, topic: str) -> int:
+        """How many partitions a topic has."""
+        return await self.inner.partitions_for(topic)
+
+    @property
+    def producer(self) -> FaultyProducer:
+        """The one producer, faulty as planned."""
+        return self._producer
+
+    def consumer(
+        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
+    ) -> FaultyConsumer:
+        """A new consumer of the inner connector, faulty as planned."""
+        return FaultyConsumer(self.inner.consumer(group_id, client_id=client_id, max_wait_ms=max_wait_ms), self.faults)
