@@ -23,20 +23,26 @@ log = logging.getLogger("qtasks.delivery")
 
 
 class Trouble:
-    """How many deliveries are waiting for the broker right now (a worker takes no new tasks meanwhile)."""
+    """How many deliveries are waiting for the broker right now (a worker takes no new tasks meanwhile).
+
+    The first one to wait logs one WARNING, the last one to get through one INFO with
+    how long it lasted: an outage is two lines, however many records wait.
+    """
 
     def __init__(self) -> None:
         self.waiting = 0
         self.since: float | None = None
 
-    def enter(self) -> None:
+    def enter(self, what: str, exc: BaseException) -> None:
         if self.waiting == 0:
             self.since = time.monotonic()
+            log.warning("the broker does not take records (%s: %s); retrying until it does", what, exc)
         self.waiting += 1
 
     def leave(self) -> None:
         self.waiting -= 1
-        if self.waiting == 0:
+        if self.waiting == 0 and self.since is not None:
+            log.info("the broker takes records again after %.1f s", time.monotonic() - self.since)
             self.since = None
 
     def __bool__(self) -> bool:
@@ -54,15 +60,21 @@ async def deliver(
     what: str,
     durable: bool = True,
     trouble: Trouble | None = None,
+    wanted: Callable[[], bool] | None = None,
 ) -> None:
     """Run ``send()`` (which enqueues one record and may return its delivery) until it succeeds.
 
     With ``durable`` the delivery is awaited too (the record is stored when this returns).
+    ``wanted`` is asked before each new try: a record that is no longer wanted (a lease
+    renewal of a task that ended meanwhile) is dropped instead of written late.
     """
     tries = 0
     started = 0.0
     try:
         while True:
+            if tries and wanted is not None and not wanted():
+                log.debug("%s dropped: no longer wanted", what)
+                return
             try:
                 delivery = await send()
                 if durable and delivery is not None:
@@ -73,13 +85,13 @@ async def deliver(
                 tries += 1
                 if tries == 1:
                     started = time.monotonic()
-                    log.warning("%s waits for the broker: %s (retrying)", what, exc)
+                    log.debug("%s waits for the broker: %s (retrying)", what, exc)
                     if trouble is not None:
-                        trouble.enter()
+                        trouble.enter(what, exc)
                 await asyncio.sleep(retry_delay(tries))
                 continue
             if tries:
-                log.info("%s stored after %d tries (%.1f s)", what, tries + 1, time.monotonic() - started)
+                log.debug("%s stored after %d tries (%.1f s)", what, tries + 1, time.monotonic() - started)
             return
     finally:
         if tries and trouble is not None:

@@ -141,6 +141,8 @@ class TaskRun:
         self.partition = partition_for(rec.uuid, core.results_partitions)
         self.task = base_status(rec, head, host.worker_id)
         self.sink = ResultSink(core, rec.uuid, attempt, self.partition)
+        #: Set once the run writes its ending: lease renewals stop.
+        self.concluding = False
         executor_cls = spec.executor or TaskExecutor
         self.executor: TaskExecutor = executor_cls(
             spec,
@@ -172,17 +174,17 @@ class TaskRun:
 
     async def renew(self) -> None:
         """Renew the lease, with the progress so far (``yield_count``)."""
-        if self.task.status != "process":
-            return  # concluded meanwhile
+        if self.concluding:
+            return
         now = time.time()
-        self.task = await self.host.core.store.write(
-            msgspec.structs.replace(
-                self.task,
-                lease_until=now + self.host.core.config.lease_timeout,
-                yield_count=self.executor.yield_count,
-                updated_at=now,
-            )
+        renewal = msgspec.structs.replace(
+            self.task,
+            lease_until=now + self.host.core.config.lease_timeout,
+            yield_count=self.executor.yield_count,
+            updated_at=now,
         )
+        # A renewal still waiting for the broker when the task ends is dropped, never written after the end.
+        await self.host.core.store.write(renewal, wanted=lambda: not self.concluding)
 
     async def run(self) -> Task:
         """Start, execute and conclude; return the terminal status as written."""
@@ -197,6 +199,7 @@ class TaskRun:
         """Write the end marker and the terminal status (or ``retry`` and its child task)."""
         host, rec, spec, sink = self.host, self.rec, self.spec, self.sink
         core = host.core
+        self.concluding = True
         outcome = check_result(spec.name, spec.is_generator, outcome, core.config.returning_max_bytes)
         retries_left = rec.retry if rec.retry is not None else (spec.retry or 0)
         done = conclude(
@@ -210,7 +213,10 @@ class TaskRun:
         if sink.seq or spec.is_generator:
             # Results are stored before the status says the task ended, so a reader who
             # sees the terminal status can read every value.
-            await sink.end(done.status)
+            try:
+                await sink.end(done.status)
+            except ConnectorError as exc:  # refused for good (retriable ones are retried)
+                sink.error = sink.error or exc
         traceback = outcome.traceback
         status = done.status
         if sink.error is not None:

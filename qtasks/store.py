@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -193,11 +194,13 @@ class StatusStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def write(self, task: Task, *, durable: bool = False) -> Task:
+    async def write(self, task: Task, *, durable: bool = False, wanted: Callable[[], bool] | None = None) -> Task:
         """Write a copy of ``task`` with the next rev; return what was written.
 
         ``durable``: wait until the broker stored it (retrying while the failure is
-        retriable) and only then show it in the view.
+        retriable) and only then show it in the view. A non-terminal write is retried only
+        while ``wanted()`` holds and the task has not ended: on a compacted topic the last
+        record wins, so a late ``process`` must never land after the ending.
         """
         uuid = task.uuid
         record = msgspec.structs.replace(task, rev=next_rev(self.view.rev(uuid), task.status))
@@ -207,7 +210,15 @@ class StatusStore:
             raw = encode(record)
         if not durable:
             self.view.apply(record, raw)
-        await self._send(uuid, raw, durable=durable, what=f"status {record.status} of {uuid}")
+        if not record.is_finished:
+            view = self.view
+
+            def still(wanted: Callable[[], bool] | None = wanted) -> bool:
+                head = view.head(uuid)
+                return (head is None or not head.is_finished) and (wanted is None or wanted())
+
+            wanted = still
+        await self._send(uuid, raw, durable=durable, what=f"status {record.status} of {uuid}", wanted=wanted)
         if durable:
             self.view.apply(record, raw)
         return record
@@ -217,7 +228,9 @@ class StatusStore:
         self.view.apply_raw(uuid.encode(), None)
         await self._send(uuid, None, durable=False, what=f"expiry of {uuid}")
 
-    async def _send(self, uuid: str, raw: bytes | None, *, durable: bool, what: str) -> None:
+    async def _send(
+        self, uuid: str, raw: bytes | None, *, durable: bool, what: str, wanted: Callable[[], bool] | None = None
+    ) -> None:
         connector = self._connector
         if connector is None:
             raise ConnectorError("the app is not connected", retriable=False)
@@ -228,7 +241,7 @@ class StatusStore:
         def send() -> Any:
             return producer.send(self.topic, raw, key=key, partition=partition)
 
-        await deliver(send, what=what, durable=durable, trouble=self._trouble)
+        await deliver(send, what=what, durable=durable, trouble=self._trouble, wanted=wanted)
 
     def expired(self, ttl: float) -> list[str]:
         """uuids of finished tasks older than ``ttl`` seconds."""

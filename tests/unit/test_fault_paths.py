@@ -1,0 +1,161 @@
+"""Every I/O fault path of the engine, in milliseconds, on the fault-injecting connector."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from qtasks.asyncio import QueueTasks
+from qtasks.connectors.base import TopicPartition
+from qtasks.exc import ConnectorError
+from tests.helpers import FAST, unique
+
+
+@pytest.fixture
+async def faulty_app() -> AsyncIterator[Callable[..., QueueTasks]]:
+    apps: list[QueueTasks] = []
+
+    def make(**settings: Any) -> QueueTasks:
+        app = QueueTasks(name=unique(), broker_url=f"faulty+memory://{unique('log')}", **{**FAST, **settings})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.broker.faults.clear()  # type: ignore[attr-defined]
+        await app.stop(timeout=2)
+
+
+def committed_everything(app: QueueTasks) -> bool:
+    log = app.broker.inner.log  # type: ignore[attr-defined]
+    for p in range(app.results_partitions and 3):
+        tp = TopicPartition(app.topics.tasks, p)
+        if log.end_offset(tp) and log.committed(app.group_id, tp) != log.end_offset(tp):
+            return False
+    return True
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)  # noqa: ASYNC110 - polling an outside condition
+
+
+async def test_an_outage_while_a_task_ends_is_waited_out_quietly_and_nothing_is_lost(
+    faulty_app: Callable[..., QueueTasks], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = faulty_app()
+    gate = asyncio.Event()
+
+    @app.task
+    async def job(i: int) -> int:
+        await gate.wait()
+        return i
+
+    await app.start()
+    task = await app.add_task("job", 1)
+    await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    caplog.set_level(logging.INFO, logger="qtasks")
+    faults.down()
+    gate.set()
+    await asyncio.sleep(1.0)  # the terminal status waits for the broker, retrying
+    assert app.worker is not None and app.worker._paused  # no new task is taken meanwhile
+    faults.up()
+    done = await app.wait(task.uuid, 10)
+    assert (done.status, done.returning) == ("success", 1)
+    lines = [r for r in caplog.records if r.name.startswith("qtasks") and r.levelno >= logging.INFO]
+    lines = [r for r in lines if "broker" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["WARNING", "INFO"]  # one line when it starts, one when it is over
+    after = await app.add_task("job", 2, timeout=10)
+    assert after is not None and after.status == "success"
+    await until(lambda: committed_everything(app))
+    # No lease renewal that waited out the outage landed after the ending: once the
+    # compacted topic keeps only the last record, a new process still reads success.
+    app.broker.inner.log.compact(app.topics.status)  # type: ignore[attr-defined]
+    fresh = QueueTasks(name=app.name, broker_url=app.broker_url, **FAST)
+    try:
+        seen = await fresh.get(task.uuid)
+    finally:
+        await fresh.close()
+    assert seen is not None and seen.status == "success"
+
+
+async def test_a_lost_value_ends_its_task_as_error_and_does_not_poison_later_tasks(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def gen(n: int):
+        for i in range(n):
+            yield i
+
+    await app.start()
+    app.broker.faults.fail("delivery", topic=app.topics.results, error=ConnectorError("lost", retriable=False))  # type: ignore[attr-defined]
+    first = await app.add_task("gen", 3, timeout=10)
+    assert first is not None and first.status == "error" and "was not stored" in (first.traceback or "")
+    for _ in range(3):
+        later = await app.add_task("gen", 3, timeout=10)
+        assert later is not None and (later.status, later.returning) == ("success", [0, 1, 2])
+    await until(lambda: committed_everything(app))
+
+
+async def test_a_status_write_refused_for_good_still_ends_the_task(faulty_app: Callable[..., QueueTasks]) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def job() -> str:
+        return "ok"
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    task = await app.add_task("job")
+    # The next status sends: process, then the terminal one, refused for good.
+    faults.fail("send", nth=2, topic=app.topics.status, error=ConnectorError("refused", retriable=False))
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "error" and "could not finish" in (done.traceback or "")
+    assert "refused" in (done.traceback or "")
+    await until(lambda: committed_everything(app))
+
+
+async def test_failed_commits_and_fetches_are_retried(faulty_app: Callable[..., QueueTasks]) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def job(i: int) -> int:
+        return i
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    faults.fail("commit", times=3)
+    faults.fail("fetch", times=3, topic=app.topics.tasks)
+    results = [await app.add_task("job", i, timeout=10) for i in range(5)]
+    assert [r.returning for r in results if r is not None] == [0, 1, 2, 3, 4]
+    await until(lambda: committed_everything(app))
+    assert app.worker is not None and app.worker.error is None
+
+
+async def test_a_submit_during_an_outage_is_stored_once_the_broker_is_back(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def job() -> str:
+        return "ran"
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    faults.down()
+    submit = asyncio.ensure_future(app.add_task("job"))
+    await asyncio.sleep(0.3)
+    assert not submit.done()
+    faults.up()
+    task = await asyncio.wait_for(submit, 10)
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "success"
