@@ -67,7 +67,7 @@ from aiokafka.conn import create_conn
 from aiokafka.helpers import create_ssl_context
 
 from qtasks.config import QueueConfig
-from qtasks.connectors.base import RebalanceListener, Record, TopicPartition, TopicSpec
+from qtasks.connectors.base import ClusterAware, Connector, RebalanceListener, Record, TopicPartition, TopicSpec
 from qtasks.exc import (
     BrokerUnavailableError,
     CommitFailedError,
@@ -1156,3 +1156,8 @@ class KafkaConnector:
                     f"topic {spec.name!r} exists with cleanup.policy=compact; qtasks needs delete for it: "
                     "delete the topic or change its policy"
                 )
+
+
+def _conforms(connector: KafkaConnector) -> tuple[Connector, ClusterAware]:
+    """Checked by mypy: the Kafka connector offers the whole seam."""
+    return connector, connector
