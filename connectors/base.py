@@ -124,3 +124,29 @@ class Connector(Protocol):
     def consumer(
         self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
     ) -> Consumer: ...
+
+
+class ClusterAware(Protocol):
+    """What a connector knows about its cluster beyond the :class:`Connector` seam.
+
+    The Kafka connector has it; the memory connector will (its log has no limit and is
+    always reachable). Once both do, it folds into :class:`Connector`.
+    """
+
+    @property
+    def reachable(self) -> bool:
+        """False while the brokers do not answer (for health checks)."""
+        ...
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """When (``time.time()``) the current outage was noticed; None while reachable."""
+        ...
+
+    def record_limit(self, topic: str) -> int:
+        """The largest value (bytes) ``send`` takes for ``topic``; larger is a RecordTooLargeError."""
+        ...
+
+    async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
+        """Partitions of ``topic``; ``refresh`` asks the cluster now instead of cached metadata."""
+        ...

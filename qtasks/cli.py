@@ -6,6 +6,10 @@
   JSON when they parse (``3``, ``"x"``, ``[1,2]``), else as strings. On ``memory://``
   the log lives in this process, so ``add`` runs a worker here too.
 - ``status UUID``: the task's status as JSON.
+
+A worker started before its broker waits for it (one WARNING, then quiet retries with a
+capped backoff). Any command that cannot reach the broker prints one line
+(``qtasks: cannot reach Kafka at host:port within 10 s``) and exits with status 1.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from typing import Any
 import msgspec
 
 from qtasks.app import QueueTasks as AsyncQueueTasks
+from qtasks.connectors import from_url
+from qtasks.exc import BrokerUnavailableError, ConnectorError
+
+log = logging.getLogger("qtasks.cli")
 
 
 def load_app(target: str) -> AsyncQueueTasks:
@@ -111,6 +119,34 @@ async def _status(app: AsyncQueueTasks, uuid: str) -> int:
     return 0
 
 
+def backoff(attempt: int, cap: float = 30.0) -> float:
+    """Seconds to wait before connection attempt ``attempt`` + 1: 1, 2, 4, ... up to ``cap``."""
+    return float(min(cap, 2.0**attempt))
+
+
+async def wait_for_broker(app: AsyncQueueTasks, cap: float = 30.0) -> None:
+    """Return once the app's broker answers; until then retry with a capped backoff.
+
+    Tries with a connector of its own (the app's state is not touched), so the worker
+    then starts as if the broker had always been there.
+    """
+    attempt = 0
+    while True:
+        probe = from_url(app.broker_url, app.config)
+        try:
+            await probe.start()
+        except BrokerUnavailableError as exc:
+            if attempt == 0:
+                log.warning("waiting for Kafka at %s (%s)", app.broker_url.partition("://")[2].partition("?")[0], exc)
+            await asyncio.sleep(backoff(attempt, cap))
+            attempt += 1
+            continue
+        await probe.stop()
+        if attempt:
+            log.info("Kafka answers; starting the worker")
+        return
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qtasks`` command."""
     parser = argparse.ArgumentParser(prog="qtasks", description="qtasks: Kafka-native streaming tasks")
@@ -133,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     app = load_app(args.app)
     if args.broker:
         app.use_broker(args.broker)
+    try:
+        return _dispatch(app, args)
+    except ConnectorError as exc:
+        print(f"qtasks: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
     if args.command == "run":
         if not logging.getLogger().handlers:
             logging.basicConfig(
@@ -141,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         # What was imported so far lives as long as the worker: keep it out of the
         # collector's way (fewer objects to walk in every full collection).
         gc.freeze()
+        if not app.broker_url.startswith("memory://"):
+            asyncio.run(wait_for_broker(app))
         app.run_forever(args.concurrency)
         return 0
     if args.command == "add":

@@ -1,0 +1,387 @@
+"""The Kafka connector under the failures a real cluster has: size limits, refused
+deliveries, silent or missing brokers, deleted topics, outages, new partitions.
+
+Every test talks to a real broker (the session's, or one of its own when it must stop it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.errors import MessageSizeTooLargeError
+
+from qtasks.config import QueueConfig
+from qtasks.connectors.base import RebalanceListener, TopicPartition, TopicSpec
+from qtasks.connectors.kafka import KEY_ROOM, KafkaConnector, install_log_filter
+from qtasks.exc import BrokerUnavailableError, ConnectorError, RecordTooLargeError
+from tests.helpers import unique
+from tests.kafka_fixtures import _local_kafka_class
+
+KEY = b"k" * KEY_ROOM
+
+
+@contextlib.asynccontextmanager
+async def connected(bootstrap: str, query: str = "") -> AsyncIterator[KafkaConnector]:
+    connector = KafkaConnector(f"kafka://{bootstrap}{query}", QueueConfig())
+    await connector.start()
+    try:
+        yield connector
+    finally:
+        await connector.stop()
+
+
+@contextlib.asynccontextmanager
+async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+class Quiet(RebalanceListener):
+    def __init__(self) -> None:
+        self.assigned: set[TopicPartition] = set()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.assigned -= revoked
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assigned |= assigned
+
+
+async def until(condition: Any, timeout: float) -> None:
+    """Wait until ``condition()`` holds (checked every 50 ms); fail after ``timeout`` seconds."""
+    for _ in range(int(timeout / 0.05) + 1):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true after {timeout} s: {condition}")
+
+
+def leftover_tasks() -> set[asyncio.Task[Any]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
+
+
+# -- 1. record size limits --------------------------------------------------------------
+
+
+async def test_record_limit_is_read_from_the_cluster_and_exact_at_the_edge(kafka_bootstrap: str) -> None:
+    topic = unique("size")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1, config={"max.message.bytes": "20000"})])
+        assert kafka.broker_limit == 1_048_588  # the broker's message.max.bytes (Kafka's default)
+        assert kafka.batch_limit(topic) == 20_000
+        limit = kafka.record_limit(topic)
+        assert 19_000 < limit < 20_000
+        rebuilds = kafka.producer.rebuilds  # batches were resized to the topic's limit
+        await kafka.producer.send(topic, b"v" * limit, key=KEY, partition=0)
+        await kafka.producer.flush()  # the broker takes a value at the limit
+        with pytest.raises(RecordTooLargeError) as caught:
+            await kafka.producer.send(topic, b"v" * (limit + 1), key=KEY, partition=0)
+        message = str(caught.value)
+        assert topic in message and str(limit + 1) in message and "20000" in message
+        assert caught.value.retriable is False
+        # Nothing else is affected: the same partition takes the next records.
+        for i in range(20):
+            await kafka.producer.send(topic, b"%d" % i, key=b"u", partition=0)
+        await kafka.producer.flush()
+        assert kafka.producer.known_end(topic, 0) == 21
+        assert kafka.producer.rebuilds == rebuilds
+
+
+async def test_the_broker_really_refuses_a_batch_over_the_topic_limit(kafka_bootstrap: str) -> None:
+    """What the check in send prevents: the broker refuses the whole batch."""
+    topic = unique("size")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1, config={"max.message.bytes": "20000"})])
+    raw = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await raw.start()
+    try:
+        with pytest.raises(MessageSizeTooLargeError):
+            await raw.send_and_wait(topic, b"v" * 20_001, partition=0)
+    finally:
+        await raw.stop()
+
+
+# -- 2. refused deliveries and the producer's recovery -----------------------------------
+
+
+async def test_a_refused_delivery_is_reported_once_and_the_producer_recovers(kafka_bootstrap: str) -> None:
+    topic = unique("refused")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1, config={"max.message.bytes": "20000"})])
+        # Pretend the limit was not known, so the broker itself refuses the record.
+        kafka.topic_limits[topic] = 1_000_000
+        rebuilds = kafka.producer.rebuilds
+        await kafka.producer.send(topic, b"v" * 30_000, key=b"u", partition=0)
+        with pytest.raises(RecordTooLargeError) as caught:
+            await kafka.producer.flush()
+        assert caught.value.retriable is False and topic in str(caught.value)
+        assert kafka.producer.rebuilds == rebuilds + 1  # the sequence gap would fail every later batch
+        await kafka.producer.flush()  # reported once
+        for i in range(5):
+            await kafka.producer.send(topic, b"%d" % i, key=b"u", partition=0)
+        await kafka.producer.flush()
+        assert kafka.producer.known_end(topic, 0) == 5
+
+
+# -- 3. silent brokers, deadlines, deleted topics -----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A TCP server that accepts and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_start_against_a_silent_broker_fails_within_connect_timeout() -> None:
+    async with silent_server() as address:
+        kafka = KafkaConnector(f"kafka://{address}?connect_timeout=1", QueueConfig())
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError, match=re.escape(f"cannot reach Kafka at {address} within 1 s")):
+            await kafka.start()
+        assert time.monotonic() - started < 2.5
+        consumer = kafka.consumer(None)
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError):
+            await consumer.start()
+        assert time.monotonic() - started < 2.5
+        await kafka.stop()
+        await asyncio.sleep(0)
+        assert not leftover_tasks()
+
+
+async def test_a_refused_port_fails_within_connect_timeout() -> None:
+    kafka = KafkaConnector("kafka://127.0.0.1:1?connect_timeout=1", QueueConfig())
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError, match=re.escape("cannot reach Kafka at 127.0.0.1:1 within 1 s")):
+        await kafka.start()
+    assert 0.9 < time.monotonic() - started < 2.5
+
+
+async def test_a_callers_deadline_cancels_start_cleanly() -> None:
+    async with silent_server() as address:
+        kafka = KafkaConnector(f"kafka://{address}", QueueConfig())
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await kafka.start()
+        started = time.monotonic()
+        await kafka.stop()
+        assert time.monotonic() - started < 0.5
+        consumer = kafka.consumer("g")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await consumer.start()
+        await consumer.stop()
+        await asyncio.sleep(0)
+        assert not leftover_tasks()
+    gc.collect()  # an unclosed aiokafka client would warn here (warnings are errors)
+
+
+async def test_send_to_a_deleted_topic_is_a_clear_error_in_bounded_time(kafka_bootstrap: str) -> None:
+    topic = unique("gone")
+    async with connected(kafka_bootstrap, "?max_block=2") as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1)])
+        await kafka.producer.send(topic, b"x", key=b"u", partition=0)
+        await kafka.producer.flush()
+        async with admin_client(kafka_bootstrap) as admin:
+            await admin.delete_topics([topic])
+        started, cpu = time.monotonic(), time.process_time()
+        with pytest.raises(ConnectorError, match=topic) as caught:
+            for _ in range(200):
+                await kafka.producer.send(topic, b"x", key=b"u", partition=0)
+                await asyncio.sleep(0.05)
+        elapsed, used = time.monotonic() - started, time.process_time() - cpu
+        assert elapsed < 6, elapsed
+        assert used < 0.5 * elapsed + 0.5, (used, elapsed)  # no busy loop
+        assert not isinstance(caught.value, RecordTooLargeError)
+        # What was queued before the metadata said so is failed and reported once, in bounded time.
+        started = time.monotonic()
+        with contextlib.suppress(ConnectorError):
+            await kafka.producer.flush()
+        assert time.monotonic() - started < 4
+        await kafka.producer.flush()
+
+
+# -- 5. partitions added while running ----------------------------------------------------
+
+
+async def test_a_group_consumer_reads_a_partition_added_while_it_runs(kafka_bootstrap: str) -> None:
+    topic = unique("grow")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1)])
+        listener = Quiet()
+        consumer = kafka.consumer(unique("g"))
+        consumer.subscribe([topic], listener)
+        await consumer.start()
+        try:
+            while not listener.assigned:
+                await consumer.getmany(0.1)
+            async with admin_client(kafka_bootstrap) as admin:
+                await admin.create_partitions({topic: NewPartitions(total_count=2)})
+            assert await kafka.partitions_for(topic, refresh=True) == 2
+            started = time.monotonic()
+            await kafka.producer.send(topic, b"new", key=b"u", partition=1)
+            await kafka.producer.flush()
+            seen: list[Any] = []
+            while not seen:
+                seen = [r for r in await consumer.getmany(0.2) if r.partition == 1]
+                assert time.monotonic() - started < kafka.timings.metadata_max_age + 5
+            print(f"new partition read after {time.monotonic() - started:.1f} s")
+            assert seen[0].value == b"new"
+        finally:
+            await consumer.stop()
+
+
+# -- a broker of our own, to freeze and to stop -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    broker = _local_kafka_class()(data_dir=tmp_path_factory.mktemp("kafka"))
+    broker.start(timeout=240)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def broker_pid(broker: Any) -> int:
+    return int((Path(broker.data_dir) / "kafka.pid").read_text().strip())
+
+
+async def test_a_callers_deadline_bounds_send_flush_and_end_offsets_on_a_frozen_broker(own_broker: Any) -> None:
+    """A broker that keeps its connections but answers nothing (SIGSTOP)."""
+    topic = unique("frozen")
+    async with connected(own_broker.bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1)])
+        await kafka.producer.send(topic, b"before", key=b"u", partition=0)
+        await kafka.producer.flush()
+        consumer = kafka.consumer(None)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            assert await consumer.end_offsets([tp]) == {tp: 1}
+            os.kill(broker_pid(own_broker), signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(1):
+                        await kafka.producer.send(topic, b"during", key=b"u", partition=0)
+                        await kafka.producer.flush()
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(1):
+                        await consumer.end_offsets([tp])
+                assert time.monotonic() - started < 3
+            finally:
+                os.kill(broker_pid(own_broker), signal.SIGCONT)
+            # The record enqueued before the deadline is delivered once the broker answers again.
+            async with asyncio.timeout(30):
+                await kafka.producer.flush()
+            assert kafka.producer.known_end(topic, 0) == 2
+            assert await consumer.end_offsets([tp]) == {tp: 2}
+        finally:
+            started = time.monotonic()
+            await consumer.stop()
+    assert time.monotonic() - started < 5
+    await asyncio.sleep(0)
+    assert not leftover_tasks()
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_an_outage_logs_one_warning_and_one_info(own_broker: Any) -> None:
+    topic = unique("outage")
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    ours = logging.getLogger("qtasks.kafka")
+    level = ours.level
+    ours.setLevel(logging.INFO)
+    demoted = install_log_filter().demoted
+    try:
+        async with connected(own_broker.bootstrap) as kafka:
+            await kafka.ensure_topics([TopicSpec(topic, 1)])
+            listener = Quiet()
+            consumer = kafka.consumer(unique("g"))
+            consumer.subscribe([topic], listener)
+            await consumer.start()
+            received: list[bytes | None] = []
+            stop = asyncio.Event()
+
+            async def produce() -> None:
+                n = 0
+                while not stop.is_set():
+                    with contextlib.suppress(ConnectorError, TimeoutError):
+                        await kafka.producer.send(topic, b"%d" % n, key=b"u", partition=0)
+                        n += 1
+                        async with asyncio.timeout(0.5):
+                            await kafka.producer.flush()
+                    await asyncio.sleep(0.1)
+
+            async def consume() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(ConnectorError):
+                        received.extend(r.value for r in await consumer.getmany(0.2))
+
+            loops = [asyncio.create_task(produce()), asyncio.create_task(consume())]
+            try:
+                await until(lambda: received, 20)
+                down = time.monotonic()
+                await asyncio.to_thread(own_broker.stop)
+                await until(lambda: not kafka.reachable, 15)
+                assert kafka.unreachable_since is not None
+                await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down)))
+                await asyncio.to_thread(own_broker.start, 240)
+                await until(lambda: kafka.reachable, 30)
+                seen = len(received)
+                await until(lambda: len(received) > seen, 30)
+            finally:
+                stop.set()
+                await asyncio.gather(*loops)
+                await consumer.stop()
+    finally:
+        logging.getLogger().removeHandler(collect)
+        ours.setLevel(level)
+    mine = [r for r in collect.records if r.name == "qtasks.kafka" and r.levelno >= logging.INFO]
+    others = [r for r in collect.records if r.name != "qtasks.kafka" and r.levelno >= logging.WARNING]
+    summary = [(r.name, r.levelname, r.getMessage()[:120]) for r in mine + others]
+    print(*summary, f"aiokafka records kept at DEBUG: {install_log_filter().demoted - demoted}", sep="\n")
+    assert [r.levelno for r in mine] == [logging.WARNING, logging.INFO], summary
+    assert "is back after" in mine[1].getMessage()
+    assert len(others) <= 5, summary

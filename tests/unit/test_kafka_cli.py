@@ -1,0 +1,51 @@
+"""The CLI against a Kafka broker that cannot be reached (no broker needed)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qtasks.cli import backoff
+
+UNREACHABLE = "kafka://127.0.0.1:1?connect_timeout=1"
+
+
+def qtasks(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qtasks", "-A", "tests.unit.cli_app:app", "--broker", UNREACHABLE, *args]
+
+
+@pytest.mark.parametrize("command", [["status", "some-uuid"], ["add", "count", "3"]])
+def test_a_command_against_an_unreachable_broker_prints_one_line(command: list[str]) -> None:
+    result = subprocess.run(qtasks(*command), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["qtasks: cannot reach Kafka at 127.0.0.1:1 within 1 s"], result.stderr
+
+
+def test_a_worker_waits_for_its_broker_with_one_warning_until_interrupted() -> None:
+    with subprocess.Popen(qtasks("run"), stderr=subprocess.PIPE, text=True) as worker:
+        try:
+            watch(worker)
+        except BaseException:
+            worker.kill()
+            raise
+
+
+def watch(worker: subprocess.Popen[str]) -> None:
+    assert worker.stderr is not None
+    first = worker.stderr.readline()  # blocks until the worker has tried once (1 s)
+    assert "WARNING qtasks.cli: waiting for Kafka at 127.0.0.1:1" in first, first
+    time.sleep(2.5)  # two more attempts (backoff 1 s, 2 s): still waiting, still quiet
+    assert worker.poll() is None
+    worker.send_signal(signal.SIGINT)
+    rest = worker.stderr.read()
+    assert worker.wait(timeout=10) == 130
+    assert rest == "", rest
+
+
+@pytest.mark.parametrize(("attempt", "seconds"), [(0, 1.0), (1, 2.0), (4, 16.0), (5, 30.0), (50, 30.0)])
+def test_backoff_doubles_up_to_its_cap(attempt: int, seconds: float) -> None:
+    assert backoff(attempt) == seconds
