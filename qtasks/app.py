@@ -26,7 +26,7 @@ from qtasks.records import ControlRecord, Task
 from qtasks.registry import Registry, TaskSpec
 from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
-from qtasks.validate import check_submission, check_uuid
+from qtasks.validate import check_priority, check_task_name, check_uuid
 from qtasks.worker import Worker
 
 log = logging.getLogger("qtasks.app")
@@ -172,7 +172,9 @@ class QueueTasks:
         ``timeout``, a broker that cannot take the task in that time raises
         :class:`~qtasks.exc.BrokerUnavailableError`.
         """
-        check_submission(task_name, priority)
+        task_name = check_task_name(task_name)
+        if priority is not None:
+            priority = check_priority(priority)
         if timeout is None:
             return await self._submit(task_name, args, kwargs, priority=priority)
         deadline = time.monotonic() + timeout

@@ -2,17 +2,65 @@
 
 ``QueueConfig.from_env(**overrides)`` builds it: defaults, then the environment
 (``QTASKS_CONCURRENCY=32``), then keyword arguments given in code, and validates the
-result. ``app.config`` is the live object; change it before ``app.start()``.
+result. ``app.config`` is the live object; change it with ``config.set(...)`` before
+``app.start()``.
+
+Every setting is checked for its type and range (:meth:`QueueConfig.validate`); a
+wrong one is a :class:`~qtasks.exc.ConfigError` naming the setting (and the
+``QTASKS_*`` variable when it came from the environment).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from qtasks.exc import ConfigError
+
+#: The suffixes an app name gets as topic names.
+TOPIC_SUFFIXES: Final = (".tasks", ".results", ".status", ".control", ".dlq")
+#: Kafka's longest topic name (``Topic.MAX_NAME_LENGTH``).
+MAX_TOPIC_NAME: Final = 249
+#: The longest app name: its longest topic name must still fit.
+MAX_APP_NAME: Final = MAX_TOPIC_NAME - max(map(len, TOPIC_SUFFIXES))
+_TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]+")
+#: ``security.protocol`` values Kafka clients accept.
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
+def validate_app_name(name: str) -> str:
+    """Return ``name`` if it makes valid Kafka topic names, else raise :class:`ConfigError` naming the rule.
+
+    An app's topics are ``<name>.tasks``, ``.results``, ``.status``, ``.control`` and
+    ``.dlq``, its consumer group ``<name>-workers``. Kafka's topic rules (``Topic.validate``)
+    apply: only ASCII letters, digits, ``.``, ``_`` and ``-``; at most 249 characters,
+    so at most 241 for the name (249 - len(".results")); not ``.`` or ``..``. Kafka
+    warns that ``.`` and ``_`` collide in metric names (``a.b`` and ``a_b``): both are
+    accepted here, but do not run two such apps on one cluster.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"app name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ConfigError("app name must not be empty")
+    if not _TOPIC_CHARS.fullmatch(name) or not name.isascii():
+        bad = sorted({c for c in name if not (c.isascii() and _TOPIC_CHARS.fullmatch(c))})
+        raise ConfigError(
+            f"app name {name!r} may hold only ASCII letters, digits, '.', '_' and '-' (Kafka topic names); "
+            f"it has {', '.join(map(repr, bad))}"
+        )
+    if name in (".", ".."):
+        raise ConfigError(f"app name must not be {name!r} (Kafka refuses '.' and '..' as topic names)")
+    if len(name) > MAX_APP_NAME:
+        raise ConfigError(
+            f"app name is {len(name)} characters; at most {MAX_APP_NAME} fit in a Kafka topic name "
+            f"({MAX_TOPIC_NAME} characters, with the longest suffix '.results')"
+        )
+    return name
 
 
 @dataclasses.dataclass
@@ -91,70 +139,132 @@ class QueueConfig:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = env.get(f"QTASKS_{field.name.upper()}")
-            if raw is not None:
-                values[field.name] = _parse(field.name, field.type, raw)
+            variable = f"QTASKS_{field.name.upper()}"
+            raw = env.get(variable)
+            if raw is not None and field.name not in overrides:
+                values[field.name] = _parse(field.name, str(field.type), raw)
+                try:
+                    check_setting(field.name, values[field.name])
+                except ConfigError as exc:
+                    raise ConfigError(f"{variable}: {exc}") from None
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         values.update(overrides)
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)  # validates (__post_init__)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first setting that is out of range."""
-        positive = [
-            "concurrency",
-            "tasks_partitions",
-            "results_partitions",
-            "status_partitions",
-            "control_partitions",
-            "replication_factor",
-            "max_record_bytes",
-            "thread_pool_size",
-            "lease_interval",
-            "lease_timeout",
-            "commit_interval",
-            "metadata_refresh_interval",
-            "stream_buffer",
-        ]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
-        for name in ("returning_max_items", "returning_max_bytes", "status_ttl", "stop_timeout", "stream_linger"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+        """Raise :class:`ConfigError` naming the first setting of the wrong type or out of range."""
+        for field in dataclasses.fields(self):
+            check_setting(field.name, getattr(self, field.name))
         if self.lease_timeout <= self.lease_interval:
             raise ConfigError(
                 f"lease_timeout ({self.lease_timeout}) must be longer than lease_interval ({self.lease_interval})"
             )
+        # Kafka: a member must heartbeat several times within its session timeout.
+        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
+            raise ConfigError(
+                f"kafka_heartbeat_interval_ms ({self.kafka_heartbeat_interval_ms}) must be lower than "
+                f"kafka_session_timeout_ms ({self.kafka_session_timeout_ms})"
+            )
 
     def set(self, **values: Any) -> None:
-        """Change settings in place and validate them."""
+        """Change settings in place and validate them; if they are invalid, nothing changes."""
+        unknown = sorted(set(values) - _FIELDS.keys())
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        dataclasses.replace(self, **values)  # validates the result (__post_init__)
         for name, value in values.items():
-            if not hasattr(self, name):
-                raise ConfigError(f"unknown setting: {name}")
             setattr(self, name, value)
-        self.validate()
 
 
-def _parse(name: str, type_name: Any, raw: str) -> Any:
-    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "str")
+_FIELDS: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(QueueConfig)}
+
+# Ranges: (lowest, whether the lowest itself is allowed). Every float must also be finite.
+_AT_LEAST: dict[str, float] = {
+    "prefetch": -1,
+    "returning_max_items": 0,
+    "returning_max_bytes": 0,
+    "status_ttl": 0,
+    "retry_backoff_base": 0,
+    "retry_backoff_max": 0,
+    "stop_timeout": 0,
+    "stream_clock_skew": 0,
+    "stream_linger": 0,
+    "kafka_linger_ms": 0,
+}
+_ABOVE_ZERO: frozenset[str] = frozenset(
+    {
+        "concurrency",
+        "tasks_partitions",
+        "results_partitions",
+        "status_partitions",
+        "control_partitions",
+        "replication_factor",
+        "max_record_bytes",
+        "thread_pool_size",
+        "lease_interval",
+        "lease_timeout",
+        "commit_interval",
+        "metadata_refresh_interval",
+        "status_cache_size",
+        "stream_buffer",
+        "kafka_max_poll_interval_ms",
+        "kafka_session_timeout_ms",
+        "kafka_heartbeat_interval_ms",
+        "kafka_request_timeout_ms",
+    }
+)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log_level": tuple(logging.getLevelNamesMapping()),
+    "kafka_security_protocol": SECURITY_PROTOCOLS,
+}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` if ``value`` is of the wrong type or out of range for setting ``name``."""
+    kind = _FIELDS.get(name)
+    if kind is None:
+        raise ConfigError(f"unknown setting: {name}")
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if kind == "float":
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a str, got {value!r} ({type(value).__name__})")
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    if name in _ABOVE_ZERO and value <= 0:
+        raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    if name in _AT_LEAST and value < _AT_LEAST[name]:
+        raise ConfigError(f"{name} must be {_AT_LEAST[name]:g} or more, got {value!r}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _parse(name: str, kind: str, raw: str) -> Any:
+    """The value of ``QTASKS_<NAME>`` as the setting's type; :class:`ConfigError` naming the variable."""
+    variable = f"QTASKS_{name.upper()}"
     try:
         if kind == "int":
             return int(raw)
         if kind == "float":
             return float(raw)
-        if kind == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
     except ValueError:
-        raise ConfigError(f"QTASKS_{name.upper()} must be a {kind}, got {raw!r}") from None
+        raise ConfigError(f"{variable} must be {'an int' if kind == 'int' else 'a number'}, got {raw!r}") from None
+    if kind == "bool":
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise ConfigError(f"{variable} must be one of 1, true, yes, on, 0, false, no, off; got {raw!r}")
+        return word in _TRUE
     return raw
-
-
-def validate_app_name(name: str) -> str:
-    """An app name usable in Kafka topic names; ConfigError otherwise."""
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\ :"):
-        raise ConfigError(f"app name must be non-empty without '/', '\\\\', ':' or spaces, got {name!r}")
-    return name

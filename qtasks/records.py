@@ -7,6 +7,17 @@ typed and strict and checks the byte size first; every failure is a
 can send the record to the dead-letter topic with that reason. Nothing is ever
 unpickled.
 
+Decoding is total: for *any* input (``None``, non-bytes, invalid UTF-8, truncated or
+trailing bytes, ``NaN``/``Infinity`` tokens, numbers out of range, wrong types) each
+``decode_*`` returns a record or raises ``RecordError``, never anything else. Before
+msgspec sees the bytes they are checked to be UTF-8 (msgspec would skip invalid UTF-8
+inside unknown fields, and raise ``UnicodeDecodeError`` elsewhere) and to nest at most
+:data:`MAX_DEPTH` containers deep: msgspec recurses once per level and only stops at
+the interpreter's recursion limit (a ``RecursionError`` whose depth depends on the
+caller's stack, or a crash on a thread with a small C stack before Python 3.14).
+A duplicated key is not an error: the last value wins, as in msgspec and most JSON
+readers (RFC 8259 leaves it open).
+
 =========  ==============  ===========================================
 topic      key             value
 =========  ==============  ===========================================
@@ -20,6 +31,8 @@ dlq        original key    :class:`DeadLetter`
 
 from __future__ import annotations
 
+from array import array
+from itertools import accumulate
 from typing import Any, Final, Literal
 
 import msgspec
@@ -160,17 +173,85 @@ _control_decoder = msgspec.json.Decoder(ControlRecord)
 _dead_decoder = msgspec.json.Decoder(DeadLetter)
 
 
+#: Containers (JSON objects and arrays) one record may nest, counting the record itself.
+#: A task's arguments sit two levels down (the record, then ``args`` or ``kwargs``), so a
+#: container inside an argument may nest ``MAX_DEPTH - 2`` levels (see ``qtasks.validate``).
+MAX_DEPTH: Final = 128
+
+# Opening brackets become 1, closing ones -1 (as signed bytes); every other byte is deleted.
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+def nesting_depth(data: bytes | bytearray) -> int:
+    """How deeply the containers of a JSON text nest; brackets inside strings do not count.
+
+    A linear scan in C (about 30 ms per MB of bracket-dense JSON). For malformed text
+    the result is at least as deep as a parser gets before it fails, which is what
+    bounding a recursive parser needs.
+    """
+    # Escapes go first (left to right, as JSON reads them), so the quotes left delimit
+    # strings: every other piece between quotes lies outside the strings.
+    unescaped = bytes(data).replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[::2])
+    return max(accumulate(array("b", outside.translate(_BRACKETS, _NOT_BRACKETS)), initial=0))
+
+
+def _utf8(data: object, what: str) -> bytes | bytearray:
+    """``data`` as bytes that are valid UTF-8, or :class:`RecordError` naming ``what``."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    if not isinstance(data, (bytes, bytearray)):
+        raise RecordError(f"{what} must be bytes, got {type(data).__name__}")
+    # ASCII (nearly every record) is valid UTF-8; isascii() is a fast scan without a copy.
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError as exc:
+            raise RecordError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return data
+
+
 def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | None, limit: int, what: str) -> Any:
     if data is None:
         raise RecordError(f"{what} record has no value")
-    if len(data) > limit:
-        raise RecordError(f"{what} record is {len(data)} bytes, over the limit of {limit}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RecordError(f"{what} record must be bytes, got {type(data).__name__}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > limit:
+        raise RecordError(f"{what} record is {size} bytes, over the limit of {limit}")
+    raw = _utf8(data, f"{what} record is not valid JSON: it")
+    # Most records hold few containers: counting brackets bounds the depth without a scan.
+    if raw.count(0x5B) + raw.count(0x7B) > MAX_DEPTH:  # "[" and "{"
+        depth = nesting_depth(raw)
+        if depth > MAX_DEPTH:
+            raise RecordError(f"{what} record nests {depth} containers deep, over the limit of {MAX_DEPTH}")
     try:
-        return decoder.decode(data)
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise RecordError(f"{what} record has the wrong shape: {exc}") from None
     except msgspec.DecodeError as exc:
         raise RecordError(f"{what} record is not valid JSON: {exc}") from None
+    except RecursionError:
+        # Only if the caller's own stack is already deep: MAX_DEPTH keeps msgspec far below the limit.
+        raise RecordError(f"{what} record nests too deeply to decode here") from None
+    except ValueError as exc:
+        # Not expected after the checks above (msgspec raises UnicodeDecodeError for bad
+        # UTF-8 in strings); caught so that decoding stays total.
+        raise RecordError(f"{what} record could not be decoded: {exc}") from None
+
+
+def decode_key(key: bytes | None) -> str:
+    """A record's key as text (qtasks keys are task uuids); :class:`RecordError` if it is missing, empty or not UTF-8.
+
+    Use it wherever a key read from a topic becomes a ``str`` (instead of ``key.decode()``).
+    """
+    if key is None:
+        raise RecordError("record has no key")
+    text = _utf8(key, "record key").decode()
+    if not text:
+        raise RecordError("record key is empty")
+    return text
 
 
 def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:

@@ -218,7 +218,7 @@ async def test_unencodable_arguments_are_refused_at_submit(app: QueueTasks) -> N
     async def noop(x: Any) -> None:
         return None
 
-    with pytest.raises(TypeError, match="JSON-encodable"):
+    with pytest.raises(TypeError, match="task arguments must be"):
         await app.add_task("noop", object())
 
 
@@ -1005,3 +1005,35 @@ async def test_the_status_view_is_bounded_and_reads_dropped_tasks_back(make_app:
     assert app.view.evicted >= 7 and len(app.view) <= 5 + 2
     first = await app.get(done[0].uuid)  # type: ignore[union-attr]
     assert first is not None and (first.status, first.returning) == ("success", 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        ((float("nan"),), {}, ValueError, r"args\[0\] is nan"),
+        ((), {"x": [1, float("inf")]}, ValueError, r"kwargs\['x'\]\[1\] is inf"),
+        (({1: "a"},), {}, TypeError, "JSON keys are str"),
+        (([[]] * 0 + [None],), {}, None, ""),
+    ],
+)
+async def test_add_task_refuses_what_the_worker_could_not_read_back(
+    app: QueueTasks, args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception] | None, message: str
+) -> None:
+    if error is None:
+        assert (await app.add_task("anything", *args, **kwargs)) is not None
+        return
+    with pytest.raises(error, match=message):
+        await app.add_task("anything", *args, **kwargs)
+
+
+async def test_add_task_refuses_cyclic_arguments_and_bad_names_or_priorities(app: QueueTasks) -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    with pytest.raises(TypeError, match="cycl"):
+        await app.add_task("anything", cyclic)
+    with pytest.raises(TypeError):
+        await app.add_task(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await app.add_task("anything", priority="high")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await app.add_task("anything", priority=True)

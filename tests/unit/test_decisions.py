@@ -134,7 +134,7 @@ def test_config_defaults_env_and_overrides() -> None:
 @pytest.mark.parametrize(
     ("env", "overrides", "message"),
     [
-        ({"QTASKS_CONCURRENCY": "many"}, {}, "QTASKS_CONCURRENCY must be a int"),
+        ({"QTASKS_CONCURRENCY": "many"}, {}, "QTASKS_CONCURRENCY must be an int"),
         ({}, {"concurrency": 0}, "concurrency must be greater than 0"),
         ({}, {"lease_timeout": 1.0, "lease_interval": 2.0}, "lease_timeout"),
         ({}, {"no_such_setting": 1}, "unknown setting"),
