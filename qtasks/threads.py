@@ -18,6 +18,14 @@ back on stop goes on (and another worker runs the same task at the same time).
   limit, which nothing in CPython lifts: a thread blocked in a C call (``time.sleep``, a
   socket read, a lock) sees it only when that call returns. ``ctx.sleep`` waits on an
   event the executor sets, so a task that sleeps through it stops at once.
+
+The hazard that comes with raising in another thread: the exception can land between a
+Python-level lock's acquire and the ``try`` that releases it (``threading.Condition``,
+``logging`` handlers, ``queue.Queue``), leaving that lock held by a thread that is gone.
+The pool's own bookkeeping uses a C ``Lock`` taken with ``with`` so it is not exposed,
+and a run is only interrupted while it is inside the task's code; but task code that is
+abandoned in the middle of such a call can still wedge that lock. Sync tasks that honour
+``max_time`` (``ctx.sleep``, short steps) are never interrupted at all.
 """
 
 from __future__ import annotations
