@@ -24,8 +24,8 @@ Python-level lock's acquire and the ``try`` that releases it (``threading.Condit
 ``logging`` handlers, ``queue.Queue``), leaving that lock held by a thread that is gone.
 The pool's own bookkeeping uses a C ``Lock`` taken with ``with`` so it is not exposed,
 and a run is only interrupted while it is inside the task's code; but task code that is
-abandoned in the middle of such a call can still wedge that lock. Sync tasks that honour
-``max_time`` (``ctx.sleep``, short steps) are never interrupted at all.
+abandoned in the middle of such a call can still wedge that lock. A task waiting in
+``ctx.sleep`` when it is abandoned stops there, holding no such lock.
 """
 
 from __future__ import annotations
