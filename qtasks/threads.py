@@ -113,7 +113,7 @@ class TaskThreads(Executor):
         self._runs: dict[Future[Any], _Run] = {}
         self._working: set[threading.Thread] = set()  # in the pool: idle or on a wanted run
         self._abandoned: set[threading.Thread] = set()  # out of the pool, still on an abandoned run
-        self._idle = 0
+        self._busy = 0  # threads of the pool on a run (the others are idle or starting)
         self._shutdown = False
 
     # -- Executor ------------------------------------------------------------------
@@ -123,7 +123,7 @@ class TaskThreads(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot run a task: the thread pool is shut down")
-            if len(self._queue) >= self._idle and len(self._working) < self.size:
+            if len(self._queue) >= self._free and len(self._working) < self.size:
                 self._start_thread()  # raises ThreadLimitError at the cap
             future: Future[T] = Future()
             run = _Run(future, fn, args, kwargs)
@@ -177,10 +177,11 @@ class TaskThreads(Executor):
                 future.cancel()
                 return True
             self._working.discard(thread)
+            self._busy -= 1
             self._abandoned.add(thread)
             assert thread.ident is not None
             _interrupt(thread.ident, TaskAbandoned)
-            if len(self._queue) > self._idle and len(self._working) < self.size:
+            if len(self._queue) > self._free and len(self._working) < self.size:
                 try:
                     self._start_thread()
                 except ThreadLimitError:
@@ -202,6 +203,11 @@ class TaskThreads(Executor):
 
     # -- the threads ---------------------------------------------------------------
 
+    @property
+    def _free(self) -> int:
+        """Threads of the pool idle or starting (lock held): each takes a queued run without a new thread."""
+        return len(self._working) - self._busy
+
     def _start_thread(self) -> None:
         """Called with the lock held."""
         if len(self._working) + len(self._abandoned) >= self.max_threads:
@@ -221,14 +227,11 @@ class TaskThreads(Executor):
                 while not self._queue:
                     if self._shutdown:
                         return None
-                    self._idle += 1
-                    try:
-                        self._cond.wait()
-                    finally:
-                        self._idle -= 1
+                    self._cond.wait()
                 run = self._queue.popleft()
                 if run.future.set_running_or_notify_cancel():
                     run.thread = threading.current_thread()
+                    self._busy += 1
                     return run
                 self._runs.pop(run.future, None)  # cancelled while queued
 
@@ -260,6 +263,7 @@ class TaskThreads(Executor):
                 _interrupt(run.thread.ident, None)
                 return
             self._runs.pop(run.future, None)
+            self._busy -= 1
         if error is not None:
             run.future.set_exception(error)
         else:

@@ -437,7 +437,7 @@ async def test_abandoned_sync_tasks_do_not_starve_later_ones(pool: TaskThreads) 
         assert [o.status for o in hung] == ["error"] * 3
         assert all(isinstance(o.exc, TaskTimeoutError) for o in hung)
         outcome = await asyncio.wait_for(executor(sync_ok, pool=pool).execute(), 2)
-        assert (outcome.status, outcome.returning) == ("success", 1)
+        assert (outcome.status, outcome.returning) == ("success", 1), outcome.traceback
     finally:
         release.set()
 

@@ -175,3 +175,18 @@ def test_a_process_with_an_abandoned_sleeping_task_exits_promptly() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "leaving"
     assert time.monotonic() - started < 10  # not the 30 s sleep
+
+
+def test_a_thread_still_starting_counts_as_free_so_submit_does_not_hit_the_cap() -> None:
+    pool = TaskThreads(1, max_threads=2)
+    release, started = threading.Event(), threading.Semaphore(0)
+    try:
+        hung = pool.submit(_hang, started, release)
+        assert started.acquire(timeout=1)
+        pool.abandon(hung)
+        # Back to back: the first starts a thread; the second must wait for it, not ask for a third.
+        futures = [pool.submit(lambda i=i: i) for i in range(2)]
+        assert [f.result(timeout=1) for f in futures] == [0, 1]
+    finally:
+        release.set()
+        pool.shutdown(wait=False, cancel_running=True)
