@@ -16,6 +16,7 @@ from uuid import UUID
 from qtasks import _state
 from qtasks.exc import TaskCancelError, TaskPluginTriggerError
 from qtasks.logs import Logger
+from qtasks.threads import TaskAbandoned, wait_future
 
 
 class CancelToken:
@@ -25,12 +26,13 @@ class CancelToken:
     most tasks never need it, and making one per task costs more than the task.
     """
 
-    __slots__ = ("_event", "_set", "reason")
+    __slots__ = ("_event", "_set", "abandoned", "reason")
     _lock = threading.Lock()
 
     def __init__(self) -> None:
         self._event: threading.Event | None = None
         self._set = False
+        self.abandoned = False
         self.reason = ""
 
     def set(self, reason: str) -> None:
@@ -44,15 +46,26 @@ class CancelToken:
         if event is not None:
             event.set()
 
+    def abandon(self) -> None:
+        """The run is no longer wanted (past ``max_time``, worker stopping): wake a sleeping thread.
+
+        Unlike :meth:`set` this is not a cancel request: the outcome was already decided.
+        """
+        with self._lock:
+            self.abandoned = True
+            event = self._event
+        if event is not None:
+            event.set()
+
     @property
     def is_set(self) -> bool:
         """Whether the task was asked to stop."""
         return self._set
 
     def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True when the task was asked to stop."""
+        """Block up to ``timeout`` seconds; True when the task was asked to stop or abandoned."""
         with self._lock:
-            if self._set:
+            if self._set or self.abandoned:
                 return True
             if self._event is None:
                 self._event = threading.Event()
@@ -155,7 +168,7 @@ class SyncContext(_BaseContext):
                 running = None
             if running is loop:
                 raise RuntimeError("a SyncContext method cannot block the event loop; use it from the task's thread")
-            return asyncio.run_coroutine_threadsafe(make(), loop).result()
+            return wait_future(asyncio.run_coroutine_threadsafe(make(), loop))
         portal = getattr(self.app, "_portal", None)
         if portal is not None:
             return portal.call(make())
@@ -175,9 +188,17 @@ class SyncContext(_BaseContext):
         return self._run(lambda: self._core().get(str(uuid)))
 
     def sleep(self, seconds: float) -> None:
-        """``time.sleep``; a cancel request ends it with ``TaskCancelError``."""
-        if self._token.wait(seconds):
-            raise TaskCancelError(self._token.reason)
+        """``time.sleep``, but a cancel request ends it at once with ``TaskCancelError``.
+
+        It waits on an event rather than in ``time.sleep`` (which nothing can interrupt),
+        so an abandoned run (past ``max_time``, worker stopping) also ends here at once,
+        with ``TaskAbandoned``.
+        """
+        token = self._token
+        if token.wait(seconds):
+            if token.abandoned:
+                raise TaskAbandoned()
+            raise TaskCancelError(token.reason)
 
 
 class AsyncTask:

@@ -11,6 +11,23 @@ Cancellation reaches a running task at its next yield (``TaskCancelError`` is th
 into the generator), at ``ctx.sleep`` (``TaskCancelError``), or, for async code, at any
 other await (``asyncio.CancelledError``, asyncio's own way). Sync code that never yields
 nor sleeps finishes first; its result is then discarded and the task ends as ``cancel``.
+
+``execute()`` always returns an :class:`Outcome`, whatever the task, its handler, its
+middlewares, the plugins or the sink raise. Only three things pass through it:
+
+- ``asyncio.CancelledError`` when the asyncio task running ``execute()`` is itself
+  cancelled (the worker stopping past its deadline hands the task back);
+- ``KeyboardInterrupt`` and ``SystemExit`` raised on the event loop: there they may be
+  the process's own Ctrl-C or exit (a loop without ``asyncio.run``'s SIGINT handler gets
+  Ctrl-C wherever the main thread is), and asyncio itself lets them through.
+
+Raised by sync code in a pool thread, those two can only come from the task's own code
+(signals reach the main thread only), so they, like every other exception, make an
+``error`` outcome.
+
+A sync run past its ``max_time``, or still running when the worker stops, is abandoned:
+with a :class:`~qtasks.threads.TaskThreads` pool it gets ``TaskAbandoned`` raised in its
+thread and no longer holds a pool slot; its result is never used.
 """
 
 from __future__ import annotations
@@ -20,14 +37,15 @@ import dataclasses
 import threading
 import time
 import traceback
-from collections.abc import AsyncGenerator, Callable, Generator
-from concurrent.futures import Executor
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from concurrent.futures import Executor, Future
 from typing import Any, Literal, Protocol
 
 from qtasks.context import AsyncContext, AsyncTask, CancelToken, SyncContext, SyncTask
 from qtasks.exc import TaskCancelError, TaskPluginTriggerError, TaskTimeoutError
 from qtasks.plugins import PluginManager, _call
 from qtasks.registry import TaskSpec
+from qtasks.threads import TaskAbandoned, wait_future
 
 #: A traceback kept in a status record is cut to this many characters (the record must stay small).
 TRACEBACK_LIMIT = 16_000
@@ -51,8 +69,51 @@ class Outcome:
     yield_count: int = 0
 
 
-class _Abandoned(Exception):
-    """The task's result is no longer wanted (it timed out); the thread stops at its next yield."""
+class _SinkFailed(Exception):
+    """Raised in a sync generator's thread when the sink failed: the generator is closed, the loop raises the sink's error."""
+
+
+class _RaisedInThread(Exception):
+    """Carries a non-``Exception`` (``KeyboardInterrupt``, ``SystemExit``, ...) that task code raised in its thread.
+
+    Wrapped so the loop does not take it for its own: execute() unwraps it into an error outcome.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+def _call_in_thread(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return func(*args, **kwargs)
+    except (Exception, TaskAbandoned):
+        raise
+    except BaseException as exc:
+        raise _RaisedInThread(exc) from None
+
+
+def _close_generator(close: Callable[[], Any], error: BaseException) -> None:
+    """Close a generator that stopped on ``error``; a failure to close is noted on ``error``, not lost."""
+    try:
+        close()
+    except Exception as exc:
+        error.add_note(f"closing the generator also failed: {exc!r}")
+
+
+def _args_kwargs(value: Any, source: str) -> tuple[list[Any], dict[str, Any]]:
+    """``(args, kwargs)`` as a middleware or plugin returned it; a wrong shape says who returned what."""
+    if isinstance(value, list | tuple) and len(value) == 2:
+        args, kwargs = value
+        if isinstance(args, list | tuple) and isinstance(kwargs, Mapping):
+            return list(args), dict(kwargs)
+    shown = repr(value)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    raise TypeError(f"{source} returned {shown}; it must return None or (args, kwargs): a list and a dict")
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
 
 
 class _ThreadBridge:
@@ -80,9 +141,9 @@ class _ThreadBridge:
         """Called in the thread for every handled value."""
         with self._cond:
             if self._abandoned:
-                raise _Abandoned()
+                raise TaskAbandoned()
             if self.error is not None:
-                raise self.error
+                raise _SinkFailed()  # the loop raises the error itself, with its own traceback
             self._buf.append(value)
             notify, self._idle = self._idle, False
             while len(self._buf) >= self._max and not self._abandoned and self.error is None:
@@ -122,12 +183,12 @@ class _ThreadBridge:
             self._abandoned = True
             self._cond.notify_all()
 
-    async def close(self) -> None:
-        """Wait until every value put so far is emitted; raise an emit error."""
+    async def close(self, *, raise_error: bool = True) -> None:
+        """Wait until every value put so far is emitted; raise an emit error (if ``raise_error``)."""
         self._closed = True
         self._wake.set()
         await self._task
-        if self.error is not None:
+        if self.error is not None and raise_error:
             raise self.error
 
 
@@ -164,7 +225,10 @@ class TaskExecutor:
         self._host: asyncio.Task[Any] | None = None
         self._in_user_code = False
         self._cancel_sent = False
+        self._cancel_taken_back = False
         self._bridge: _ThreadBridge | None = None
+        self._thread_future: Future[Any] | None = None
+        self._abandoned = False
 
     # -- control -------------------------------------------------------------------
 
@@ -181,74 +245,119 @@ class TaskExecutor:
     # -- the run -------------------------------------------------------------------
 
     async def execute(self) -> Outcome:
-        """Run the task to its end and say how it ended.
+        """Run the task to its end and say how it ended; see the module docstring for what passes through.
 
         The task runs in the caller's asyncio task (no extra task per run): a cancel
         request cancels that task while it waits in the task's own code, and the
         cancellation is taken back (``uncancel``) once it is turned into an outcome.
         """
-        spec = self.spec
         self._host = asyncio.current_task()
         try:
+            return await self._execute()
+        except asyncio.CancelledError as exc:
+            self._take_back_cancel()
+            if self._host_cancelled():
+                raise  # the worker is stopping: the task goes back with it
+            return self._error(exc)  # raised by an await of a plugin or middleware of its own
+        except (KeyboardInterrupt, SystemExit):
+            raise  # on the loop these may be the process's own (module docstring)
+        except TaskCancelError as exc:
+            return self._cancelled(exc)
+        except _RaisedInThread as exc:
+            return self._error(exc.exc)
+        except BaseException as exc:
+            return self._error(exc)
+
+    async def _execute(self) -> Outcome:
+        try:
             await self._before()
-            bound = self._bind()
-            limit: asyncio.Timeout | None = None
-            try:
-                if spec.max_time is not None:
-                    async with asyncio.timeout(spec.max_time) as limit:
-                        result = await self._run(bound)
-                else:
-                    result = await self._run(bound)
-            except TimeoutError:
-                if limit is None or not limit.expired():
-                    raise  # the task's own TimeoutError: an ordinary error
-                if self._bridge is not None:
-                    self._bridge.abandon()
-                if self.token.is_set:
-                    raise TaskCancelError(self.token.reason) from None
-                raise TaskTimeoutError(
-                    f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s"
-                ) from None
-            except asyncio.CancelledError as exc:
-                if self._cancel_sent:
-                    raise TaskCancelError(self.token.reason) from None
-                host = self._host
-                if host is not None and host.cancelling():
-                    # The worker itself is being stopped: stop the task with it.
-                    if self._bridge is not None:
-                        self._bridge.abandon()
-                    raise
-                # Raised by the task's own code (a sub-task it awaited was cancelled).
-                return self._error(exc)
-            finally:
-                self._in_user_code = False
-                if self._cancel_sent and self._host is not None and self._host.cancelling():
-                    self._host.uncancel()
+            result = await self._run_limited(self._bind())
             if self.token.is_set:
                 raise TaskCancelError(self.token.reason)
             result = await self._after(result)
             return Outcome("success", returning=result, yield_count=self.yield_count)
         except TaskCancelError as exc:
-            return Outcome("cancel", cancel_reason=str(exc) or self.token.reason, yield_count=self.yield_count, exc=exc)
+            return self._cancelled(exc)
         except TaskPluginTriggerError as exc:
-            replaced = await self.plugins.trigger(
-                "task_executor_run_task_trigger_error",
-                task_executor=self,
-                task_func=spec,
-                task_broker=self.broker,
-                e=exc,
-            )
-            if replaced and "result" in replaced:
-                return Outcome("success", returning=replaced["result"], yield_count=self.yield_count)
-            return self._error(exc)
-        except Exception as exc:
-            return self._error(exc)
+            return await self._plugin_error(exc)
+
+    async def _run_limited(self, bound: tuple[list[Any], dict[str, Any]]) -> Any:
+        """``_run`` within ``max_time``; a run past it, or whose host task is cancelled, is abandoned."""
+        spec = self.spec
+        limit: asyncio.Timeout | None = None
+        try:
+            if spec.max_time is None:
+                return await self._run(bound)
+            async with asyncio.timeout(spec.max_time) as limit:
+                return await self._run(bound)
+        except TimeoutError:
+            if limit is None or not limit.expired():
+                raise  # the task's own TimeoutError: an ordinary error
+            self._abandon()
+            if self.token.is_set:
+                raise TaskCancelError(self.token.reason) from None
+            raise TaskTimeoutError(f"task {spec.name!r} ran longer than its max_time of {spec.max_time} s") from None
+        except asyncio.CancelledError:
+            self._take_back_cancel()
+            if self._host_cancelled():
+                self._abandon()  # the worker is stopping: a thread must not run on after the hand-back
+                raise
+            if self._cancel_sent:
+                raise TaskCancelError(self.token.reason) from None
+            raise  # raised by the task's own code (a sub-task it awaited was cancelled): an error
+        finally:
+            self._in_user_code = False
+            self._take_back_cancel()
+
+    def _take_back_cancel(self) -> None:
+        """Undo the host cancellation ``cancel()`` sent, once (asyncio 3.11: ``uncancel`` only counts down)."""
+        host = self._host
+        if self._cancel_sent and not self._cancel_taken_back and host is not None and host.cancelling():
+            host.uncancel()
+            self._cancel_taken_back = True
+
+    def _host_cancelled(self) -> bool:
+        """Whether someone other than ``cancel()`` cancelled the asyncio task running ``execute()``."""
+        host = self._host
+        return host is not None and host.cancelling() > 0
+
+    def _abandon(self) -> None:
+        """The run's result is no longer wanted: stop its thread (if any) as soon as Python can."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        self.token.abandon()  # wakes ctx.sleep
+        if self._bridge is not None:
+            self._bridge.abandon()  # the generator's next put raises
+        abandon = getattr(self.thread_pool, "abandon", None)
+        if abandon is not None and self._thread_future is not None:
+            abandon(self._thread_future)
+
+    def _cancelled(self, exc: TaskCancelError) -> Outcome:
+        return Outcome("cancel", cancel_reason=str(exc) or self.token.reason, yield_count=self.yield_count, exc=exc)
 
     def _error(self, exc: BaseException) -> Outcome:
         text = "".join(traceback.format_exception(exc))
         if len(text) > TRACEBACK_LIMIT:
             text = text[: TRACEBACK_LIMIT // 2] + "\n...\n" + text[-TRACEBACK_LIMIT // 2 :]
         return Outcome("error", exc=exc, traceback=text, yield_count=self.yield_count)
+
+    async def _plugin_error(self, exc: TaskPluginTriggerError) -> Outcome:
+        """``ctx.plugin_error``: plugins may turn it into a result; a plugin failing here is the error."""
+        try:
+            replaced = await self.plugins.trigger(
+                "task_executor_run_task_trigger_error",
+                task_executor=self,
+                task_func=self.spec,
+                task_broker=self.broker,
+                e=exc,
+            )
+        except Exception as plugin_exc:
+            plugin_exc.add_note(f"raised by a plugin on task_executor_run_task_trigger_error, handling {exc!r}")
+            return self._error(plugin_exc)
+        if replaced and "result" in replaced:
+            return Outcome("success", returning=replaced["result"], yield_count=self.yield_count)
+        return self._error(exc)
 
     async def _before(self) -> None:
         plugins = self.plugins
@@ -257,14 +366,12 @@ class TaskExecutor:
                 "task_executor_args_replace", task_executor=self, args=self.args, kwargs=self.kwargs
             )
             if new and "new_args" in new:
-                args, kwargs = new["new_args"]
-                self.args, self.kwargs = list(args), dict(kwargs)
+                self.args, self.kwargs = _args_kwargs(new["new_args"], "a plugin on task_executor_args_replace")
             await plugins.trigger("task_executor_before_execute", task_executor=self)
         for middleware in self.spec.middlewares_before:
             replaced = await _call(middleware, self.spec.name, self.args, self.kwargs)
             if replaced is not None:
-                args, kwargs = replaced
-                self.args, self.kwargs = list(args), dict(kwargs)
+                self.args, self.kwargs = _args_kwargs(replaced, f"before-middleware {_name(middleware)}")
 
     async def _after(self, result: Any) -> Any:
         spec = self.spec
@@ -326,66 +433,95 @@ class TaskExecutor:
                 self._in_user_code = False
         if kind == "async_gen":
             return await self._drive_async_gen(self.spec.func(*args, **kwargs))
-        loop = asyncio.get_running_loop()
         if kind == "sync":
-            return await loop.run_in_executor(self.thread_pool, lambda: self.spec.func(*args, **kwargs))
-        self._bridge = _ThreadBridge(loop, self.sink.emit)
+            return await self._in_thread(self.spec.func, tuple(args), kwargs)
+        loop = asyncio.get_running_loop()
+        bridge = self._bridge = _ThreadBridge(loop, self.sink.emit)
         try:
-            await loop.run_in_executor(self.thread_pool, self._drive_sync_gen, args, kwargs, loop)
-        finally:
-            await self._bridge.close()
+            await self._in_thread(self._drive_sync_gen, (args, kwargs, loop), {})
+        except _SinkFailed:
+            pass  # the generator is closed; close() below raises the sink's error
+        except BaseException:
+            if isinstance(self._host, asyncio.Task) and self._host.cancelling():
+                self._abandon()  # past max_time or the worker stopping: emit nothing more
+            await bridge.close(raise_error=False)  # the run's own error wins
+            raise
+        await bridge.close()
         return None
 
+    async def _in_thread(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``func`` in the thread pool; with a pool that can abandon runs, remember the run so it can be."""
+        loop = asyncio.get_running_loop()
+        pool = self.thread_pool
+        if pool is None:
+            return await loop.run_in_executor(None, _call_in_thread, func, args, kwargs)
+        # What loop.run_in_executor does, keeping the pool's future for abandon().
+        self._thread_future = pool.submit(_call_in_thread, func, args, kwargs)
+        return await asyncio.wrap_future(self._thread_future, loop=loop)
+
     async def _drive_async_gen(self, agen: AsyncGenerator[Any, Any]) -> None:
+        try:
+            await self._pump_async_gen(agen)
+        except BaseException as exc:
+            try:
+                await agen.aclose()
+            except Exception as close_exc:
+                exc.add_note(f"closing the generator also failed: {close_exc!r}")
+            raise
+        await agen.aclose()  # an error here (a finally that raises or yields) is the run's error
+
+    async def _pump_async_gen(self, agen: AsyncGenerator[Any, Any]) -> None:
         handler = self.spec.generate_handler
         handler_is_async = self.spec.handler_is_async
         emit = self.sink.emit
         token = self.token
-        try:
-            while True:
-                self._in_user_code = True
-                try:
-                    if token.is_set:
-                        value = await agen.athrow(TaskCancelError(token.reason))
-                    else:
-                        value = await agen.__anext__()
-                except StopAsyncIteration:
-                    return None
-                finally:
-                    self._in_user_code = False
-                if handler is not None:
-                    value = await handler(value) if handler_is_async else handler(value)
-                await emit(value)
-                self.yield_count += 1
-        finally:
-            await agen.aclose()
+        while True:
+            self._in_user_code = True
+            try:
+                if token.is_set:
+                    value = await agen.athrow(TaskCancelError(token.reason))
+                else:
+                    value = await agen.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                self._in_user_code = False
+            if handler is not None:
+                value = await handler(value) if handler_is_async else handler(value)
+            await emit(value)
+            self.yield_count += 1
 
     def _drive_sync_gen(self, args: list[Any], kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
-        """Runs in a worker thread."""
+        """Runs in a pool thread."""
+        gen: Generator[Any, Any, Any] = self.spec.func(*args, **kwargs)
+        try:
+            self._pump_sync_gen(gen, loop)
+        except BaseException as exc:
+            _close_generator(gen.close, exc)
+            raise
+        gen.close()
+
+    def _pump_sync_gen(self, gen: Generator[Any, Any, Any], loop: asyncio.AbstractEventLoop) -> None:
         bridge = self._bridge
         assert bridge is not None
         handler = self.spec.generate_handler
         handler_is_async = self.spec.handler_is_async
         token = self.token
         deadline = None if self.spec.max_time is None else time.monotonic() + self.spec.max_time
-        gen: Generator[Any, Any, Any] = self.spec.func(*args, **kwargs)
-        try:
-            while True:
-                try:
-                    if token.is_set:
-                        value = gen.throw(TaskCancelError(token.reason))
-                    elif deadline is not None and time.monotonic() > deadline:
-                        value = gen.throw(TaskTimeoutError(f"task {self.spec.name!r} ran longer than its max_time"))
-                    else:
-                        value = next(gen)
-                except StopIteration:
-                    return
-                if handler is not None:
-                    if handler_is_async:
-                        value = asyncio.run_coroutine_threadsafe(handler(value), loop).result()
-                    else:
-                        value = handler(value)
-                bridge.put(value)
-                self.yield_count += 1
-        finally:
-            gen.close()
+        while True:
+            try:
+                if token.is_set:
+                    value = gen.throw(TaskCancelError(token.reason))
+                elif deadline is not None and time.monotonic() > deadline:
+                    value = gen.throw(TaskTimeoutError(f"task {self.spec.name!r} ran longer than its max_time"))
+                else:
+                    value = next(gen)
+            except StopIteration:
+                return
+            if handler is not None:
+                if handler_is_async:
+                    value = wait_future(asyncio.run_coroutine_threadsafe(handler(value), loop))
+                else:
+                    value = handler(value)
+            bridge.put(value)
+            self.yield_count += 1
