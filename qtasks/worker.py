@@ -28,7 +28,6 @@ import time
 import traceback
 import uuid as uuid_mod
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qtasks.connectors.base import Record, TopicPartition
@@ -42,6 +41,7 @@ from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control
 from qtasks.registry import Registry
 from qtasks.runner import Host, TaskRun, base_status
 from qtasks.supervise import Supervisor
+from qtasks.threads import TaskThreads
 
 log = logging.getLogger("qtasks.worker")
 
@@ -71,7 +71,7 @@ class Worker:
         self.concurrency = concurrency or config.concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid_mod.uuid4().hex[:6]}"
         self.prefetch = config.prefetch if config.prefetch >= 0 else self.concurrency
-        self._pool = ThreadPoolExecutor(config.thread_pool_size, thread_name_prefix="qtasks-task")
+        self._pool = TaskThreads(config.thread_pool_size, name_prefix="qtasks-task")
         self.host = Host(core, self.id, plugins, events, app, user_app, self._pool, self)
         self.supervisor = Supervisor(f"worker {self.id}", on_fatal=self._on_fatal)
         self.error: BaseException | None = None
@@ -145,7 +145,7 @@ class Worker:
             log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
         await self._consumer.stop()
         await self._control.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
         self._started = False
 
     # -- rebalance listener ----------------------------------------------------------

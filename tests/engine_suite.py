@@ -1037,3 +1037,24 @@ async def test_add_task_refuses_cyclic_arguments_and_bad_names_or_priorities(app
         await app.add_task("anything", priority="high")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         await app.add_task("anything", priority=True)
+
+
+async def test_stop_means_stop_for_a_sync_task_past_the_stop_timeout(app: QueueTasks) -> None:
+    counter = [0]
+    running = threading.Event()
+
+    @app.task
+    def spin() -> None:
+        running.set()
+        while True:
+            counter[0] += 1
+
+    await app.start()
+    await app.add_task("spin")
+    assert await asyncio.to_thread(running.wait, 10)
+    started = time.monotonic()
+    await app.stop(timeout=0.3)
+    assert time.monotonic() - started < 8
+    seen = counter[0]
+    await asyncio.sleep(0.3)
+    assert counter[0] == seen  # the handed-back run no longer runs here
