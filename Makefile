@@ -6,7 +6,7 @@ BROKER ?= memory
 KAFKA_PORT ?= 9092
 N ?= 20
 
-.PHONY: install run test test-unit test-kafka lint format typecheck bench bench-kafka kafka-up kafka-down clean
+.PHONY: install run test test-unit test-kafka lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,9 @@ typecheck: install
 
 bench: install
 	$(BIN)/python bench/bench_memory.py
+
+bench-rss: install
+	$(BIN)/python bench/bench_rss.py
 
 bench-kafka: install
 	$(BIN)/python bench/bench_kafka.py
