@@ -96,3 +96,16 @@ async def deliver(
     finally:
         if tries and trouble is not None:
             trouble.leave()
+
+
+async def fetch(consumer: Any, timeout: float, max_records: int | None = None) -> list[Any]:
+    """One ``getmany`` of a loop: a retriable failure (the broker is away) waits 0.5 s and
+    returns nothing, quietly (the connector logs the outage once); any other is raised."""
+    try:
+        records: list[Any] = await consumer.getmany(timeout=timeout, max_records=max_records)
+    except ConnectorError as exc:
+        if not exc.retriable:
+            raise
+        await asyncio.sleep(0.5)
+        return []
+    return records

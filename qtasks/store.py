@@ -25,7 +25,7 @@ import msgspec
 
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, TopicPartition
-from qtasks.delivery import Trouble, deliver
+from qtasks.delivery import Trouble, deliver, fetch
 from qtasks.exc import ConnectorError, RecordError
 from qtasks.partitioner import partition_for
 from qtasks.records import StatusHead, Task, decode_status, encode, head_of
@@ -105,13 +105,7 @@ class StatusStore:
         view = self.view
         positions = self._positions
         while True:
-            try:
-                records = await consumer.getmany(timeout=0.5)
-            except ConnectorError as exc:
-                if not exc.retriable:
-                    raise
-                await asyncio.sleep(0.5)
-                continue
+            records = await fetch(consumer, 0.5)
             for record in records:
                 positions[record.tp] = record.offset + 1
                 try:

@@ -35,7 +35,8 @@ from typing import Any
 
 from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
-from qtasks.exc import AppClosedError, ConnectorError, RecordError, TaskNotFoundError
+from qtasks.delivery import fetch
+from qtasks.exc import AppClosedError, RecordError, TaskNotFoundError
 from qtasks.partitioner import partition_for
 from qtasks.records import ResultRecord, StatusHead, Task, decode_result
 from qtasks.supervise import Supervisor
@@ -187,13 +188,7 @@ class ResultsReader:
     async def _run(self) -> None:
         while True:
             await self._needed.wait()
-            try:
-                records = await self._consumer.getmany(timeout=0.5)
-            except ConnectorError as exc:
-                if not exc.retriable:
-                    raise
-                await asyncio.sleep(0.5)
-                continue
+            records = await fetch(self._consumer, 0.5)
             streams = self._streams
             for record in records:
                 queues = streams.get(record.key) if record.key is not None else None

@@ -34,6 +34,7 @@ from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
+from qtasks.delivery import fetch
 from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
@@ -180,13 +181,7 @@ class Worker:
         while not self._stopping:
             # Full, or the broker is failing (status writes wait): take nothing new, keep polling.
             self._set_paused(self._capacity <= 0 or bool(self.core.trouble))
-            try:
-                records = await consumer.getmany(timeout=0.5, max_records=max(self._capacity, 1))
-            except ConnectorError as exc:
-                if not exc.retriable:
-                    raise
-                await asyncio.sleep(0.5)
-                continue
+            records = await fetch(consumer, 0.5, max_records=max(self._capacity, 1))
             if self._stopping:
                 return
             for record in records:
@@ -370,14 +365,7 @@ class Worker:
     async def _control_loop(self) -> None:
         limit = self.core.config.max_record_bytes
         while True:
-            try:
-                records = await self._control.getmany(timeout=1.0)
-            except ConnectorError as exc:
-                if not exc.retriable:
-                    raise
-                await asyncio.sleep(0.5)
-                continue
-            for record in records:
+            for record in await fetch(self._control, 1.0):
                 try:
                     command = decode_control(record.value, limit)
                 except RecordError as exc:
