@@ -13,12 +13,12 @@ import asyncio
 import logging
 import time
 import uuid as uuid_mod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
-from qtasks.delivery import Trouble, deliver
+from qtasks.delivery import Trouble, deliver, deliver_together
 from qtasks.exc import ConnectorError
 from qtasks.partitioner import partition_for
 from qtasks.records import ControlRecord, Task, TaskRecord, encode
@@ -165,8 +165,8 @@ class Core:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def send(self, topic: str, raw: bytes, key: str, partitions: int, *, what: str) -> None:
-        """Deliver one record to the partition of ``key`` (retried while the failure is retriable)."""
+    def sender(self, topic: str, raw: bytes, key: str, partitions: int) -> Callable[[], Any]:
+        """A call that enqueues one record to the partition of ``key`` (for :mod:`qtasks.delivery`)."""
         producer = self.broker.producer
         partition = partition_for(key, partitions)
         raw_key = key.encode()
@@ -174,7 +174,11 @@ class Core:
         def send() -> Any:
             return producer.send(topic, raw, key=raw_key, partition=partition)
 
-        await deliver(send, what=what, trouble=self.trouble)
+        return send
+
+    async def send(self, topic: str, raw: bytes, key: str, partitions: int, *, what: str) -> None:
+        """Deliver one record to the partition of ``key`` (retried while the failure is retriable)."""
+        await deliver(self.sender(topic, raw, key, partitions), what=what, trouble=self.trouble)
 
     async def submit(
         self,
@@ -218,11 +222,17 @@ class Core:
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
         )
-        # Both stored before this returns: another process that asks next finds the task.
-        await asyncio.gather(
-            self.store.write(task, durable=True),
-            self.send(self.topics.tasks, raw, uuid, self.tasks_partitions, what=f"task {uuid}"),
+        # Both stored before this returns (one wait for the two): another process that
+        # asks next finds the task. The status goes first, so a worker finds it.
+        status, raw_status = self.store.prepare(task)
+        await deliver_together(
+            [
+                (self.store.sender(uuid, raw_status), f"status new of {uuid}"),
+                (self.sender(self.topics.tasks, raw, uuid, self.tasks_partitions), f"task {uuid}"),
+            ],
+            trouble=self.trouble,
         )
+        self.store.view.apply(status, raw_status)
         return task
 
     async def send_control(self, command: ControlRecord) -> None:

@@ -98,6 +98,35 @@ async def deliver(
             trouble.leave()
 
 
+async def deliver_together(
+    sends: list[tuple[Callable[[], Awaitable[Awaitable[Any] | None]], str]], *, trouble: Trouble | None = None
+) -> None:
+    """Deliver several records durably with one wait: enqueue them all, then await their deliveries.
+
+    A record whose enqueue or delivery fails goes through :func:`deliver` (retried while
+    retriable). On a connector whose sends are stored at once (memory), nothing here yields
+    to the event loop.
+    """
+    enqueued: list[tuple[Callable[[], Awaitable[Awaitable[Any] | None]], str, Awaitable[Any] | None, bool]] = []
+    for send, what in sends:
+        try:
+            enqueued.append((send, what, await send(), True))
+        except ConnectorError as exc:
+            if not exc.retriable:
+                raise
+            enqueued.append((send, what, None, False))
+    for send, what, delivery, ok in enqueued:
+        if ok and delivery is not None:
+            try:
+                await delivery
+            except ConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                ok = False
+        if not ok:
+            await deliver(send, what=what, trouble=trouble)
+
+
 async def fetch(consumer: Any, timeout: float, max_records: int | None = None) -> list[Any]:
     """One ``getmany`` of a loop: a retriable failure (the broker is away) waits 0.5 s and
     returns nothing, quietly (the connector logs the outage once); any other is raised."""

@@ -197,11 +197,7 @@ class StatusStore:
         record wins, so a late ``process`` must never land after the ending.
         """
         uuid = task.uuid
-        record = msgspec.structs.replace(task, rev=next_rev(self.view.rev(uuid), task.status))
-        raw = encode(record)
-        if len(raw) > self._record_limit:
-            record = slim(record, self._record_limit)
-            raw = encode(record)
+        record, raw = self.prepare(task)
         if not durable:
             self.view.apply(record, raw)
         if not record.is_finished:
@@ -212,30 +208,45 @@ class StatusStore:
                 return (head is None or not head.is_finished) and (wanted is None or wanted())
 
             wanted = still
-        await self._send(uuid, raw, durable=durable, what=f"status {record.status} of {uuid}", wanted=wanted)
+        await deliver(
+            self.sender(uuid, raw),
+            what=f"status {record.status} of {uuid}",
+            durable=durable,
+            trouble=self._trouble,
+            wanted=wanted,
+        )
         if durable:
             self.view.apply(record, raw)
         return record
 
+    def prepare(self, task: Task) -> tuple[Task, bytes]:
+        """The record to write for ``task`` (a copy with the next rev, slimmed to fit) and its bytes."""
+        record = msgspec.structs.replace(task, rev=next_rev(self.view.rev(task.uuid), task.status))
+        raw = encode(record)
+        if len(raw) > self._record_limit:
+            record = slim(record, self._record_limit)
+            raw = encode(record)
+        return record, raw
+
     async def tombstone(self, uuid: str) -> None:
         """Expire a finished task: it leaves the view now and the topic at its next compaction."""
         self.view.apply_raw(uuid.encode(), None)
-        await self._send(uuid, None, durable=False, what=f"expiry of {uuid}")
+        await deliver(self.sender(uuid, None), what=f"expiry of {uuid}", durable=False, trouble=self._trouble)
 
-    async def _send(
-        self, uuid: str, raw: bytes | None, *, durable: bool, what: str, wanted: Callable[[], bool] | None = None
-    ) -> None:
+    def sender(self, uuid: str, raw: bytes | None) -> Callable[[], Any]:
+        """A call that enqueues ``raw`` as ``uuid``'s status record (for :mod:`qtasks.delivery`)."""
         connector = self._connector
         if connector is None:
             raise ConnectorError("the app is not connected", retriable=False)
         key = uuid.encode()
         partition = partition_for(uuid, self.partitions)
         producer = connector.producer
+        topic = self.topic
 
         def send() -> Any:
-            return producer.send(self.topic, raw, key=key, partition=partition)
+            return producer.send(topic, raw, key=key, partition=partition)
 
-        await deliver(send, what=what, durable=durable, trouble=self._trouble, wanted=wanted)
+        return send
 
     def expired(self, ttl: float) -> list[str]:
         """uuids of finished tasks older than ``ttl`` seconds."""

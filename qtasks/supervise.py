@@ -129,6 +129,10 @@ class Supervisor:
             raise self.error
         raise TimeoutError(f"{self.name}: not ready within {timeout} s")
 
+    def wind_down(self) -> None:
+        """From now on a loop that returns has finished its work: it is not restarted (nor one that fails)."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Cancel every loop and wait until they have ended."""
         self._stopping = True

@@ -131,6 +131,7 @@ class Worker:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        self.supervisor.wind_down()  # the poll loop returns now; the others run until stop
         timeout = self.core.config.stop_timeout if timeout is None else timeout
         if self._handlers:
             _, pending = await asyncio.wait(set(self._handlers), timeout=timeout)
@@ -264,6 +265,8 @@ class Worker:
             self._in_flight -= 1
             if not self._stopping:
                 self._fill()
+                if self._paused and self._capacity > 0 and not self.core.trouble:
+                    self._set_paused(False)  # resuming wakes the poll loop's fetch at once
 
     async def _last_resort(self, rec: TaskRecord | RecordError, record: Record, exc: Exception) -> bool:
         """Something failed outside the task (a bug, or a write refused for good): end the task as error."""
