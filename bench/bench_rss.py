@@ -4,7 +4,7 @@
 
 Submits N no-op tasks in batches to one app with a worker, waits for each batch to
 finish, and prints the process's resident set size after every ``--every`` tasks. What
-is bounded and by what: the tasks and results topics by memory:// retention (64 MiB per
+is bounded and by what: the tasks and results topics by memory:// retention (16 MiB per
 partition, 1 hour, unless the URL says otherwise), the status view by
 ``status_cache_size``, the compacted status topic by ``status_ttl`` (finished tasks are
 tombstoned after it; with the default of a day, a day of statuses stays in the log,

@@ -18,7 +18,7 @@ is not compacted drops its oldest records once a partition holds more than
 =================== ============================= ===================================
 URL option          topic config                  default
 =================== ============================= ===================================
-``retention_bytes`` ``retention.bytes``           67108864 (64 MiB) per partition
+``retention_bytes`` ``retention.bytes``           16777216 (16 MiB) per partition
 ``retention_ms``    ``retention.ms``              3600000 (1 hour)
 =================== ============================= ===================================
 
@@ -48,7 +48,7 @@ from qtasks.connectors.base import RebalanceListener, Record, TopicPartition, To
 from qtasks.exc import CommitFailedError, ConfigError, ConnectorError, TopicConfigError
 
 #: The retention of topics that neither their config nor the URL sets.
-DEFAULT_RETENTION = {"retention.bytes": str(64 * 2**20), "retention.ms": str(3_600_000)}
+DEFAULT_RETENTION = {"retention.bytes": str(16 * 2**20), "retention.ms": str(3_600_000)}
 #: Bytes a stored record costs besides its key and value (the tuple, its ints, the bytes
 #: objects' headers, two list slots: about 220 on CPython 3.11), counted by ``retention.bytes``.
 RECORD_OVERHEAD = 200

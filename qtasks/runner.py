@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import traceback
 from concurrent.futures import Executor
 from typing import Any
 
@@ -290,6 +291,37 @@ def base_status(rec: TaskRecord, head: StatusHead | None, worker_id: str) -> Tas
         attempt=head.attempt if head is not None else 0,
         worker=worker_id,
     )
+
+
+async def end_without_running(host: Host, rec: TaskRecord, head: StatusHead | None, status: str, **fields: Any) -> Task:
+    """End a task that does not run here (cancelled while queued, unknown): its status, durably."""
+    task = base_status(rec, head, host.worker_id)
+    task.status = status  # type: ignore[assignment]
+    for name, value in fields.items():
+        setattr(task, name, value)
+    written = await host.core.store.write(task, durable=True)
+    if status == "cancel":
+        await host.events.fire("task_cancel", app=host.app, task=written, worker=host.worker)
+    return written
+
+
+async def end_unfinished(host: Host, rec: TaskRecord, exc: BaseException) -> bool:
+    """Something failed outside the task (a bug, a write refused for good): end it as error; False if not even that."""
+    text = "".join(traceback.format_exception(exc))[-8000:]
+    try:
+        await end_without_running(
+            host,
+            rec,
+            host.core.view.head(rec.uuid),
+            "error",
+            traceback=f"the worker could not finish this task:\n{text}",
+        )
+    except ConnectorError as again:
+        # Not even the error could be written: the offset stays uncommitted, so the
+        # record is delivered again after a restart or rebalance (at least once).
+        log.error("could not write the error status of %s: %s", rec.uuid, again)
+        return False
+    return True
 
 
 async def trigger(host: Host, name: str, **kwargs: Any) -> None:

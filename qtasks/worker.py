@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import time
-import traceback
 import uuid as uuid_mod
 from collections import OrderedDict
 from typing import Any
@@ -40,7 +39,7 @@ from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
 from qtasks.registry import Registry
-from qtasks.runner import Host, TaskRun, base_status
+from qtasks.runner import Host, TaskRun, end_unfinished, end_without_running
 from qtasks.supervise import Supervisor
 from qtasks.threads import TaskThreads
 
@@ -255,7 +254,8 @@ class Worker:
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
         except Exception as exc:
-            finished = await self._last_resort(rec, record, exc)
+            log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
+            finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc)
         finally:
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
             if finished:
@@ -267,24 +267,6 @@ class Worker:
                 self._fill()
                 if self._paused and self._capacity > 0 and not self.core.trouble:
                     self._set_paused(False)  # resuming wakes the poll loop's fetch at once
-
-    async def _last_resort(self, rec: TaskRecord | RecordError, record: Record, exc: Exception) -> bool:
-        """Something failed outside the task (a bug, or a write refused for good): end the task as error."""
-        log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
-        if not isinstance(rec, TaskRecord):
-            return False
-        text = "".join(traceback.format_exception(exc))[-8000:]
-        task = base_status(rec, self.core.view.head(rec.uuid), self.id)
-        task.status = "error"
-        task.traceback = f"the worker could not finish this task:\n{text}"
-        try:
-            await self.core.store.write(task, durable=True)
-        except ConnectorError as again:
-            # Not even the error could be written: the offset stays uncommitted, so the
-            # record is delivered again after a restart or rebalance (at least once).
-            log.error("could not write the error status of %s: %s", rec.uuid, again)
-            return False
-        return True
 
     # -- one record ------------------------------------------------------------------
 
@@ -312,12 +294,12 @@ class Worker:
             log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
         elif action == "cancel":
             reason = self._cancelled.pop(uuid, "") or f"{rec.task_name}.cancel"
-            await self._finish(rec, head, "cancel", cancel_reason=reason)
+            await end_without_running(self.host, rec, head, "cancel", cancel_reason=reason)
         elif action == "unknown":
             known = ", ".join(self.registry.names()) or "none"
             exc = TaskNotFoundError(f"unknown task {rec.task_name!r}: this worker knows {known}")
-            task = await self._finish(
-                rec, head, "error", traceback=f"TaskNotFoundError: {exc}", attempt=decision.attempt
+            task = await end_without_running(
+                self.host, rec, head, "error", traceback=f"TaskNotFoundError: {exc}", attempt=decision.attempt
             )
             await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc)
         elif action == "run":
@@ -352,16 +334,6 @@ class Worker:
 
         with contextlib.suppress(TimeoutError):
             await self.core.view.wait_for(uuid, changed, max(0.0, lease - time.time()) + 0.01)
-
-    async def _finish(self, rec: TaskRecord, head: StatusHead | None, status: str, **fields: Any) -> Any:
-        task = base_status(rec, head, self.id)
-        task.status = status  # type: ignore[assignment]
-        for name, value in fields.items():
-            setattr(task, name, value)
-        written = await self.core.store.write(task, durable=True)
-        if status == "cancel":
-            await self.host.events.fire("task_cancel", app=self.host.app, task=written, worker=self)
-        return written
 
     # -- the other loops -------------------------------------------------------------
 

@@ -406,7 +406,7 @@ async def test_topics_get_the_default_retention_unless_config_or_url_set_it() ->
     conn = MemoryConnector(f"memory://{unique()}?retention_ms=5000")
     await conn.ensure_topics([TopicSpec("a", 1), TopicSpec("b", 1, config={"retention.bytes": "-1"})])
     a, b = conn.log.topics["a"], conn.log.topics["b"]
-    assert a.retention_bytes == int(DEFAULT_RETENTION["retention.bytes"]) == 64 * 2**20
+    assert a.retention_bytes == int(DEFAULT_RETENTION["retention.bytes"]) == 16 * 2**20
     assert a.retention_ms == b.retention_ms == 5000
     assert b.retention_bytes > 2**60  # -1: no limit
 
