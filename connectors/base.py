@@ -116,22 +116,9 @@ class Connector(Protocol):
 
     async def ensure_topics(self, specs: list[TopicSpec]) -> None: ...
 
-    async def partitions_for(self, topic: str) -> int: ...
-
-    @property
-    def producer(self) -> Producer: ...
-
-    def consumer(
-        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
-    ) -> Consumer: ...
-
-
-class ClusterAware(Protocol):
-    """What a connector knows about its cluster beyond the :class:`Connector` seam.
-
-    The Kafka connector has it; the memory connector will (its log has no limit and is
-    always reachable). Once both do, it folds into :class:`Connector`.
-    """
+    async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
+        """Partitions of ``topic``; ``refresh`` asks the cluster now instead of cached metadata."""
+        ...
 
     @property
     def reachable(self) -> bool:
@@ -147,6 +134,13 @@ class ClusterAware(Protocol):
         """The largest value (bytes) ``send`` takes for ``topic``; larger is a RecordTooLargeError."""
         ...
 
-    async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
-        """Partitions of ``topic``; ``refresh`` asks the cluster now instead of cached metadata."""
-        ...
+    @property
+    def producer(self) -> Producer: ...
+
+    def consumer(
+        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
+    ) -> Consumer: ...
+
+
+#: The cluster-aware part of the seam, folded into :class:`Connector` (every connector has it).
+ClusterAware = Connector

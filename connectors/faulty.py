@@ -302,6 +302,20 @@ class FaultyConnector:
         await self.faults.enter("start")
         await self.inner.start()
 
+    @property
+    def reachable(self) -> bool:
+        """False during an injected outage."""
+        return not self.faults.is_down and self.inner.reachable
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """The inner connector's (an injected outage has no start time of its own)."""
+        return self.inner.unreachable_since
+
+    def record_limit(self, topic: str) -> int:
+        """The inner connector's limit."""
+        return self.inner.record_limit(topic)
+
     async def stop(self) -> None:
         """Disconnect; never fails, so cleanup always can."""
         await self.inner.stop()
@@ -311,9 +325,9 @@ class FaultyConnector:
         await self.faults.enter("ensure_topics", [spec.name for spec in specs])
         await self.inner.ensure_topics(specs)
 
-    async def partitions_for(self, topic: str) -> int:
-        """How many partitions a topic has."""
-        return await self.inner.partitions_for(topic)
+    async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
+        """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""
+        return await self.inner.partitions_for(topic, refresh=refresh)
 
     @property
     def producer(self) -> FaultyProducer:

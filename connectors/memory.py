@@ -610,6 +610,20 @@ class MemoryConnector:
     async def start(self) -> None:
         """Nothing to connect to."""
 
+    @property
+    def reachable(self) -> bool:
+        """Always: the log is in this process."""
+        return True
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """Never unreachable."""
+        return None
+
+    def record_limit(self, topic: str) -> int:
+        """No limit of its own: the app's ``max_record_bytes`` is the limit."""
+        return 2**31 - 1
+
     async def stop(self) -> None:
         """Nothing to disconnect; the log stays for other apps of the process."""
 
@@ -618,8 +632,8 @@ class MemoryConnector:
         for spec in specs:
             self.log.create_topic(spec, self._defaults)
 
-    async def partitions_for(self, topic: str) -> int:
-        """How many partitions a topic has."""
+    async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
+        """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""
         return self.log.partitions_for(topic)
 
     @property

@@ -109,7 +109,7 @@ class QueueConfig:
     #: stream on it ends, so the next stream there starts at once (no lookup, no seek).
     stream_linger: float = 10.0
     #: How often (seconds) an app checks whether its topics gained partitions.
-    metadata_refresh_interval: float = 30.0
+    metadata_refresh_interval: float = 5.0
     #: Finished tasks whose whole status a process keeps in memory; older ones keep only
     #: their head and are read back from the status topic when asked for.
     status_cache_size: int = 100_000

@@ -124,11 +124,7 @@ class Core:
 
     def record_limit(self, topic: str) -> int:
         """The largest record value ``topic`` accepts: ``max_record_bytes``, or less if the broker says so."""
-        limit = self.config.max_record_bytes
-        broker_limit = getattr(self.broker, "record_limit", None)
-        if broker_limit is not None:
-            limit = min(limit, int(broker_limit(topic)))
-        return limit
+        return min(self.config.max_record_bytes, self.broker.record_limit(topic))
 
     async def _follow_partitions(self) -> None:
         """Partitions added to the topics while the app runs are used: statuses on them are read."""
@@ -148,10 +144,7 @@ class Core:
             await self.store.follow(status)
 
     async def _partitions(self, topic: str) -> int:
-        try:
-            return await self.broker.partitions_for(topic, refresh=True)  # type: ignore[call-arg]
-        except TypeError:
-            return await self.broker.partitions_for(topic)
+        return await self.broker.partitions_for(topic, refresh=True)
 
     async def close(self) -> None:
         """Stop the background loops and disconnect (idempotent)."""

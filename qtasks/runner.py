@@ -83,7 +83,7 @@ class ResultSink:
         if len(raw) > self._limit:
             raise ValueError(
                 f"value {self.seq} of the task is {len(raw)} bytes encoded, over the results topic's limit "
-                f"of {self._limit} bytes (max_record_bytes): yield smaller values"
+                f"of {self._limit} bytes (max_record_bytes, or the topic's max.message.bytes): yield smaller values"
             )
         self.seq += 1
         items = self.items
@@ -98,8 +98,11 @@ class ResultSink:
             delivery.add_done_callback(self._delivered)  # type: ignore[attr-defined]
 
     def _delivered(self, delivery: Any) -> None:
-        if self.error is None and not delivery.cancelled() and delivery.exception() is not None:
-            self.error = delivery.exception()
+        if delivery.cancelled():
+            return
+        error = delivery.exception()  # read every failure, so none is reported as never retrieved
+        if error is not None and self.error is None:
+            self.error = error
 
     async def end(self, status: str) -> None:
         """Write the end marker of this attempt and wait until it is stored.

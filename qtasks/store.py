@@ -140,6 +140,17 @@ class StatusStore:
         except TimeoutError:
             log.warning("the status view did not reach the end of %s within %.0f s", tp, timeout)
 
+    async def _grown(self) -> None:
+        """Follow a status topic that gained partitions since this process counted them."""
+        if self._connector is None:
+            return
+        try:
+            count = await self._connector.partitions_for(self.topic, refresh=True)
+        except ConnectorError as exc:
+            log.debug("could not refresh the partitions of %s: %s", self.topic, exc)
+            return
+        await self.follow(count)
+
     async def lookup(self, uuid: str) -> Task | None:
         """The latest status of ``uuid``; an unseen uuid is looked for up to the log's end first.
 
@@ -148,6 +159,7 @@ class StatusStore:
         """
         task = self.view.get(uuid)
         if task is None:
+            await self._grown()  # the uuid's status may live on a partition new to this process
             await self.catch_up(uuid)
             task = self.view.get(uuid)
         if task is None and self.view.evicted:
@@ -158,6 +170,7 @@ class StatusStore:
         """The head of ``uuid``'s latest status, looked for as :meth:`lookup` does."""
         head = self.view.head(uuid)
         if head is None:
+            await self._grown()
             await self.catch_up(uuid, timeout)
             head = self.view.head(uuid)
         if head is None and self.view.evicted:
