@@ -85,6 +85,10 @@ class StatusView:
         self._cache_size = cache_size
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.evicted = 0
+        #: ``updated_at`` of the oldest dropped task no expiry sweep has covered yet (None: none)
+        #: and of the newest dropped task: what :meth:`qtasks.store.StatusStore.sweep` needs.
+        self.unswept_drop: float | None = None
+        self.newest_drop = 0.0
         self.caught_up = asyncio.Event()
 
     def __len__(self) -> int:
@@ -106,8 +110,13 @@ class StatusView:
             finished.move_to_end(head.uuid)
             while len(finished) > self._cache_size:
                 old, _ = finished.popitem(last=False)
-                self._rows.pop(old, None)
+                dropped = self._rows.pop(old, None)
                 self.evicted += 1
+                if dropped is not None:
+                    at = dropped[0].updated_at
+                    self.newest_drop = max(self.newest_drop, at)
+                    if self.unswept_drop is None or at < self.unswept_drop:
+                        self.unswept_drop = at
         if head.uuid in self._waiters:
             self._notify(head.uuid)
         return True

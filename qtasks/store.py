@@ -28,7 +28,7 @@ from qtasks.connectors.base import Connector, TopicPartition
 from qtasks.delivery import Trouble, deliver, fetch
 from qtasks.exc import ConnectorError, RecordError
 from qtasks.partitioner import partition_for
-from qtasks.records import StatusHead, Task, decode_status, encode, head_of
+from qtasks.records import StatusHead, Task, decode_status, decode_status_head, encode, head_of
 from qtasks.status import StatusView, next_rev, slim
 from qtasks.supervise import Supervisor
 
@@ -260,6 +260,46 @@ class StatusStore:
             return producer.send(topic, raw, key=key, partition=partition)
 
         return send
+
+    async def sweep(self, ttl: float) -> int:
+        """Expire the finished tasks older than ``ttl`` that the view has dropped: one pass over the topic.
+
+        The view keeps only so many finished tasks, so it cannot name every task to
+        expire; this reads the status topic once (to its end as of now) and tombstones
+        each finished record older than ``ttl`` whose task the view does not hold. A
+        finished status never changes again, so such a task is expired whatever comes
+        after it. Returns how many it expired.
+        """
+        assert self._connector is not None
+        before = time.time() - ttl
+        view = self.view
+        # Dropped tasks not older than `before` are left for a later sweep.
+        view.unswept_drop = before if view.newest_drop >= before else None
+        limit = self.config.max_record_bytes
+        consumer = self._connector.consumer(None, client_id=f"{self.topic}-sweep")
+        await consumer.start()
+        expired = 0
+        try:
+            tps = self._tps(range(self.partitions))
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(tps)
+            ends = await consumer.end_offsets(tps)
+            left = {tp for tp, end in ends.items() if end > 0}
+            while left:
+                for record in await fetch(consumer, 0.5):
+                    if record.value is None or record.offset >= ends[record.tp]:
+                        continue
+                    try:
+                        head = decode_status_head(record.value, limit)
+                    except RecordError:
+                        continue
+                    if head.is_finished and head.updated_at < before and head.uuid not in self.view:
+                        await self.tombstone(head.uuid)
+                        expired += 1
+                left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
+        finally:
+            await consumer.stop()
+        return expired
 
     def expired(self, ttl: float) -> list[str]:
         """uuids of finished tasks older than ``ttl`` seconds."""

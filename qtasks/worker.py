@@ -397,8 +397,14 @@ class Worker:
                 await run.renew()
 
     async def _expire_loop(self) -> None:
+        store = self.core.store
         ttl = self.core.config.status_ttl
         while True:
             await asyncio.sleep(min(ttl / 4, 60.0))
-            for uuid in self.core.store.expired(ttl):
-                await self.core.store.tombstone(uuid)
+            for uuid in store.expired(ttl):
+                await store.tombstone(uuid)
+            unswept = store.view.unswept_drop
+            if unswept is not None and unswept < time.time() - ttl:
+                # Finished tasks the view dropped are due: they expire by a sweep of the topic
+                # (at most about once per status_ttl while the view keeps dropping tasks).
+                await store.sweep(ttl)

@@ -1058,3 +1058,21 @@ async def test_stop_means_stop_for_a_sync_task_past_the_stop_timeout(app: QueueT
     seen = counter[0]
     await asyncio.sleep(0.3)
     assert counter[0] == seen  # the handed-back run no longer runs here
+
+
+async def test_tasks_the_view_dropped_still_expire(make_app: Any) -> None:
+    app = make_app(status_cache_size=3, status_ttl=0.4)
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    await app.start()
+    done = [await app.add_task("noop", i, timeout=10) for i in range(10)]
+    assert app.view.evicted >= 7
+    first = done[0]
+    assert first is not None
+    deadline = time.monotonic() + 20
+    while await app.get(first.uuid) is not None:  # dropped from the view, so only a sweep expires it
+        assert time.monotonic() < deadline, "the dropped task never expired"
+        await asyncio.sleep(0.2)
