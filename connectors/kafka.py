@@ -488,6 +488,8 @@ class AiokafkaLogFilter(logging.Filter):
         self._seen: dict[str, float] = {}
         #: aiokafka records turned into DEBUG so far (dropped unless aiokafka logs at DEBUG).
         self.demoted = 0
+        #: aiokafka records this filter was given so far, whatever became of them.
+        self.seen = 0
 
     @staticmethod
     def is_connection_noise(record: logging.LogRecord) -> bool:
@@ -500,6 +502,7 @@ class AiokafkaLogFilter(logging.Filter):
         return any(isinstance(a, _CONNECTION_ERRORS) for a in (*args, exc))
 
     def filter(self, record: logging.LogRecord) -> bool:
+        self.seen += 1
         if record.levelno >= logging.WARNING and self.is_connection_noise(record):
             for health in list(_WATCHED):
                 health.suspect()
