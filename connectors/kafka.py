@@ -27,6 +27,9 @@ is what aiokafka leaves to its caller:
   loggers (:func:`install_log_filter`) turns that into one WARNING from ``qtasks.kafka``
   when the broker becomes unreachable and one INFO when it is back; the connector's
   ``reachable`` / ``unreachable_since`` say the same for health checks.
+- **No busy loop in an outage.** aiokafka retries a failed metadata update as fast as
+  its callers ask for one; :func:`pace_metadata_updates` makes each client wait, doubling
+  from ``retry_backoff_ms`` up to a second, after an update that reached no broker.
 - **New partitions are seen.** Clients refresh metadata every ``metadata_max_age``
   seconds (Kafka's default is 5 minutes), so a group consumer is assigned partitions
   added to its topics promptly; ``partitions_for(topic, refresh=True)`` asks at once.
@@ -485,6 +488,8 @@ class AiokafkaLogFilter(logging.Filter):
         self._seen: dict[str, float] = {}
         #: aiokafka records turned into DEBUG so far (dropped unless aiokafka logs at DEBUG).
         self.demoted = 0
+        #: aiokafka records this filter was given so far, whatever became of them.
+        self.seen = 0
 
     @staticmethod
     def is_connection_noise(record: logging.LogRecord) -> bool:
@@ -497,6 +502,7 @@ class AiokafkaLogFilter(logging.Filter):
         return any(isinstance(a, _CONNECTION_ERRORS) for a in (*args, exc))
 
     def filter(self, record: logging.LogRecord) -> bool:
+        self.seen += 1
         if record.levelno >= logging.WARNING and self.is_connection_noise(record):
             for health in list(_WATCHED):
                 health.suspect()
@@ -533,6 +539,47 @@ def install_log_filter() -> AiokafkaLogFilter:
     return _FILTER
 
 
+# -- metadata pacing --------------------------------------------------------------------
+
+#: The longest wait between two failed metadata updates (Java's ``retry.backoff.max.ms``).
+METADATA_BACKOFF_MAX = 1.0
+
+
+def pace_metadata_updates(client: Any, cap: float = METADATA_BACKOFF_MAX) -> None:
+    """Make an ``AIOKafkaClient`` wait after a metadata update that failed, before it reports so.
+
+    Why: aiokafka's loops ask for metadata when a partition has no known leader and wait
+    for the answer, with no backoff of their own: the producer's sender
+    (``Sender._sender_routine``: a queued batch whose leader is unknown or -1) and the
+    consumer's fetcher (``Fetcher._fetcher_routine``: ``invalid_metadata``). A broker that
+    shuts down tells its clients that its partitions have no leader (-1) before it closes
+    its port; from then on every update fails at once (connection refused) and the loop
+    goes round again: tens of thousands of updates, and as many ERROR records, a second,
+    one core busy for the whole outage.
+
+    How: the update (``AIOKafkaClient._metadata_update``, run by the client's
+    ``_md_synchronizer`` task) waits ``retry_backoff_ms`` after a failure, doubling up to
+    ``cap`` seconds, and returns only then; every caller waiting for that update waits
+    too. A successful update resets the wait. Set on the instance: aiokafka itself is
+    untouched, and the first update after an outage is at most ``cap`` seconds late.
+    """
+    update = client._metadata_update
+    first = max(float(client._retry_backoff), 0.01)
+    delay = first
+
+    async def paced(cluster_metadata: Any, topics: Any) -> bool:
+        nonlocal delay
+        updated = bool(await update(cluster_metadata, topics))
+        if updated:
+            delay = first
+        else:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+        return updated
+
+    client._metadata_update = paced
+
+
 # -- producer ----------------------------------------------------------------------------
 
 
@@ -564,7 +611,7 @@ class KafkaProducer:
 
     def _new_client(self) -> AIOKafkaProducer:
         c = self._connector
-        return AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             **c.options,
             client_id=c.client_id,
             acks="all",
@@ -577,6 +624,8 @@ class KafkaProducer:
             request_timeout_ms=c.config.kafka_request_timeout_ms,
             metadata_max_age_ms=int(c.timings.metadata_max_age * 1000),
         )
+        pace_metadata_updates(producer.client)
+        return producer
 
     async def start(self) -> None:
         """Connect (the connector has checked that a broker answers)."""
@@ -825,6 +874,7 @@ class KafkaConsumer:
             # refresh, then the group rebalances (Kafka's default waits 5 minutes).
             metadata_max_age_ms=int(connector.timings.metadata_max_age * 1000),
         )
+        pace_metadata_updates(self._consumer._client)
         self._subscription: tuple[list[str], RebalanceListener] | None = None
 
     @contextlib.contextmanager
