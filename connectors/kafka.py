@@ -736,7 +736,41 @@ class KafkaProducer:
         if previous is not None and previous.done():
             self._fold(key_, previous)
         self._last[key_] = fut
-        return fut
+        return self._mapped(fut, topic, partition)
+
+    def _mapped(self, fut: asyncio.Future[Any], topic: str, partition: int) -> asyncio.Future[Any]:
+        """The delivery as the engine sees it: a failure is a ConnectorError, and a fatal one restarts the producer.
+
+        Its error is marked as retrieved at once: a caller that does not await a delivery
+        still learns of the failure from the next ``flush``.
+        """
+        mapped: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sender = self._client
+
+        def done(raw: asyncio.Future[Any]) -> None:
+            if raw.cancelled():
+                mapped.cancel()
+                return
+            exc = raw.exception()
+            if exc is None:
+                mapped.set_result(raw.result())
+                return
+            where = f"deliver to {topic}[{partition}]"
+            mapped.set_exception(map_error(exc, where, servers=self._connector.where, topic=topic))
+            mapped.exception()
+            if is_fatal(exc) and sender is not None and sender is self._client:
+                asyncio.get_running_loop().create_task(self._rebuild_once(sender, f"a delivery failed: {exc!r}"))
+
+        fut.add_done_callback(done)
+        return mapped
+
+    async def _rebuild_once(self, sender: AIOKafkaProducer, why: str) -> None:
+        """Rebuild after a fatal delivery failure, unless another rebuild replaced ``sender`` already."""
+        if self._rebuilding is not None and self._rebuilding.locked():
+            async with self._rebuilding:
+                pass
+        if self._client is sender:
+            await self._rebuild(why)
 
     async def _ensure_partition(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
         """The topic's metadata, within ``max_block``; a refresh for a partition not seen yet."""
@@ -785,7 +819,7 @@ class KafkaProducer:
         if not failed:
             return
         if any(is_fatal(exc) for _, exc in failed):
-            await self._rebuild(f"a delivery failed: {failed[0][1]!r}")
+            await self._rebuild_once(client, f"a delivery failed: {failed[0][1]!r}")
         (topic, partition), first = failed[0]
         error = map_error(first, f"deliver to {topic}[{partition}]", servers=self._connector.where, topic=topic)
         more = f" (and {len(failed) - 1} more partition(s))" if len(failed) > 1 else ""
