@@ -140,7 +140,3 @@ class Connector(Protocol):
     def consumer(
         self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
     ) -> Consumer: ...
-
-
-#: The cluster-aware part of the seam, folded into :class:`Connector` (every connector has it).
-ClusterAware = Connector

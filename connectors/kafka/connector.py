@@ -1,0 +1,258 @@
+"""The connector for ``kafka://`` URLs: clients, topics and the cluster's limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from qtasks.config import QueueConfig
+from qtasks.connectors.base import Connector, TopicSpec
+from qtasks.connectors.kafka.consumer import KafkaConsumer
+from qtasks.connectors.kafka.errors import kafka_errors
+from qtasks.connectors.kafka.health import Health, install_log_filter
+from qtasks.connectors.kafka.options import _DEFAULT_LIMIT, _TOPIC_ALREADY_EXISTS, client_options, parse_url, timings
+from qtasks.connectors.kafka.producer import KafkaProducer
+from qtasks.connectors.kafka.sizes import value_limit
+from qtasks.exc import (
+    BrokerUnavailableError,
+    ConnectorError,
+    TopicConfigError,
+)
+
+log = logging.getLogger("qtasks.kafka")
+
+
+# -- connector ---------------------------------------------------------------------------
+
+
+class KafkaConnector:
+    """The connector for ``kafka://`` URLs."""
+
+    def __init__(self, url: str, config: QueueConfig, client_id: str = "qtasks") -> None:
+        self.url = url
+        self.config = config
+        self.servers, overrides = parse_url(url)
+        self.where = ",".join(self.servers)
+        self.timings = timings(overrides)
+        self.options = client_options(self.servers, config, overrides)
+        self.client_id = client_id
+        self.health = Health(self.servers, self.options, min(self.timings.connect_timeout, 5.0))
+        #: The broker's ``message.max.bytes`` (Kafka's default until read at start).
+        self.broker_limit = _DEFAULT_LIMIT
+        #: Each qtasks topic's ``max.message.bytes``, read after ``ensure_topics``.
+        self.topic_limits: dict[str, int] = {}
+        self._producer: KafkaProducer | None = None
+        install_log_filter()
+
+    # -- health ----------------------------------------------------------------------
+
+    @property
+    def reachable(self) -> bool:
+        """False while the brokers do not answer (one WARNING when it starts, one INFO when it ends)."""
+        return self.health.reachable
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """When (``time.time()``) the current outage was noticed; None while reachable."""
+        return self.health.unreachable_since
+
+    # -- limits ----------------------------------------------------------------------
+
+    def batch_limit(self, topic: str) -> int:
+        """The largest batch ``topic`` takes: its ``max.message.bytes``, else the broker's."""
+        return self.topic_limits.get(topic, self.broker_limit)
+
+    def record_limit(self, topic: str) -> int:
+        """The largest value ``send`` takes for ``topic``, with a key of up to ``KEY_ROOM`` bytes.
+
+        It is the topic's limit less the batch header (61 bytes), a record's fixed part at
+        its largest (21) and the key; a value at the limit is delivered, one byte more is a
+        :class:`RecordTooLargeError` (with a key of ``KEY_ROOM`` bytes).
+        """
+        return value_limit(self.batch_limit(topic))
+
+    def largest_limit(self) -> int:
+        """The largest batch any known topic takes."""
+        return max([self.broker_limit, *self.topic_limits.values()])
+
+    # -- life ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the producer and read the broker's size limit, within ``connect_timeout``.
+
+        BrokerUnavailableError if no broker answers in time; a caller's own deadline
+        (cancellation) is honoured too. A failed or cancelled start leaves nothing running.
+        """
+        if self._producer is not None:
+            return
+        self.health.attach(asyncio.get_running_loop())
+        timeout = self.timings.connect_timeout
+        producer = KafkaProducer(self)
+        try:
+            await self.health.wait_until_reachable(timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    self.broker_limit = await self._read_broker_limit()
+                    await producer.start()
+            except TimeoutError:
+                raise BrokerUnavailableError(f"cannot reach Kafka at {self.where} within {timeout:g} s") from None
+        except BaseException:
+            await asyncio.shield(self._abandon(producer))
+            raise
+        self._producer = producer
+
+    async def _abandon(self, producer: KafkaProducer) -> None:
+        await producer.stop()
+        await self.health.close()
+
+    async def stop(self) -> None:
+        """Deliver pending records and disconnect."""
+        producer, self._producer = self._producer, None
+        try:
+            if producer is not None:
+                await producer.stop()
+        finally:
+            await self.health.close()
+
+    @property
+    def producer(self) -> KafkaProducer:
+        """The connector's producer (after ``start``)."""
+        if self._producer is None:
+            raise ConnectorError("the Kafka connector is not started")
+        return self._producer
+
+    def consumer(
+        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
+    ) -> KafkaConsumer:
+        """A new consumer; with ``group_id`` it can ``subscribe`` as a group member.
+
+        ``max_wait_ms`` is how long the broker holds an empty fetch (``fetch.max.wait.ms``);
+        a seek or a new assignment takes effect only after the fetch in flight returns, so a
+        reader that seeks often wants it short.
+        """
+        return KafkaConsumer(self, group_id, client_id, max_wait_ms or 100)
+
+    async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
+        """How many partitions a topic has; ``refresh`` asks the cluster now instead of the cached metadata."""
+        return await self.producer.partitions_for(topic, refresh=refresh)
+
+    # -- admin -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> Any:
+        admin = AIOKafkaAdminClient(
+            **self.options,
+            client_id=f"{self.client_id}-admin",
+            request_timeout_ms=self.config.kafka_request_timeout_ms,
+        )
+        try:
+            with kafka_errors("connect the admin client", servers=self.where, health=self.health):
+                async with asyncio.timeout(self.timings.connect_timeout):
+                    await admin.start()
+            yield admin
+        finally:
+            await asyncio.shield(admin.close())
+
+    async def _read_broker_limit(self) -> int:
+        async with self._admin() as admin:
+            with kafka_errors("describe the broker", servers=self.where, health=self.health):
+                nodes = [b.nodeId for b in admin._client.cluster.brokers()]
+                limits = await self._describe(admin, ConfigResourceType.BROKER, [str(n) for n in nodes[:1]])
+        return min(limits.values(), default=_DEFAULT_LIMIT)
+
+    @staticmethod
+    async def _describe(admin: AIOKafkaAdminClient, kind: ConfigResourceType, names: list[str]) -> dict[str, int]:
+        """``message.max.bytes`` of brokers, or ``max.message.bytes`` of topics, by name."""
+        key = "message.max.bytes" if kind == ConfigResourceType.BROKER else "max.message.bytes"
+        found: dict[str, int] = {}
+        if not names:
+            return found
+        resources = [ConfigResource(kind, name, configs={key: None}) for name in names]
+        for response in await admin.describe_configs(resources):
+            for resource in response.to_object()["resources"]:
+                for entry in resource["config_entries"]:
+                    if entry["config_names"] == key and entry["config_value"]:
+                        found[resource["resource_name"]] = int(entry["config_value"])
+        return found
+
+    async def ensure_topics(self, specs: list[TopicSpec]) -> None:
+        """Create missing topics; check that existing ones have the cleanup policy qtasks needs; read their limits."""
+        async with self._admin() as admin:
+            with kafka_errors("prepare the topics", servers=self.where, health=self.health):
+                await self._ensure(admin, specs)
+                limits = await self._describe(admin, ConfigResourceType.TOPIC, [s.name for s in specs])
+        self.topic_limits.update(limits)
+        if self._producer is not None and limits:
+            await self._producer.resize(min(limits.values()))
+
+    async def _ensure(self, admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        s.name,
+                        s.partitions,
+                        s.replication_factor,
+                        topic_configs={"cleanup.policy": "compact" if s.compacted else "delete", **s.config},
+                    )
+                    for s in missing
+                ]
+            )
+            for error in response.to_object()["topic_errors"]:
+                code = error["error_code"]
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    message = error.get("error_message") or f"error code {code}"
+                    raise ConnectorError(f"could not create topic {error['topic']!r}: {message}")
+        present = [s for s in specs if s.name in existing]
+        if present:
+            await self._check_policies(admin, present)
+        if missing:
+            await self._wait_for_leaders(admin, [s.name for s in missing])
+
+    @staticmethod
+    async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
+        """New topics need a leader for every partition before clients use them."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            topics = await admin.describe_topics(names)
+            ready = all(
+                t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in topics
+            )
+            if ready or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    @staticmethod
+    async def _check_policies(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, s.name, configs={"cleanup.policy": None}) for s in specs]
+        policies: dict[str, str] = {}
+        for response in await admin.describe_configs(resources):
+            for resource in response.to_object()["resources"]:
+                for entry in resource["config_entries"]:
+                    if entry["config_names"] == "cleanup.policy":
+                        policies[resource["resource_name"]] = entry["config_value"] or ""
+        for spec in specs:
+            policy = set(policies.get(spec.name, "delete").split(","))
+            if spec.compacted and "compact" not in policy:
+                raise TopicConfigError(
+                    f"topic {spec.name!r} exists with cleanup.policy={','.join(sorted(policy))}; the status topic "
+                    "must be compacted (cleanup.policy=compact): delete it or change its policy"
+                )
+            if not spec.compacted and policy == {"compact"}:
+                raise TopicConfigError(
+                    f"topic {spec.name!r} exists with cleanup.policy=compact; qtasks needs delete for it: "
+                    "delete the topic or change its policy"
+                )
+
+
+def _conforms(connector: KafkaConnector) -> Connector:
+    """Checked by mypy: the Kafka connector offers the whole seam."""
+    return connector

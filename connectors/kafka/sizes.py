@@ -1,0 +1,50 @@
+"""Record sizes as Kafka counts them (pure): what a batch of one record weighs, what fits a limit."""
+
+from __future__ import annotations
+
+import logging
+
+from qtasks.connectors.kafka.options import KEY_ROOM
+
+log = logging.getLogger("qtasks.kafka")
+
+
+# -- record sizes (pure) -----------------------------------------------------------------
+
+#: A v2 record batch's header: base offset, length, leader epoch, magic, crc, attributes,
+#: last offset delta, two timestamps, producer id and epoch, base sequence, record count.
+BATCH_HEADER = 61
+#: A record's fixed part at its largest: length varint (5), attributes (1), timestamp delta
+#: varint (10), offset delta varint (5). The same upper bound aiokafka's estimate uses.
+RECORD_OVERHEAD = 21
+
+
+def varint_size(n: int) -> int:
+    """Bytes of Kafka's zig-zag varint for a length ``n`` >= 0."""
+    value = n << 1
+    size = 1
+    while value >= 0x80:
+        value >>= 7
+        size += 1
+    return size
+
+
+def batch_size(key: bytes | None, value: bytes | None) -> int:
+    """An upper bound of the batch one record makes (no headers, no compression).
+
+    The broker compares the whole batch with ``max.message.bytes`` (the
+    ``message.max.bytes`` of a topic), so this is what ``send`` checks.
+    """
+    size = BATCH_HEADER + RECORD_OVERHEAD + 1  # + the header count varint (0 headers)
+    for part in (key, value):
+        size += 1 if part is None else varint_size(len(part)) + len(part)
+    return size
+
+
+def value_limit(batch_limit: int, key_room: int = KEY_ROOM) -> int:
+    """The largest value whose batch, with a key of ``key_room`` bytes, fits ``batch_limit``."""
+    budget = batch_limit - BATCH_HEADER - RECORD_OVERHEAD - 1 - varint_size(key_room) - key_room
+    value = max(0, budget - 5)
+    while value + 1 + varint_size(value + 1) <= budget:
+        value += 1
+    return value if value + varint_size(value) <= budget else 0
