@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 import traceback
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, Literal, Protocol
 
+from qtasks.bridge import RaisedInThread, SinkFailed, ThreadBridge, call_in_thread, close_generator
 from qtasks.context import AsyncContext, AsyncTask, CancelToken, SyncContext, SyncTask
 from qtasks.exc import TaskCancelError, TaskPluginTriggerError, TaskTimeoutError
 from qtasks.plugins import PluginManager, _call
 from qtasks.registry import TaskSpec
-from qtasks.threads import TaskAbandoned, wait_future
+from qtasks.threads import wait_future
 
 #: A traceback kept in a status record is cut to this many characters (the record must stay small).
 TRACEBACK_LIMIT = 16_000
@@ -69,38 +69,6 @@ class Outcome:
     yield_count: int = 0
 
 
-class _SinkFailed(Exception):
-    """Raised in a sync generator's thread when the sink failed: the generator is closed, the loop raises the sink's error."""
-
-
-class _RaisedInThread(Exception):
-    """Carries a non-``Exception`` (``KeyboardInterrupt``, ``SystemExit``, ...) that task code raised in its thread.
-
-    Wrapped so the loop does not take it for its own: execute() unwraps it into an error outcome.
-    """
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(repr(exc))
-        self.exc = exc
-
-
-def _call_in_thread(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        return func(*args, **kwargs)
-    except (Exception, TaskAbandoned):
-        raise
-    except BaseException as exc:
-        raise _RaisedInThread(exc) from None
-
-
-def _close_generator(close: Callable[[], Any], error: BaseException) -> None:
-    """Close a generator that stopped on ``error``; a failure to close is noted on ``error``, not lost."""
-    try:
-        close()
-    except Exception as exc:
-        error.add_note(f"closing the generator also failed: {exc!r}")
-
-
 def _args_kwargs(value: Any, source: str) -> tuple[list[Any], dict[str, Any]]:
     """``(args, kwargs)`` as a middleware or plugin returned it; a wrong shape says who returned what."""
     if isinstance(value, list | tuple) and len(value) == 2:
@@ -114,82 +82,6 @@ def _args_kwargs(value: Any, source: str) -> tuple[list[Any], dict[str, Any]]:
 
 def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
-
-
-class _ThreadBridge:
-    """Carries values from a generator's thread to the loop, in order, a batch per wake-up.
-
-    One ``call_soon_threadsafe`` per batch rather than per value: while the loop is
-    writing a batch, the thread keeps appending; ``max_pending`` bounds the buffer
-    (the thread waits), so a slow transport slows the generator instead of filling memory.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, emit: Callable[[Any], Any], max_pending: int = 4096) -> None:
-        self._loop = loop
-        self._emit = emit
-        self._max = max_pending
-        self._cond = threading.Condition()
-        self._buf: list[Any] = []
-        self._idle = True
-        self._closed = False
-        self._abandoned = False
-        self.error: BaseException | None = None
-        self._wake = asyncio.Event()
-        self._task = loop.create_task(self._run())
-
-    def put(self, value: Any) -> None:
-        """Called in the thread for every handled value."""
-        with self._cond:
-            if self._abandoned:
-                raise TaskAbandoned()
-            if self.error is not None:
-                raise _SinkFailed()  # the loop raises the error itself, with its own traceback
-            self._buf.append(value)
-            notify, self._idle = self._idle, False
-            while len(self._buf) >= self._max and not self._abandoned and self.error is None:
-                if notify:
-                    self._loop.call_soon_threadsafe(self._wake.set)
-                    notify = False
-                self._cond.wait(0.1)
-        if notify:
-            self._loop.call_soon_threadsafe(self._wake.set)
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while True:
-                with self._cond:
-                    items = self._buf
-                    if not items:
-                        self._idle = True
-                        break
-                    self._buf = []
-                    self._cond.notify_all()
-                try:
-                    for value in items:
-                        await self._emit(value)
-                except BaseException as exc:  # handed to the thread and to close()
-                    with self._cond:
-                        self.error = exc
-                        self._cond.notify_all()
-                    return
-            if self._closed:
-                return
-
-    def abandon(self) -> None:
-        """Make the thread's next ``put`` raise, so it stops."""
-        with self._cond:
-            self._abandoned = True
-            self._cond.notify_all()
-
-    async def close(self, *, raise_error: bool = True) -> None:
-        """Wait until every value put so far is emitted; raise an emit error (if ``raise_error``)."""
-        self._closed = True
-        self._wake.set()
-        await self._task
-        if self.error is not None and raise_error:
-            raise self.error
 
 
 class TaskExecutor:
@@ -226,7 +118,7 @@ class TaskExecutor:
         self._in_user_code = False
         self._cancel_sent = False
         self._cancel_taken_back = False
-        self._bridge: _ThreadBridge | None = None
+        self._bridge: ThreadBridge | None = None
         self._thread_future: Future[Any] | None = None
         self._abandoned = False
 
@@ -263,7 +155,7 @@ class TaskExecutor:
             raise  # on the loop these may be the process's own (module docstring)
         except TaskCancelError as exc:
             return self._cancelled(exc)
-        except _RaisedInThread as exc:
+        except RaisedInThread as exc:
             return self._error(exc.exc)
         except BaseException as exc:
             return self._error(exc)
@@ -436,10 +328,10 @@ class TaskExecutor:
         if kind == "sync":
             return await self._in_thread(self.spec.func, tuple(args), kwargs)
         loop = asyncio.get_running_loop()
-        bridge = self._bridge = _ThreadBridge(loop, self.sink.emit)
+        bridge = self._bridge = ThreadBridge(loop, self.sink.emit)
         try:
             await self._in_thread(self._drive_sync_gen, (args, kwargs, loop), {})
-        except _SinkFailed:
+        except SinkFailed:
             pass  # the generator is closed; close() below raises the sink's error
         except BaseException:
             if isinstance(self._host, asyncio.Task) and self._host.cancelling():
@@ -454,9 +346,9 @@ class TaskExecutor:
         loop = asyncio.get_running_loop()
         pool = self.thread_pool
         if pool is None:
-            return await loop.run_in_executor(None, _call_in_thread, func, args, kwargs)
+            return await loop.run_in_executor(None, call_in_thread, func, args, kwargs)
         # What loop.run_in_executor does, keeping the pool's future for abandon().
-        self._thread_future = pool.submit(_call_in_thread, func, args, kwargs)
+        self._thread_future = pool.submit(call_in_thread, func, args, kwargs)
         return await asyncio.wrap_future(self._thread_future, loop=loop)
 
     async def _drive_async_gen(self, agen: AsyncGenerator[Any, Any]) -> None:
@@ -497,7 +389,7 @@ class TaskExecutor:
         try:
             self._pump_sync_gen(gen, loop)
         except BaseException as exc:
-            _close_generator(gen.close, exc)
+            close_generator(gen.close, exc)
             raise
         gen.close()
 
