@@ -203,8 +203,8 @@ class QueueTasks:
             raise TaskNotFoundError(f"no task {uuid} is known")
         while task.status == "retry" and task.retry_child_uuid:
             child = await self.core.store.lookup(task.retry_child_uuid)
-            if child is None:
-                break
+            if child is None:  # the child is written before its parent names it: it expired
+                raise TaskNotFoundError(f"task {task.uuid} was retried as {task.retry_child_uuid}, which is not known")
             task = child
         return task
 
@@ -216,16 +216,13 @@ class QueueTasks:
         uuid = check_uuid(uuid)
         async with asyncio.timeout(timeout):
             await self.core.connect()
-            await self._follow(uuid)
-            view = self.core.store.view
             while True:
-                task = await view.wait_for(uuid, lambda t: t is None or t.is_finished, None)
-                if task is None:
-                    raise TaskNotFoundError(f"task {uuid} expired while waiting for it")
-                if task.status == "retry" and task.retry_child_uuid:
-                    uuid = task.retry_child_uuid
-                    continue
-                return task
+                # The last known task of the chain; a finished one the view dropped is read back.
+                task = await self._follow(uuid)
+                if task.is_finished and not (task.status == "retry" and task.retry_child_uuid):
+                    return task
+                uuid = task.uuid
+                await self.core.store.view.wait_for(uuid, lambda t: t is None or t.is_finished, None)
 
     async def get(self, uuid: str | uuid_mod.UUID) -> Task | None:
         """The task's latest status, or None if no such task is known (after reading the log to its end)."""

@@ -1076,3 +1076,19 @@ async def test_tasks_the_view_dropped_still_expire(make_app: Any) -> None:
     while await app.get(first.uuid) is not None:  # dropped from the view, so only a sweep expires it
         assert time.monotonic() < deadline, "the dropped task never expired"
         await asyncio.sleep(0.2)
+
+
+async def test_wait_for_a_task_the_view_dropped_reads_it_back(make_app: Any) -> None:
+    app = make_app(status_cache_size=2)
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    await app.start()
+    first = await app.add_task("noop", 0, timeout=10)
+    for i in range(1, 6):
+        await app.add_task("noop", i, timeout=10)
+    assert first is not None and app.view.head(first.uuid) is None  # dropped from the view
+    again = await app.wait(first.uuid, 10)
+    assert (again.status, again.returning) == ("success", 0)
