@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 #: Settings that make tests quick without changing behaviour.
 FAST = {
@@ -21,3 +24,22 @@ FAST = {
 def unique(prefix: str = "t") -> str:
     """A fresh app name, so every test has its own topics."""
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a broker that hangs)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

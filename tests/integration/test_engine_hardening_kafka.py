@@ -32,7 +32,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from qtasks.asyncio import QueueTasks
 from qtasks.exc import BrokerUnavailableError
 from qtasks.partitioner import partition_for
-from tests.helpers import FAST, unique
+from tests.helpers import FAST, silent_server, unique
 
 pytestmark = pytest.mark.kafka
 
@@ -62,25 +62,6 @@ async def until(predicate: Callable[[], bool], timeout: float, what: str) -> Non
 
 def leftover_tasks() -> set[asyncio.Task[Any]]:
     return {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
-
-
-@contextlib.asynccontextmanager
-async def silent_server() -> AsyncIterator[str]:
-    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def group_lag(bootstrap: str, group_id: str, topic: str) -> dict[int, tuple[int, int]]:

@@ -28,7 +28,7 @@ from qtasks.config import QueueConfig
 from qtasks.connectors.base import RebalanceListener, TopicPartition, TopicSpec
 from qtasks.connectors.kafka import KEY_ROOM, KafkaConnector, install_log_filter
 from qtasks.exc import BrokerUnavailableError, ConnectorError, RecordTooLargeError
-from tests.helpers import unique
+from tests.helpers import silent_server, unique
 from tests.kafka_fixtures import _local_kafka_class
 
 KEY = b"k" * KEY_ROOM
@@ -142,25 +142,6 @@ async def test_a_refused_delivery_is_reported_once_and_the_producer_recovers(kaf
 
 
 # -- 3. silent brokers, deadlines, deleted topics -----------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def silent_server() -> AsyncIterator[str]:
-    """A TCP server that accepts and never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_start_against_a_silent_broker_fails_within_connect_timeout() -> None:
