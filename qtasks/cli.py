@@ -30,6 +30,7 @@ import msgspec
 from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.connectors import from_url
 from qtasks.exc import BrokerUnavailableError, ConnectorError
+from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.cli")
 
@@ -136,6 +137,7 @@ async def wait_for_broker(app: AsyncQueueTasks, cap: float = 30.0) -> None:
         try:
             await probe.start()
         except BrokerUnavailableError as exc:
+            raise_if_cancelled()
             if attempt == 0:
                 log.warning("waiting for Kafka at %s (%s)", app.broker_url.partition("://")[2].partition("?")[0], exc)
             await asyncio.sleep(backoff(attempt, cap))

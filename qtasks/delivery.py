@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qtasks.exc import ConnectorError
+from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.delivery")
 
@@ -80,6 +81,7 @@ async def deliver(
                 if durable and delivery is not None:
                     await delivery
             except ConnectorError as exc:
+                raise_if_cancelled()
                 if not exc.retriable:
                     raise
                 tries += 1
@@ -112,6 +114,7 @@ async def deliver_together(
         try:
             enqueued.append((send, what, await send(), True))
         except ConnectorError as exc:
+            raise_if_cancelled()
             if not exc.retriable:
                 raise
             enqueued.append((send, what, None, False))
@@ -120,6 +123,7 @@ async def deliver_together(
             try:
                 await delivery
             except ConnectorError as exc:
+                raise_if_cancelled()
                 if not exc.retriable:
                     raise
                 ok = False
@@ -133,6 +137,7 @@ async def fetch(consumer: Any, timeout: float, max_records: int | None = None) -
     try:
         records: list[Any] = await consumer.getmany(timeout=timeout, max_records=max_records)
     except ConnectorError as exc:
+        raise_if_cancelled()
         if not exc.retriable:
             raise
         await asyncio.sleep(0.5)

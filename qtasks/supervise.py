@@ -22,6 +22,19 @@ log = logging.getLogger("qtasks.supervise")
 T = TypeVar("T")
 
 
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the current task was cancelled and the cancellation got lost.
+
+    On Python 3.11 ``asyncio.wait_for`` (which aiokafka uses inside) turns a cancellation
+    that arrives as its inner call fails into that call's exception: a retry loop that
+    catches the exception would run on forever after ``task.cancel()``. The task still
+    counts the request (``cancelling()``), so every retry loop asks here before retrying.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class LoopFailedError(RuntimeError):
     """A supervised loop failed too often in a row; the component it served is stopped."""
 
@@ -80,6 +93,7 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelled()  # a lost cancellation is not a failure: stop, do not restart
                 problem = exc
             if time.monotonic() - started >= self.healthy_after:
                 failures = 0

@@ -40,7 +40,7 @@ from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
 from qtasks.registry import Registry
 from qtasks.runner import Host, TaskRun, end_unfinished, end_without_running
-from qtasks.supervise import Supervisor
+from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
 
 log = logging.getLogger("qtasks.worker")
@@ -254,6 +254,7 @@ class Worker:
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
         except Exception as exc:
+            raise_if_cancelled()  # a stop whose cancellation became an error hands the task back
             log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
             finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc)
         finally:

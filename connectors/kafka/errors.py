@@ -17,6 +17,7 @@ from qtasks.exc import (
     ConnectorError,
     RecordTooLargeError,
 )
+from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.kafka")
 
@@ -97,13 +98,15 @@ def kafka_errors(
     """Run aiokafka calls and raise what :func:`map_error` makes of their errors.
 
     A broker that did not answer is also reported to ``health`` (which then checks it).
-    Cancellation passes through untouched.
+    Cancellation passes through untouched, also one that aiokafka's ``wait_for`` turned
+    into an error on Python 3.11: it is raised as the cancellation it was.
     """
     try:
         yield
     except ConnectorError:
         raise
     except (kafka_exc.KafkaError, TimeoutError, OSError) as exc:
+        raise_if_cancelled()
         error = map_error(exc, action, servers=servers, topic=topic)
         if health is not None and isinstance(error, BrokerUnavailableError):
             health.suspect()

@@ -14,6 +14,7 @@ from aiokafka.conn import create_conn
 from qtasks.exc import (
     BrokerUnavailableError,
 )
+from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.kafka")
 
@@ -88,6 +89,7 @@ class Health:
                         **self._conn_options,
                     )
             except (kafka_exc.KafkaError, OSError, TimeoutError) as exc:
+                raise_if_cancelled()  # aiokafka's wait_for can turn our cancellation into this error
                 error = exc
                 continue
             conn.close()
@@ -106,6 +108,7 @@ class Health:
                     await self.probe()
                 return
             except (kafka_exc.KafkaError, OSError, TimeoutError) as exc:
+                raise_if_cancelled()
                 left = deadline - loop.time()
                 if left <= 0:
                     raise BrokerUnavailableError(f"cannot reach Kafka at {self.where} within {timeout:g} s") from exc
@@ -117,6 +120,7 @@ class Health:
             await self.probe()
             return  # a blip: nothing to say
         except (kafka_exc.KafkaError, OSError, TimeoutError) as exc:
+            raise_if_cancelled()
             reason = str(exc) or type(exc).__name__
         self.reachable = False
         self.unreachable_since = time.time()
@@ -129,6 +133,7 @@ class Health:
                 await self.probe()
                 break
             except (kafka_exc.KafkaError, OSError, TimeoutError):
+                raise_if_cancelled()
                 delay = min(delay * 2, 2.0)
         log.info("Kafka at %s is back after %.1f s", self.where, time.monotonic() - self._down_at)
         self.reachable = True
