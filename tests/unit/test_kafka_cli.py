@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,7 +27,9 @@ def test_a_command_against_an_unreachable_broker_prints_one_line(command: list[s
 
 
 def test_a_worker_waits_for_its_broker_with_one_warning_until_interrupted() -> None:
-    with subprocess.Popen(qtasks("run"), stderr=subprocess.PIPE, text=True) as worker:
+    # PYTHONFAULTHANDLER: a worker that does not stop is made to print its threads' stacks.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(qtasks("run"), stderr=subprocess.PIPE, text=True, env=env) as worker:
         try:
             watch(worker)
         except BaseException:
@@ -41,8 +44,13 @@ def watch(worker: subprocess.Popen[str]) -> None:
     time.sleep(2.5)  # two more attempts (backoff 1 s, 2 s): still waiting, still quiet
     assert worker.poll() is None
     worker.send_signal(signal.SIGINT)
+    try:
+        code = worker.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        worker.send_signal(signal.SIGABRT)  # faulthandler prints where it is stuck
+        pytest.fail(f"the worker ignored SIGINT; its stacks:\n{worker.stderr.read()}")
     rest = worker.stderr.read()
-    assert worker.wait(timeout=10) == 130
+    assert code == 130
     assert rest == "", rest
 
 
