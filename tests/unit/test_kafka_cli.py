@@ -26,10 +26,21 @@ def test_a_command_against_an_unreachable_broker_prints_one_line(command: list[s
     assert result.stderr.splitlines() == ["qtasks: cannot reach Kafka at 127.0.0.1:1 within 1 s"], result.stderr
 
 
+#: Runs ``python -m qtasks`` with Ctrl-C's usual handler. A process started in the
+#: background by a non-interactive shell (as a CI runner may start the suite) inherits
+#: SIGINT *ignored*, and Python then keeps ignoring it, as ``nohup cmd &`` intends: the
+#: test is about a worker a user can interrupt, so it gives the worker that handler.
+INTERRUPTIBLE = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'qtasks'; runpy.run_module('qtasks', run_name='__main__')"
+)
+
+
 def test_a_worker_waits_for_its_broker_with_one_warning_until_interrupted() -> None:
     # PYTHONFAULTHANDLER: a worker that does not stop is made to print its threads' stacks.
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    with subprocess.Popen(qtasks("run"), stderr=subprocess.PIPE, text=True, env=env) as worker:
+    command = [sys.executable, "-c", INTERRUPTIBLE, *qtasks("run")[3:]]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) as worker:
         try:
             watch(worker)
         except BaseException:
