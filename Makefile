@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 BROKER ?= memory
 KAFKA_PORT ?= 9092
+# Nodes of the local Kafka (3: a cluster on KAFKA_PORT, KAFKA_PORT+1, KAFKA_PORT+2).
+KAFKA_BROKERS ?= 1
 N ?= 20
 
-.PHONY: install run test test-unit test-kafka lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
+.PHONY: install run test test-unit test-kafka test-cluster lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +20,9 @@ install: $(VENV)/.installed
 
 run: install
 ifeq ($(BROKER),kafka)
-	bash deploy/local/kafka.sh start $(KAFKA_PORT)
-	QTASKS_BROKER_URL=kafka://127.0.0.1:$(KAFKA_PORT) $(BIN)/python docs/examples/streaming.py $(N)
+	servers=$$(KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh start $(KAFKA_PORT)) && \
+	QTASKS_BROKER_URL=kafka://$$servers QTASKS_REPLICATION_FACTOR=$$(( $(KAFKA_BROKERS) < 3 ? $(KAFKA_BROKERS) : 3 )) \
+		$(BIN)/python docs/examples/streaming.py $(N)
 else
 	$(BIN)/python docs/examples/streaming.py $(N)
 endif
@@ -34,6 +37,10 @@ test-unit: install
 
 test-kafka: install
 	$(BIN)/pytest tests/integration tests/faults
+
+# The node faults on a 3-node cluster (and a 60 s broker outage); prints what each cost.
+test-cluster: install
+	$(BIN)/pytest tests/faults/test_cluster_faults.py
 
 lint: install
 	$(BIN)/ruff check .
@@ -56,10 +63,10 @@ bench-kafka: install
 	$(BIN)/python bench/bench_kafka.py
 
 kafka-up:
-	bash deploy/local/kafka.sh start $(KAFKA_PORT)
+	KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh start $(KAFKA_PORT)
 
 kafka-down:
-	bash deploy/local/kafka.sh stop $(KAFKA_PORT)
+	KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh stop $(KAFKA_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .kafka

@@ -28,7 +28,8 @@ The operations a plan names, and what a fault does to each:
 delivery failure since the last flush (once), as Kafka's producer reports a failed
 batch. ``stop``, ``partitions_for`` and the calls that only change the consumer's own
 state (``assign``, ``subscribe``, ``pause``, ...) never fail. ``topic=`` restricts a
-fault to records of that topic, or to consumers that read it.
+fault to records of that topic, or to consumers that read it (or, for ``end_offsets``,
+ask about it).
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ class FaultyConsumer:
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         """The end of each partition (op ``end_offsets``)."""
-        await self._faults.enter("end_offsets", self._topics)
+        await self._faults.enter("end_offsets", self._topics | {tp.topic for tp in partitions})
         return await self._inner.end_offsets(partitions)
 
     async def position(self, tp: TopicPartition) -> int:
@@ -284,7 +285,7 @@ class FaultyConsumer:
 
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
         """Offsets by time (op ``end_offsets``: Kafka's ListOffsets serves both)."""
-        await self._faults.enter("end_offsets", self._topics)
+        await self._faults.enter("end_offsets", self._topics | {tp.topic for tp in timestamps})
         return await self._inner.offsets_for_times(timestamps)
 
 

@@ -79,6 +79,9 @@ class QueueConfig:
     control_partitions: int = 1
     #: Replication factor of the topics created at start (Kafka only).
     replication_factor: int = 1
+    #: ``min.insync.replicas`` of those topics: the copies a write needs (the producer uses
+    #: ``acks=all``). 0: 2 from three replicas up (one node may fail), else 1.
+    min_insync_replicas: int = 0
     #: Consumer group of the workers; empty means ``<name>-workers``.
     group_id: str = ""
     #: A record larger than this is not decoded: it goes to the dead-letter topic.
@@ -164,12 +167,24 @@ class QueueConfig:
             raise ConfigError(
                 f"lease_timeout ({self.lease_timeout}) must be longer than lease_interval ({self.lease_interval})"
             )
+        if self.min_insync_replicas > self.replication_factor:
+            raise ConfigError(
+                f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed replication_factor "
+                f"({self.replication_factor}): no write could succeed"
+            )
         # Kafka: a member must heartbeat several times within its session timeout.
         if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
             raise ConfigError(
                 f"kafka_heartbeat_interval_ms ({self.kafka_heartbeat_interval_ms}) must be lower than "
                 f"kafka_session_timeout_ms ({self.kafka_session_timeout_ms})"
             )
+
+    @property
+    def insync_replicas(self) -> int:
+        """The ``min.insync.replicas`` the app's topics are created with."""
+        if self.min_insync_replicas:
+            return self.min_insync_replicas
+        return 2 if self.replication_factor >= 3 else 1
 
     def set(self, **values: Any) -> None:
         """Change settings in place and validate them; if they are invalid, nothing changes."""
@@ -195,6 +210,7 @@ _AT_LEAST: dict[str, float] = {
     "stream_clock_skew": 0,
     "stream_linger": 0,
     "kafka_linger_ms": 0,
+    "min_insync_replicas": 0,
 }
 _ABOVE_ZERO: frozenset[str] = frozenset(
     {

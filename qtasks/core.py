@@ -105,14 +105,23 @@ class Core:
 
     async def _prepare(self) -> None:
         config = self.config
-        rf = config.replication_factor
+
+        def spec(name: str, partitions: int, compacted: bool = False) -> TopicSpec:
+            return TopicSpec(
+                name,
+                partitions,
+                compacted=compacted,
+                replication_factor=config.replication_factor,
+                config={"min.insync.replicas": str(config.insync_replicas)},
+            )
+
         await self.broker.ensure_topics(
             [
-                TopicSpec(self.topics.tasks, config.tasks_partitions, replication_factor=rf),
-                TopicSpec(self.topics.results, config.results_partitions, replication_factor=rf),
-                TopicSpec(self.topics.status, config.status_partitions, compacted=True, replication_factor=rf),
-                TopicSpec(self.topics.control, config.control_partitions, replication_factor=rf),
-                TopicSpec(self.topics.dlq, 1, replication_factor=rf),
+                spec(self.topics.tasks, config.tasks_partitions),
+                spec(self.topics.results, config.results_partitions),
+                spec(self.topics.status, config.status_partitions, compacted=True),
+                spec(self.topics.control, config.control_partitions),
+                spec(self.topics.dlq, 1),
             ]
         )
         # Topics that already existed keep their partition counts; use what is there.

@@ -28,18 +28,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
-from qtasks.delivery import fetch
-from qtasks.exc import AppClosedError, RecordError, TaskNotFoundError
+from qtasks.delivery import fetch, retry_delay
+from qtasks.exc import AppClosedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.partitioner import partition_for
 from qtasks.records import ResultRecord, StatusHead, Task, decode_result
-from qtasks.supervise import Supervisor
+from qtasks.supervise import Supervisor, raise_if_cancelled
 
 log = logging.getLogger("qtasks.stream")
 
@@ -99,26 +100,41 @@ class ResultsReader:
         self._users: dict[TopicPartition, int] = {}
         self._idle_since: dict[TopicPartition, float] = {}
         self._lock = asyncio.Lock()
+        self._starting = asyncio.Lock()
         self._needed = asyncio.Event()
         self._supervisor = Supervisor(f"{core.name} results reader")
 
     async def _ensure(self) -> Any:
         if self._consumer is None:
-            # Streams open and seek often: short broker waits make a seek take effect fast.
-            consumer = self._core.broker.consumer(None, client_id=f"{self._core.name}-results", max_wait_ms=5)
-            await consumer.start()
-            self._consumer = consumer
-            self._supervisor.spawn("results", self._run)
+            async with self._starting:  # streams opening at once make one consumer
+                if self._consumer is None:
+                    # Streams open and seek often: short broker waits make a seek take effect fast.
+                    consumer = self._core.broker.consumer(None, client_id=f"{self._core.name}-results", max_wait_ms=5)
+                    await consumer.start()
+                    self._consumer = consumer
+                    self._supervisor.spawn("results", self._run)
         return self._consumer
 
-    async def open(self, uuid: str, tp: TopicPartition) -> tuple[StreamQueue, int]:
-        """Register a stream of ``uuid`` on ``tp``, reading live from now; return its queue and start offset."""
+    def listening(self, tp: TopicPartition) -> bool:
+        """Whether the reader reads ``tp`` now (a stream opened there needs no end offset)."""
+        return tp in self._users
+
+    async def open(self, uuid: str, tp: TopicPartition, end: int | None) -> tuple[StreamQueue, int] | None:
+        """Register a stream of ``uuid`` on ``tp``, reading live from now; return its queue and start offset.
+
+        ``end`` is ``tp``'s end offset, read by the caller (outside the lock: it may wait
+        for the broker) when the reader was not :meth:`listening` on it. None when it was;
+        if it stopped meanwhile, nothing is registered and this returns None: read the
+        end and open again.
+        """
         async with self._lock:
+            if tp not in self._users and end is None:
+                return None
             consumer = await self._ensure()
             queue = StreamQueue(self._core.config.stream_buffer)
             self._streams.setdefault(uuid.encode(), []).append(queue)
             if tp not in self._users:
-                end = await self.end_offset(tp)
+                assert end is not None
                 await self._assign(set(self._users) | {tp})
                 self._users[tp] = 0
                 await consumer.seek(tp, end)
@@ -215,13 +231,35 @@ def _started(head: StatusHead | None) -> bool:
     return head is None or head.status != "new"
 
 
-async def _start_by_time(core: Core, reader: ResultsReader, tp: TopicPartition, task: Task) -> int:
+async def _start_by_time(core: Core, reader: ResultsReader, tp: TopicPartition, task: Task, deadline: _Deadline) -> int:
     """Where to read a task that never ran here (cancelled while queued, unknown) or ran on an older worker."""
     # The end is read first: if no record is as new as `since` yet, every result of this
     # task comes after that end, even one written in between.
-    end = await reader.end_offset(tp)
-    by_time = await reader.offset_for_time(tp, int((task.created_at - core.config.stream_clock_skew) * 1000))
+    end = await _patiently(functools.partial(reader.end_offset, tp), deadline)
+    since = int((task.created_at - core.config.stream_clock_skew) * 1000)
+    by_time = await _patiently(functools.partial(reader.offset_for_time, tp, since), deadline)
     return end if by_time is None else by_time
+
+
+_T = TypeVar("_T")
+
+
+async def _patiently(read: Callable[[], Awaitable[_T]], deadline: _Deadline) -> _T:
+    """A stream's read of its results partition, tried again while it fails for a while
+    (a node down or frozen, a leader moving) until the stream's own deadline: a stream
+    outlives an outage as the worker does. A lasting failure is raised."""
+    tries = 0
+    while True:
+        try:
+            return await read()
+        except ConnectorError as exc:
+            raise_if_cancelled()
+            if not exc.retriable:
+                raise
+            tries += 1
+            if tries == 1:
+                log.debug("a stream's read waits for the broker: %s (retrying)", exc)
+            await asyncio.sleep(deadline.cap(retry_delay(tries)))
 
 
 class _Deadline:
@@ -279,7 +317,11 @@ async def _open_at_start(
     tp = TopicPartition(core.topics.results, partition_for(uuid, core.results_partitions))
     while True:
         # Listen from now on at once, while the worker takes the task ...
-        queue, opened_at = await reader.open(uuid, tp)
+        end = None if reader.listening(tp) else await _patiently(functools.partial(reader.end_offset, tp), deadline)
+        opened = await reader.open(uuid, tp, end)
+        if opened is None:
+            continue
+        queue, opened_at = opened
         try:
             # ... then learn from its process status where its results start.
             task = await core.view.wait_for(uuid, _started, deadline.left())
@@ -292,7 +334,7 @@ async def _open_at_start(
                 continue
             start = task.results_offset
             if start is None:
-                start = await _start_by_time(core, reader, tp, task)
+                start = await _start_by_time(core, reader, tp, task, deadline)
             if start < opened_at:
                 await reader.rewind(tp, start)
             return tp, queue, task
@@ -312,7 +354,7 @@ async def _stream_one(core: Core, reader: ResultsReader, uuid: str, deadline: _D
     async def read_again(why: str) -> None:
         nonlocal heals
         heals += 1
-        back = await _start_by_time(core, reader, tp, task) if heals == 1 else 0
+        back = await _start_by_time(core, reader, tp, task, deadline) if heals == 1 else 0
         log.warning("stream of %s %s; reading again from offset %d", uuid, why, back)
         await reader.rewind(tp, back)
         queue.clear()  # all of it comes again from `back`
@@ -343,7 +385,7 @@ async def _stream_one(core: Core, reader: ResultsReader, uuid: str, deadline: _D
             if drain_to is None:
                 head = core.view.head(uuid)
                 if head is not None and head.is_finished:
-                    drain_to = await reader.end_offset(tp)
+                    drain_to = await _patiently(functools.partial(reader.end_offset, tp), deadline)
             # Position first: past drain_to means every record before it was handed out
             # (records are dispatched as soon as they are fetched); then the queue.
             if drain_to is not None and await reader.position(tp) >= drain_to and not queue.records:

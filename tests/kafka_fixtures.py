@@ -2,6 +2,7 @@
 
 Started once per test session on a free port (``deploy/local``: jars from Maven
 Central, KRaft, one node), unless ``QTASKS_TEST_KAFKA=host:port`` names a running one.
+The 3-node cluster of the cluster fault tests is started the same way, on first use.
 A broker that cannot start fails the session; it is never skipped.
 """
 
@@ -12,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +46,20 @@ def kafka_bootstrap() -> Iterator[str]:
 @pytest.fixture
 def broker_url(kafka_bootstrap: str) -> str:
     return f"kafka://{kafka_bootstrap}"
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[Any]:
+    """A 3-node cluster (each node a broker and a KRaft voter), started on first use.
+
+    Tests take nodes away and bring them back through it (``kill_node``, ``stop_node``,
+    ``freeze_node``, ``start``).
+    """
+    cluster = _local_kafka_class()(brokers=3)
+    cluster.start(timeout=240)
+    try:
+        yield cluster
+    finally:
+        for node in range(1, cluster.brokers + 1):
+            cluster.thaw_node(node)
+        cluster.stop()

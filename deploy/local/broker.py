@@ -1,4 +1,4 @@
-"""A throwaway single-node Kafka broker for tests (stdlib only, Python 3.11+).
+"""A throwaway Kafka broker or cluster for tests (stdlib only, Python 3.11+).
 
 Wraps ``deploy/local/kafka.sh`` (found next to this file, so any cwd works)::
 
@@ -9,6 +9,11 @@ Wraps ``deploy/local/kafka.sh`` (found next to this file, so any cwd works)::
         with LocalKafka() as k:             # free port, fresh temp data dir
             yield k.bootstrap               # "127.0.0.1:PORT"
 
+``LocalKafka(brokers=3)`` is a cluster of three nodes on consecutive ports, each
+a broker and a controller; ``kill_node``, ``stop_node``, ``freeze_node`` and
+``start()`` (which starts the nodes that are down, on their data) let a test
+take nodes away and bring them back.
+
 Each instance gets its own temporary data directory (removed by ``stop()``)
 unless ``data_dir`` is given, so test sessions never share state. The broker
 is also stopped at interpreter exit, and a watchdog in kafka.sh stops it if
@@ -18,15 +23,18 @@ this process dies without cleaning up (e.g. SIGKILL).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["KAFKA_SH", "LocalKafka", "free_port"]
+__all__ = ["KAFKA_SH", "LocalKafka", "free_port", "free_ports"]
 
 KAFKA_SH = Path(__file__).resolve().parent / "kafka.sh"
 
@@ -41,6 +49,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that are free right now."""
+    for _ in range(100):
+        first = free_port()
+        if first + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + count):
+                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         with path.open("rb") as f:
@@ -53,25 +78,32 @@ def _tail(path: Path, lines: int) -> str:
 
 
 class LocalKafka:
-    """A real Apache Kafka 4.x broker (KRaft, broker+controller) on 127.0.0.1."""
+    """A real Apache Kafka 4.x broker or cluster (KRaft, every node broker+controller) on 127.0.0.1."""
 
     def __init__(
         self,
         port: int | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         *,
+        brokers: int = 1,
         extra_props: dict[str, object] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         """
-        port: broker port; None picks a free one (and retries on a bind race).
-        data_dir: the broker's data directory (config, logs, partitions); kept
-            after stop(). None: a fresh temporary directory, removed by stop().
+        port: the first node's port (the others follow it); None picks free ones
+            (and retries on a bind race).
+        data_dir: the data directory (config, logs, partitions; a cluster's nodes
+            in <data_dir>/<port>); kept after stop(). None: a fresh temporary
+            directory, removed by stop().
+        brokers: nodes in the cluster (1: a single broker).
         extra_props: server.properties overrides, e.g. {"log.segment.bytes": 1 << 20}.
         env: extra environment for kafka.sh (e.g. KAFKA_HEAP, QTASKS_KAFKA_CACHE).
         """
+        if not 1 <= brokers <= 9:
+            raise ValueError(f"brokers must be 1 to 9, got {brokers}")
+        self.brokers = brokers
         self._auto_port = port is None
-        self.port: int = free_port() if port is None else int(port)
+        self.port: int = free_ports(brokers) if port is None else int(port)
         self._own_dir = data_dir is None
         self.data_dir: Path = (
             Path(tempfile.mkdtemp(prefix="qtasks-kafka-")) if data_dir is None else Path(data_dir).resolve()
@@ -84,27 +116,43 @@ class LocalKafka:
     # ------------------------------------------------------------ properties
 
     @property
+    def ports(self) -> list[int]:
+        """The nodes' ports, node 1 first."""
+        return [self.port + i for i in range(self.brokers)]
+
+    @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def node_dir(self, node: int = 1) -> Path:
+        """The data directory of node ``node`` (1-based)."""
+        return self.data_dir if self.brokers == 1 else self.data_dir / str(self.ports[node - 1])
 
     @property
     def log_file(self) -> Path:
-        return self.data_dir / "server.log"
+        return self.node_dir(1) / "server.log"
 
     def log_tail(self, lines: int = 60) -> str:
         parts = []
-        for name in ("kafka.out", "server.log"):
-            text = _tail(self.data_dir / name, lines)
-            if text.strip():
-                parts.append(f"---- {self.data_dir / name} ----\n{text}")
+        for node in range(1, self.brokers + 1):
+            for name in ("kafka.out", "server.log"):
+                path = self.node_dir(node) / name
+                text = _tail(path, lines)
+                if text.strip():
+                    parts.append(f"---- {path} ----\n{text}")
         return "\n".join(parts)
 
     # ------------------------------------------------------------ control
 
-    def _sh_env(self, start_timeout: float | None = None) -> dict[str, str]:
+    def _sh_env(self, start_timeout: float | None = None, brokers: int | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self._env)
-        env["QTASKS_KAFKA_DATA_DIR"] = str(self.data_dir)
+        env.pop("QTASKS_KAFKA_DATA_DIR", None)
+        if self.brokers == 1:
+            env["QTASKS_KAFKA_DATA_DIR"] = str(self.data_dir)
+        else:
+            env["QTASKS_KAFKA_DATA"] = str(self.data_dir)
+        env["KAFKA_BROKERS"] = str(self.brokers if brokers is None else brokers)
         env["QTASKS_KAFKA_OWNER_PID"] = str(os.getpid())
         if start_timeout is not None:
             env["QTASKS_KAFKA_START_TIMEOUT"] = str(max(1, int(start_timeout)))
@@ -112,10 +160,12 @@ class LocalKafka:
             env["QTASKS_KAFKA_EXTRA_PROPS"] = "\n".join(f"{k}={v}" for k, v in self.extra_props.items())
         return env
 
-    def _run(self, *args: str, timeout: float, start_timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, timeout: float, start_timeout: float | None = None, brokers: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["bash", str(KAFKA_SH), *args],
-            env=self._sh_env(start_timeout),
+            env=self._sh_env(start_timeout, brokers),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -124,12 +174,15 @@ class LocalKafka:
         )
 
     def start(self, timeout: float = 180.0) -> None:
-        """Fetch jars if needed, start the broker, return once it serves requests.
+        """Fetch jars if needed, start the nodes that are down, return once every node serves requests.
 
-        timeout bounds the broker's own startup; a cold jar fetch gets extra time.
+        timeout bounds the nodes' own startup; a cold jar fetch gets extra time.
         Raises RuntimeError with the broker log tail on failure.
         """
         if self._started:
+            proc = self._run("start", str(self.port), timeout=timeout + 30, start_timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"kafka.sh start {self.port} failed:\n{proc.stderr.strip()}\n{self.log_tail()}")
             return
         attempts = 3 if self._auto_port else 1
         for attempt in range(attempts):
@@ -155,7 +208,11 @@ class LocalKafka:
             bind_race = "Address already in use" in detail or ("already in use" in detail and "127.0.0.1" in detail)
             if bind_race and attempt + 1 < attempts:
                 self._stop_quietly()
-                self.port = free_port()
+                if not self._own_dir:
+                    break
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                self.data_dir.mkdir()
+                self.port = free_ports(self.brokers)
                 continue
             self._stop_quietly()
             raise RuntimeError(
@@ -182,6 +239,48 @@ class LocalKafka:
         except Exception:
             pass
 
+    # ------------------------------------------------------------ one node of a cluster
+
+    def node_pid(self, node: int) -> int | None:
+        """The pid of node ``node`` (1-based) if it runs."""
+        try:
+            pid = int((self.node_dir(node) / "kafka.pid").read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def kill_node(self, node: int) -> None:
+        """SIGKILL node ``node`` and wait until it is gone (its data stays)."""
+        pid = self.node_pid(node)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {node} (pid {pid}) survived SIGKILL for 30 s")
+            time.sleep(0.05)
+
+    def stop_node(self, node: int) -> None:
+        """Stop node ``node`` as an operator would (SIGTERM: a controlled shutdown)."""
+        proc = self._run("stop", str(self.ports[node - 1]), timeout=120.0, brokers=1)
+        if proc.returncode != 0:
+            raise RuntimeError(f"kafka.sh stop {self.ports[node - 1]} failed: {proc.stderr.strip()}")
+
+    def freeze_node(self, node: int) -> None:
+        """SIGSTOP node ``node``: it holds its connections and answers nothing."""
+        pid = self.node_pid(node)
+        if pid is None:
+            raise RuntimeError(f"node {node} is not running")
+        os.kill(pid, signal.SIGSTOP)
+
+    def thaw_node(self, node: int) -> None:
+        """SIGCONT node ``node``."""
+        pid = self.node_pid(node)
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
     def _atexit(self) -> None:
         if self._started:
             try:
@@ -190,6 +289,7 @@ class LocalKafka:
                 pass
 
     def is_running(self) -> bool:
+        """Whether every node runs."""
         try:
             return self._run("status", str(self.port), timeout=30.0).returncode == 0
         except subprocess.TimeoutExpired:
@@ -212,6 +312,15 @@ class LocalKafka:
     def __repr__(self) -> str:
         state = "started" if self._started else "stopped"
         return f"LocalKafka({self.bootstrap}, {state}, data_dir={str(self.data_dir)!r})"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":  # manual check: python deploy/local/broker.py

@@ -64,6 +64,8 @@ def test_str_settings_refuse_other_types(name: str, value: Any) -> None:
         ({"status_partitions": 0}, "status_partitions must be greater than 0"),
         ({"control_partitions": 0}, "control_partitions must be greater than 0"),
         ({"replication_factor": 0}, "replication_factor must be greater than 0"),
+        ({"min_insync_replicas": -1}, "min_insync_replicas must be 0 or more"),
+        ({"min_insync_replicas": 2}, r"min_insync_replicas \(2\) cannot exceed replication_factor \(1\)"),
         ({"max_record_bytes": 0}, "max_record_bytes must be greater than 0"),
         ({"thread_pool_size": 0}, "thread_pool_size must be greater than 0"),
         ({"returning_max_items": -1}, "returning_max_items must be 0 or more"),
@@ -127,6 +129,21 @@ def test_settings_in_range_are_accepted(settings: dict[str, Any]) -> None:
     config.set(**settings)
     for name, value in settings.items():
         assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize(
+    ("settings", "insync"),
+    [
+        ({}, 1),
+        ({"replication_factor": 2}, 1),  # 2 of 2 would stop every write while one node is away
+        ({"replication_factor": 3}, 2),
+        ({"replication_factor": 5}, 2),
+        ({"replication_factor": 3, "min_insync_replicas": 3}, 3),
+        ({"replication_factor": 5, "min_insync_replicas": 3}, 3),
+    ],
+)
+def test_topics_need_two_copies_of_a_write_from_three_replicas_up(settings: dict[str, Any], insync: int) -> None:
+    assert QueueConfig(**settings).insync_replicas == insync
 
 
 def test_set_is_all_or_nothing() -> None:

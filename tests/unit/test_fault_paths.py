@@ -161,3 +161,58 @@ async def test_a_submit_during_an_outage_is_stored_once_the_broker_is_back(
     task = await asyncio.wait_for(submit, 10)
     done = await app.wait(task.uuid, 10)
     assert done.status == "success"
+
+
+async def test_a_stream_outlives_failing_reads_of_its_results_partition(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    # A node down or frozen makes the stream's lookups (the partition's end, an offset by
+    # time) fail for a while: the stream waits them out, as the worker does.
+    app = faulty_app()
+
+    @app.task
+    async def gen(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    task = await app.add_task("gen", 5)
+    faults.fail("end_offsets", topic=app.topics.results, times=4)
+    before = faults.calls["end_offsets"]
+    assert [v async for v in app.stream(task.uuid, timeout=10)] == list(range(5))
+    assert faults.calls["end_offsets"] - before > 4  # it failed four times and was asked again
+
+
+async def test_a_stream_whose_reads_keep_failing_ends_at_its_timeout(faulty_app: Callable[..., QueueTasks]) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def gen(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    task = await app.add_task("gen", 5)
+    faults.fail("end_offsets", topic=app.topics.results, times=10_000)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError, match=f"stream of {task.uuid} did not end within 0.5 s"):
+        [v async for v in app.stream(task.uuid, timeout=0.5)]
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def test_a_stream_read_refused_for_good_is_raised(faulty_app: Callable[..., QueueTasks]) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def gen(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    task = await app.add_task("gen", 5)
+    faults.fail("end_offsets", topic=app.topics.results, error=ConnectorError("not authorized", retriable=False))
+    with pytest.raises(ConnectorError, match="not authorized"):
+        [v async for v in app.stream(task.uuid, timeout=10)]
