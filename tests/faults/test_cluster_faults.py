@@ -199,6 +199,7 @@ def node_port(cluster: Any, node: int) -> int:
 # -- 0. the topics -----------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(420)  # the first cluster test: it waits for the session's cluster to start
 async def test_an_app_on_the_cluster_makes_its_topics_with_3_replicas_and_2_in_sync(cluster: Any) -> None:
     app = QueueTasks(name=unique("rf"), broker_url=f"kafka://{cluster.bootstrap}", replication_factor=3)
     try:
