@@ -9,7 +9,7 @@ from qtasks.config import QueueConfig
 from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import QTasksError, TaskCancelError, TaskPluginTriggerError
 from qtasks.logs import Logger
-from qtasks.records import Task
+from qtasks.records import StreamItem, Task
 
 __all__ = [
     "AsyncContext",
@@ -17,6 +17,7 @@ __all__ = [
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
+    "StreamItem",
     "SyncContext",
     "Task",
     "TaskCancelError",

@@ -21,6 +21,7 @@ from qtasks.config import QueueConfig, validate_app_name
 from qtasks.connectors import Connector
 from qtasks.core import Core, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
+from qtasks.logs import show_logs
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, Task
 from qtasks.registry import Registry, TaskSpec
@@ -52,7 +53,7 @@ class QueueTasks:
     ) -> None:
         self.name = validate_app_name(name)
         self.config = config if config is not None else QueueConfig.from_env(**settings)
-        logging.getLogger("qtasks").setLevel(self.config.log_level)
+        show_logs(self.config.log_level)
         self.core = Core(name, broker_url or os.environ.get("QTASKS_BROKER_URL") or "memory://", self.config)
         self.registry = Registry()
         self.plugins = PluginManager()
@@ -230,9 +231,20 @@ class QueueTasks:
         await self.core.connect()
         return await self.core.store.lookup(uuid)
 
-    def stream(self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None) -> AsyncIterator[Any]:
-        """The task's handled values in order, live; ends when the task ends (follows retries)."""
-        return stream_results(self.core, self._results_reader, check_uuid(uuid), timeout=timeout)
+    def stream(
+        self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False
+    ) -> AsyncIterator[Any]:
+        """The task's handled values in order, live; ends when the task ends (follows retries).
+
+        ``from_seq=N`` starts at the task's value N (resume after seq N - 1); ``meta=True``
+        yields :class:`~qtasks.StreamItem` s with ``seq``, ``attempt`` and ``value``, and an
+        item with ``retried_as`` where a failed task hands over to its retry.
+        """
+        if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 0:
+            raise ValueError(f"from_seq must be an int of 0 or more, got {from_seq!r}")
+        return stream_results(
+            self.core, self._results_reader, check_uuid(uuid), timeout=timeout, from_seq=from_seq, meta=meta
+        )
 
     async def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
         """Cancel a queued or running task (or the retry it handed over to); False when it is unknown or finished."""

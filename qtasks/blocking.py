@@ -104,9 +104,11 @@ class QueueTasks:
         """Wait until the task (following retries) ends; TimeoutError when time runs out."""
         return self._portal.call(self._core.wait(uuid, timeout))
 
-    def stream(self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None) -> Iterator[Any]:
-        """The task's handled values in order, live, until it ends."""
-        return self._portal.iterate(self._core.stream(uuid, timeout=timeout))
+    def stream(
+        self, uuid: str | uuid_mod.UUID, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False
+    ) -> Iterator[Any]:
+        """The task's handled values in order, live, until it ends (``from_seq`` and ``meta`` as the async app)."""
+        return self._portal.iterate(self._core.stream(uuid, timeout=timeout, from_seq=from_seq, meta=meta))
 
     def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
         """Cancel a queued or running task; False when it is unknown or already finished."""

@@ -1,9 +1,42 @@
-"""Logging: ``qtasks.logs.Logger``, a named logger on top of the standard library."""
+"""Logging: ``qtasks.logs.Logger``, a named logger on top of the standard library, and
+qtasks' logs shown on stderr while the program has configured no logging of its own."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes qtasks' records to stderr while nobody else would: the program's own logging
+    configuration (a handler on the root logger or on ``qtasks``) takes over as soon as it exists."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:
+        """Whatever ``sys.stderr`` is when a record is written (as logging's last resort does)."""
+        return sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers or len(logging.getLogger("qtasks").handlers) > 1:
+            return
+        super().emit(record)
+
+
+def show_logs(level: int | str) -> None:
+    """Log ``qtasks`` (the worker, the connectors, every task's ``ctx.get_logger()``) at ``level``,
+    on stderr unless the program configured logging itself (that configuration wins)."""
+    qtasks = logging.getLogger("qtasks")
+    qtasks.setLevel(level)
+    if not any(isinstance(h, _UntilConfigured) for h in qtasks.handlers):
+        handler = _UntilConfigured()
+        handler.setFormatter(logging.Formatter(FORMAT))
+        qtasks.addHandler(handler)
 
 
 class Logger:

@@ -63,7 +63,14 @@ class PluginManager:
         """Register ``plugin`` for ``trigger_names`` (None: all triggers)."""
         if not callable(getattr(plugin, "trigger", None)):
             raise TypeError(f"a plugin needs a trigger(name, **kwargs) method; {plugin!r} has none")
+        if isinstance(trigger_names, str):
+            trigger_names = [trigger_names]
         names = None if trigger_names is None else frozenset(trigger_names)
+        unknown = sorted((names or frozenset()) - set(TRIGGERS))
+        if unknown:
+            raise ValueError(
+                f"unknown trigger name(s) {', '.join(map(repr, unknown))}; the triggers are: {', '.join(TRIGGERS)}"
+            )
         self._plugins.append((plugin, names, component))
 
     def __len__(self) -> int:

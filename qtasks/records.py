@@ -138,6 +138,24 @@ class ResultRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     status: str | None = None
 
 
+class StreamItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A value of ``app.stream(uuid, meta=True)``, with where it came from.
+
+    ``uuid`` is the task of the retry chain that yielded it and ``seq`` its place among
+    that task's values (0, 1, ...): ``app.stream(uuid, from_seq=seq + 1)`` resumes right
+    after it. ``attempt`` is the run that yielded it (a run cut short by a dead worker is
+    taken over by the next attempt, which goes on with the same seqs). An item with
+    ``retried_as`` carries no value: task ``uuid`` failed after ``seq`` values and the
+    chain goes on as task ``retried_as``, whose items follow.
+    """
+
+    uuid: str
+    seq: int
+    attempt: int
+    value: Any = None
+    retried_as: str | None = None
+
+
 class ControlRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     """A command to whichever worker runs a task."""
 

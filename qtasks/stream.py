@@ -39,7 +39,7 @@ from qtasks.core import Core
 from qtasks.delivery import fetch, retry_delay
 from qtasks.exc import AppClosedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.partitioner import partition_for
-from qtasks.records import ResultRecord, StatusHead, Task, decode_result
+from qtasks.records import ResultRecord, StatusHead, StreamItem, Task, decode_result
 from qtasks.supervise import Supervisor, raise_if_cancelled
 
 log = logging.getLogger("qtasks.stream")
@@ -282,9 +282,15 @@ class _Deadline:
 
 
 async def stream_results(
-    core: Core, reader: ResultsReader, uuid: str, *, timeout: float | None = None
+    core: Core, reader: ResultsReader, uuid: str, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False
 ) -> AsyncIterator[Any]:
-    """Yield the handled values of ``uuid`` (and of its retries), live, until it ends."""
+    """Yield the handled values of ``uuid`` (and of its retries), live, until it ends.
+
+    ``from_seq``: the first value of ``uuid`` to yield (its earlier values are passed over;
+    the retries that follow it start at their beginning). ``meta``: yield
+    :class:`~qtasks.records.StreamItem` s (seq, attempt, value, and a closing item for a
+    task that failed and was retried) instead of bare values.
+    """
     deadline = _Deadline(uuid, timeout)
     async with asyncio.timeout(deadline.left()):
         await core.connect()
@@ -292,8 +298,14 @@ async def stream_results(
     if known is None:
         raise TaskNotFoundError(f"no task {uuid} is known")
     while True:
-        async for value in _stream_one(core, reader, uuid, deadline):
-            yield value
+        next_seq = from_seq
+        async for result in _stream_one(core, reader, uuid, deadline, from_seq):
+            next_seq = result.seq + 1
+            yield (
+                StreamItem(uuid=uuid, seq=result.seq, attempt=result.attempt, value=result.value)
+                if meta
+                else result.value
+            )
         # The end marker comes just before the terminal status: wait for it, so that what
         # `app.get` says after the stream agrees with it (a dead worker cannot hold this
         # up for more than a lease).
@@ -307,7 +319,9 @@ async def stream_results(
         parent = await core.view.wait_for(uuid, lambda h: h is None or h.retry_child_uuid is not None, deadline.left())
         if parent is None or parent.retry_child_uuid is None:
             return
-        uuid = parent.retry_child_uuid
+        if meta:
+            yield StreamItem(uuid=uuid, seq=next_seq, attempt=parent.attempt, retried_as=parent.retry_child_uuid)
+        uuid, from_seq = parent.retry_child_uuid, 0
 
 
 async def _open_at_start(
@@ -343,11 +357,13 @@ async def _open_at_start(
             raise
 
 
-async def _stream_one(core: Core, reader: ResultsReader, uuid: str, deadline: _Deadline) -> AsyncIterator[Any]:
-    """The values of one task of a chain, each seq once, until its end."""
+async def _stream_one(
+    core: Core, reader: ResultsReader, uuid: str, deadline: _Deadline, from_seq: int
+) -> AsyncIterator[ResultRecord]:
+    """The value records of one task of a chain, each seq once from ``from_seq``, until its end."""
     tp, queue, task = await _open_at_start(core, reader, uuid, deadline)
     limit = core.config.max_record_bytes
-    next_seq = 0
+    next_seq = from_seq
     drain_to: int | None = None
     heals = 0
 
@@ -379,7 +395,7 @@ async def _stream_one(core: Core, reader: ResultsReader, uuid: str, deadline: _D
                     return
                 if result.seq == next_seq:
                     next_seq += 1
-                    yield result.value
+                    yield result
                 continue
             # Nothing new for a while: has the task ended without (or before) a marker?
             if drain_to is None:

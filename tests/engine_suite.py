@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from qtasks import _state
+from qtasks import StreamItem, _state
 from qtasks.asyncio import QueueTasks
 from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import TaskCancelError
@@ -377,6 +377,62 @@ async def test_stream_of_a_retried_generator_goes_on_with_the_retry_unspliced(ap
     assert [v async for v in app.stream(task.uuid, timeout=30)] == [0, 1, 2, 0, 1, 2, 3, 4]
     final = await app.wait(task.uuid, 10)
     assert final.status == "success" and len(attempts) == 2
+
+
+async def test_stream_with_meta_gives_seq_attempt_and_marks_the_retry(app: QueueTasks) -> None:
+    attempts: list[int] = []
+
+    @app.task(retry=2)
+    async def redo():
+        attempts.append(1)
+        for i in range(5):
+            yield i * 10
+            if i == 2 and len(attempts) == 1:
+                raise RuntimeError("first run fails")
+
+    await app.start()
+    task = await app.add_task("redo")
+    items = [item async for item in app.stream(task.uuid, timeout=30, meta=True)]
+    final = await app.wait(task.uuid, 10)
+    child = final.uuid
+    assert child != task.uuid
+    assert items == [
+        StreamItem(uuid=task.uuid, seq=0, attempt=1, value=0),
+        StreamItem(uuid=task.uuid, seq=1, attempt=1, value=10),
+        StreamItem(uuid=task.uuid, seq=2, attempt=1, value=20),
+        StreamItem(uuid=task.uuid, seq=3, attempt=1, retried_as=child),
+        *(StreamItem(uuid=child, seq=i, attempt=1, value=i * 10) for i in range(5)),
+    ]
+    # Resuming after the last item seen: from the retry's own uuid and seq.
+    assert [v async for v in app.stream(child, timeout=30, from_seq=3)] == [30, 40]
+    # From the first task: its values from seq 2, then the whole retry.
+    assert [v async for v in app.stream(task.uuid, timeout=30, from_seq=2)] == [20, 0, 10, 20, 30, 40]
+
+
+async def test_a_stream_resumes_live_from_a_seq(app: QueueTasks) -> None:
+    gate = asyncio.Event()
+
+    @app.task
+    async def ticks(n: int):
+        for i in range(n):
+            if i == 3:
+                await gate.wait()
+            yield i
+
+    await app.start()
+    task = await app.add_task("ticks", 6)
+    seen = []
+    async for item in app.stream(task.uuid, timeout=30, meta=True):
+        seen.append(item.seq)
+        if item.seq == 2:
+            break  # the browser went away after seq 2 (its Last-Event-ID)
+    gate.set()
+    assert seen == [0, 1, 2]
+    assert [v async for v in app.stream(task.uuid, timeout=30, from_seq=3)] == [3, 4, 5]
+    # Past the end: nothing, and the stream still ends with the task.
+    assert [v async for v in app.stream(task.uuid, timeout=30, from_seq=6)] == []
+    with pytest.raises(ValueError, match="from_seq must be an int of 0 or more"):
+        app.stream(task.uuid, from_seq=-1)
 
 
 @pytest.mark.parametrize("kind", ["async", "async_gen", "sync", "sync_gen"])

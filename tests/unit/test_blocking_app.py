@@ -26,6 +26,7 @@ def test_public_api_is_pinned() -> None:
         "QTasksError",
         "QueueConfig",
         "QueueTasks",
+        "StreamItem",
         "SyncContext",
         "Task",
         "TaskCancelError",
@@ -51,6 +52,10 @@ def test_blocking_client_runs_streams_and_cancels(sync_app: QueueTasks) -> None:
     sync_app.start()
     task = sync_app.add_task("gen", 3)
     assert list(sync_app.stream(task.uuid)) == [1, 2, 3]
+    assert list(sync_app.stream(task.uuid, from_seq=1, meta=True)) == [
+        qtasks.StreamItem(uuid=task.uuid, seq=1, attempt=1, value=2),
+        qtasks.StreamItem(uuid=task.uuid, seq=2, attempt=1, value=3),
+    ]
     assert sync_app.get(task.uuid).returning == [1, 2, 3]
     done = sync_app.add_task("gen", 2, timeout=10)
     assert done is not None and done.status == "success"

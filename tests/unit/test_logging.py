@@ -1,0 +1,68 @@
+"""qtasks' logs show without any set-up, at the app's ``log_level``; a program's own logging wins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import asyncio, logging
+{configure}
+from qtasks.asyncio import QueueTasks
+
+app = QueueTasks(name="logs", broker_url="memory://logs"{settings})
+{configure_after}
+
+@app.task(echo=True)
+async def job(self):
+    self.ctx.get_logger().info("an info line from the task")
+    self.ctx.get_logger().warning("a warning line from the task")
+    return 1
+
+async def main():
+    await app.start()
+    task = await app.add_task("job", timeout=10)
+    assert task is not None and task.status == "success", task
+    await app.stop()
+
+asyncio.run(main())
+"""
+
+
+def run(configure: str = "", settings: str = "", configure_after: str = "") -> str:
+    code = textwrap.dedent(SCRIPT).format(configure=configure, settings=settings, configure_after=configure_after)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_a_task_s_log_lines_show_when_the_program_configured_no_logging() -> None:
+    err = run()
+    lines = [line for line in err.splitlines() if "from the task" in line]
+    assert len(lines) == 2, err
+    assert "INFO qtasks.job: an info line from the task" in lines[0]
+    assert "WARNING qtasks.job: a warning line from the task" in lines[1]
+    assert "INFO qtasks.worker: worker" in err  # the worker's own lines too
+
+
+def test_log_level_hides_what_is_below_it() -> None:
+    err = run(settings=', log_level="WARNING"')
+    assert "an info line" not in err
+    assert "a warning line from the task" in err
+
+
+MINE = 'logging.basicConfig(level=logging.INFO, format="MINE %(name)s %(message)s")'
+
+
+@pytest.mark.parametrize(("before", "after"), [(MINE, ""), ("", MINE)])
+def test_the_program_s_own_logging_configuration_wins(before: str, after: str) -> None:
+    # Before the app exists or after it: the program's format, and nothing written twice.
+    err = run(configure=before, configure_after=after)
+    lines = [line for line in err.splitlines() if "an info line" in line]
+    assert lines == ["MINE qtasks.job an info line from the task"], err
