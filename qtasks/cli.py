@@ -7,6 +7,11 @@
   the log lives in this process, so ``add`` runs a worker here too.
 - ``status UUID``: the task's status as JSON.
 
+``add --follow`` prints every value as it comes, a plain task's return value, a retry
+(``task X failed (...); retried as Y``), and the end (its status, an error's last line,
+a cancel's reason) on stderr. On ``memory://`` the log lives in one process: ``status``
+says so and fails, ``run`` warns that only its own program can reach it.
+
 A worker started before its broker waits for it (one WARNING, then quiet retries with a
 capped backoff). Any command that cannot reach the broker prints one line
 (``qtasks: cannot reach Kafka at host:port within 10 s``) and exits with status 1.
@@ -87,9 +92,16 @@ async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             return 0
         started = time.monotonic()
         count = 0
-        async for value in app.stream(task.uuid):
+        async for item in app.stream(task.uuid, meta=True):
+            if item.retried_as is not None:
+                if args.progress and count:
+                    print(file=sys.stderr)
+                failed = await app.get(item.uuid)
+                why = _last_line(failed.traceback) if failed is not None else None
+                print(f"task {item.uuid} failed ({why or 'error'}); retried as {item.retried_as}", file=sys.stderr)
+                continue
             count += 1
-            print(_show(value), flush=True)
+            print(_show(item.value), flush=True)
             if args.progress:
                 rate = count / max(time.monotonic() - started, 1e-9)
                 print(f"\r  {count} values, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
@@ -97,9 +109,13 @@ async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             print(file=sys.stderr)  # end the progress line
         final = await app.wait(task.uuid, timeout=args.timeout)
         elapsed = time.monotonic() - started
+        if final.status == "success" and final.yield_count == 0:
+            print(_show(final.returning), flush=True)  # a plain task's return value
         print(f"{final.status}: {count} values in {elapsed:.2f} s (task {final.uuid})", file=sys.stderr)
         if final.status == "error" and final.traceback:
-            print(final.traceback.rstrip().splitlines()[-1], file=sys.stderr)
+            print(_last_line(final.traceback), file=sys.stderr)
+        if final.status == "cancel":
+            print(f"cancelled: {final.cancel_reason or 'no reason given'}", file=sys.stderr)
         return 0 if final.status == "success" else 1
     finally:
         if embedded:
@@ -108,7 +124,22 @@ async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             await app.close()
 
 
+def _last_line(traceback: str | None) -> str | None:
+    """The exception line of a traceback."""
+    lines = (traceback or "").rstrip().splitlines()
+    return lines[-1] if lines else None
+
+
+MEMORY_IS_ONE_PROCESS = (
+    "memory:// keeps its log inside one process: this {what} sees no other process's tasks; "
+    "use kafka:// to share tasks between processes"
+)
+
+
 async def _status(app: AsyncQueueTasks, uuid: str) -> int:
+    if app.broker_url.startswith("memory://"):
+        print(f"qtasks: {MEMORY_IS_ONE_PROCESS.format(what='status')}", file=sys.stderr)
+        return 1
     try:
         task = await app.get(uuid)
     finally:
@@ -189,7 +220,9 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
         # What was imported so far lives as long as the worker: keep it out of the
         # collector's way (fewer objects to walk in every full collection).
         gc.freeze()
-        if not app.broker_url.startswith("memory://"):
+        if app.broker_url.startswith("memory://"):
+            log.warning(MEMORY_IS_ONE_PROCESS.format(what="worker") + " (only tasks this program submits run here)")
+        else:
             asyncio.run(wait_for_broker(app))
         app.run_forever(args.concurrency)
         return 0

@@ -37,3 +37,47 @@ def test_unknown_app_is_a_clear_error() -> None:
         timeout=60,
     )
     assert result.returncode != 0 and "cannot import" in result.stderr
+
+
+def test_add_follow_prints_a_plain_task_s_return_value() -> None:
+    result = run("add", "add", "2", "3", "--follow")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ['{"sum":5}']
+    assert "success: 0 values" in result.stderr
+
+
+def test_add_follow_says_when_it_follows_a_retry() -> None:
+    result = run("add", "flaky", "2", "--follow", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert result.stdout.splitlines()[1:] == ["0", "0", "1"]
+    retried = [line for line in result.stderr.splitlines() if "retried as" in line]
+    assert len(retried) == 1, result.stderr
+    assert retried[0].startswith(f"task {first} failed (ValueError: first run fails); retried as ")
+    child = retried[0].rsplit(" ", 1)[1]
+    assert "success: 3 values" in result.stderr and f"(task {child})" in result.stderr
+
+
+def test_add_follow_prints_a_cancel_reason() -> None:
+    result = run("add", "quits", "--follow")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1:] == ["before"]
+    assert "cancelled: changed my mind" in result.stderr
+
+
+def test_memory_status_and_run_say_the_log_lives_in_one_process() -> None:
+    status = run("status", "3b878272-66f2-4dbc-83e7-e54bb4289bb7")
+    assert status.returncode == 1
+    assert "memory:// keeps its log inside one process" in status.stderr
+    with subprocess.Popen(
+        [sys.executable, "-m", "qtasks", "-A", "tests.unit.cli_app:app", "run"],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as worker:
+        try:
+            assert worker.stderr is not None
+            line = worker.stderr.readline()
+            assert "memory:// keeps its log inside one process: this worker" in line, line
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
