@@ -62,6 +62,8 @@ class QueueTasks:
         self._facade: Any = None
         self._reader: ResultsReader | None = None
         self._lifecycle: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_end: AsyncIterator[None] | None = None
         _state.app_main = self
 
     # -- registration ----------------------------------------------------------------
@@ -159,7 +161,52 @@ class QueueTasks:
         return self.core.results_partitions
 
     async def _connect(self) -> None:
+        await self._here()
         await self.core.connect()
+
+    # -- the event loop --------------------------------------------------------------
+
+    async def _here(self) -> None:
+        """Serve the running loop. An app whose loop ended (an ``asyncio.run`` returned, a
+        test's loop closed) starts afresh on the new one: a new connection, the same tasks,
+        plugins and events. One app serves one loop at a time."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None:
+            if self._loop.is_running():
+                raise RuntimeError(
+                    "this app is in use by another running event loop; use one app per loop "
+                    "(or the blocking qtasks.QueueTasks from several threads)"
+                )
+            self._renew()
+        self._loop = loop
+        # asyncio.run closes every async generator before it closes its loop: this one then
+        # disconnects the app while the loop still runs (no connection is left behind).
+        self._loop_end = self._until_the_loop_ends()
+        await anext(self._loop_end)
+
+    async def _until_the_loop_ends(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self._loop is asyncio.get_running_loop():
+                try:
+                    async with asyncio.timeout(self.config.stop_timeout + 5):
+                        if self.worker is not None and self.worker._started:
+                            await self.stop(timeout=0)
+                        else:
+                            await self.close()
+                except Exception:
+                    log.exception("closing app %r at the end of its event loop failed", self.name)
+
+    def _renew(self) -> None:
+        """Drop what belonged to a loop that is gone: a new core (connector, status store,
+        loops), no worker, no reader. The registry, plugins and events stay."""
+        self.core = Core(self.name, self.core.broker_url, self.config)
+        self.worker = None
+        self._reader = None
+        self._lifecycle = None
 
     # -- client ----------------------------------------------------------------------
 
@@ -176,6 +223,7 @@ class QueueTasks:
         task_name = check_task_name(task_name)
         if priority is not None:
             priority = check_priority(priority)
+        await self._here()
         if timeout is None:
             return await self._submit(task_name, args, kwargs, priority=priority)
         deadline = time.monotonic() + timeout
@@ -215,6 +263,7 @@ class QueueTasks:
         An unknown uuid is a :class:`~qtasks.exc.TaskNotFoundError` at once.
         """
         uuid = check_uuid(uuid)
+        await self._here()
         async with asyncio.timeout(timeout):
             await self.core.connect()
             while True:
@@ -228,6 +277,7 @@ class QueueTasks:
     async def get(self, uuid: str | uuid_mod.UUID) -> Task | None:
         """The task's latest status, or None if no such task is known (after reading the log to its end)."""
         uuid = check_uuid(uuid)
+        await self._here()
         await self.core.connect()
         return await self.core.store.lookup(uuid)
 
@@ -242,13 +292,19 @@ class QueueTasks:
         """
         if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 0:
             raise ValueError(f"from_seq must be an int of 0 or more, got {from_seq!r}")
-        return stream_results(
-            self.core, self._results_reader, check_uuid(uuid), timeout=timeout, from_seq=from_seq, meta=meta
-        )
+        return self._stream(check_uuid(uuid), timeout, from_seq, meta)
+
+    async def _stream(self, uuid: str, timeout: float | None, from_seq: int, meta: bool) -> AsyncIterator[Any]:
+        await self._here()
+        async for item in stream_results(
+            self.core, self._results_reader, uuid, timeout=timeout, from_seq=from_seq, meta=meta
+        ):
+            yield item
 
     async def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
         """Cancel a queued or running task (or the retry it handed over to); False when it is unknown or finished."""
         uuid = check_uuid(uuid)
+        await self._here()
         await self.core.connect()
         try:
             task = await self._follow(uuid)
@@ -275,6 +331,7 @@ class QueueTasks:
 
     async def start(self, concurrency: int | None = None) -> Worker:
         """Start a worker in this program (returns once it has joined the group); a second call returns it."""
+        await self._here()
         async with self._lock():
             if self.worker is not None and self.worker._started:
                 return self.worker
@@ -297,6 +354,7 @@ class QueueTasks:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the worker (running tasks get ``timeout``, default ``stop_timeout``) and disconnect."""
+        await self._here()
         async with self._lock():
             await self.events.fire("stopping", app=self)
             worker = self.worker
@@ -313,11 +371,21 @@ class QueueTasks:
         return self._reader
 
     async def close(self) -> None:
-        """Disconnect the client side: open streams end with an error, the status view is dropped."""
+        """Disconnect (a worker started here should be stopped with :meth:`stop`): open streams
+        end with :class:`~qtasks.exc.AppClosedError`. The app connects again when used."""
+        await self._here()
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.stop()
         await self.core.close()
+
+    async def __aenter__(self) -> QueueTasks:
+        """``async with app:`` connects now (errors show here) and stops everything at the end."""
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def serve(self, concurrency: int | None = None) -> None:
         """Run a worker until SIGINT or SIGTERM (or until it fails for good), then stop gracefully."""

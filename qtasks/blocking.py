@@ -124,6 +124,17 @@ class QueueTasks:
         """Stop the worker gracefully and disconnect."""
         self._portal.call(self._core.stop(timeout))
 
+    def close(self) -> None:
+        """Disconnect (a worker started here is stopped with :meth:`stop`); the app connects again when used."""
+        self._portal.call(self._core.close())
+
+    def __enter__(self) -> QueueTasks:
+        """``with app:`` stops the worker (if one was started) and disconnects at the end."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def run_forever(self, concurrency: int | None = None) -> None:
         """Run a worker until SIGINT or SIGTERM."""
         stopped = threading.Event()

@@ -101,12 +101,17 @@ class ResultsReader:
         self._idle_since: dict[TopicPartition, float] = {}
         self._lock = asyncio.Lock()
         self._starting = asyncio.Lock()
+        self._closed = False  # for good: a closed app makes a new reader when used again
         self._needed = asyncio.Event()
         self._supervisor = Supervisor(f"{core.name} results reader")
 
     async def _ensure(self) -> Any:
+        if self._closed:
+            raise AppClosedError("the app was closed while this stream was open")
         if self._consumer is None:
             async with self._starting:  # streams opening at once make one consumer
+                if self._closed:
+                    raise AppClosedError("the app was closed while this stream was open")
                 if self._consumer is None:
                     # Streams open and seek often: short broker waits make a seek take effect fast.
                     consumer = self._core.broker.consumer(None, client_id=f"{self._core.name}-results", max_wait_ms=5)
@@ -132,12 +137,12 @@ class ResultsReader:
                 return None
             consumer = await self._ensure()
             queue = StreamQueue(self._core.config.stream_buffer)
-            self._streams.setdefault(uuid.encode(), []).append(queue)
             if tp not in self._users:
                 assert end is not None
                 await self._assign(set(self._users) | {tp})
                 self._users[tp] = 0
                 await consumer.seek(tp, end)
+            self._streams.setdefault(uuid.encode(), []).append(queue)
             self._users[tp] += 1
             self._idle_since.pop(tp, None)
             self._needed.set()
@@ -217,6 +222,7 @@ class ResultsReader:
 
     async def stop(self) -> None:
         """Stop the consumer; every open stream ends with :class:`~qtasks.exc.AppClosedError`."""
+        self._closed = True
         await self._supervisor.stop()
         for queues in self._streams.values():
             for queue in queues:
@@ -246,20 +252,42 @@ _T = TypeVar("_T")
 
 async def _patiently(read: Callable[[], Awaitable[_T]], deadline: _Deadline) -> _T:
     """A stream's read of its results partition, tried again while it fails for a while
-    (a node down or frozen, a leader moving) until the stream's own deadline: a stream
-    outlives an outage as the worker does. A lasting failure is raised."""
+    (a node down or frozen, a leader moving), each try and the whole bounded by the
+    stream's deadline: a stream outlives an outage as the worker does. A failure that is
+    not retriable is raised; one that lasts is logged once (after 30 s) and, at the
+    deadline, chained to the stream's ``TimeoutError``."""
     tries = 0
+    first = time.monotonic()
+    noticed = False
     while True:
         try:
-            return await read()
+            async with asyncio.timeout(deadline.left()):
+                return await read()
+        except TimeoutError:
+            deadline.left()  # past the deadline: the stream's own TimeoutError
+            raise
         except ConnectorError as exc:
             raise_if_cancelled()
             if not exc.retriable:
                 raise
             tries += 1
+            waited = time.monotonic() - first
             if tries == 1:
                 log.debug("a stream's read waits for the broker: %s (retrying)", exc)
-            await asyncio.sleep(deadline.cap(retry_delay(tries)))
+            elif waited >= _PATIENCE_NOTICE and not noticed:
+                noticed = True
+                log.warning(
+                    "stream of %s has waited %.0f s for the broker: %s (still retrying)", deadline.uuid, waited, exc
+                )
+            try:
+                await asyncio.sleep(deadline.cap(retry_delay(tries)))
+                deadline.left()
+            except TimeoutError as timeout:
+                raise timeout from exc
+
+
+#: A stream's read that keeps failing this long (seconds) is logged as a warning, once.
+_PATIENCE_NOTICE = 30.0
 
 
 class _Deadline:

@@ -11,7 +11,7 @@ import pytest
 
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import TopicPartition
-from qtasks.exc import ConnectorError
+from qtasks.exc import AppClosedError, ConnectorError
 from tests.helpers import FAST, unique
 
 
@@ -216,3 +216,45 @@ async def test_a_stream_read_refused_for_good_is_raised(faulty_app: Callable[...
     faults.fail("end_offsets", topic=app.topics.results, error=ConnectorError("not authorized", retriable=False))
     with pytest.raises(ConnectorError, match="not authorized"):
         [v async for v in app.stream(task.uuid, timeout=10)]
+
+
+async def test_a_stream_read_that_hangs_ends_at_the_stream_s_timeout(faulty_app: Callable[..., QueueTasks]) -> None:
+    # A frozen node answers nothing: one try alone is bounded by the stream's deadline too.
+    app = faulty_app()
+
+    @app.task
+    async def gen(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    task = await app.add_task("gen", 5)
+    faults.delay("end_offsets", 30.0, topic=app.topics.results)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError, match=r"did not end within 0\.5 s"):
+        [v async for v in app.stream(task.uuid, timeout=0.5)]
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def test_closing_the_app_ends_a_stream_that_waits_for_the_broker(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def gen(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    task = await app.add_task("gen", 5)
+    faults.fail("end_offsets", topic=app.topics.results, times=100_000)
+    reading = asyncio.create_task(anext(aiter(app.stream(task.uuid))))
+    await asyncio.sleep(0.3)
+    assert not reading.done()
+    await app.close()
+    with pytest.raises(AppClosedError):
+        async with asyncio.timeout(5):
+            await reading

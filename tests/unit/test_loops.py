@@ -1,0 +1,156 @@
+"""An app is not tied to the first event loop that used it: several ``asyncio.run`` in a row,
+a loop per test, ``async with app:`` / ``with app:``, and ``close()`` on both apps."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import qtasks
+from qtasks.asyncio import QueueTasks
+from tests.helpers import FAST, unique
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One app for the whole module, as a program's module-level app: every test below runs on
+# its own loop (pytest-asyncio's default), and each uses it.
+shared = QueueTasks(name=unique("loops"), broker_url=f"memory://{unique()}", **FAST)
+
+
+@shared.task
+async def count(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+@pytest.mark.parametrize("round_", range(3))
+async def test_one_app_serves_a_loop_per_test(round_: int) -> None:
+    await shared.start()
+    task = await shared.add_task("count", 3 + round_)
+    assert [v async for v in shared.stream(task.uuid, timeout=10)] == list(range(3 + round_))
+    # No stop: the end of this test's loop closes the app; the next test starts afresh.
+
+
+def test_a_client_call_then_a_worker_under_two_asyncio_runs() -> None:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+
+    @app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    async def submit() -> str:
+        task = await app.add_task("double", 21)
+        return task.uuid
+
+    async def work(uuid: str) -> int:
+        await app.start()
+        try:
+            return (await app.wait(uuid, 10)).returning
+        finally:
+            await app.stop()
+
+    uuid = asyncio.run(submit())
+    assert not app.core.connected  # the first loop's end closed it
+    assert asyncio.run(work(uuid)) == 42
+    assert asyncio.run(work(asyncio.run(submit()))) == 42
+
+
+def test_async_with_connects_and_stops_everything() -> None:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+
+    @app.task
+    def one() -> int:
+        return 1
+
+    async def main() -> None:
+        async with app:
+            assert app.core.connected
+            await app.start()
+            done = await app.add_task("one", timeout=10)
+            assert done is not None and done.returning == 1
+        assert not app.core.connected
+        assert app.worker is not None and not app.worker._started
+
+    asyncio.run(main())
+
+
+def test_an_app_in_use_by_another_running_loop_says_so() -> None:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+    ready, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        await app.get("3b878272-66f2-4dbc-83e7-e54bb4289bb7")
+        ready.set()
+        await asyncio.to_thread(done.wait)
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(RuntimeError, match="in use by another running event loop"):
+            asyncio.run(app.get("3b878272-66f2-4dbc-83e7-e54bb4289bb7"))
+    finally:
+        done.set()
+        thread.join(10)
+    # That loop ended: the app serves this one now.
+    assert asyncio.run(app.get("3b878272-66f2-4dbc-83e7-e54bb4289bb7")) is None
+
+
+def test_the_blocking_app_closes_and_works_as_a_context_manager() -> None:
+    with qtasks.QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST) as app:
+
+        @app.task
+        def one() -> int:
+            return 1
+
+        app.start()
+        done = app.add_task("one", timeout=10)
+        assert done is not None and done.returning == 1
+    assert not app._core.core.connected
+    app.close()  # idempotent
+    # Used again after closing: it connects again.
+    assert app.get(done.uuid) is not None
+    app.close()
+
+
+def test_a_script_that_never_closes_its_app_exits_cleanly() -> None:
+    # No stop(), no close(): the end of asyncio.run closes the app; nothing is left running
+    # and nothing is reported as unclosed (warnings are errors here).
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from qtasks.asyncio import QueueTasks
+
+        app = QueueTasks(name="script", broker_url="memory://script")
+
+        @app.task
+        async def gen(n):
+            for i in range(n):
+                yield i
+
+        async def main():
+            await app.start()
+            task = await app.add_task("gen", 3)
+            print([v async for v in app.stream(task.uuid)])
+
+        asyncio.run(main())
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[0, 1, 2]", "[0, 1, 2]"]
+    assert "Traceback" not in done.stderr and "never awaited" not in done.stderr, done.stderr
