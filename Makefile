@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 BROKER ?= memory
 KAFKA_PORT ?= 9092
-# Nodes of the local Kafka (3: a cluster on KAFKA_PORT, KAFKA_PORT+1, KAFKA_PORT+2).
-KAFKA_BROKERS ?= 1
+# Nodes of the local Kafka: 3 is a cluster on KAFKA_PORT, KAFKA_PORT+1, KAFKA_PORT+2. Unset:
+# the cluster already made on KAFKA_PORT (kafka-down stops all its nodes), else one node.
+KAFKA_BROKERS ?=
 N ?= 20
 
 .PHONY: install run test test-unit test-kafka test-cluster lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
@@ -21,7 +22,8 @@ install: $(VENV)/.installed
 run: install
 ifeq ($(BROKER),kafka)
 	servers=$$(KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh start $(KAFKA_PORT)) && \
-	QTASKS_BROKER_URL=kafka://$$servers QTASKS_REPLICATION_FACTOR=$$(( $(KAFKA_BROKERS) < 3 ? $(KAFKA_BROKERS) : 3 )) \
+	nodes=$$(echo "$$servers" | tr ',' '\n' | wc -l) && \
+	QTASKS_BROKER_URL=kafka://$$servers QTASKS_REPLICATION_FACTOR=$$(( nodes < 3 ? nodes : 3 )) \
 		$(BIN)/python docs/examples/streaming.py $(N)
 else
 	$(BIN)/python docs/examples/streaming.py $(N)

@@ -32,6 +32,9 @@ from qtasks.worker import Worker
 
 log = logging.getLogger("qtasks.app")
 
+#: Seconds an app may take to close when its event loop ends without it having been stopped.
+_LOOP_END_GRACE = 5.0
+
 __all__ = ["QueueTasks", "Topics"]
 
 
@@ -191,14 +194,28 @@ class QueueTasks:
             yield
         finally:
             if self._loop is asyncio.get_running_loop():
-                try:
-                    async with asyncio.timeout(self.config.stop_timeout + 5):
-                        if self.worker is not None and self.worker._started:
-                            await self.stop(timeout=0)
-                        else:
-                            await self.close()
-                except Exception:
-                    log.exception("closing app %r at the end of its event loop failed", self.name)
+                await self._close_at_loop_end()
+
+    async def _close_at_loop_end(self) -> None:
+        """The loop is ending (its tasks, the connector's included, are cancelled by now):
+        close what is left, within a few seconds. A worker still running is the program's
+        mistake: it is said once, and its partitions are not committed (their tasks run again
+        or are skipped as finished, at least once)."""
+        running = self.worker is not None and self.worker._started
+        if running:
+            log.warning(
+                "the event loop ended while app %r ran a worker: stop it first (await app.stop(), or "
+                "async with app:); closing it now without a graceful stop",
+                self.name,
+            )
+        try:
+            async with asyncio.timeout(_LOOP_END_GRACE):
+                if running:
+                    await self.stop(timeout=0)
+                else:
+                    await self.close()
+        except Exception as exc:  # the loop's end must not fail because of this app
+            log.debug("closing app %r at the end of its event loop: %r", self.name, exc)
 
     def _renew(self) -> None:
         """Drop what belonged to a loop that is gone: a new core (connector, status store,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,28 +43,45 @@ KAFKA_SH = Path(__file__).resolve().parent / "kafka.sh"
 _FETCH_ALLOWANCE = 900.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that are free right now."""
-    for _ in range(100):
-        first = free_port()
-        if first + count - 1 > 65535:
-            continue
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(first + 1, first + count):
-                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return first
+def _bindable(ports: range) -> bool:
+    with contextlib.ExitStack() as held:
+        try:
+            for port in ports:
+                s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that are free right now.
+
+    They are taken below the kernel's ephemeral range, so that while a node is down and
+    restarting, no client's outgoing connection can be given its port.
+    """
+    low = _ephemeral_low()
+    if low - count <= 10000:
+        low = 65536
+    for _ in range(1000):
+        first = random.randrange(10000, low - count)
+        if _bindable(range(first, first + count)):
+            return first
     raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (below the ephemeral range)."""
+    return free_ports(1)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -206,10 +224,10 @@ class LocalKafka:
                 return
             detail = f"{proc.stdout}\n{proc.stderr}"
             bind_race = "Address already in use" in detail or ("already in use" in detail and "127.0.0.1" in detail)
-            if bind_race and attempt + 1 < attempts:
+            if bind_race and attempt + 1 < attempts and self._own_dir:
+                # Another process took a port first: new ports, and a fresh temporary dir
+                # (what was formatted there belongs to the old ports).
                 self._stop_quietly()
-                if not self._own_dir:
-                    break
                 shutil.rmtree(self.data_dir, ignore_errors=True)
                 self.data_dir.mkdir()
                 self.port = free_ports(self.brokers)
@@ -242,11 +260,14 @@ class LocalKafka:
     # ------------------------------------------------------------ one node of a cluster
 
     def node_pid(self, node: int) -> int | None:
-        """The pid of node ``node`` (1-based) if it runs."""
+        """The pid of node ``node`` (1-based) if it runs: a live process running that node's
+        broker (not a stale pid file's number that another process has now)."""
         try:
             pid = int((self.node_dir(node) / "kafka.pid").read_text().strip())
-            os.kill(pid, 0)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError):
+            return None
+        if f"kafka.Kafka {self.node_dir(node)}/server.properties" not in cmdline or not _alive(pid):
             return None
         return pid
 
@@ -254,7 +275,7 @@ class LocalKafka:
         """SIGKILL node ``node`` and wait until it is gone (its data stays)."""
         pid = self.node_pid(node)
         if pid is None:
-            return
+            raise RuntimeError(f"node {node} is not running")
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while _alive(pid):
@@ -274,6 +295,16 @@ class LocalKafka:
         if pid is None:
             raise RuntimeError(f"node {node} is not running")
         os.kill(pid, signal.SIGSTOP)
+
+    def node_state(self, node: int) -> str | None:
+        """The node's process state as ``/proc`` shows it (``S`` sleeping, ``T`` stopped, ...)."""
+        pid = self.node_pid(node)
+        if pid is None:
+            return None
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
 
     def thaw_node(self, node: int) -> None:
         """SIGCONT node ``node``."""

@@ -9,9 +9,10 @@
 #   kafka.sh status [PORT]    exit 0 if every node runs, 3 if not
 #   kafka.sh logs   [PORT]    tail of the nodes' logs
 #
-# PORT defaults to $KAFKA_PORT, else 9092; KAFKA_BROKERS defaults to 1. A node's
-# own PORT with KAFKA_BROKERS=1 starts or stops that node alone (it keeps its
-# cluster settings). See README.md for all env vars.
+# PORT defaults to $KAFKA_PORT, else 9092. KAFKA_BROKERS unset: the cluster whose
+# first node is on PORT (all its nodes), else one node. A node's own PORT with
+# KAFKA_BROKERS=1 starts or stops that node alone (it keeps its cluster settings).
+# See README.md for all env vars.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,7 +28,9 @@ JVM_OPTS="${KAFKA_JVM_OPTS--XX:+UseSerialGC -XX:TieredStopAtLevel=1}"
 START_TIMEOUT="${QTASKS_KAFKA_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${QTASKS_KAFKA_STOP_TIMEOUT:-30}"
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
-BROKERS="${KAFKA_BROKERS:-1}"
+BROKERS="${KAFKA_BROKERS:-}"
+NODES_N=1 # the nodes a command acts on (resolve)
+PORT0=""  # the first one's port
 
 die() { echo "kafka.sh: error: $*" >&2; exit 1; }
 say() { echo "kafka.sh: $*" >&2; }
@@ -49,24 +52,35 @@ port_of() {
 
 abs_path() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 
-brokers() {
-    if ! [[ "$BROKERS" =~ ^[1-9]$ ]]; then die "bad KAFKA_BROKERS: '$BROKERS' (1 to 9)"; fi
-    echo "$BROKERS"
+# resolve [PORT]: the nodes a command acts on, PORT0 .. PORT0+NODES_N-1. KAFKA_BROKERS
+# if set; else all the nodes of the cluster whose node 1 is on PORT, else one node.
+resolve() {
+    local env
+    PORT0="$(port_of "${1:-}")"
+    if [[ -n "$BROKERS" ]]; then
+        [[ "$BROKERS" =~ ^[1-9]$ ]] || die "bad KAFKA_BROKERS: '$BROKERS' (1 to 9)"
+        NODES_N="$BROKERS"
+    else
+        NODES_N=1
+        env="$(abs_path "$DATA_ROOT/$PORT0")/cluster.env"
+        if [[ -z "${QTASKS_KAFKA_DATA_DIR:-}" && -f "$env" ]] && grep -qx 'NODE_ID=1' "$env"; then
+            NODES_N="$(sed -n 's/^NODES=//p' "$env")"
+            [[ "$NODES_N" =~ ^[1-9]$ ]] || die "$env is damaged; stop the cluster and remove its data dirs"
+        fi
+    fi
+    ((PORT0 + NODES_N - 1 <= 65535)) || die "ports $PORT0..$((PORT0 + NODES_N - 1)) do not all exist"
 }
 
-# the ports of the nodes: PORT .. PORT+KAFKA_BROKERS-1
+# the ports of the resolved nodes, one per line
 ports_of() {
-    local p n i
-    p="$(port_of "${1:-}")"
-    n="$(brokers)"
-    ((p + n - 1 <= 65535)) || die "ports $p..$((p + n - 1)) do not all exist"
-    for ((i = 0; i < n; i++)); do echo $((p + i)); done
+    local i
+    for ((i = 0; i < NODES_N; i++)); do echo $((PORT0 + i)); done
 }
 
 # data dir of the node on port $1: $QTASKS_KAFKA_DATA_DIR if set and there is one
 # node (exact dir), else $QTASKS_KAFKA_DATA/<port>, else $PWD/.kafka/<port>
 data_dir_of() {
-    if [[ -n "${QTASKS_KAFKA_DATA_DIR:-}" ]] && [[ "$(brokers)" == 1 ]]; then
+    if [[ -n "${QTASKS_KAFKA_DATA_DIR:-}" ]] && [[ "$NODES_N" == 1 ]]; then
         abs_path "$QTASKS_KAFKA_DATA_DIR"
     else
         abs_path "$DATA_ROOT/$1"
@@ -82,16 +96,30 @@ port_open() {
     fi
 }
 
-# a currently free TCP port on 127.0.0.1 (ask the kernel; fall back to a scan)
+# a TCP port on 127.0.0.1 that is free now, below the kernel's ephemeral range (a
+# client's outgoing connection never takes it while its node is down and restarting)
 free_port() {
-    local p
+    local p low=32768
+    if [[ -r /proc/sys/net/ipv4/ip_local_port_range ]]; then
+        read -r low _ </proc/sys/net/ipv4/ip_local_port_range || low=32768
+    fi
+    ((low > 11000)) || low=65000
     if command -v python3 >/dev/null && p="$(python3 -c '
-import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
-' 2>/dev/null)" && [[ -n "$p" ]]; then
+import random, socket, sys
+low = int(sys.argv[1])
+for _ in range(1000):
+    port = random.randrange(10000, low)
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+' "$low" 2>/dev/null)" && [[ -n "$p" ]]; then
         echo "$p"; return 0
     fi
-    for ((p = 20000 + RANDOM % 20000; p < 65000; p++)); do
+    for ((p = 10000 + RANDOM % (low - 10000); p < low; p++)); do
         port_open "$p" || { echo "$p"; return 0; }
     done
     die "no free port found"
@@ -396,22 +424,43 @@ launch() {
     start_watchdog "$dir" "$pid"
 }
 
+# the data dirs of the nodes this start launched: stopped again if the start fails
+LAUNCHED=()
+START_OK=0
+stop_launched() {
+    if ((START_OK == 0 && ${#LAUNCHED[@]} > 0)); then
+        say "start failed: stopping the nodes it started"
+        stop_dirs "${LAUNCHED[@]}" || true
+    fi
+}
+
 cmd_start() {
-    local t0="${EPOCHREALTIME/[.,]/}" ports=() port dir pid launched=() bootstrap=""
-    ports_of "${1:-}" >/dev/null # dies here on a bad port or KAFKA_BROKERS
-    mapfile -t ports < <(ports_of "${1:-}")
+    local t0="${EPOCHREALTIME/[.,]/}" ports=() port dir pid down=() bootstrap=""
+    resolve "${1:-}"
+    mapfile -t ports < <(ports_of)
     command -v "$JAVA" >/dev/null || die "java not found (need Java 17+; set JAVA_HOME)"
     if ((${#ports[@]} > 1)); then cluster_init "${ports[@]}"; fi
+    # Check every node that is down before launching any: a start that cannot finish starts nothing.
     for port in "${ports[@]}"; do
         dir="$(data_dir_of "$port")"
         bootstrap+="${bootstrap:+,}127.0.0.1:$port"
         [[ -n "$(broker_pid "$dir")" ]] && continue
         port_open "$port" && die "127.0.0.1:$port is already in use by another process"
-        cmd_fetch
+        if [[ -f "$dir/cluster.env" ]]; then
+            read_member "$dir"
+            port_open "$CONTROLLER_PORT" \
+                && die "controller port 127.0.0.1:$CONTROLLER_PORT of node $NODE_ID ($dir) is in use by another process"
+        fi
+        down+=("$port")
+    done
+    ((${#down[@]} == 0)) || cmd_fetch
+    trap stop_launched EXIT
+    for port in "${down[@]}"; do
+        dir="$(data_dir_of "$port")"
         mkdir -p "$dir/logs"
         if [[ -f "$dir/cluster.env" ]]; then prepare_member "$dir" "$port"; else prepare_single "$dir" "$port"; fi
         launch "$dir"
-        launched+=("$port")
+        LAUNCHED+=("$dir")
     done
     for port in "${ports[@]}"; do
         dir="$(data_dir_of "$port")"
@@ -419,11 +468,12 @@ cmd_start() {
         [[ -n "$pid" ]] || die "the node on 127.0.0.1:$port is not running"
         wait_ready "$dir" "$port" "$pid"
     done
+    START_OK=1
     local ms=$(((${EPOCHREALTIME/[.,]/} - t0) / 1000))
-    if ((${#launched[@]} == 0)); then
+    if ((${#down[@]} == 0)); then
         say "already running: bootstrap $bootstrap, data $(data_dir_of "${ports[0]}")"
     else
-        say "started ${launched[*]} in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s: bootstrap $bootstrap, data $(data_dir_of "${ports[0]}")"
+        say "started ${down[*]} in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s: bootstrap $bootstrap, data $(data_dir_of "${ports[0]}")"
     fi
     echo "$bootstrap"
 }
@@ -449,18 +499,19 @@ stop_dirs() {
         kill -TERM "$pid" 2>/dev/null || true
         pids+=("$pid:$dir")
     done
+    # alive = broker_pid still finds it (its command line: a zombie or a reused pid is gone)
     for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
         alive=0
-        for entry in "${pids[@]}"; do kill -0 "${entry%%:*}" 2>/dev/null && alive=1; done
+        for entry in "${pids[@]}"; do [[ -n "$(broker_pid "${entry#*:}")" ]] && alive=1; done
         ((alive)) || break
         sleep 0.1
     done
     for entry in "${pids[@]}"; do
         pid="${entry%%:*}" dir="${entry#*:}"
-        if kill -0 "$pid" 2>/dev/null; then
+        if [[ -n "$(broker_pid "$dir")" ]]; then
             say "pid $pid still alive after ${STOP_TIMEOUT}s; SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
-            for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            for ((i = 0; i < 50; i++)); do [[ -n "$(broker_pid "$dir")" ]] || break; sleep 0.1; done
         fi
         rm -f "$dir/kafka.pid"
         say "stopped pid $pid (data $dir)"
@@ -471,16 +522,16 @@ stop_dir() { stop_dirs "$1"; }
 
 cmd_stop() {
     local ports=() dirs=() port
-    ports_of "${1:-}" >/dev/null # dies here on a bad port or KAFKA_BROKERS
-    mapfile -t ports < <(ports_of "${1:-}")
+    resolve "${1:-}"
+    mapfile -t ports < <(ports_of)
     for port in "${ports[@]}"; do dirs+=("$(data_dir_of "$port")"); done
     stop_dirs "${dirs[@]}"
 }
 
 cmd_status() {
     local ports=() port dir pid code=0
-    ports_of "${1:-}" >/dev/null # dies here on a bad port or KAFKA_BROKERS
-    mapfile -t ports < <(ports_of "${1:-}")
+    resolve "${1:-}"
+    mapfile -t ports < <(ports_of)
     for port in "${ports[@]}"; do
         dir="$(data_dir_of "$port")"
         pid="$(broker_pid "$dir")"
@@ -499,8 +550,8 @@ cmd_status() {
 
 cmd_logs() {
     local ports=() port
-    ports_of "${1:-}" >/dev/null # dies here on a bad port or KAFKA_BROKERS
-    mapfile -t ports < <(ports_of "${1:-}")
+    resolve "${1:-}"
+    mapfile -t ports < <(ports_of)
     for port in "${ports[@]}"; do
         log_tail "$(data_dir_of "$port")" "${QTASKS_KAFKA_LOG_LINES:-60}"
     done

@@ -200,8 +200,19 @@ def node_port(cluster: Any, node: int) -> int:
 
 
 @pytest.mark.timeout(420)  # the first cluster test: it waits for the session's cluster to start
-async def test_an_app_on_the_cluster_makes_its_topics_with_3_replicas_and_2_in_sync(cluster: Any) -> None:
-    app = QueueTasks(name=unique("rf"), broker_url=f"kafka://{cluster.bootstrap}", replication_factor=3)
+@pytest.mark.parametrize(
+    ("settings", "replicas", "insync"),
+    [
+        ({"replication_factor": 3}, 3, "2"),
+        # The cluster's own default is 2: these prove the app sets it on its topics.
+        ({"replication_factor": 1}, 1, "1"),
+        ({"replication_factor": 3, "min_insync_replicas": 3}, 3, "3"),
+    ],
+)
+async def test_an_app_makes_its_topics_with_its_replicas_and_min_insync(
+    cluster: Any, settings: dict[str, Any], replicas: int, insync: str
+) -> None:
+    app = QueueTasks(name=unique("rf"), broker_url=f"kafka://{cluster.bootstrap}", **settings)
     try:
         await app._connect()
         names = [app.topics.tasks, app.topics.results, app.topics.status, app.topics.control, app.topics.dlq]
@@ -222,9 +233,9 @@ async def test_an_app_on_the_cluster_makes_its_topics_with_3_replicas_and_2_in_s
             await admin.close()
     finally:
         await app.close()
-    assert found == dict.fromkeys(names, "2")
+    assert found == dict.fromkeys(names, insync)
     for name in names:
-        assert {len(p["replicas"]) for p in described[name]["partitions"]} == {3}, described[name]
+        assert {len(p["replicas"]) for p in described[name]["partitions"]} == {replicas}, described[name]
 
 
 # -- 1. kill -9 of a node, back 10 s later ----------------------------------------------------
@@ -238,6 +249,7 @@ async def test_kill_9_of_a_node_and_back_10_s_later(cluster: Any, make_workers: 
 
     async def fault() -> None:
         await asyncio.to_thread(cluster.kill_node, victim)
+        assert cluster.node_pid(victim) is None
         await asyncio.sleep(10)
         await asyncio.to_thread(cluster.start)
 
@@ -258,8 +270,11 @@ async def test_rolling_restart_of_all_three_nodes(cluster: Any, make_workers: Ca
         # As an operator does it: one node at a time (SIGTERM: a controlled shutdown), and the
         # next only once the one that came back has caught up (every replica in sync).
         for node in range(1, cluster.brokers + 1):
+            before = cluster.node_pid(node)
             await asyncio.to_thread(cluster.stop_node, node)
+            assert cluster.node_pid(node) is None
             await asyncio.to_thread(cluster.start)
+            assert cluster.node_pid(node) not in (None, before)
             await wait_in_sync(cluster.bootstrap)
 
     await stream_through("rolling restart of the 3 nodes", group, app, fault, workers=workers)
@@ -276,6 +291,7 @@ async def test_a_node_frozen_for_30_s(cluster: Any, make_workers: Callable[..., 
 
     async def fault() -> None:
         cluster.freeze_node(victim)
+        assert cluster.node_state(victim) == "T"  # stopped
         try:
             await asyncio.sleep(30)
         finally:
@@ -314,9 +330,9 @@ async def test_rebalance_churn_one_three_one_workers(cluster: Any, make_workers:
 
 
 @pytest.fixture
-def lone_broker(tmp_path: Path) -> Iterator[Any]:
+def lone_broker() -> Iterator[Any]:
     """A single-node broker of this test's own (the session's broker is shared by the other suites)."""
-    broker = _local_kafka_class()(data_dir=tmp_path / "broker")
+    broker = _local_kafka_class()()
     broker.start(timeout=240)
     try:
         yield broker
@@ -334,6 +350,7 @@ async def test_the_only_broker_away_for_60_s(lone_broker: Any, tmp_path: Path) -
 
         async def fault() -> None:
             await asyncio.to_thread(lone_broker.kill_node, 1)
+            assert lone_broker.node_pid(1) is None
             await asyncio.sleep(60)
             await asyncio.to_thread(lone_broker.start)
 

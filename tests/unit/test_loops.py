@@ -32,10 +32,33 @@ async def count(n: int) -> AsyncIterator[int]:
 
 @pytest.mark.parametrize("round_", range(3))
 async def test_one_app_serves_a_loop_per_test(round_: int) -> None:
-    await shared.start()
-    task = await shared.add_task("count", 3 + round_)
-    assert [v async for v in shared.stream(task.uuid, timeout=10)] == list(range(3 + round_))
-    # No stop: the end of this test's loop closes the app; the next test starts afresh.
+    async with shared:
+        await shared.start()
+        task = await shared.add_task("count", 3 + round_)
+        assert [v async for v in shared.stream(task.uuid, timeout=10)] == list(range(3 + round_))
+
+
+@pytest.mark.parametrize("round_", range(2))
+async def test_a_client_left_open_is_closed_by_the_end_of_its_loop(round_: int) -> None:
+    task = await shared.add_task("count", 2)  # no worker here, no close: the next test's loop reuses the app
+    assert (await shared.get(task.uuid)) is not None
+
+
+def test_a_worker_left_running_at_the_end_of_its_loop_is_named_and_closed(caplog: pytest.LogCaptureFixture) -> None:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+
+    @app.task
+    def one() -> int:
+        return 1
+
+    async def forgetful() -> None:
+        await app.start()
+        assert (await app.add_task("one", timeout=10)).returning == 1  # type: ignore[union-attr]
+
+    asyncio.run(forgetful())
+    assert any("ended while app" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert not app.core.connected
+    asyncio.run(forgetful())  # and the app works on the next loop
 
 
 def test_a_client_call_then_a_worker_under_two_asyncio_runs() -> None:
