@@ -14,13 +14,14 @@ import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 from qtasks import _state
 from qtasks.config import QueueConfig, validate_app_name
 from qtasks.connectors import Connector
 from qtasks.core import Core, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
+from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, Task
@@ -227,10 +228,22 @@ class QueueTasks:
 
     # -- client ----------------------------------------------------------------------
 
+    @overload
+    async def add_task(
+        self, task_name: str, *args: Any, priority: int | None = None, timeout: None = None, **kwargs: Any
+    ) -> AsyncTaskHandle: ...
+
+    @overload
+    async def add_task(
+        self, task_name: str, *args: Any, priority: int | None = None, timeout: float, **kwargs: Any
+    ) -> Task | None: ...
+
     async def add_task(
         self, task_name: str, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any
-    ) -> Task | None:
-        """Submit a task; with ``timeout``, wait for it to end and return the finished Task (None if time runs out).
+    ) -> AsyncTaskHandle | Task | None:
+        """Submit a task and return its handle (the submitted Task's fields, ``await handle.result()``,
+        ``handle.stream()``, ``handle.cancel()``, ``handle.get()``); with ``timeout``, wait for it
+        to end and return the finished Task (None if time runs out).
 
         A task that is retried ends as ``retry`` and hands over to a new task
         (``retry_child_uuid``); the wait follows that chain to its last task. With
@@ -242,7 +255,7 @@ class QueueTasks:
             priority = check_priority(priority)
         await self._here()
         if timeout is None:
-            return await self._submit(task_name, args, kwargs, priority=priority)
+            return AsyncTaskHandle(self, await self._submit(task_name, args, kwargs, priority=priority))
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):

@@ -11,11 +11,12 @@ import signal
 import threading
 import uuid as uuid_mod
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, overload
 
 from qtasks import _state
 from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.config import QueueConfig
+from qtasks.handle import TaskHandle
 from qtasks.portal import Portal
 from qtasks.records import Task
 
@@ -90,11 +91,27 @@ class QueueTasks:
 
     # -- client ----------------------------------------------------------------------
 
+    @overload
+    def add_task(
+        self, task_name: str, *args: Any, priority: int | None = None, timeout: None = None, **kwargs: Any
+    ) -> TaskHandle: ...
+
+    @overload
+    def add_task(
+        self, task_name: str, *args: Any, priority: int | None = None, timeout: float, **kwargs: Any
+    ) -> Task | None: ...
+
     def add_task(
         self, task_name: str, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any
-    ) -> Task | None:
-        """Submit a task; with ``timeout``, wait for it and return the finished Task (None if time runs out)."""
-        return self._portal.call(self._core.add_task(task_name, *args, priority=priority, timeout=timeout, **kwargs))
+    ) -> TaskHandle | Task | None:
+        """Submit a task and return its handle (``handle.result()``, ``handle.stream()``, ...); with
+        ``timeout``, wait for it and return the finished Task (None if time runs out)."""
+        if timeout is not None:
+            return self._portal.call(
+                self._core.add_task(task_name, *args, priority=priority, timeout=timeout, **kwargs)
+            )
+        handle = self._portal.call(self._core.add_task(task_name, *args, priority=priority, **kwargs))
+        return TaskHandle(self, handle.task)
 
     def get(self, uuid: str | uuid_mod.UUID) -> Task | None:
         """The task's latest status, or None."""

@@ -223,5 +223,6 @@ class SyncTask:
         self._spec = spec
 
     def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Any:
-        """Submit another task through the same app (blocks until it is written)."""
-        return self.ctx._run(lambda: self.ctx._core().add_task(task_name, *args, **kwargs))
+        """Submit another task through the same app (blocks until it is written); returns its Task."""
+        submitted = self.ctx._run(lambda: self.ctx._core().add_task(task_name, *args, **kwargs))
+        return getattr(submitted, "task", submitted)

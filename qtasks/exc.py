@@ -8,6 +8,7 @@ Every error the engine raises derives from :class:`QTasksError`::
     ├── TaskCancelError          a task was cancelled (ctx.cancel, app.cancel)
     ├── TaskPluginTriggerError   raised by ctx.plugin_error, handled by plugins
     ├── TaskTimeoutError         a task ran past its max_time
+    ├── TaskFailedError          handle.result() of a task that ended in error (the remote error)
     ├── RecordError              a record could not be decoded (goes to the dead-letter topic)
     ├── AppClosedError           the app was closed while a call (a stream) still used it
     └── ConnectorError           the transport failed; carries ``retriable``
@@ -54,6 +55,52 @@ class TaskPluginTriggerError(QTasksError):
 
 class TaskTimeoutError(QTasksError, TimeoutError):
     """The task ran longer than its ``max_time``."""
+
+
+class TaskFailedError(QTasksError):
+    """A task ended in ``error``: ``handle.result()`` raises this in the caller's process.
+
+    The remote error is described, never rebuilt (nothing is unpickled): ``remote_type``
+    is its class name (``"ValueError"``), ``remote_message`` its message,
+    ``remote_traceback`` the worker's traceback, and ``task`` the final :class:`Task`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task: Any = None,
+        remote_type: str = "",
+        remote_message: str = "",
+        remote_traceback: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.task = task
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    @classmethod
+    def of(cls, task: Any) -> TaskFailedError:
+        """The error of a finished task (its status ``error``)."""
+        traceback = task.traceback or ""
+        lines = traceback.rstrip().splitlines()
+        last = lines[-1] if lines else ""
+        remote_type, sep, remote_message = last.partition(": ")
+        if not sep:
+            remote_type, remote_message = last.strip(), ""
+        return cls(
+            f"task {task.uuid} ({task.task_name}) failed: {last or task.status}",
+            task=task,
+            remote_type=remote_type,
+            remote_message=remote_message,
+            remote_traceback=traceback,
+        )
+
+    def __str__(self) -> str:
+        if not self.remote_traceback:
+            return super().__str__()
+        return f"{super().__str__()}\n\nRemote traceback (the worker's):\n{self.remote_traceback.rstrip()}"
 
 
 class RecordError(QTasksError, ValueError):

@@ -16,7 +16,7 @@ import pytest
 from qtasks import StreamItem, _state
 from qtasks.asyncio import QueueTasks
 from qtasks.context import AsyncContext, SyncContext
-from qtasks.exc import TaskCancelError
+from qtasks.exc import TaskCancelError, TaskFailedError
 from qtasks.logs import Logger
 
 
@@ -377,6 +377,65 @@ async def test_stream_of_a_retried_generator_goes_on_with_the_retry_unspliced(ap
     assert [v async for v in app.stream(task.uuid, timeout=30)] == [0, 1, 2, 0, 1, 2, 3, 4]
     final = await app.wait(task.uuid, 10)
     assert final.status == "success" and len(attempts) == 2
+
+
+async def test_a_task_handle_gives_the_result_the_stream_the_status_and_cancel(app: QueueTasks) -> None:
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def gen(n: int):
+        for i in range(n):
+            yield i
+
+    @app.task
+    async def forever():
+        while True:
+            await asyncio.sleep(0.01)
+            yield None
+
+    await app.start()
+    handle = await app.add_task("add", 2, 3)
+    # The submitted task's fields, as QTasks' add_task returns them.
+    assert (handle.status, handle.task_name, handle.args) == ("new", "add", [2, 3])
+    assert handle.task.uuid == handle.uuid
+    assert await handle.result(timeout=10) == 5
+    latest = await handle.get()
+    assert latest is not None and latest.status == "success"
+
+    streaming = await app.add_task("gen", 3)
+    assert [v async for v in streaming.stream(timeout=10)] == [0, 1, 2]
+    assert await streaming.result(timeout=10) == [0, 1, 2]
+
+    running = await app.add_task("forever")
+    await app.view.wait_for(running.uuid, lambda h: h is not None and h.status == "process", 10)
+    assert await running.cancel("enough")
+    with pytest.raises(TaskCancelError, match="enough"):
+        await running.result(timeout=10)
+    assert (await running.wait(10)).status == "cancel"
+    with pytest.raises(TimeoutError):
+        await (await app.add_task("forever")).result(timeout=0.2)
+
+
+async def test_a_failed_task_s_result_raises_the_remote_error_after_its_retries(app: QueueTasks) -> None:
+    runs: list[int] = []
+
+    @app.task(retry=1)
+    async def broken(x: int) -> int:
+        runs.append(x)
+        raise ValueError(f"bad value {x}")
+
+    await app.start()
+    handle = await app.add_task("broken", 7)
+    with pytest.raises(TaskFailedError) as info:
+        await handle.result(timeout=20)
+    error = info.value
+    assert runs == [7, 7]  # the first run and its retry
+    assert (error.remote_type, error.remote_message) == ("ValueError", "bad value 7")
+    assert "raise ValueError" in error.remote_traceback
+    assert error.task.uuid != handle.uuid and error.task.retry_parent_uuid == handle.uuid  # the retry's
+    assert "failed: ValueError: bad value 7" in str(error) and "Remote traceback" in str(error)
 
 
 async def test_stream_with_meta_gives_seq_attempt_and_marks_the_retry(app: QueueTasks) -> None:

@@ -52,6 +52,8 @@ def test_blocking_client_runs_streams_and_cancels(sync_app: QueueTasks) -> None:
     sync_app.start()
     task = sync_app.add_task("gen", 3)
     assert list(sync_app.stream(task.uuid)) == [1, 2, 3]
+    assert list(task.stream()) == [1, 2, 3] and task.result(timeout=10) == [1, 2, 3]
+    assert task.get().status == "success" and task.status == "new"  # the field: as submitted
     assert list(sync_app.stream(task.uuid, from_seq=1, meta=True)) == [
         qtasks.StreamItem(uuid=task.uuid, seq=1, attempt=1, value=2),
         qtasks.StreamItem(uuid=task.uuid, seq=2, attempt=1, value=3),

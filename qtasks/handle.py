@@ -1,0 +1,104 @@
+"""What ``add_task`` returns: the submitted :class:`~qtasks.records.Task`'s fields, and the
+calls that follow the task from there (its result, its stream, cancel, its latest status).
+
+``handle.uuid``, ``handle.status``, ``handle.args`` ... are the fields of the task as it was
+submitted (status ``new``), as QTasks' ``add_task`` returns them; ``handle.task`` is that
+:class:`Task`. ``await handle.get()`` is the task's latest status. The blocking app's handle
+has the same calls, blocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from qtasks.exc import TaskCancelError, TaskFailedError
+from qtasks.records import Task
+
+if TYPE_CHECKING:
+    from qtasks.app import QueueTasks as AsyncQueueTasks
+    from qtasks.blocking import QueueTasks
+
+
+def outcome(final: Task) -> Any:
+    """The return value of a finished task, or the error it ended with, raised here."""
+    if final.status == "success":
+        return final.returning
+    if final.status == "cancel":
+        raise TaskCancelError(f"task {final.uuid} ({final.task_name}) was cancelled: {final.cancel_reason or ''}")
+    raise TaskFailedError.of(final)
+
+
+class _Fields:
+    """The submitted task's fields, read through the handle."""
+
+    task: Task
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "task":  # not set yet (during construction or unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(uuid={self.task.uuid!r}, task_name={self.task.task_name!r})"
+
+
+class AsyncTaskHandle(_Fields):
+    """A submitted task, for the asyncio app: ``await handle.result()``, ``handle.stream()``, ..."""
+
+    def __init__(self, app: AsyncQueueTasks, task: Task) -> None:
+        self.app = app
+        self.task = task
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The task's return value (a generator's: its values), once it ends; follows retries.
+
+        A task that failed raises :class:`~qtasks.exc.TaskFailedError` (with the remote
+        error's type, message and traceback); a cancelled one :class:`~qtasks.exc.TaskCancelError`;
+        ``TimeoutError`` when ``timeout`` passes first.
+        """
+        return outcome(await self.app.wait(self.task.uuid, timeout))
+
+    async def wait(self, timeout: float | None = None) -> Task:
+        """The final task of the chain, once it ends (``app.wait``)."""
+        return await self.app.wait(self.task.uuid, timeout)
+
+    def stream(self, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False) -> AsyncIterator[Any]:
+        """The task's values as they are yielded (``app.stream``)."""
+        return self.app.stream(self.task.uuid, timeout=timeout, from_seq=from_seq, meta=meta)
+
+    async def cancel(self, reason: str = "") -> bool:
+        """Cancel it, or the retry it handed over to (``app.cancel``)."""
+        return await self.app.cancel(self.task.uuid, reason)
+
+    async def get(self) -> Task | None:
+        """The task's latest status (``app.get``)."""
+        return await self.app.get(self.task.uuid)
+
+
+class TaskHandle(_Fields):
+    """A submitted task, for the blocking app: ``handle.result()``, ``handle.stream()``, ..."""
+
+    def __init__(self, app: QueueTasks, task: Task) -> None:
+        self.app = app
+        self.task = task
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value once it ends (as :meth:`AsyncTaskHandle.result`)."""
+        return outcome(self.app.wait(self.task.uuid, timeout))
+
+    def wait(self, timeout: float | None = None) -> Task:
+        """The final task of the chain, once it ends."""
+        return self.app.wait(self.task.uuid, timeout)
+
+    def stream(self, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False) -> Iterator[Any]:
+        """The task's values as they are yielded."""
+        return self.app.stream(self.task.uuid, timeout=timeout, from_seq=from_seq, meta=meta)
+
+    def cancel(self, reason: str = "") -> bool:
+        """Cancel it, or the retry it handed over to."""
+        return self.app.cancel(self.task.uuid, reason)
+
+    def get(self) -> Task | None:
+        """The task's latest status."""
+        return self.app.get(self.task.uuid)
