@@ -9,7 +9,7 @@ KAFKA_PORT ?= 9092
 KAFKA_BROKERS ?=
 N ?= 20
 
-.PHONY: install run test test-unit test-kafka test-cluster lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
+.PHONY: install run test test-unit test-kafka test-cluster docs lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,10 @@ format: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# docs/reference.md from the code (settings, Task fields, triggers, events, the CLI).
+docs: install
+	$(BIN)/python -m qtasks.reference > docs/reference.md
 
 bench: install
 	$(BIN)/python bench/bench_memory.py

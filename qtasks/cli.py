@@ -180,8 +180,8 @@ async def wait_for_broker(app: AsyncQueueTasks, cap: float = 30.0) -> None:
         return
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qtasks`` command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qtasks`` command's arguments (docs/reference.md shows its help)."""
     parser = argparse.ArgumentParser(prog="qtasks", description="qtasks: Kafka-native streaming tasks")
     parser.add_argument("-A", "--app", required=True, help="the app, as module:attribute")
     parser.add_argument("--broker", help="broker URL (overrides the app's)")
@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     status = commands.add_parser("status", help="show a task's status")
     status.add_argument("uuid")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qtasks`` command."""
+    args = build_parser().parse_args(argv)
 
     app = load_app(args.app)
     if args.broker:

@@ -72,10 +72,13 @@ class QueueConfig:
     #: Records fetched ahead of free slots (-1: as many as ``concurrency``); they start in
     #: priority order (lower number first) as slots free up.
     prefetch: int = -1
-    #: Partitions of the tasks, results and status topics created at start.
+    #: Partitions of the tasks topic created at start (at most this many workers share the work).
     tasks_partitions: int = 6
+    #: Partitions of the results topic created at start.
     results_partitions: int = 6
+    #: Partitions of the (compacted) status topic created at start.
     status_partitions: int = 6
+    #: Partitions of the control topic (cancel commands) created at start.
     control_partitions: int = 1
     #: Replication factor of the topics created at start (Kafka only).
     replication_factor: int = 1
@@ -96,8 +99,9 @@ class QueueConfig:
     lease_interval: float = 5.0
     #: ... and another worker takes it over when the lease is this old (a crashed worker).
     lease_timeout: float = 30.0
-    #: Retry backoff: ``base * 2**n`` seconds, at most ``max``, with full jitter.
+    #: Retry backoff: ``base * 2**n`` seconds before retry ``n`` (full jitter) ...
     retry_backoff_base: float = 0.5
+    #: ... and at most this many seconds.
     retry_backoff_max: float = 60.0
     #: Seconds ``app.stop()`` waits for running tasks before it cancels them.
     stop_timeout: float = 30.0
@@ -122,18 +126,32 @@ class QueueConfig:
     #: Log level of qtasks' loggers.
     log_level: str = "INFO"
     # Kafka client settings (see docs/kafka.md).
+    #: Kafka's ``security.protocol`` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL).
     kafka_security_protocol: str = "PLAINTEXT"
+    #: SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) when the protocol uses SASL.
     kafka_sasl_mechanism: str = ""
+    #: SASL user name.
     kafka_sasl_username: str = ""
+    #: SASL password (never logged).
     kafka_sasl_password: str = ""
+    #: CA certificate file (PEM) that signed the brokers' certificates.
     kafka_ssl_cafile: str = ""
+    #: Client certificate file (PEM), for brokers that ask for one.
     kafka_ssl_certfile: str = ""
+    #: The client certificate's key file (PEM).
     kafka_ssl_keyfile: str = ""
+    #: Kafka's ``max.poll.interval.ms``; the worker keeps polling while it runs long tasks,
+    #: so this bounds nothing about a task's duration.
     kafka_max_poll_interval_ms: int = 300_000
+    #: The group session: a worker that stops heartbeating (killed) loses its partitions
+    #: after this long, and its tasks are taken over.
     kafka_session_timeout_ms: int = 45_000
+    #: How often a worker heartbeats to its group (below the session timeout).
     kafka_heartbeat_interval_ms: int = 3_000
     #: 0: send at once; aiokafka still batches what piles up while a request is in flight.
     kafka_linger_ms: int = 0
+    #: How long a request to a broker may go unanswered before it is retried elsewhere
+    #: (a frozen node stalls what it leads up to this long).
     kafka_request_timeout_ms: int = 40_000
 
     @classmethod

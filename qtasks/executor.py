@@ -269,6 +269,10 @@ class TaskExecutor:
         spec = self.spec
         plugins = self.plugins
         if len(plugins):
+            if spec.kind in ("async_gen", "sync_gen"):
+                new = await plugins.trigger("task_executor_run_task_gen", task_executor=self, results=result)
+                if new and "new_results" in new:
+                    result = new["new_results"]
             new = await plugins.trigger("task_executor_run_task", task_executor=self, result=result)
             if new and "new_result" in new:
                 result = new["new_result"]

@@ -14,36 +14,82 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("qtasks.plugins")
 
-#: Trigger names fired by the engine (QTasks' names where the same moment exists).
-TRIGGERS = (
-    "task_executor_args_replace",
-    "task_executor_before_execute",
-    "task_executor_after_execute",
-    "task_executor_run_task",
-    "task_executor_run_task_gen",
-    "task_executor_run_task_trigger_error",
-    "task_executor_decode",
-    "worker_execute_before",
-    "worker_execute_after",
-    "worker_task_error",
-)
 
-#: Lifecycle events, all fired.
-EVENTS = (
-    "starting",
-    "stopping",
-    "worker_running",
-    "worker_stopping",
-    "task_running",
-    "task_stopping",
-    "task_success",
-    "task_error",
-    "task_cancel",
-)
+@dataclass(frozen=True)
+class Hook:
+    """When a trigger or event fires, the keyword arguments it passes, and what a returned dict replaces."""
+
+    when: str
+    arguments: tuple[str, ...]
+    replaces: str = ""
+
+
+#: The triggers the engine fires (QTasks' names where the same moment exists), in the
+#: order a task meets them. A plugin's ``trigger(name, **arguments)`` gets these keyword
+#: arguments; a dict it returns may replace what ``replaces`` says.
+TRIGGER_HOOKS: dict[str, Hook] = {
+    "worker_execute_before": Hook("a worker is about to run a task (its status is `process`)", ("worker", "task")),
+    "task_executor_args_replace": Hook(
+        "before the task's function is called",
+        ("task_executor", "args", "kwargs"),
+        '`{"new_args": (args, kwargs)}` replaces the arguments',
+    ),
+    "task_executor_before_execute": Hook("right after `task_executor_args_replace`", ("task_executor",)),
+    "task_executor_run_task_gen": Hook(
+        "a generator task ended; `results` is its `returning` (its values were streamed already)",
+        ("task_executor", "results"),
+        '`{"new_results": [...]}` replaces `returning`',
+    ),
+    "task_executor_run_task": Hook(
+        "the task's function returned (a generator's: its values)",
+        ("task_executor", "result"),
+        '`{"new_result": x}` replaces the result',
+    ),
+    "task_executor_after_execute": Hook("after `task_executor_run_task`", ("task_executor", "result")),
+    "task_executor_decode": Hook(
+        "after the task's `decode` function (only for tasks with one)",
+        ("task_executor", "result"),
+        '`{"new_result": x}` replaces the decoded result',
+    ),
+    "task_executor_run_task_trigger_error": Hook(
+        "the task called `ctx.plugin_error(**kwargs)` (only then: any other exception is an ordinary error); "
+        "`e` is the `TaskPluginTriggerError`, its `kwargs` those given",
+        ("task_executor", "task_func", "task_broker", "e"),
+        '`{"result": x}` makes the task succeed with `x`',
+    ),
+    "worker_task_error": Hook(
+        "a task ended in `error` (or `retry`, handing over to a retry); its status is written",
+        ("worker", "task", "exc"),
+    ),
+    "worker_execute_after": Hook(
+        "a task ended, whatever its status; its terminal status is written", ("worker", "task")
+    ),
+}
+TRIGGERS = tuple(TRIGGER_HOOKS)
+
+#: Lifecycle events; a handler gets the keyword arguments it names among ``arguments``.
+EVENT_HOOKS: dict[str, Hook] = {
+    "starting": Hook("`app.start()` begins", ("app",)),
+    "worker_running": Hook("the worker joined its group and takes tasks", ("app", "worker")),
+    "task_running": Hook("a task starts (its status is `process`)", ("app", "task", "worker")),
+    "task_success": Hook("a task ended in `success`", ("app", "task", "exc", "worker")),
+    "task_error": Hook(
+        "a task ended in `error`, or its record could not be run (`worker` is then not given)",
+        ("app", "task", "exc", "worker"),
+    ),
+    "task_cancel": Hook(
+        "a task ended in `cancel` (`exc` is not given for one cancelled while queued)", ("app", "task", "exc", "worker")
+    ),
+    "task_stopping": Hook("after a task's ending event", ("app", "task", "worker")),
+    "stopping": Hook("`app.stop()` begins", ("app",)),
+    "worker_stopping": Hook("the worker is about to stop", ("app", "worker")),
+}
+EVENTS = tuple(EVENT_HOOKS)
 
 
 async def _call(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -73,30 +73,53 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     renewed its claim, or another worker takes the task over (``attempt`` + 1).
     """
 
+    #: The record format's version.
     v: int = 1
+    #: The task's id (a uuid4), the key of its status and result records.
     uuid: str
+    #: The registered name of the task's function.
     task_name: str
+    #: ``new`` (queued), ``process`` (running), then ``success``, ``error``, ``cancel`` or
+    #: ``retry`` (failed and handed over to a retry: ``retry_child_uuid``).
     status: Status
+    #: Lower runs first among the records a worker holds (prefetch).
     priority: int = 0
+    #: The positional arguments (JSON values).
     args: list[Any] = []
+    #: The keyword arguments (JSON values).
     kwargs: dict[str, Any] = {}
+    #: When it was submitted (Unix time, seconds).
     created_at: float
+    #: When this status was written.
     updated_at: float
+    #: The return value; a generator's handled values (up to ``returning_max_items``).
     returning: Any = None
+    #: The error's traceback, as the worker formatted it (status ``error``/``retry``).
     traceback: str | None = None
+    #: Retries left for this task (the ``retry=`` of ``@app.task``, counting down along the chain).
     retry: int | None = None
+    #: The task this one retries (a retry is a new task with its own uuid).
     retry_parent_uuid: str | None = None
+    #: The retry this one handed over to (status ``retry``); ``wait`` and ``stream`` follow it.
     retry_child_uuid: str | None = None
+    #: Why it was cancelled (status ``cancel``).
     cancel_reason: str | None = None
+    #: Values the task yielded (handled and written as result records).
     yield_count: int = 0
+    #: Which run of this task this is: 1, or more when a worker died mid-run and another
+    #: took it over (same uuid; a retry after an error is a new task instead).
     attempt: int = 0
+    #: The worker running or last to run it (``host-pid-id``).
     worker: str | None = None
+    #: Orders the status writes of one task (a lower one is stale).
     rev: int = 0
+    #: A running task's lease: past this time, another worker may take it over.
     lease_until: float = 0.0
     #: True when ``returning`` holds the count, not the list, of a generator's values.
     returning_truncated: bool = False
     #: Where the task's results live (the results partition; set once it ran).
     results_partition: int | None = None
+    #: How many retries came before this task in its chain (0 for the first).
     retry_count: int = 0
     #: An offset of the results partition at or before the task's first result (set once it runs).
     results_offset: int | None = None

@@ -254,6 +254,8 @@ class TaskRun:
             updated_at=time.time(),
         )
         self.task = await core.store.write(final, durable=True)
+        if status in ("error", "retry"):
+            await trigger(host, "worker_task_error", task=self.task, exc=outcome.exc)
         await trigger(host, "worker_execute_after", task=self.task)
         if event := _EVENTS.get(status):
             await host.events.fire(event, app=host.app, task=self.task, exc=outcome.exc, worker=host.worker)
