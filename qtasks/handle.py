@@ -10,14 +10,38 @@ has the same calls, blocking.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from qtasks.exc import TaskCancelError, TaskFailedError
 from qtasks.records import Task
 
-if TYPE_CHECKING:
-    from qtasks.app import QueueTasks as AsyncQueueTasks
-    from qtasks.blocking import QueueTasks
+
+class AsyncClient(Protocol):
+    """What a handle needs of the asyncio app."""
+
+    async def wait(self, uuid: str, timeout: float | None = None) -> Task: ...
+
+    def stream(
+        self, uuid: str, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False
+    ) -> AsyncIterator[Any]: ...
+
+    async def cancel(self, uuid: str, reason: str = "") -> bool: ...
+
+    async def get(self, uuid: str) -> Task | None: ...
+
+
+class Client(Protocol):
+    """What a handle needs of the blocking app."""
+
+    def wait(self, uuid: str, timeout: float | None = None) -> Task: ...
+
+    def stream(
+        self, uuid: str, *, timeout: float | None = None, from_seq: int = 0, meta: bool = False
+    ) -> Iterator[Any]: ...
+
+    def cancel(self, uuid: str, reason: str = "") -> bool: ...
+
+    def get(self, uuid: str) -> Task | None: ...
 
 
 def outcome(final: Task) -> Any:
@@ -46,7 +70,8 @@ class _Fields:
 class AsyncTaskHandle(_Fields):
     """A submitted task, for the asyncio app: ``await handle.result()``, ``handle.stream()``, ..."""
 
-    def __init__(self, app: AsyncQueueTasks, task: Task) -> None:
+    def __init__(self, app: AsyncClient, task: Task) -> None:
+        """``app``: the asyncio app (``qtasks.asyncio.QueueTasks``) that submitted ``task``."""
         self.app = app
         self.task = task
 
@@ -79,7 +104,8 @@ class AsyncTaskHandle(_Fields):
 class TaskHandle(_Fields):
     """A submitted task, for the blocking app: ``handle.result()``, ``handle.stream()``, ..."""
 
-    def __init__(self, app: QueueTasks, task: Task) -> None:
+    def __init__(self, app: Client, task: Task) -> None:
+        """``app``: the blocking app (``qtasks.QueueTasks``) that submitted ``task``."""
         self.app = app
         self.task = task
 
