@@ -362,6 +362,7 @@ class QueueTasks:
     async def start(self, concurrency: int | None = None) -> Worker:
         """Start a worker in this program (returns once it has joined the group); a second call returns it."""
         await self._here()
+        show_logs(self.config.log_level)  # the program may have configured logging since the app was made
         async with self._lock():
             if self.worker is not None and self.worker._started:
                 return self.worker

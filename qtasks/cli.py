@@ -34,7 +34,7 @@ import msgspec
 
 from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.connectors import from_url
-from qtasks.exc import BrokerUnavailableError, ConnectorError
+from qtasks.exc import BrokerUnavailableError, ConnectorError, error_of
 from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.cli")
@@ -82,52 +82,68 @@ def _show(value: Any) -> str:
 
 async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
     embedded = app.broker_url.startswith("memory://")
+    gave_up = False
     if embedded:
         await app.start()
     try:
         task = await app.add_task(args.name, *[_value(a) for a in args.args], **_kwargs(args.kwarg))
-        assert task is not None
         print(task.uuid, flush=True)
         if not (args.follow or embedded):
             return 0
-        started = time.monotonic()
-        count = 0
-        async for item in app.stream(task.uuid, meta=True):
-            if item.retried_as is not None:
-                if args.progress and count:
-                    print(file=sys.stderr)
-                failed = await app.get(item.uuid)
-                why = _last_line(failed.traceback) if failed is not None else None
-                print(f"task {item.uuid} failed ({why or 'error'}); retried as {item.retried_as}", file=sys.stderr)
-                continue
-            count += 1
-            print(_show(item.value), flush=True)
-            if args.progress:
-                rate = count / max(time.monotonic() - started, 1e-9)
-                print(f"\r  {count} values, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
-        if args.progress and count:
-            print(file=sys.stderr)  # end the progress line
-        final = await app.wait(task.uuid, timeout=args.timeout)
-        elapsed = time.monotonic() - started
-        if final.status == "success" and final.yield_count == 0:
-            print(_show(final.returning), flush=True)  # a plain task's return value
-        print(f"{final.status}: {count} values in {elapsed:.2f} s (task {final.uuid})", file=sys.stderr)
-        if final.status == "error" and final.traceback:
-            print(_last_line(final.traceback), file=sys.stderr)
-        if final.status == "cancel":
-            print(f"cancelled: {final.cancel_reason or 'no reason given'}", file=sys.stderr)
-        return 0 if final.status == "success" else 1
+        try:
+            async with asyncio.timeout(args.timeout):
+                return await _follow(app, task.uuid, args.progress and sys.stderr.isatty())
+        except TimeoutError:
+            gave_up = True
+            latest = await app.get(task.uuid)
+            where = latest.status if latest is not None else "unknown"
+            print(f"gave up after {args.timeout} s: task {task.uuid} is still {where}", file=sys.stderr)
+            return 2
     finally:
         if embedded:
-            await app.stop()
+            # The log lives in this process: a task given up on is not waited for.
+            await app.stop(timeout=0 if gave_up else None)
         else:
             await app.close()
 
 
-def _last_line(traceback: str | None) -> str | None:
-    """The exception line of a traceback."""
-    lines = (traceback or "").rstrip().splitlines()
-    return lines[-1] if lines else None
+async def _follow(app: AsyncQueueTasks, uuid: str, progress: bool) -> int:
+    """Print the task's values as they come, then how it ended; the exit code."""
+    started = time.monotonic()
+    count = 0
+    clear = "\r\x1b[K"  # the progress line goes before anything else is printed
+    async for item in app.stream(uuid, meta=True):
+        if progress and count:
+            print(clear, end="", file=sys.stderr, flush=True)
+        if item.retried_as is not None:
+            failed = await app.get(item.uuid)
+            why = _error_line(failed.traceback) if failed is not None else None
+            print(f"task {item.uuid} failed ({why or 'error'}); retried as {item.retried_as}", file=sys.stderr)
+            continue
+        count += 1
+        print(_show(item.value), flush=True)
+        if progress:
+            rate = count / max(time.monotonic() - started, 1e-9)
+            print(f"  {count} values, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+    if progress and count:
+        print(clear, end="", file=sys.stderr, flush=True)
+    final = await app.wait(uuid)
+    elapsed = time.monotonic() - started
+    if final.status == "success" and final.yield_count == 0:
+        print(_show(final.returning), flush=True)  # a plain task's return value
+    print(f"{final.status}: {count} values in {elapsed:.2f} s (task {final.uuid})", file=sys.stderr)
+    if final.status == "error" and final.traceback:
+        print(_error_line(final.traceback), file=sys.stderr)
+    if final.status == "cancel":
+        print(f"cancelled: {final.cancel_reason or 'no reason given'}", file=sys.stderr)
+    return 0 if final.status == "success" else 1
+
+
+def _error_line(traceback: str | None) -> str | None:
+    """The exception of a traceback, on one line (``ValueError: the message``)."""
+    kind, message = error_of(traceback)
+    text = f"{kind}: {message}" if kind and message else kind or message
+    return " ".join(text.split()) or None
 
 
 MEMORY_IS_ONE_PROCESS = (
@@ -194,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("-k", "--kwarg", action="append", default=[], help="keyword argument key=value")
     add.add_argument("--follow", "-f", action="store_true", help="stream the values live until the task ends")
     add.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
-    add.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    add.add_argument(
+        "--timeout", type=float, default=None, help="with --follow: give up after this many seconds (exit code 2)"
+    )
     status = commands.add_parser("status", help="show a task's status")
     status.add_argument("uuid")
     return parser
@@ -231,6 +249,10 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             asyncio.run(wait_for_broker(app))
         app.run_forever(args.concurrency)
         return 0
+    # add and status print what the user asked for; the worker's INFO lines (an embedded
+    # worker on memory://) would only be noise there.
+    qtasks_logger = logging.getLogger("qtasks")
+    qtasks_logger.setLevel(max(logging.WARNING, qtasks_logger.getEffectiveLevel()))
     if args.command == "add":
         return asyncio.run(_add(app, args))
     return asyncio.run(_status(app, args.uuid))

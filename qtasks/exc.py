@@ -39,7 +39,13 @@ class TaskNotFoundError(QTasksError, LookupError):
 
 
 class TaskCancelError(QTasksError):
-    """The task was cancelled; it ends with status ``cancel`` and is never retried."""
+    """The task was cancelled; it ends with status ``cancel`` and is never retried.
+
+    Raised by ``handle.result()``, it carries the ``reason`` and the final ``task``.
+    """
+
+    reason: str | None = None
+    task: Any = None
 
 
 class TaskPluginTriggerError(QTasksError):
@@ -55,6 +61,28 @@ class TaskPluginTriggerError(QTasksError):
 
 class TaskTimeoutError(QTasksError, TimeoutError):
     """The task ran longer than its ``max_time``."""
+
+
+def error_of(traceback: str | None) -> tuple[str, str]:
+    """The exception's type and message from a formatted traceback (a message may span lines).
+
+    The exception part starts at the first unindented line after the last frame line
+    (``  File ...``); its text before the first ``": "`` is the type.
+    """
+    lines = (traceback or "").rstrip().splitlines()
+    if not lines:
+        return "", ""
+    start = 0
+    for i, line in enumerate(lines):
+        if line.startswith("  File "):
+            start = i + 1
+    while start < len(lines) and lines[start].startswith(" "):
+        start += 1
+    text = "\n".join(lines[start:]) if start < len(lines) else lines[-1]
+    kind, sep, message = text.partition(": ")
+    if " " in kind or "\n" in kind:
+        return "", text  # not "Type: message" (a note the worker wrote itself)
+    return kind, message if sep else ""
 
 
 class TaskFailedError(QTasksError):
@@ -84,13 +112,10 @@ class TaskFailedError(QTasksError):
     def of(cls, task: Any) -> TaskFailedError:
         """The error of a finished task (its status ``error``)."""
         traceback = task.traceback or ""
-        lines = traceback.rstrip().splitlines()
-        last = lines[-1] if lines else ""
-        remote_type, sep, remote_message = last.partition(": ")
-        if not sep:
-            remote_type, remote_message = last.strip(), ""
+        remote_type, remote_message = error_of(traceback)
+        shown = f"{remote_type}: {remote_message}" if remote_message else remote_type
         return cls(
-            f"task {task.uuid} ({task.task_name}) failed: {last or task.status}",
+            f"task {task.uuid} ({task.task_name}) failed: {shown or task.status}",
             task=task,
             remote_type=remote_type,
             remote_message=remote_message,

@@ -49,8 +49,14 @@ def outcome(final: Task) -> Any:
     if final.status == "success":
         return final.returning
     if final.status == "cancel":
-        raise TaskCancelError(f"task {final.uuid} ({final.task_name}) was cancelled: {final.cancel_reason or ''}")
+        error = TaskCancelError(f"task {final.uuid} ({final.task_name}) was cancelled: {final.cancel_reason or ''}")
+        error.reason, error.task = final.cancel_reason, final
+        raise error
     raise TaskFailedError.of(final)
+
+
+def _timed_out(uuid: str, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"task {uuid} did not end within {timeout} s")
 
 
 class _Fields:
@@ -82,7 +88,11 @@ class AsyncTaskHandle(_Fields):
         error's type, message and traceback); a cancelled one :class:`~qtasks.exc.TaskCancelError`;
         ``TimeoutError`` when ``timeout`` passes first.
         """
-        return outcome(await self.app.wait(self.task.uuid, timeout))
+        try:
+            final = await self.app.wait(self.task.uuid, timeout)
+        except TimeoutError:
+            raise _timed_out(self.task.uuid, timeout) from None
+        return outcome(final)
 
     async def wait(self, timeout: float | None = None) -> Task:
         """The final task of the chain, once it ends (``app.wait``)."""
@@ -111,7 +121,11 @@ class TaskHandle(_Fields):
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value once it ends (as :meth:`AsyncTaskHandle.result`)."""
-        return outcome(self.app.wait(self.task.uuid, timeout))
+        try:
+            final = self.app.wait(self.task.uuid, timeout)
+        except TimeoutError:
+            raise _timed_out(self.task.uuid, timeout) from None
+        return outcome(final)
 
     def wait(self, timeout: float | None = None) -> Task:
         """The final task of the chain, once it ends."""

@@ -28,11 +28,24 @@ class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+_set_by_us: list[int] = [logging.NOTSET]  # the level show_logs last gave the qtasks logger
+
+
 def show_logs(level: int | str) -> None:
-    """Log ``qtasks`` (the worker, the connectors, every task's ``ctx.get_logger()``) at ``level``,
-    on stderr unless the program configured logging itself (that configuration wins)."""
+    """Make qtasks' logs (the worker, the connectors, every task's ``ctx.get_logger()``) show.
+
+    While the program has configured no logging, they go to stderr at ``level``. Once it
+    has (a handler on the root logger), its configuration applies, levels included: the
+    ``qtasks`` logger then follows it. A level the program set on the ``qtasks`` logger
+    itself is never changed. Called when an app is made and when its worker starts.
+    """
     qtasks = logging.getLogger("qtasks")
-    qtasks.setLevel(level)
+    if qtasks.level in (logging.NOTSET, _set_by_us[0]):
+        wanted = logging.NOTSET if logging.getLogger().handlers else logging.getLevelName(level)
+        if isinstance(wanted, str):  # an unknown name: the setting was checked, so this is a custom level
+            wanted = logging.INFO
+        qtasks.setLevel(wanted)
+        _set_by_us[0] = qtasks.level
     if not any(isinstance(h, _UntilConfigured) for h in qtasks.handlers):
         handler = _UntilConfigured()
         handler.setFormatter(logging.Formatter(FORMAT))

@@ -187,6 +187,17 @@ class Events:
             raise ValueError(f"unknown event {name!r}; events are: {', '.join(EVENTS)}")
         params = inspect.signature(func).parameters
         takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        offered = EVENT_HOOKS[name].arguments
+        unknown = [
+            p.name
+            for p in params.values()
+            if p.name not in offered and p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+        if unknown:
+            raise ValueError(
+                f"a handler of event {name!r} takes {', '.join(map(repr, unknown))}, which the event does not "
+                f"give; it gives (by name) {', '.join(offered)}"
+            )
         self._handlers.setdefault(name, []).append((func, None if takes_all else set(params)))
 
     def has(self, name: str) -> bool:

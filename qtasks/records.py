@@ -169,7 +169,8 @@ class StreamItem(msgspec.Struct, frozen=True, kw_only=True):
     after it. ``attempt`` is the run that yielded it (a run cut short by a dead worker is
     taken over by the next attempt, which goes on with the same seqs). An item with
     ``retried_as`` carries no value: task ``uuid`` failed after ``seq`` values and the
-    chain goes on as task ``retried_as``, whose items follow.
+    chain goes on as task ``retried_as``, whose items follow; to resume after such an
+    item, stream ``retried_as`` from its start.
     """
 
     uuid: str

@@ -22,7 +22,7 @@ import msgspec
 from qtasks.core import Core
 from qtasks.decisions import ENCODE_ERRORS, check_result, conclude
 from qtasks.delivery import deliver
-from qtasks.exc import ConnectorError
+from qtasks.exc import ConnectorError, error_of
 from qtasks.executor import Outcome, TaskExecutor
 from qtasks.partitioner import partition_for
 from qtasks.plugins import Events, PluginManager
@@ -255,6 +255,15 @@ class TaskRun:
         )
         self.task = await core.store.write(final, durable=True)
         if status in ("error", "retry"):
+            kind, message = error_of(traceback)
+            then = f"; retried as {child_uuid}" if child_uuid else ""
+            log.info(
+                "task %s (%s) failed: %s%s",
+                self.task.uuid,
+                self.task.task_name,
+                f"{kind}: {message}" if message else kind,
+                then,
+            )
             await trigger(host, "worker_task_error", task=self.task, exc=outcome.exc)
         await trigger(host, "worker_execute_after", task=self.task)
         if event := _EVENTS.get(status):

@@ -348,7 +348,9 @@ async def stream_results(
         if parent is None or parent.retry_child_uuid is None:
             return
         if meta:
-            yield StreamItem(uuid=uuid, seq=next_seq, attempt=parent.attempt, retried_as=parent.retry_child_uuid)
+            failed = core.view.get(uuid)  # its whole status: how many values it yielded
+            values = failed.yield_count if failed is not None else next_seq
+            yield StreamItem(uuid=uuid, seq=values, attempt=parent.attempt, retried_as=parent.retry_child_uuid)
         uuid, from_seq = parent.retry_child_uuid, 0
 
 

@@ -19,7 +19,9 @@ its broker URL is put back::
         assert await handle.result(timeout=5) == {"rows": 7}
 
 The blocking app works the same with ``with TestApp(app) as tested:``. ``worker=False``
-gives a client only (tasks are then run by whatever worker the test starts itself).
+gives a client only (tasks are then run by whatever worker the test starts itself). The
+test's log is dropped at the end. Async tests need pytest-asyncio (``asyncio_mode = "auto"``,
+or ``@pytest.mark.asyncio`` on each).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import uuid
 from typing import Any
 
 from qtasks.app import QueueTasks as AsyncQueueTasks
+from qtasks.connectors.memory import drop_log
 
 __all__ = ["TestApp"]
 
@@ -50,10 +53,13 @@ class TestApp:
 
     def _restore(self) -> None:
         if self._url is not None:
+            drop_log(self._core.broker_url)  # the test's log goes with it (memory comes back)
             self._core.use_broker(self._url)
             self._url = None
 
     async def __aenter__(self) -> Any:
+        if self._core is not self.app:
+            raise TypeError("TestApp of a blocking qtasks.QueueTasks: use `with TestApp(app)`, not `async with`")
         await self._core.close()
         self._switch()
         try:
@@ -74,6 +80,8 @@ class TestApp:
             self._restore()
 
     def __enter__(self) -> Any:
+        if self._core is self.app:
+            raise TypeError("TestApp of an asyncio app (qtasks.asyncio.QueueTasks): use `async with TestApp(app)`")
         portal = self.app._portal  # the blocking app: its calls run on its own loop
         portal.call(self._core.close())
         self._switch()

@@ -300,7 +300,12 @@ class Worker:
             known = ", ".join(self.registry.names()) or "none"
             exc = TaskNotFoundError(f"unknown task {rec.task_name!r}: this worker knows {known}")
             task = await end_without_running(
-                self.host, rec, head, "error", traceback=f"TaskNotFoundError: {exc}", attempt=decision.attempt
+                self.host,
+                rec,
+                head,
+                "error",
+                traceback=f"qtasks.exc.TaskNotFoundError: {exc}",
+                attempt=decision.attempt,
             )
             await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc)
         elif action == "run":

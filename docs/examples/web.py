@@ -88,8 +88,14 @@ async def events(uuid: str, last_event_id: str | None = Header(default=None)) ->
     start, from_seq = uuid, 0
     if last_event_id:  # "<task uuid>/<seq>": go on right after that value
         task_uuid, _, seq = last_event_id.rpartition("/")
-        start, from_seq = task_uuid, int(seq) + 1
-    if await app.get(start) is None:
+        if not task_uuid or not seq.lstrip("-").isdigit():
+            raise HTTPException(400, f"Last-Event-ID {last_event_id!r} is not <task uuid>/<seq>")
+        start, from_seq = task_uuid, max(0, int(seq) + 1)
+    try:
+        known = await app.get(start)
+    except ValueError as exc:  # not a uuid
+        raise HTTPException(400, str(exc)) from None
+    if known is None:
         raise HTTPException(404, f"no job {start}")
 
     async def stream() -> AsyncIterator[str]:

@@ -38,3 +38,16 @@ async def flaky(n: int):
 async def quits(self):
     yield "before"
     self.ctx.cancel("changed my mind")
+
+
+@app.task
+async def sleepy(seconds: float) -> str:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+@app.task
+def multiline() -> None:
+    raise ValueError("first line\nsecond line")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,3 +82,17 @@ def test_memory_status_and_run_say_the_log_lives_in_one_process() -> None:
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+
+
+def test_add_follow_gives_up_at_its_timeout() -> None:
+    started = time.monotonic()
+    result = run("add", "sleepy", "30", "--follow", "--timeout", "0.5")
+    assert result.returncode == 2, result.stderr
+    assert "gave up after 0.5 s: task " in result.stderr and "is still process" in result.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_an_error_with_a_message_on_several_lines_is_shown_whole() -> None:
+    result = run("add", "multiline", "--follow")
+    assert result.returncode == 1
+    assert "ValueError: first line second line" in result.stderr, result.stderr

@@ -66,3 +66,16 @@ def test_the_program_s_own_logging_configuration_wins(before: str, after: str) -
     err = run(configure=before, configure_after=after)
     lines = [line for line in err.splitlines() if "an info line" in line]
     assert lines == ["MINE qtasks.job an info line from the task"], err
+
+
+def test_the_program_s_levels_win_too() -> None:
+    # The program asked for warnings only: qtasks' info lines follow it.
+    err = run(configure='logging.basicConfig(level=logging.WARNING, format="MINE %(name)s %(message)s")')
+    assert "an info line" not in err and "INFO qtasks.worker" not in err, err
+    assert "MINE qtasks.job a warning line from the task" in err.splitlines()
+
+
+def test_a_level_the_program_set_on_qtasks_is_kept() -> None:
+    err = run(configure='logging.getLogger("qtasks").setLevel(logging.WARNING)')
+    assert "an info line" not in err and "INFO qtasks.worker" not in err, err
+    assert any("WARNING qtasks.job: a warning line from the task" in line for line in err.splitlines()), err

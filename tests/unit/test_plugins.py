@@ -30,3 +30,16 @@ def test_every_trigger_name_and_a_single_name_are_accepted() -> None:
     app.add_plugin(Recorder())
     assert len(app.plugins) == 3
     assert app.plugins.has("worker_task_error")
+
+
+def test_an_event_handler_asking_for_what_the_event_does_not_give_is_refused() -> None:
+    app = QueueTasks(name="plugins", broker_url="memory://plugins")
+    with pytest.raises(ValueError, match="takes 'tsk', which the event does not give; it gives"):
+
+        @app.events.on.task_success()
+        def handler(tsk: Any) -> None: ...
+
+    @app.events.on.task_success()
+    def fine(task: Any, extra: int = 0, **rest: Any) -> None: ...
+
+    assert app.events.has("task_success")

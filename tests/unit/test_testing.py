@@ -70,3 +70,18 @@ def test_the_blocking_app_works_the_same() -> None:
     with TestApp(blocking) as tested:
         assert tested.add_task("double", 21).result(timeout=5) == 42
     assert blocking.broker_url == "kafka://127.0.0.1:1"
+
+
+async def test_the_test_s_log_is_dropped_and_the_wrong_form_is_named() -> None:
+    from qtasks.connectors import memory_log
+
+    before = set(memory_log._logs)
+    async with TestApp(app):
+        during = set(memory_log._logs) - before
+    assert len(during) == 1 and not (set(memory_log._logs) & during)
+    with pytest.raises(TypeError, match="use `async with TestApp"), TestApp(app):
+        pass
+    blocking = qtasks.QueueTasks(name="project_sync2", broker_url="kafka://127.0.0.1:1")
+    with pytest.raises(TypeError, match="use `with TestApp"):
+        async with TestApp(blocking):
+            pass

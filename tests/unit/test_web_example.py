@@ -120,3 +120,11 @@ async def test_a_reconnect_with_last_event_id_resumes_after_it(server: str) -> N
     assert [e["data"]["i"] for e in first] == [0, 1, 2]
     assert [e["data"]["i"] for e in resumed[:-1]] == [3, 4, 5, 6, 7]  # nothing twice, nothing missed
     assert resumed[-1]["event"] == "end" and resumed[-1]["data"]["status"] == "success"
+
+
+async def test_a_malformed_last_event_id_is_a_clear_400(server: str) -> None:
+    async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+        uuid = await submit(client, n=2, delay=0.01)
+        for bad in ("garbage", f"{uuid}/x", "/3"):
+            response = await client.get(f"/jobs/{uuid}/events", headers={"Last-Event-ID": bad})
+            assert response.status_code == 400, (bad, response.text)
