@@ -290,11 +290,20 @@ class LocalKafka:
             raise RuntimeError(f"kafka.sh stop {self.ports[node - 1]} failed: {proc.stderr.strip()}")
 
     def freeze_node(self, node: int) -> None:
-        """SIGSTOP node ``node``: it holds its connections and answers nothing."""
+        """SIGSTOP node ``node`` and return once it is stopped: it holds its connections and answers nothing.
+
+        A signal takes effect a moment after ``kill`` returns (every thread of the JVM must
+        stop): until ``/proc`` shows the process stopped, the node may still answer.
+        """
         pid = self.node_pid(node)
         if pid is None:
             raise RuntimeError(f"node {node} is not running")
         os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while self.node_state(node) != "T":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {node} (pid {pid}) did not stop within 10 s of SIGSTOP")
+            time.sleep(0.01)
 
     def node_state(self, node: int) -> str | None:
         """The node's process state as ``/proc`` shows it (``S`` sleeping, ``T`` stopped, ...)."""
