@@ -290,7 +290,7 @@ async def test_a_node_frozen_for_30_s(cluster: Any, make_workers: Callable[..., 
     victim = await coordinator_node(cluster.bootstrap)
 
     async def fault() -> None:
-        cluster.freeze_node(victim)
+        await asyncio.to_thread(cluster.freeze_node, victim)
         assert cluster.node_state(victim) == "T"  # stopped
         try:
             await asyncio.sleep(30)
