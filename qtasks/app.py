@@ -205,8 +205,9 @@ class QueueTasks:
         running = self.worker is not None and self.worker._started
         if running:
             log.warning(
-                "the event loop ended while app %r ran a worker: stop it first (await app.stop(), or "
-                "async with app:); closing it now without a graceful stop",
+                "the %s ended while app %r ran a worker: stop it first (app.stop(), or async with / with "
+                "app:); closing it now without a graceful stop",
+                "program" if self._facade is not None else "event loop",
                 self.name,
             )
         try:

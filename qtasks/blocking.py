@@ -7,6 +7,9 @@ the worker's thread pool as always.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import signal
 import threading
 import uuid as uuid_mod
@@ -35,6 +38,7 @@ class QueueTasks:
         self._core = AsyncQueueTasks(name, broker_url, config=config, **settings)
         self._core._facade = self
         self._portal = Portal()
+        self._exit_hook = False
         _state.app_main = self
 
     # -- components (what ctx.get_component reaches) --------------------------------
@@ -134,8 +138,20 @@ class QueueTasks:
     # -- worker ----------------------------------------------------------------------
 
     def start(self, concurrency: int | None = None) -> None:
-        """Start a worker in the background of this program."""
+        """Start a worker in the background of this program (stop it with :meth:`stop`)."""
         self._portal.call(self._core.start(concurrency))
+        if not self._exit_hook:
+            atexit.register(self._at_exit)
+            self._exit_hook = True
+
+    def _at_exit(self) -> None:
+        """The program ends: a worker it never stopped is named once and closed, within seconds."""
+        worker = self._core.worker
+        if worker is None or not worker._started:
+            return
+        loop = self._portal.loop
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._core._close_at_loop_end(), loop).result(timeout=10)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the worker gracefully and disconnect."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -177,3 +178,27 @@ def test_a_script_that_never_closes_its_app_exits_cleanly() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[0, 1, 2]", "[0, 1, 2]"]
     assert "Traceback" not in done.stderr and "never awaited" not in done.stderr, done.stderr
+
+
+def test_a_blocking_program_that_never_stops_its_worker_is_told_and_exits() -> None:
+    script = textwrap.dedent(
+        """
+        import time
+        import qtasks
+
+        app = qtasks.QueueTasks(name="forgot", broker_url="memory://forgot")
+
+        @app.task
+        def slow():
+            time.sleep(30)
+
+        app.start()
+        app.add_task("slow")
+        time.sleep(0.2)
+        """
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "the program ended while app 'forgot' ran a worker" in done.stderr, done.stderr
+    assert time.monotonic() - started < 20
