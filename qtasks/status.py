@@ -185,6 +185,29 @@ class StatusView:
                     del self._waiters[uuid]
         return self.get(uuid)
 
+    def when(
+        self, uuid: str, predicate: Callable[[StatusHead | None], bool], callback: Callable[[], None]
+    ) -> Callable[[], None]:
+        """Call ``callback()`` once ``predicate(head)`` holds (soon, if it holds now); the
+        returned function forgets it (call it when no longer interested)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: None if f.cancelled() else callback())
+        if predicate(self.head(uuid)):
+            fut.set_result(None)
+            return lambda: None
+        entry = (predicate, fut)
+        self._waiters.setdefault(uuid, []).append(entry)
+
+        def forget() -> None:
+            fut.cancel()
+            waiters = self._waiters.get(uuid)
+            if waiters is not None and entry in waiters:
+                waiters.remove(entry)
+                if not waiters:
+                    del self._waiters[uuid]
+
+        return forget
+
     def _notify(self, uuid: str) -> None:
         waiters = self._waiters.get(uuid)
         if not waiters:

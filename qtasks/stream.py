@@ -44,11 +44,15 @@ from qtasks.supervise import Supervisor, raise_if_cancelled
 
 log = logging.getLogger("qtasks.stream")
 
+#: A stream with nothing new checks its task's state this often (seconds); a change of the
+#: task's status wakes it at once, so this only bounds what nothing else announces.
+_POLL = 0.1
+
 
 class StreamQueue:
     """The records of one open stream, bounded: past ``limit`` it remembers where it fell behind."""
 
-    __slots__ = ("closed", "limit", "missed_from", "ready", "records")
+    __slots__ = ("closed", "limit", "missed_from", "ready", "records", "woken")
 
     def __init__(self, limit: int) -> None:
         self.records: collections.deque[Record] = collections.deque()
@@ -57,6 +61,8 @@ class StreamQueue:
         self.missed_from: int | None = None
         self.ready = asyncio.Event()
         self.closed = False
+        #: Set by :meth:`wake`: the next :meth:`get` returns at once (the task's status changed).
+        self.woken = False
 
     def put(self, record: Record) -> None:
         if len(self.records) >= self.limit:
@@ -74,9 +80,16 @@ class StreamQueue:
         self.records.clear()
         self.missed_from = None
 
+    def wake(self) -> None:
+        """Make a waiting (or the next) :meth:`get` return now, with or without a record."""
+        self.woken = True
+        self.ready.set()
+
     async def get(self, timeout: float) -> Record | None:
-        """The next record, or None after ``timeout`` seconds without one."""
-        if not self.records and not self.closed:
+        """The next record, or None after ``timeout`` seconds without one (or once woken)."""
+        if self.woken:
+            self.woken = False
+        elif not self.records and not self.closed:
             self.ready.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -235,6 +248,10 @@ class ResultsReader:
 
 def _started(head: StatusHead | None) -> bool:
     return head is None or head.status != "new"
+
+
+def _finished(head: StatusHead | None) -> bool:
+    return head is None or head.is_finished
 
 
 async def _start_by_time(core: Core, reader: ResultsReader, tp: TopicPartition, task: Task, deadline: _Deadline) -> int:
@@ -396,6 +413,8 @@ async def _stream_one(
     next_seq = from_seq
     drain_to: int | None = None
     heals = 0
+    # A task that yields nothing writes no end marker: its terminal status ends the stream at once.
+    forget = core.view.when(uuid, _finished, queue.wake)
 
     async def read_again(why: str) -> None:
         nonlocal heals
@@ -411,7 +430,7 @@ async def _stream_one(
                 # This stream fell behind its buffer: read the rest again from the log.
                 missed, queue.missed_from = queue.missed_from, None
                 await reader.rewind(tp, missed)
-            record = await queue.get(deadline.cap(0.1))
+            record = await queue.get(deadline.cap(_POLL))
             if record is not None:
                 try:
                     result: ResultRecord = decode_result(record.value, limit)
@@ -444,4 +463,5 @@ async def _stream_one(
                     continue
                 return
     finally:
+        forget()
         await reader.close(uuid, tp, queue)

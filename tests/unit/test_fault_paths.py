@@ -258,3 +258,23 @@ async def test_closing_the_app_ends_a_stream_that_waits_for_the_broker(
     with pytest.raises(AppClosedError):
         async with asyncio.timeout(5):
             await reading
+
+
+async def test_the_stream_of_a_task_that_yields_nothing_ends_with_its_status(
+    faulty_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No end marker is written for a task without values: its terminal status ends the
+    # stream, at once (here, the stream's own polling is made too slow to be what ends it).
+    from qtasks import stream
+
+    monkeypatch.setattr(stream, "_POLL", 60.0)
+    app = faulty_app()
+
+    @app.task
+    async def plain() -> int:
+        return 1
+
+    await app.start()
+    for _ in range(3):
+        task = await app.add_task("plain")
+        assert [v async for v in app.stream(task.uuid, timeout=10)] == []
