@@ -68,6 +68,7 @@ class QueueTasks:
         self._lifecycle: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_end: AsyncIterator[None] | None = None
+        self._binding: object | None = None
         _state.app_main = self
 
     # -- registration ----------------------------------------------------------------
@@ -177,24 +178,32 @@ class QueueTasks:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._loop is not None:
-            if self._loop.is_running():
+        old = self._loop
+        if old is not None:
+            # A loop that is only paused (a fixture's wider loop scope, a loop run by hand)
+            # still owns what the app opened there: the app cannot leave it behind.
+            busy = self.core.connected or (self.worker is not None and self.worker._started)
+            if old.is_running() or (busy and not old.is_closed()):
                 raise RuntimeError(
-                    "this app is in use by another running event loop; use one app per loop "
-                    "(or the blocking qtasks.QueueTasks from several threads)"
+                    f"app {self.name!r} is in use by another event loop that is still open "
+                    f"({'running' if old.is_running() else 'paused'}); use one app per loop, close "
+                    "the app on its loop first, or (pytest) give the test the fixture's loop scope"
                 )
             self._renew()
         self._loop = loop
         # asyncio.run closes every async generator before it closes its loop: this one then
         # disconnects the app while the loop still runs (no connection is left behind).
-        self._loop_end = self._until_the_loop_ends()
+        binding = self._binding = object()
+        self._loop_end = self._until_the_loop_ends(binding)
         await anext(self._loop_end)
 
-    async def _until_the_loop_ends(self) -> AsyncIterator[None]:
+    async def _until_the_loop_ends(self, binding: object) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            if self._loop is asyncio.get_running_loop():
+            # Only the binding still in force: a generator of an earlier binding may be
+            # closed late, after the app came back to this loop.
+            if self._binding is binding and self._loop is asyncio.get_running_loop():
                 await self._close_at_loop_end()
 
     async def _close_at_loop_end(self) -> None:
@@ -217,7 +226,7 @@ class QueueTasks:
                 else:
                     await self.close()
         except Exception as exc:  # the loop's end must not fail because of this app
-            log.debug("closing app %r at the end of its event loop: %r", self.name, exc)
+            log.warning("app %r could not be closed at the end of its event loop: %r", self.name, exc)
 
     def _renew(self) -> None:
         """Drop what belonged to a loop that is gone: a new core (connector, status store,

@@ -162,7 +162,8 @@ class QueueTasks:
         self._portal.call(self._core.close())
 
     def __enter__(self) -> QueueTasks:
-        """``with app:`` stops the worker (if one was started) and disconnects at the end."""
+        """``with app:`` connects now (errors show here) and stops everything at the end."""
+        self._portal.call(self._core._connect())
         return self
 
     def __exit__(self, *exc: object) -> None:

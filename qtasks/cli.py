@@ -90,10 +90,16 @@ async def _add(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
         print(task.uuid, flush=True)
         if not (args.follow or embedded):
             return 0
+        limit = asyncio.timeout(args.timeout)
         try:
-            async with asyncio.timeout(args.timeout):
+            async with limit:
                 return await _follow(app, task.uuid, args.progress and sys.stderr.isatty())
+        except asyncio.CancelledError:
+            gave_up = True  # Ctrl-C: the embedded worker is not waited for either
+            raise
         except TimeoutError:
+            if not limit.expired():
+                raise
             gave_up = True
             latest = await app.get(task.uuid)
             where = latest.status if latest is not None else "unknown"
@@ -220,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qtasks`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "add" and args.timeout is not None and not args.follow:
+        parser.error("--timeout applies to --follow (add returns once the task is submitted)")
 
     app = load_app(args.app)
     if args.broker:

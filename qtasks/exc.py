@@ -23,6 +23,7 @@ for QTasks catches them unchanged.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -63,6 +64,9 @@ class TaskTimeoutError(QTasksError, TimeoutError):
     """The task ran longer than its ``max_time``."""
 
 
+_GROUP_LINE = re.compile(r"^[ |+]*([A-Za-z_][\w.]*Group): (.*)$")
+
+
 def error_of(traceback: str | None) -> tuple[str, str]:
     """The exception's type and message from a formatted traceback (a message may span lines).
 
@@ -81,6 +85,10 @@ def error_of(traceback: str | None) -> tuple[str, str]:
     text = "\n".join(lines[start:]) if start < len(lines) else lines[-1]
     kind, sep, message = text.partition(": ")
     if " " in kind or "\n" in kind:
+        for line in lines:  # an exception group, drawn in boxes: its own line names it
+            group = _GROUP_LINE.match(line)
+            if group:
+                return group.group(1), group.group(2)
         return "", text  # not "Type: message" (a note the worker wrote itself)
     return kind, message if sep else ""
 

@@ -24,6 +24,12 @@ class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         if logging.getLogger().handlers or len(logging.getLogger("qtasks").handlers) > 1:
+            # The program configured logging since qtasks set its level: from now on its
+            # levels apply too (this record already went its way).
+            qtasks = logging.getLogger("qtasks")
+            if logging.getLogger().handlers and qtasks.level == _set_by_us[0] != logging.NOTSET:
+                qtasks.setLevel(logging.NOTSET)
+                _set_by_us[0] = logging.NOTSET
             return
         super().emit(record)
 

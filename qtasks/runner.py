@@ -315,7 +315,7 @@ async def end_without_running(host: Host, rec: TaskRecord, head: StatusHead | No
         setattr(task, name, value)
     written = await host.core.store.write(task, durable=True)
     if status == "cancel":
-        await host.events.fire("task_cancel", app=host.app, task=written, worker=host.worker)
+        await host.events.fire("task_cancel", app=host.app, task=written, exc=None, worker=host.worker)
     return written
 
 

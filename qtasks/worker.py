@@ -307,7 +307,7 @@ class Worker:
                 traceback=f"qtasks.exc.TaskNotFoundError: {exc}",
                 attempt=decision.attempt,
             )
-            await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc)
+            await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
         elif action == "run":
             assert spec is not None
             if head is not None and head.status == "process" and head.worker not in (None, self.id):

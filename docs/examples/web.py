@@ -8,7 +8,8 @@
 Each value is one SSE event whose id is ``<task uuid>/<seq>``: a browser's EventSource
 that reconnects sends it back as ``Last-Event-ID``, and the stream resumes right after
 that value (``from_seq``), even across a retry (a ``retry`` event names the new task). The
-last event is ``end`` with the task's status, error or cancel reason.
+last event is ``end`` with the task's status, error or cancel reason: a client closes its
+EventSource on it (one that reconnects after the end gets 204, which stops EventSource).
 
     uvicorn --app-dir docs/examples web:api
 
@@ -22,15 +23,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from qtasks.asyncio import QueueTasks
-from qtasks.exc import TaskNotFoundError
+from qtasks.exc import AppClosedError, TaskFailedError, TaskNotFoundError
 
 app = QueueTasks(name="web")
 
@@ -62,16 +64,26 @@ async def submit(n: int = 20, delay: float = 0.1, fail_at: int = -1) -> dict[str
     return {"uuid": handle.uuid}
 
 
-@api.get("/jobs/{uuid}")
-async def status(uuid: str) -> dict[str, Any]:
-    task = await app.get(uuid)
+async def known(uuid: str) -> Any:
+    """The job's latest status; 400 for what is not a task uuid, 404 for an unknown one."""
+    try:
+        task = await app.get(uuid)
+    except (TypeError, ValueError) as exc:
+        raise HTTPException(400, str(exc)) from None
     if task is None:
         raise HTTPException(404, f"no job {uuid}")
+    return task
+
+
+@api.get("/jobs/{uuid}")
+async def status(uuid: str) -> dict[str, Any]:
+    task = await known(uuid)
     return {"uuid": task.uuid, "status": task.status, "values": task.yield_count, "retried_as": task.retry_child_uuid}
 
 
 @api.delete("/jobs/{uuid}")
 async def cancel(uuid: str) -> dict[str, bool]:
+    await known(uuid)
     return {"cancelled": await app.cancel(uuid, "cancelled from the web")}
 
 
@@ -83,20 +95,18 @@ def event(data: Any, *, name: str | None = None, id: str | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-@api.get("/jobs/{uuid}/events")
-async def events(uuid: str, last_event_id: str | None = Header(default=None)) -> StreamingResponse:
+@api.get("/jobs/{uuid}/events", response_model=None)
+async def events(uuid: str, last_event_id: str | None = Header(default=None)) -> StreamingResponse | Response:
     start, from_seq = uuid, 0
     if last_event_id:  # "<task uuid>/<seq>": go on right after that value
         task_uuid, _, seq = last_event_id.rpartition("/")
-        if not task_uuid or not seq.lstrip("-").isdigit():
+        if not task_uuid or not re.fullmatch(r"-?[0-9]{1,9}", seq):
             raise HTTPException(400, f"Last-Event-ID {last_event_id!r} is not <task uuid>/<seq>")
         start, from_seq = task_uuid, max(0, int(seq) + 1)
-    try:
-        known = await app.get(start)
-    except ValueError as exc:  # not a uuid
-        raise HTTPException(400, str(exc)) from None
-    if known is None:
-        raise HTTPException(404, f"no job {start}")
+    task = await known(start)
+    if last_event_id and task.is_finished and task.status != "retry" and from_seq >= task.yield_count:
+        # Everything was sent: 204 tells a browser's EventSource to stop reconnecting.
+        return Response(status_code=204)
 
     async def stream() -> AsyncIterator[str]:
         try:
@@ -107,10 +117,14 @@ async def events(uuid: str, last_event_id: str | None = Header(default=None)) ->
                 else:
                     yield event(item.value, id=f"{item.uuid}/{item.seq}")
             final = await app.wait(start)
-        except TaskNotFoundError as exc:
+        except (TaskNotFoundError, AppClosedError) as exc:  # expired, or the service is stopping
             yield event({"error": str(exc)}, name="end")
             return
-        error = final.traceback.rstrip().splitlines()[-1] if final.traceback else None
+        error = None
+        if final.status == "error":
+            failed = TaskFailedError.of(final)
+            error = f"{failed.remote_type}: {failed.remote_message}" if failed.remote_message else failed.remote_type
+        # The last event: a client closes its EventSource on it (a reconnect would get 204).
         yield event({"status": final.status, "error": error, "cancel_reason": final.cancel_reason}, name="end")
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

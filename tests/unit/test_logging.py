@@ -79,3 +79,24 @@ def test_a_level_the_program_set_on_qtasks_is_kept() -> None:
     err = run(configure='logging.getLogger("qtasks").setLevel(logging.WARNING)')
     assert "an info line" not in err and "INFO qtasks.worker" not in err, err
     assert any("WARNING qtasks.job: a warning line from the task" in line for line in err.splitlines()), err
+
+
+def test_a_client_program_that_configures_logging_after_its_app_is_made_is_followed() -> None:
+    # No worker start to look again: the first line after the configuration hands over.
+    code = textwrap.dedent(
+        """
+        import logging
+        from qtasks.asyncio import QueueTasks
+
+        app = QueueTasks(name="late", broker_url="memory://late")
+        logging.basicConfig(level=logging.WARNING, format="MINE %(name)s %(message)s")
+        log = logging.getLogger("qtasks.late")
+        log.info("first info")
+        log.info("second info")
+        log.warning("a warning")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "MINE qtasks.late a warning" in lines and not any("second info" in line for line in lines), lines

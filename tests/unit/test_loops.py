@@ -118,7 +118,7 @@ def test_an_app_in_use_by_another_running_loop_says_so() -> None:
     thread.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(RuntimeError, match="in use by another running event loop"):
+        with pytest.raises(RuntimeError, match="in use by another event loop that is still open \\(running\\)"):
             asyncio.run(app.get("3b878272-66f2-4dbc-83e7-e54bb4289bb7"))
     finally:
         done.set()
@@ -202,3 +202,22 @@ def test_a_blocking_program_that_never_stops_its_worker_is_told_and_exits() -> N
     assert done.returncode == 0, done.stderr
     assert "the program ended while app 'forgot' ran a worker" in done.stderr, done.stderr
     assert time.monotonic() - started < 20
+
+
+def test_a_paused_loop_that_still_holds_the_app_s_worker_is_not_left_behind() -> None:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+
+    @app.task
+    def one() -> int:
+        return 1
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(app.start())  # the worker lives on this loop, which is now paused
+        with pytest.raises(RuntimeError, match=r"still open \(paused\)"):
+            asyncio.run(app.get("3b878272-66f2-4dbc-83e7-e54bb4289bb7"))
+        loop.run_until_complete(app.stop())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    assert asyncio.run(app.get("3b878272-66f2-4dbc-83e7-e54bb4289bb7")) is None  # stopped there: usable here

@@ -128,3 +128,16 @@ async def test_a_malformed_last_event_id_is_a_clear_400(server: str) -> None:
         for bad in ("garbage", f"{uuid}/x", "/3"):
             response = await client.get(f"/jobs/{uuid}/events", headers={"Last-Event-ID": bad})
             assert response.status_code == 400, (bad, response.text)
+
+
+async def test_a_reconnect_after_the_end_gets_204_and_bad_uuids_get_400(server: str) -> None:
+    async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+        uuid = await submit(client, n=2, delay=0.01)
+        got = [e async for e in events(client, f"/jobs/{uuid}/events")]
+        last_id = [e for e in got if e["event"] == "message"][-1]["id"]
+        again = await client.get(f"/jobs/{uuid}/events", headers={"Last-Event-ID": last_id})
+        assert again.status_code == 204  # a browser's EventSource stops reconnecting
+        for bad in ("not-a-uuid", "x" * 40):
+            assert (await client.get(f"/jobs/{bad}")).status_code in (400, 404)
+            assert (await client.delete(f"/jobs/{bad}")).status_code in (400, 404)
+        assert (await client.get("/jobs/3b878272-66f2-4dbc-83e7-e54bb4289bb7")).status_code == 404
