@@ -47,9 +47,8 @@ def show_logs(level: int | str) -> None:
     """
     qtasks = logging.getLogger("qtasks")
     if qtasks.level in (logging.NOTSET, _set_by_us[0]):
-        wanted = logging.NOTSET if logging.getLogger().handlers else logging.getLevelName(level)
-        if isinstance(wanted, str):  # an unknown name: the setting was checked, so this is a custom level
-            wanted = logging.INFO
+        number = level if isinstance(level, int) else logging.getLevelNamesMapping().get(level, logging.INFO)
+        wanted = logging.NOTSET if logging.getLogger().handlers else number
         qtasks.setLevel(wanted)
         _set_by_us[0] = qtasks.level
     if not any(isinstance(h, _UntilConfigured) for h in qtasks.handlers):
