@@ -163,12 +163,8 @@ async def test_a_submit_during_an_outage_is_stored_once_the_broker_is_back(
     assert done.status == "success"
 
 
-async def test_a_stream_outlives_failing_reads_of_its_results_partition(
-    faulty_app: Callable[..., QueueTasks],
-) -> None:
-    # A node down or frozen makes the stream's lookups (the partition's end, an offset by
-    # time) fail for a while: the stream waits them out, as the worker does.
-    app = faulty_app()
+async def streaming_five_values(app: QueueTasks) -> tuple[Any, Any]:
+    """Start ``app`` with a generator of five values, submit it; its faults plan and the task."""
 
     @app.task
     async def gen(n: int) -> AsyncIterator[int]:
@@ -176,8 +172,17 @@ async def test_a_stream_outlives_failing_reads_of_its_results_partition(
             yield i
 
     await app.start()
-    faults = app.broker.faults  # type: ignore[attr-defined]
-    task = await app.add_task("gen", 5)
+    return app.broker.faults, await app.add_task("gen", 5)  # type: ignore[attr-defined]
+
+
+async def test_a_stream_outlives_failing_reads_of_its_results_partition(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    # A node down or frozen makes the stream's lookups (the partition's end, an offset by
+    # time) fail for a while: the stream waits them out, as the worker does.
+    app = faulty_app()
+
+    faults, task = await streaming_five_values(app)
     faults.fail("end_offsets", topic=app.topics.results, times=4)
     before = faults.calls["end_offsets"]
     assert [v async for v in app.stream(task.uuid, timeout=10)] == list(range(5))
@@ -187,14 +192,7 @@ async def test_a_stream_outlives_failing_reads_of_its_results_partition(
 async def test_a_stream_whose_reads_keep_failing_ends_at_its_timeout(faulty_app: Callable[..., QueueTasks]) -> None:
     app = faulty_app()
 
-    @app.task
-    async def gen(n: int) -> AsyncIterator[int]:
-        for i in range(n):
-            yield i
-
-    await app.start()
-    faults = app.broker.faults  # type: ignore[attr-defined]
-    task = await app.add_task("gen", 5)
+    faults, task = await streaming_five_values(app)
     faults.fail("end_offsets", topic=app.topics.results, times=10_000)
     started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError, match=f"stream of {task.uuid} did not end within 0.5 s"):
@@ -205,14 +203,7 @@ async def test_a_stream_whose_reads_keep_failing_ends_at_its_timeout(faulty_app:
 async def test_a_stream_read_refused_for_good_is_raised(faulty_app: Callable[..., QueueTasks]) -> None:
     app = faulty_app()
 
-    @app.task
-    async def gen(n: int) -> AsyncIterator[int]:
-        for i in range(n):
-            yield i
-
-    await app.start()
-    faults = app.broker.faults  # type: ignore[attr-defined]
-    task = await app.add_task("gen", 5)
+    faults, task = await streaming_five_values(app)
     faults.fail("end_offsets", topic=app.topics.results, error=ConnectorError("not authorized", retriable=False))
     with pytest.raises(ConnectorError, match="not authorized"):
         [v async for v in app.stream(task.uuid, timeout=10)]
@@ -222,14 +213,7 @@ async def test_a_stream_read_that_hangs_ends_at_the_stream_s_timeout(faulty_app:
     # A frozen node answers nothing: one try alone is bounded by the stream's deadline too.
     app = faulty_app()
 
-    @app.task
-    async def gen(n: int) -> AsyncIterator[int]:
-        for i in range(n):
-            yield i
-
-    await app.start()
-    faults = app.broker.faults  # type: ignore[attr-defined]
-    task = await app.add_task("gen", 5)
+    faults, task = await streaming_five_values(app)
     faults.delay("end_offsets", 30.0, topic=app.topics.results)
     started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError, match=r"did not end within 0\.5 s"):
@@ -242,14 +226,7 @@ async def test_closing_the_app_ends_a_stream_that_waits_for_the_broker(
 ) -> None:
     app = faulty_app()
 
-    @app.task
-    async def gen(n: int) -> AsyncIterator[int]:
-        for i in range(n):
-            yield i
-
-    await app.start()
-    faults = app.broker.faults  # type: ignore[attr-defined]
-    task = await app.add_task("gen", 5)
+    faults, task = await streaming_five_values(app)
     faults.fail("end_offsets", topic=app.topics.results, times=100_000)
     reading = asyncio.create_task(anext(aiter(app.stream(task.uuid))))
     await asyncio.sleep(0.3)
