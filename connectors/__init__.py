@@ -21,6 +21,7 @@ from qtasks.connectors.base import (
     Record,
     TopicPartition,
     TopicSpec,
+    TxnProducer,
 )
 from qtasks.exc import ConfigError
 
@@ -35,6 +36,7 @@ __all__ = [
     "Record",
     "TopicPartition",
     "TopicSpec",
+    "TxnProducer",
     "from_url",
 ]
 
@@ -51,7 +53,9 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
     if scheme == "memory":
         from qtasks.connectors.memory import MemoryConnector
 
-        return MemoryConnector(url)
+        return MemoryConnector(
+            url, read_committed=config.exactly_once, transaction_timeout=config.eos_transaction_timeout
+        )
     if scheme == "kafka":
         from qtasks.connectors.kafka import KafkaConnector
 

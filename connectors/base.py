@@ -71,6 +71,33 @@ class Producer(Protocol):
         ...
 
 
+class TxnProducer(Protocol):
+    """Exactly-once: a transactional producer, one per transactional id (one per tasks partition).
+
+    ``start`` registers the id with the broker: an older producer of the same id is
+    fenced and its open transaction aborted. The first ``send`` after ``start`` or a
+    ``commit`` opens a transaction; ``send_offsets`` adds a group's offsets to it;
+    ``commit`` makes its records and offsets visible at once, ``abort`` drops them. A
+    fenced producer raises :class:`~qtasks.exc.ProducerFencedError` and can do nothing more.
+    """
+
+    transactional_id: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None, partition: int
+    ) -> Awaitable[Any] | None: ...
+
+    async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None: ...
+
+    async def commit(self) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
 class Consumer(Protocol):
     """Reads records, either as a member of a group or from partitions it assigns itself."""
 
@@ -137,6 +164,10 @@ class Connector(Protocol):
     @property
     def producer(self) -> Producer: ...
 
-    def consumer(
-        self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
-    ) -> Consumer: ...
+    def consumer(self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None) -> Consumer:
+        """A consumer; it reads committed records only if the app runs exactly-once."""
+        ...
+
+    def transactional_producer(self, transactional_id: str) -> TxnProducer:
+        """Exactly-once: a transactional producer for ``transactional_id`` (not started)."""
+        ...

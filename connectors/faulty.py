@@ -18,6 +18,9 @@ The operations a plan names, and what a fault does to each:
   ``fetch`` (``getmany``), ``end_offsets`` (and ``offsets_for_times``: both are Kafka's
   ListOffsets), ``seek`` (and ``seek_to_end``, ``seek_to_beginning``): the call waits for
   any delay, then raises the error.
+- ``txn_send``, ``txn_commit`` (exactly-once): a transactional producer's ``send``, and
+  its ``commit`` (a failed commit leaves the transaction open, as a lost commit request
+  does); ``start`` covers its ``start`` too.
 - ``delivery``: ``send`` succeeds and returns the record's delivery, an awaitable. A
   record whose delivery fails is never written, nor are the records of its partition
   sent while it was pending (their deliveries fail too, as an idempotent producer's
@@ -40,12 +43,33 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from qtasks.connectors.base import Connector, Consumer, Producer, RebalanceListener, Record, TopicPartition, TopicSpec
+from qtasks.connectors.base import (
+    Connector,
+    Consumer,
+    Producer,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+    TopicSpec,
+    TxnProducer,
+)
 from qtasks.exc import BrokerUnavailableError, ConnectorError
 
 __all__ = ["Faults", "FaultyConnector", "Op"]
 
-Op = Literal["start", "ensure_topics", "send", "delivery", "flush", "commit", "fetch", "end_offsets", "seek"]
+Op = Literal[
+    "start",
+    "ensure_topics",
+    "send",
+    "delivery",
+    "flush",
+    "commit",
+    "fetch",
+    "end_offsets",
+    "seek",
+    "txn_send",
+    "txn_commit",
+]
 _OPS = frozenset(get_args(Op))
 Error = BaseException | type[BaseException]
 
@@ -289,6 +313,42 @@ class FaultyConsumer:
         return await self._inner.offsets_for_times(timestamps)
 
 
+class FaultyTxnProducer:
+    """A transactional producer whose ``start``, ``send`` and ``commit`` fail or wait as planned."""
+
+    def __init__(self, inner: TxnProducer, faults: Faults) -> None:
+        self.inner = inner
+        self.transactional_id = inner.transactional_id
+        self._faults = faults
+
+    async def start(self) -> None:
+        """Register the transactional id (op ``start``)."""
+        await self._faults.enter("start")
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        """Abort what is open; never fails."""
+        await self.inner.stop()
+
+    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> Any:
+        """Send in the transaction (op ``txn_send``)."""
+        await self._faults.enter("txn_send", [topic])
+        return await self.inner.send(topic, value, key=key, partition=partition)
+
+    async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
+        """Add offsets to the transaction (it fails with the commit, op ``txn_commit``)."""
+        await self.inner.send_offsets(offsets, group_id)
+
+    async def commit(self) -> None:
+        """Commit (op ``txn_commit``)."""
+        await self._faults.enter("txn_commit")
+        await self.inner.commit()
+
+    async def abort(self) -> None:
+        """Abort; never fails."""
+        await self.inner.abort()
+
+
 class FaultyConnector:
     """A connector that wraps ``inner`` and fails or delays its I/O as ``faults`` plans."""
 
@@ -340,3 +400,7 @@ class FaultyConnector:
     ) -> FaultyConsumer:
         """A new consumer of the inner connector, faulty as planned."""
         return FaultyConsumer(self.inner.consumer(group_id, client_id=client_id, max_wait_ms=max_wait_ms), self.faults)
+
+    def transactional_producer(self, transactional_id: str) -> FaultyTxnProducer:
+        """A transactional producer of the inner connector, faulty as planned."""
+        return FaultyTxnProducer(self.inner.transactional_producer(transactional_id), self.faults)

@@ -22,7 +22,7 @@ from qtasks.connectors.memory_log import (
     get_log,
     url_options,
 )
-from qtasks.exc import ConnectorError
+from qtasks.exc import ConnectorError, ProducerFencedError
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -31,6 +31,7 @@ __all__ = [
     "MemoryConsumer",
     "MemoryLog",
     "MemoryProducer",
+    "MemoryTxnProducer",
     "drop_log",
     "get_log",
     "url_options",
@@ -56,11 +57,53 @@ class MemoryProducer:
         return self._log.end_offset(TopicPartition(topic, partition))
 
 
+class MemoryTxnProducer:
+    """A transactional producer of the memory log, one per transactional id (see :class:`TxnProducer`)."""
+
+    def __init__(self, log: MemoryLog, transactional_id: str, timeout_ms: int) -> None:
+        self._log = log
+        self.transactional_id = transactional_id
+        self._timeout_ms = timeout_ms
+        self._epoch = -1
+
+    async def start(self) -> None:
+        """Take the transactional id over: an older producer of it is fenced, its open transaction aborted."""
+        self._epoch = self._log.init_txn(self.transactional_id, self._timeout_ms)
+
+    async def stop(self) -> None:
+        """Abort the open transaction, if this producer still may."""
+        if self._epoch >= 0:
+            try:
+                self._log.txn_end(self.transactional_id, self._epoch, commit=False)
+            except ProducerFencedError:
+                pass
+            self._epoch = -1
+
+    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> None:
+        """Append the record in the open transaction (the first send opens one)."""
+        self._log.txn_append(self.transactional_id, self._epoch, topic, partition, key, value)
+        return None
+
+    async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
+        """Commit these group offsets with the transaction."""
+        self._log.txn_offsets(self.transactional_id, self._epoch, group_id, offsets)
+
+    async def commit(self) -> None:
+        """Make the transaction's records visible and its offsets committed, atomically."""
+        self._log.txn_end(self.transactional_id, self._epoch, commit=True)
+
+    async def abort(self) -> None:
+        """Drop the transaction's records and offsets."""
+        self._log.txn_end(self.transactional_id, self._epoch, commit=False)
+
+
 class MemoryConsumer:
     """A consumer of the memory log: a group member (``subscribe``) or self-assigned (``assign``)."""
 
-    def __init__(self, log: MemoryLog, group_id: str | None, client_id: str = "") -> None:
+    def __init__(self, log: MemoryLog, group_id: str | None, client_id: str = "", read_committed: bool = False) -> None:
         self._log = log
+        #: Read only committed records (Kafka's ``isolation.level=read_committed``).
+        self.read_committed = read_committed
         self.group_id = group_id
         self.client_id = client_id
         self.topics: set[str] = set()
@@ -167,20 +210,25 @@ class MemoryConsumer:
             for tp in active:
                 if len(out) >= limit:
                     break
-                records = self._log.fetch(tp, self._positions[tp], limit - len(out))
+                committed = self.read_committed
+                records = self._log.fetch(tp, self._positions[tp], limit - len(out), committed)
                 if records:
                     self._positions[tp] = records[-1].offset + 1
                     out.extend(records)
                 else:
-                    # Nothing at or after the position: compaction removed the offsets up to
-                    # the end. Kafka moves the position past such gaps too.
-                    self._positions[tp] = max(self._positions[tp], self._log.end_offset(tp))
+                    # Nothing at or after the position: compaction (or markers, or aborted
+                    # records) left a gap up to the end. Kafka moves the position past it too.
+                    self._positions[tp] = max(self._positions[tp], self._log.end_offset(tp, committed))
             if out:
                 return out
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._started:
                 return out
-            fut = self._log.watch(active, self._positions) if active else asyncio.get_running_loop().create_future()
+            fut = (
+                self._log.watch(active, self._positions, self.read_committed)
+                if active
+                else asyncio.get_running_loop().create_future()
+            )
             if fut is None:
                 continue
             self._wakeup = fut
@@ -218,7 +266,7 @@ class MemoryConsumer:
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         """The next offset of each partition."""
-        return {tp: self._log.end_offset(tp) for tp in partitions}
+        return {tp: self._log.end_offset(tp, self.read_committed) for tp in partitions}
 
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
         """The first offset at or after each timestamp (milliseconds), or None."""
@@ -228,8 +276,13 @@ class MemoryConsumer:
 class MemoryConnector:
     """The connector for ``memory://`` URLs."""
 
-    def __init__(self, url: str = "memory://") -> None:
+    def __init__(
+        self, url: str = "memory://", *, read_committed: bool = False, transaction_timeout: float = 60.0
+    ) -> None:
         self.url = url
+        #: Consumers read committed records only (the app runs exactly-once).
+        self.read_committed = read_committed
+        self._transaction_timeout_ms = int(transaction_timeout * 1000)
         self._defaults = url_options(url)
         self.log = get_log(url)
         self._producer = MemoryProducer(self.log)
@@ -272,4 +325,8 @@ class MemoryConnector:
         self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None
     ) -> MemoryConsumer:
         """A new consumer; with ``group_id`` it can ``subscribe`` as a group member (reads never wait in memory)."""
-        return MemoryConsumer(self.log, group_id, client_id)
+        return MemoryConsumer(self.log, group_id, client_id, self.read_committed)
+
+    def transactional_producer(self, transactional_id: str) -> MemoryTxnProducer:
+        """A transactional producer for ``transactional_id`` (``start`` fences the older ones)."""
+        return MemoryTxnProducer(self.log, transactional_id, self._transaction_timeout_ms)

@@ -8,6 +8,14 @@ after ``delete.retention.ms``), leaving gaps in the offsets as Kafka does. Apps 
 process that use the same ``memory://name`` URL share one log; it is thread-safe, so
 apps on different event loops can share it too.
 
+Transactions follow Kafka's: a transactional id has an epoch that ``init_txn`` raises,
+which fences the older producer of that id and aborts its open transaction; a
+transaction's records take offsets when sent, and ``txn_end`` writes a marker (one offset,
+never returned) and either makes them visible to ``read_committed`` readers, with the
+group offsets sent with them, or removes them. ``read_committed`` readers see a partition
+up to its last stable offset (the first offset of its oldest open transaction); a
+transaction open longer than its timeout is aborted and its producer fenced.
+
 Retention keeps the log bounded, as Kafka's ``cleanup.policy=delete`` does: a topic that
 is not compacted drops its oldest records once a partition holds more than
 ``retention.bytes``, or once they are older than ``retention.ms``. The limits come from the topic's config
@@ -46,7 +54,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from qtasks.connectors.base import Record, TopicPartition, TopicSpec
-from qtasks.exc import CommitFailedError, ConfigError, ConnectorError, TopicConfigError
+from qtasks.exc import CommitFailedError, ConfigError, ConnectorError, ProducerFencedError, TopicConfigError
 
 #: The retention of topics that neither their config nor the URL sets.
 DEFAULT_RETENTION = {"retention.bytes": str(16 * 2**20), "retention.ms": str(3_600_000)}
@@ -91,9 +99,11 @@ _Stored = tuple[int, bytes | None, bytes | None, int]
 
 
 class _Partition:
-    __slots__ = ("dirty", "next_check", "next_offset", "offsets", "records", "size", "waiters")
+    __slots__ = ("dirty", "next_check", "next_offset", "offsets", "open", "records", "size", "waiters")
 
     def __init__(self) -> None:
+        #: transactional id -> first offset of its open transaction here (the last stable offset).
+        self.open: dict[str, int] = {}
         self.records: list[_Stored] = []
         self.offsets: list[int] = []
         self.next_offset = 0
@@ -101,6 +111,10 @@ class _Partition:
         self.dirty = 0
         self.size = 0  # bytes held, as retention.bytes counts them
         self.next_check = 0  # when (ms) to next apply retention.ms
+
+    def stable(self) -> int:
+        """The last stable offset: below it, every transaction is committed or aborted."""
+        return min(self.open.values()) if self.open else self.next_offset
 
 
 def _size(record: _Stored) -> int:
@@ -147,6 +161,21 @@ class Member(Protocol):
     def wake(self) -> None: ...
 
 
+class _Txn:
+    """A transactional id: its epoch and its open transaction."""
+
+    __slots__ = ("epoch", "offsets", "started", "timeout_ms", "written")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.timeout_ms = 60_000
+        self.started = 0  # ms; 0: no open transaction
+        #: (topic, partition) -> offsets written in the open transaction.
+        self.written: dict[tuple[str, int], list[int]] = {}
+        #: group id -> offsets sent with the open transaction.
+        self.offsets: dict[str, dict[TopicPartition, int]] = {}
+
+
 class _Group:
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
@@ -162,6 +191,8 @@ class MemoryLog:
         self.lock = threading.RLock()
         self.topics: dict[str, _Topic] = {}
         self.groups: dict[str, _Group] = {}
+        self.txns: dict[str, _Txn] = {}
+        self._open_txns = 0
         self._member_ids = itertools.count(1)
         #: Seconds since the epoch: record timestamps and retention read it (tests replace it).
         self.clock: Callable[[], float] = time.time
@@ -198,29 +229,34 @@ class MemoryLog:
     def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> int:
         """Append one record and wake the readers of its partition; return its offset."""
         with self.lock:
-            t = self._topic(topic)
-            try:
-                p = t.partitions[partition]
-            except IndexError:
-                raise ConnectorError(f"topic {topic!r} has no partition {partition}") from None
-            offset = p.next_offset
-            p.next_offset = offset + 1
-            now = int(self.clock() * 1000)
-            p.records.append((offset, key, value, now))
-            p.offsets.append(offset)
-            waiters, p.waiters = p.waiters, []
-            if t.compacted:
-                p.dirty += 1
-                if p.dirty > max(256, len(p.records) // 2):
-                    self._compact(t, p)
-            else:
-                # The hot path: one sum and two comparisons; _retain cuts in batches.
-                p.size = size = p.size + len(key or b"") + len(value or b"") + RECORD_OVERHEAD
-                if size > t.retention_bytes or now >= p.next_check:
-                    self._retain(t, p, now)
+            offset, waiters = self._append(topic, partition, key, value)
         if waiters:
             _wake(waiters)
         return offset
+
+    def _append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> tuple[int, list[_Waiter]]:
+        """Append one record (lock held); its offset and the readers to wake."""
+        t = self._topic(topic)
+        try:
+            p = t.partitions[partition]
+        except IndexError:
+            raise ConnectorError(f"topic {topic!r} has no partition {partition}") from None
+        offset = p.next_offset
+        p.next_offset = offset + 1
+        now = int(self.clock() * 1000)
+        p.records.append((offset, key, value, now))
+        p.offsets.append(offset)
+        waiters, p.waiters = p.waiters, []
+        if t.compacted:
+            p.dirty += 1
+            if p.dirty > max(256, len(p.records) // 2):
+                self._compact(t, p)
+        else:
+            # The hot path: one sum and two comparisons; _retain cuts in batches.
+            p.size = size = p.size + len(key or b"") + len(value or b"") + RECORD_OVERHEAD
+            if size > t.retention_bytes or now >= p.next_check:
+                self._retain(t, p, now)
+        return offset, waiters
 
     def compact(self, topic: str) -> None:
         """Compact every partition of a compacted topic now (Kafka's log cleaner does this in the background)."""
@@ -256,25 +292,40 @@ class MemoryLog:
         p.next_check = now + t.check_interval  # past _NEVER if there is no time limit
 
     def _compact(self, t: _Topic, p: _Partition) -> None:
+        # As Kafka's cleaner, only below the last stable offset: a record of an open
+        # transaction must not replace a committed one (the transaction may abort).
+        stable = p.stable()
         last: dict[bytes | None, int] = {}
         for i, record in enumerate(p.records):
-            last[record[1]] = i
+            if record[0] < stable:
+                last[record[1]] = i
         horizon = self.clock() * 1000 - t.delete_retention_ms
-        kept = [r for i, r in enumerate(p.records) if last[r[1]] == i and (r[2] is not None or r[3] > horizon)]
+        kept = [
+            r
+            for i, r in enumerate(p.records)
+            if r[0] >= stable or (last[r[1]] == i and (r[2] is not None or r[3] > horizon))
+        ]
         p.records = kept
         p.offsets = [r[0] for r in kept]
         p.dirty = 0
 
-    def fetch(self, tp: TopicPartition, position: int, limit: int) -> list[Record]:
-        """Records of a partition from ``position`` on, at most ``limit``."""
+    def fetch(self, tp: TopicPartition, position: int, limit: int, committed: bool = False) -> list[Record]:
+        """Records of a partition from ``position`` on, at most ``limit`` (``committed``: below the LSO only)."""
         with self.lock:
             p = self._topic(tp.topic).partitions[tp.partition]
             start = bisect.bisect_left(p.offsets, position)
-            stored = p.records[start : start + limit]
+            if committed and p.open:
+                self._expire_txns()
+                end = min(start + limit, bisect.bisect_left(p.offsets, p.stable()))
+                stored = p.records[start:end]
+            else:
+                stored = p.records[start : start + limit]
         topic, partition = tp
         return [Record(topic, partition, o, k, v, ts) for o, k, v, ts in stored]
 
-    def watch(self, tps: Iterable[TopicPartition], positions: dict[TopicPartition, int]) -> asyncio.Future[None] | None:
+    def watch(
+        self, tps: Iterable[TopicPartition], positions: dict[TopicPartition, int], committed: bool = False
+    ) -> asyncio.Future[None] | None:
         """A future resolved when any of ``tps`` gets a record past its position (None: data is there now)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -282,7 +333,7 @@ class MemoryLog:
             parts = []
             for tp in tps:
                 p = self._topic(tp.topic).partitions[tp.partition]
-                if p.next_offset > positions[tp]:
+                if (p.stable() if committed else p.next_offset) > positions[tp]:
                     return None
                 parts.append(p)
             for p in parts:
@@ -297,10 +348,14 @@ class MemoryLog:
                 if p.waiters:
                     p.waiters = [w for w in p.waiters if w[1] is not fut]
 
-    def end_offset(self, tp: TopicPartition) -> int:
-        """The offset the next record of a partition will get."""
+    def end_offset(self, tp: TopicPartition, committed: bool = False) -> int:
+        """The offset the next record of a partition will get (``committed``: its last stable offset)."""
         with self.lock:
-            return self._topic(tp.topic).partitions[tp.partition].next_offset
+            p = self._topic(tp.topic).partitions[tp.partition]
+            if committed and p.open:
+                self._expire_txns()
+                return p.stable()
+            return p.next_offset
 
     def first_offset(self, tp: TopicPartition) -> int:
         """The lowest offset still in a partition."""
@@ -314,6 +369,110 @@ class MemoryLog:
             p = self._topic(tp.topic).partitions[tp.partition]
             i = bisect.bisect_left(p.records, timestamp_ms, key=lambda r: r[3])
             return p.records[i][0] if i < len(p.records) else None
+
+    # transactions -----------------------------------------------------------------
+
+    def init_txn(self, transactional_id: str, timeout_ms: int) -> int:
+        """Register a producer of ``transactional_id``: abort its open transaction, fence older ones; its epoch."""
+        with self.lock:
+            txn = self.txns.setdefault(transactional_id, _Txn())
+            waiters = self._end_txn(txn, transactional_id, commit=False) if txn.started else []
+            txn.epoch += 1
+            txn.timeout_ms = timeout_ms
+            epoch = txn.epoch
+        _wake(waiters)
+        return epoch
+
+    def _txn(self, transactional_id: str, epoch: int) -> _Txn:
+        """The transaction state of a producer that is still current (lock held)."""
+        self._expire_txns()
+        txn = self.txns.get(transactional_id)
+        if txn is None or txn.epoch != epoch:
+            raise ProducerFencedError(
+                f"the producer of transactional id {transactional_id!r} was fenced: a newer one "
+                "took over, or its transaction ran past its timeout"
+            )
+        return txn
+
+    def txn_append(
+        self, transactional_id: str, epoch: int, topic: str, partition: int, key: bytes | None, value: bytes | None
+    ) -> int:
+        """Append a record in the producer's transaction (opened by its first write)."""
+        with self.lock:
+            txn = self._txn(transactional_id, epoch)
+            self._open(txn)
+            offset, waiters = self._append(topic, partition, key, value)
+            written = txn.written.setdefault((topic, partition), [])
+            if not written:
+                self.topics[topic].partitions[partition].open[transactional_id] = offset
+            written.append(offset)
+        if waiters:
+            _wake(waiters)
+        return offset
+
+    def txn_offsets(self, transactional_id: str, epoch: int, group_id: str, offsets: dict[TopicPartition, int]) -> None:
+        """Add a group's offsets to the producer's transaction: committed with it, or never."""
+        with self.lock:
+            txn = self._txn(transactional_id, epoch)
+            self._open(txn)
+            txn.offsets.setdefault(group_id, {}).update(offsets)
+
+    def txn_end(self, transactional_id: str, epoch: int, *, commit: bool) -> None:
+        """Commit or abort the producer's open transaction (nothing open: nothing to do)."""
+        with self.lock:
+            txn = self._txn(transactional_id, epoch)
+            waiters = self._end_txn(txn, transactional_id, commit=commit) if txn.started else []
+        _wake(waiters)
+
+    def _open(self, txn: _Txn) -> None:
+        if not txn.started:
+            txn.started = max(1, int(self.clock() * 1000))
+            self._open_txns += 1
+
+    def _end_txn(self, txn: _Txn, transactional_id: str, *, commit: bool) -> list[_Waiter]:
+        waiters: list[_Waiter] = []
+        now = int(self.clock() * 1000)
+        for (topic, partition), offsets in txn.written.items():
+            t = self.topics[topic]
+            p = t.partitions[partition]
+            p.open.pop(transactional_id, None)
+            if not commit:
+                gone = set(offsets)
+                kept = [r for r in p.records if r[0] not in gone]
+                if not t.compacted:
+                    p.size -= sum(_size(r) for r in p.records if r[0] in gone)
+                p.records = kept
+                p.offsets = [r[0] for r in kept]
+            p.next_offset += 1  # the commit or abort marker takes an offset, as in Kafka
+            waiters += p.waiters
+            p.waiters = []
+            if t.compacted and commit:
+                p.dirty += len(offsets)
+                if p.dirty > max(256, len(p.records) // 2):
+                    self._compact(t, p)
+            elif not t.compacted and now >= p.next_check:
+                self._retain(t, p, now)
+        if commit:
+            for group_id, group_offsets in txn.offsets.items():
+                self.groups.setdefault(group_id, _Group()).committed.update(group_offsets)
+        txn.written = {}
+        txn.offsets = {}
+        txn.started = 0
+        self._open_txns -= 1
+        return waiters
+
+    def _expire_txns(self) -> None:
+        """Abort transactions open past their timeout and fence their producers (lock held)."""
+        if not self._open_txns:
+            return
+        now = self.clock() * 1000
+        for transactional_id, txn in self.txns.items():
+            if txn.started and now - txn.started > txn.timeout_ms:
+                waiters = self._end_txn(txn, transactional_id, commit=False)
+                txn.epoch += 1
+                for loop, fut in waiters:  # woken later: the lock is held here
+                    if not loop.is_closed():
+                        _call_soon(loop, fut)
 
     # groups -----------------------------------------------------------------------
 

@@ -125,6 +125,24 @@ class QueueConfig:
     stream_buffer: int = 10_000
     #: Log level of qtasks' loggers.
     log_level: str = "INFO"
+    #: ``at_least_once`` (a task whose worker dies runs again and its stream may repeat
+    #: values, which ``app.stream`` drops) or ``exactly_once`` (results, statuses and offsets
+    #: commit in transactions per tasks partition; readers read committed records only; see
+    #: docs/guarantees.md).
+    processing_guarantee: str = "at_least_once"
+    #: Exactly-once: a worker commits each partition's transaction this often (seconds);
+    #: values become visible to readers at each commit.
+    eos_commit_interval: float = 0.1
+    #: Exactly-once: ... or as soon as a transaction holds this many records.
+    eos_commit_records: int = 1000
+    #: Exactly-once: the broker aborts a transaction left open this long (Kafka's
+    #: ``transaction.timeout.ms``; at most the broker's ``transaction.max.timeout.ms``).
+    eos_transaction_timeout: float = 60.0
+    #: A resumed generator that yields values other than the ones its earlier attempt
+    #: committed (it is not deterministic): ``warn`` logs it, ``error`` ends the task as error.
+    resume_mismatch: str = "warn"
+    #: The largest ``ctx.checkpoint(state)``, as encoded JSON bytes.
+    checkpoint_max_bytes: int = 64_000
     # Kafka client settings (see docs/kafka.md).
     #: Kafka's ``security.protocol`` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL).
     kafka_security_protocol: str = "PLAINTEXT"
@@ -190,12 +208,22 @@ class QueueConfig:
                 f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed replication_factor "
                 f"({self.replication_factor}): no write could succeed"
             )
+        if self.eos_transaction_timeout < 10 * self.eos_commit_interval:
+            raise ConfigError(
+                f"eos_transaction_timeout ({self.eos_transaction_timeout}) must be at least ten times "
+                f"eos_commit_interval ({self.eos_commit_interval}): a transaction commits well inside its timeout"
+            )
         # Kafka: a member must heartbeat several times within its session timeout.
         if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
             raise ConfigError(
                 f"kafka_heartbeat_interval_ms ({self.kafka_heartbeat_interval_ms}) must be lower than "
                 f"kafka_session_timeout_ms ({self.kafka_session_timeout_ms})"
             )
+
+    @property
+    def exactly_once(self) -> bool:
+        """True when ``processing_guarantee`` is ``exactly_once``."""
+        return self.processing_guarantee == "exactly_once"
 
     @property
     def insync_replicas(self) -> int:
@@ -250,11 +278,17 @@ _ABOVE_ZERO: frozenset[str] = frozenset(
         "kafka_session_timeout_ms",
         "kafka_heartbeat_interval_ms",
         "kafka_request_timeout_ms",
+        "eos_commit_interval",
+        "eos_commit_records",
+        "eos_transaction_timeout",
+        "checkpoint_max_bytes",
     }
 )
 _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": tuple(logging.getLevelNamesMapping()),
     "kafka_security_protocol": SECURITY_PROTOCOLS,
+    "processing_guarantee": ("at_least_once", "exactly_once"),
+    "resume_mismatch": ("warn", "error"),
 }
 
 

@@ -14,6 +14,7 @@ Every error the engine raises derives from :class:`QTasksError`::
     └── ConnectorError           the transport failed; carries ``retriable``
         ├── TopicConfigError     a topic exists with the wrong settings
         ├── CommitFailedError    offsets could not be committed (the group rebalanced)
+        ├── ProducerFencedError  exactly-once: a newer producer owns the partition's transactions
         ├── RecordTooLargeError  a record is over the broker's or the topic's size limit
         └── BrokerUnavailableError  the broker cannot be reached (or does not answer) in time
 
@@ -163,6 +164,13 @@ class CommitFailedError(ConnectorError):
     """Offsets were not committed because the consumer group rebalanced; the records will be seen again."""
 
     retriable = True
+
+
+class ProducerFencedError(ConnectorError):
+    """Exactly-once: this producer's transactions were fenced (a newer owner of the partition, or a
+    transaction that ran past its timeout); nothing more it writes commits."""
+
+    retriable = False
 
 
 class RecordTooLargeError(ConnectorError):

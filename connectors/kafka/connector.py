@@ -18,6 +18,7 @@ from qtasks.connectors.kafka.health import Health, install_log_filter
 from qtasks.connectors.kafka.options import _DEFAULT_LIMIT, _TOPIC_ALREADY_EXISTS, client_options, parse_url, timings
 from qtasks.connectors.kafka.producer import KafkaProducer
 from qtasks.connectors.kafka.sizes import value_limit
+from qtasks.connectors.kafka.transactions import KafkaTxnProducer
 from qtasks.exc import (
     BrokerUnavailableError,
     ConnectorError,
@@ -136,6 +137,10 @@ class KafkaConnector:
         reader that seeks often wants it short.
         """
         return KafkaConsumer(self, group_id, client_id, max_wait_ms or 100)
+
+    def transactional_producer(self, transactional_id: str) -> KafkaTxnProducer:
+        """Exactly-once: a transactional producer for ``transactional_id`` (``start`` fences older ones)."""
+        return KafkaTxnProducer(self, transactional_id)
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """How many partitions a topic has; ``refresh`` asks the cluster now instead of the cached metadata."""

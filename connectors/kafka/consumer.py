@@ -56,6 +56,8 @@ class KafkaConsumer:
             client_id=client_id or "qtasks",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # Exactly-once: only committed records (open and aborted transactions stay hidden).
+            isolation_level="read_committed" if config.exactly_once else "read_uncommitted",
             # Data returns as soon as it arrives; this bounds how long a seek or a new
             # assignment waits for the fetch in flight.
             fetch_max_wait_ms=max_wait_ms,
