@@ -255,6 +255,10 @@ class FaultyConsumer:
         self._topics = set(topics)
         self._inner.subscribe(topics, listener)
 
+    def rejoin(self) -> None:
+        """Ask the group for a rebalance (never fails)."""
+        self._inner.rejoin()
+
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Read these partitions."""
         partitions = list(partitions)

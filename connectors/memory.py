@@ -152,6 +152,11 @@ class MemoryConsumer:
         self.topics = set(topics)
         self._listener = listener
 
+    def rejoin(self) -> None:
+        """Ask the group for a rebalance."""
+        if self.group_id and self._member_id:
+            self._log.rejoin(self.group_id, self._member_id)
+
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Read these partitions, from the beginning unless ``seek`` says otherwise."""
         self._assigned = set(partitions)
@@ -206,6 +211,7 @@ class MemoryConsumer:
         while True:
             await self._sync_group()
             out: list[Record] = []
+            moved = False
             active = [tp for tp in self._assigned if tp not in self._paused]
             for tp in active:
                 if len(out) >= limit:
@@ -218,9 +224,12 @@ class MemoryConsumer:
                 else:
                     # Nothing at or after the position: compaction (or markers, or aborted
                     # records) left a gap up to the end. Kafka moves the position past it too.
-                    self._positions[tp] = max(self._positions[tp], self._log.end_offset(tp, committed))
-            if out:
-                return out
+                    end = self._log.end_offset(tp, committed)
+                    if end > self._positions[tp]:
+                        self._positions[tp] = end
+                        moved = True
+            if out or moved:
+                return out  # a position that moved past a gap is news to a reader waiting for it
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._started:
                 return out

@@ -492,6 +492,13 @@ class MemoryLog:
             if group and group.members.pop(member_id, None) is not None:
                 self._rebalance(group)
 
+    def rejoin(self, group_id: str, member_id: str) -> None:
+        """A member asks for a rebalance: every member gets its partitions again (eager protocol)."""
+        with self.lock:
+            group = self.groups.get(group_id)
+            if group and member_id in group.members:
+                self._rebalance(group)
+
     def _rebalance(self, group: _Group) -> None:
         group.generation += 1
         members = sorted(group.members)

@@ -47,6 +47,15 @@ def close_generator(close: Callable[[], Any], error: BaseException) -> None:
         error.add_note(f"closing the generator also failed: {exc!r}")
 
 
+class Checkpoint:
+    """A ``ctx.checkpoint(state)`` of a sync generator, carried in order with its values."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+
 class ThreadBridge:
     """Carries values from a generator's thread to the loop, in order, a batch per wake-up.
 
@@ -55,9 +64,16 @@ class ThreadBridge:
     (the thread waits), so a slow transport slows the generator instead of filling memory.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, emit: Callable[[Any], Any], max_pending: int = 4096) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        emit: Callable[[Any], Any],
+        max_pending: int = 4096,
+        mark: Callable[[Any], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._emit = emit
+        self._mark = mark
         self._max = max_pending
         self._cond = threading.Condition()
         self._buf: list[Any] = []
@@ -99,7 +115,11 @@ class ThreadBridge:
                     self._cond.notify_all()
                 try:
                     for value in items:
-                        await self._emit(value)
+                        if type(value) is Checkpoint:
+                            if self._mark is not None:
+                                self._mark(value.state)
+                        else:
+                            await self._emit(value)
                 except BaseException as exc:  # handed to the thread and to close()
                     with self._cond:
                         self.error = exc

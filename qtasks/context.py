@@ -82,6 +82,8 @@ class _BaseContext:
         generate_handler: Callable[[Any], Any] | None = None,
         app: Any = None,
         token: CancelToken | None = None,
+        checkpoint: Callable[[Any], None] | None = None,
+        resume_state: Any = None,
     ) -> None:
         self.task_name = task_name
         self.task_uuid = task_uuid
@@ -90,6 +92,10 @@ class _BaseContext:
         self._token = token or CancelToken()
         self._metadata: Any = None
         self._has_metadata = False
+        self._checkpoint = checkpoint
+        #: The state the task's earlier attempt stored with :meth:`checkpoint` (None: it starts afresh).
+        #: A generator that goes on from it has its next value numbered where the checkpoint was.
+        self.resume_state = resume_state
 
     @property
     def app(self) -> Any:
@@ -111,6 +117,18 @@ class _BaseContext:
     def cancel(self, reason: str = "") -> None:
         """Stop the task: it ends with status ``cancel`` and ``cancel_reason``; never retried."""
         raise TaskCancelError(reason or f"{self.task_name}.cancel")
+
+    def checkpoint(self, state: Any) -> None:
+        """Store ``state`` (JSON, at most ``checkpoint_max_bytes``) to go on from at the next value.
+
+        If this run stops (its worker dies, the worker stops past ``stop_timeout``), the
+        next attempt reads it as ``ctx.resume_state`` and its values go on from here.
+        Exactly-once, the state commits with the values yielded before it; at least once,
+        it is stored with the next lease renewal, once those values are stored.
+        """
+        if self._checkpoint is None:
+            raise RuntimeError("ctx.checkpoint works only inside a task run by a worker")
+        self._checkpoint(state)
 
     def plugin_error(self, **kwargs: Any) -> None:
         """Raise ``TaskPluginTriggerError(**kwargs)`` for plugins of ``task_executor_run_task_trigger_error``."""

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid as uuid_mod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
@@ -25,6 +25,9 @@ from qtasks.records import ControlRecord, Task, TaskRecord, encode
 from qtasks.store import StatusStore
 from qtasks.supervise import Supervisor
 from qtasks.validate import encode_task_record
+
+if TYPE_CHECKING:
+    from qtasks.transactions import PartitionTxn
 
 log = logging.getLogger("qtasks.core")
 
@@ -193,8 +196,13 @@ class Core:
         retry_parent_uuid: str | None = None,
         retry_count: int = 0,
         not_before: float = 0.0,
+        txn: PartitionTxn | None = None,
     ) -> Task:
-        """Write the task's ``new`` status and its task record; return once both are stored."""
+        """Write the task's ``new`` status and its task record; return once both are stored.
+
+        ``txn`` (exactly-once, a retry's child): both go in that transaction instead, and
+        the view shows the task once it commits.
+        """
         await self.connect()
         uuid = str(uuid_mod.uuid4())
         now = time.time()
@@ -227,6 +235,19 @@ class Core:
         # Both stored before this returns (one wait for the two): another process that
         # asks next finds the task. The status goes first, so a worker finds it.
         status, raw_status = self.store.prepare(task)
+        if txn is not None:
+            view = self.store.view
+            await txn.send(
+                self.store.topic,
+                raw_status,
+                key=uuid.encode(),
+                partition=partition_for(uuid, self.store.partitions),
+                on_commit=lambda: view.apply(status, raw_status),
+            )
+            await txn.send(
+                self.topics.tasks, raw, key=uuid.encode(), partition=partition_for(uuid, self.tasks_partitions)
+            )
+            return task
         await deliver_together(
             [
                 (self.store.sender(uuid, raw_status), f"status new of {uuid}"),

@@ -9,13 +9,18 @@ import msgspec
 
 from qtasks.connectors.base import Record
 from qtasks.core import Core
+from qtasks.partitioner import partition_for
 from qtasks.records import DeadLetter, Task, encode
+from qtasks.transactions import PartitionTxn
 
 log = logging.getLogger("qtasks.worker")
 
 
-async def dead_letter(core: Core, record: Record, reason: str, worker_id: str) -> None:
-    """Send ``record`` to ``<app>.dlq`` with ``reason``; a record that names a task ends that task as error."""
+async def dead_letter(core: Core, record: Record, reason: str, worker_id: str, txn: PartitionTxn | None = None) -> None:
+    """Send ``record`` to ``<app>.dlq`` with ``reason``; a record that names a task ends that task as error.
+
+    ``txn`` (exactly-once): both go in the transaction of the record's partition.
+    """
     limit = core.config.max_record_bytes
     value = record.value
     if value is not None and len(value) > limit // 2:
@@ -31,7 +36,10 @@ async def dead_letter(core: Core, record: Record, reason: str, worker_id: str) -
         at=time.time(),
     )
     key = (record.key or f"{record.topic}:{record.partition}:{record.offset}".encode()).decode("utf-8", "replace")
-    await core.send(core.topics.dlq, encode(letter), key, 1, what=f"dead letter of {record.tp}@{record.offset}")
+    if txn is not None:
+        await txn.send(core.topics.dlq, encode(letter), key=key.encode(), partition=partition_for(key, 1))
+    else:
+        await core.send(core.topics.dlq, encode(letter), key, 1, what=f"dead letter of {record.tp}@{record.offset}")
     log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
     uuid, task_name = identify(record.value, limit)
     if uuid is None:
@@ -48,7 +56,7 @@ async def dead_letter(core: Core, record: Record, reason: str, worker_id: str) -
             traceback=f"RecordError: {reason}",
             worker=worker_id,
         )
-        await core.store.write(task, durable=True)
+        await core.store.write(task, durable=True, txn=txn)
 
 
 def identify(value: bytes | None, limit: int) -> tuple[str | None, str]:

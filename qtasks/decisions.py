@@ -41,12 +41,15 @@ def admit(
     me: str,
     cancelled: bool,
     known: bool,
+    fenced: bool = False,
 ) -> Admission:
     """Decide about a delivered record from the task's status head.
 
     - finished already (a redelivery after a crash before the commit): ``skip``;
     - no status although it is older than ``status_ttl``: it ran long ago (``expired``);
-    - running under another worker's live lease (a rebalance moved it): ``wait``;
+    - running under another worker's live lease (a rebalance moved it): ``wait``; but not
+      when ``fenced`` (exactly-once: this worker fenced the partition's previous owner, which
+      can commit nothing more, so the task is taken over at once);
     - cancelled while queued: ``cancel``; a name this worker does not know: ``unknown``;
     - otherwise ``run`` as attempt n + 1 (a lapsed lease is taken over).
     """
@@ -54,7 +57,13 @@ def admit(
         return Admission("skip")
     if head is None and ttl > 0 and rec.created_at < now - ttl:
         return Admission("expired")
-    if head is not None and head.status == "process" and head.worker not in (None, me) and head.lease_until > now:
+    if (
+        not fenced
+        and head is not None
+        and head.status == "process"
+        and head.worker not in (None, me)
+        and head.lease_until > now
+    ):
         return Admission("wait")
     attempt = (head.attempt if head is not None else 0) + 1
     if cancelled:

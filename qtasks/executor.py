@@ -40,7 +40,9 @@ from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, Literal, Protocol
 
-from qtasks.bridge import RaisedInThread, SinkFailed, ThreadBridge, call_in_thread, close_generator
+import msgspec
+
+from qtasks.bridge import Checkpoint, RaisedInThread, SinkFailed, ThreadBridge, call_in_thread, close_generator
 from qtasks.context import AsyncContext, AsyncTask, CancelToken, SyncContext, SyncTask
 from qtasks.exc import TaskCancelError, TaskPluginTriggerError, TaskTimeoutError
 from qtasks.plugins import PluginManager, _call
@@ -84,6 +86,17 @@ def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
 
+def check_checkpoint(state: Any, limit: int) -> int:
+    """The encoded size of a checkpoint state; TypeError if it is not JSON, ValueError if over ``limit`` bytes."""
+    try:
+        size = len(msgspec.json.encode(state))
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
+        raise TypeError(f"a checkpoint must be JSON (dicts, lists, str, numbers, bool, None): {exc}") from None
+    if size > limit:
+        raise ValueError(f"a checkpoint is {size} bytes encoded, over checkpoint_max_bytes={limit}")
+    return size
+
+
 class TaskExecutor:
     """Runs one task. ``await execute()`` returns an :class:`Outcome`; ``cancel(reason)`` stops it.
 
@@ -121,6 +134,14 @@ class TaskExecutor:
         self._bridge: ThreadBridge | None = None
         self._thread_future: Future[Any] | None = None
         self._abandoned = False
+        #: What ``ctx.resume_state`` returns (the state of an earlier attempt's checkpoint).
+        self.resume_state: Any = None
+        #: Takes a ``ctx.checkpoint(state)`` on the loop, in order with the values before it
+        #: (it checks the state and raises if it cannot be stored); None: checkpoints are refused.
+        self.on_checkpoint: Callable[[Any], None] | None = None
+        #: The largest checkpoint (encoded bytes).
+        self.checkpoint_limit = 64_000
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- control -------------------------------------------------------------------
 
@@ -301,16 +322,34 @@ class TaskExecutor:
 
     def context(self) -> AsyncContext | SyncContext:
         """A fresh context for this run (what ``self.ctx`` is inside the task)."""
+        self._loop = asyncio.get_running_loop()
         common: dict[str, Any] = {
             "task_name": self.spec.name,
             "task_uuid": self.uuid,
             "generate_handler": self.spec.generate_handler,
             "app": self.app,
             "token": self.token,
+            "checkpoint": self._checkpoint if self.on_checkpoint is not None else None,
+            "resume_state": self.resume_state,
         }
         if self.spec.is_async:
             return AsyncContext(**common)
         return SyncContext(loop=asyncio.get_running_loop(), **common)
+
+    def _checkpoint(self, state: Any) -> None:
+        """``ctx.checkpoint``: on the loop at once (async code), else through the loop in order."""
+        take = self.on_checkpoint
+        assert take is not None
+        kind = self.spec.kind
+        if kind in ("async", "async_gen"):
+            take(state)
+            return
+        check_checkpoint(state, self.checkpoint_limit)  # raised in the task's thread, where the call is
+        bridge = self._bridge
+        if kind == "sync_gen" and bridge is not None:
+            bridge.put(Checkpoint(state))
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(take, state)
 
     def _echo_object(self) -> AsyncTask | SyncTask:
         ctx = self.context()
@@ -332,7 +371,7 @@ class TaskExecutor:
         if kind == "sync":
             return await self._in_thread(self.spec.func, tuple(args), kwargs)
         loop = asyncio.get_running_loop()
-        bridge = self._bridge = ThreadBridge(loop, self.sink.emit)
+        bridge = self._bridge = ThreadBridge(loop, self.sink.emit, mark=self.on_checkpoint)
         try:
             await self._in_thread(self._drive_sync_gen, (args, kwargs, loop), {})
         except SinkFailed:

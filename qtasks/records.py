@@ -123,6 +123,15 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     retry_count: int = 0
     #: An offset of the results partition at or before the task's first result (set once it runs).
     results_offset: int | None = None
+    #: The state the task stored with ``ctx.checkpoint(state)`` (JSON); a later attempt
+    #: reads it as ``ctx.resume_state`` ...
+    checkpoint: Any = None
+    #: ... and its values go on from this seq (the values before it were stored with it).
+    checkpoint_seq: int = 0
+    #: CRC-32 of the encoded values before ``checkpoint_seq`` (a resumed run checks it goes on alike).
+    checkpoint_crc: int = 0
+    #: Exactly-once: CRC-32 of the encoded values before ``yield_count``, committed with them.
+    values_crc: int | None = None
 
     @property
     def is_finished(self) -> bool:

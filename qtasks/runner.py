@@ -10,10 +10,12 @@ retried ends as ``retry`` and hands over to a child task submitted with a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 import traceback
+import zlib
 from concurrent.futures import Executor
 from typing import Any
 
@@ -23,20 +25,51 @@ from qtasks.core import Core
 from qtasks.decisions import ENCODE_ERRORS, check_result, conclude
 from qtasks.delivery import deliver
 from qtasks.exc import ConnectorError, error_of
-from qtasks.executor import Outcome, TaskExecutor
+from qtasks.executor import Outcome, TaskExecutor, check_checkpoint
 from qtasks.partitioner import partition_for
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ResultRecord, StatusHead, Task, TaskRecord, encode
 from qtasks.registry import TaskSpec
 from qtasks.retry import backoff
+from qtasks.transactions import PartitionTxn
 
 log = logging.getLogger("qtasks.worker")
 
 _EVENTS = {"success": "task_success", "error": "task_error", "cancel": "task_cancel"}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a run goes on from what an earlier attempt of its task stored."""
+
+    #: The seq of the run's first value (a checkpoint's; else 0) and the CRC-32 of the values before it.
+    seq: int = 0
+    crc: int = 0
+    #: The state ``ctx.resume_state`` returns (the checkpoint's).
+    state: Any = None
+    #: Exactly-once: values before this seq were committed; the run does not send them again ...
+    committed: int = 0
+    #: ... and checks that it yields the same ones (CRC-32 of the committed values; None: not known).
+    committed_crc: int | None = None
+
+    @classmethod
+    def of(cls, prior: Task | None, *, exactly_once: bool) -> Resume:
+        """What a new attempt of the task whose last status is ``prior`` goes on from."""
+        if prior is None or prior.attempt == 0:
+            return cls()
+        if not exactly_once:
+            return cls(prior.checkpoint_seq, prior.checkpoint_crc, prior.checkpoint)
+        return cls(prior.checkpoint_seq, prior.checkpoint_crc, prior.checkpoint, prior.yield_count, prior.values_crc)
+
+
 class ResultSink:
-    """Writes a task's handled values as result records and keeps a bounded ``returning``."""
+    """Writes a task's handled values as result records and keeps a bounded ``returning``.
+
+    Exactly-once, the values go in the transaction of the task's partition, and the sink
+    keeps a CRC-32 of them, so a later attempt can check that it yields the same values.
+    A resumed run starts at its checkpoint's seq and does not send again the values an
+    earlier attempt committed.
+    """
 
     __slots__ = (
         "_attempt",
@@ -45,18 +78,39 @@ class ResultSink:
         "_limit",
         "_max_bytes",
         "_max_items",
+        "_mismatch",
         "_partition",
         "_send",
         "_topic",
         "_trouble",
+        "_txn",
         "_uuid",
+        "checkpoint",
+        "committed",
+        "committed_crc",
+        "crc",
         "error",
         "items",
+        "last_delivery",
+        "mismatched",
+        "sent",
         "seq",
+        "track_crc",
     )
 
-    def __init__(self, core: Core, uuid: str, attempt: int, partition: int) -> None:
-        self._send = core.broker.producer.send
+    def __init__(
+        self,
+        core: Core,
+        uuid: str,
+        attempt: int,
+        partition: int,
+        *,
+        txn: PartitionTxn | None = None,
+        resume: Resume | None = None,
+    ) -> None:
+        resume = resume or Resume()
+        self._txn = txn
+        self._send: Any = txn.send if txn is not None else core.broker.producer.send
         self._topic = core.topics.results
         self._uuid = uuid
         self._key = uuid.encode()
@@ -64,28 +118,42 @@ class ResultSink:
         self._attempt = attempt
         self._limit = core.record_limit(core.topics.results)
         self._trouble = core.trouble
-        self.seq = 0
-        self.items: list[Any] | None = []
+        self._mismatch = core.config.resume_mismatch
+        #: The seq of the next value; ``sent``: values before it are in the producer (or the transaction).
+        self.seq = self.sent = resume.seq
+        #: A run resumed from a checkpoint does not know the values before it: ``returning`` is the count.
+        self.items: list[Any] | None = [] if resume.seq == 0 else None
         self._bytes = 0
         self._max_items = core.config.returning_max_items
         self._max_bytes = core.config.returning_max_bytes
+        self.track_crc = txn is not None
+        #: CRC-32 of the encoded values before ``sent`` (exactly-once).
+        self.crc = resume.crc
+        self.committed = resume.committed
+        self.committed_crc = resume.committed_crc
+        self.mismatched = False
+        #: The last ``ctx.checkpoint``: (seq of the next value, state, CRC-32 of the values before it).
+        self.checkpoint: tuple[int, Any, int] | None = None
+        self.last_delivery: Any = None
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
 
     async def emit(self, value: Any) -> None:
         """One result record for one handled value; a value that cannot be stored is an error."""
+        seq = self.seq
         try:
-            raw = encode(ResultRecord(uuid=self._uuid, seq=self.seq, attempt=self._attempt, value=value))
+            raw = encode(ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=value))
+            crc = zlib.crc32(encode(value), self.crc) if self.track_crc else 0
         except ENCODE_ERRORS as exc:
             raise TypeError(
                 f"the task yielded a value of type {type(value).__name__} that cannot be encoded as JSON: {exc}"
             ) from None
         if len(raw) > self._limit:
             raise ValueError(
-                f"value {self.seq} of the task is {len(raw)} bytes encoded, over the results topic's limit "
+                f"value {seq} of the task is {len(raw)} bytes encoded, over the results topic's limit "
                 f"of {self._limit} bytes (max_record_bytes, or the topic's max.message.bytes): yield smaller values"
             )
-        self.seq += 1
+        self.seq = seq + 1
         items = self.items
         if items is not None:
             self._bytes += len(raw)
@@ -93,9 +161,42 @@ class ResultSink:
                 self.items = None
             else:
                 items.append(value)
+        if seq < self.committed:
+            # An earlier attempt committed this value: it is not sent again.
+            self.sent, self.crc = seq + 1, crc
+            if self.sent == self.committed:
+                self._check_replay()
+            return
         delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
+        self.sent, self.crc = seq + 1, crc
         if delivery is not None:
-            delivery.add_done_callback(self._delivered)  # type: ignore[attr-defined]
+            self.last_delivery = delivery
+            delivery.add_done_callback(self._delivered)
+
+    def _check_replay(self) -> None:
+        """The values this run went over again must be the ones committed (a deterministic generator)."""
+        if self.committed_crc is None or self.crc == self.committed_crc or self.mismatched:
+            return
+        self.mismatched = True
+        problem = (
+            f"task {self._uuid} was resumed and yielded values other than the {self.committed} its earlier "
+            "attempt committed (it is not deterministic); the committed ones stay in the results"
+        )
+        if self._mismatch == "error":
+            raise ValueError(problem + " (resume_mismatch='error')")
+        log.warning("%s", problem)
+
+    def finish_replay(self) -> None:
+        """The run ended: one that yielded fewer values than were committed did not go on alike."""
+        if self.seq < self.committed and not self.mismatched:
+            self.committed_crc = -1  # never a CRC: the check fails
+            self.sent = self.committed
+            self._check_replay()
+
+    def mark(self, state: Any, limit: int) -> None:
+        """``ctx.checkpoint(state)``: the state to go on from at the next value (JSON, at most ``limit`` bytes)."""
+        check_checkpoint(state, limit)
+        self.checkpoint = (self.seq, state, self.crc)
 
     def _delivered(self, delivery: Any) -> None:
         if delivery.cancelled():
@@ -105,12 +206,15 @@ class ResultSink:
             self.error = error
 
     async def end(self, status: str) -> None:
-        """Write the end marker of this attempt and wait until it is stored.
+        """Write the end marker of this attempt and wait until it is stored (exactly-once: sent in the transaction).
 
         All of a task's results go to one partition, in order: once the marker is
         stored, every value before it was either stored or reported in ``error``.
         """
         raw = encode(ResultRecord(uuid=self._uuid, seq=self.seq, attempt=self._attempt, end=True, status=status))
+        if self._txn is not None:
+            await self._txn.send(self._topic, raw, key=self._key, partition=self._partition)
+            return
 
         def send() -> Any:
             return self._send(self._topic, raw, key=self._key, partition=self._partition)
@@ -136,17 +240,37 @@ class Host:
 class TaskRun:
     """One attempt of one task on this worker."""
 
-    def __init__(self, host: Host, rec: TaskRecord, spec: TaskSpec, head: StatusHead | None, attempt: int) -> None:
+    def __init__(
+        self,
+        host: Host,
+        rec: TaskRecord,
+        spec: TaskSpec,
+        head: StatusHead | None,
+        attempt: int,
+        txn: PartitionTxn | None = None,
+    ) -> None:
         self.host = host
         self.rec = rec
         self.spec = spec
         self.attempt = attempt
+        #: Exactly-once: the transaction of the task record's partition (everything goes in it).
+        self.txn = txn
         core = host.core
         self.partition = partition_for(rec.uuid, core.results_partitions)
         self.task = base_status(rec, head, host.worker_id)
-        self.sink = ResultSink(core, rec.uuid, attempt, self.partition)
+        prior = core.view.get(rec.uuid) if attempt > 1 else None
+        self.resume = Resume.of(prior, exactly_once=txn is not None)
+        self.sink = ResultSink(core, rec.uuid, attempt, self.partition, txn=txn, resume=self.resume)
         #: Set once the run writes its ending: lease renewals stop.
         self.concluding = False
+        #: Exactly-once: set once the terminal status is in the transaction (no progress record after it).
+        self.ended = False
+        #: Set by the worker once the run is over here (ended, or handed back).
+        self.finished = False
+        if txn is not None:
+            txn.runs.add(self)
+        #: What the last progress record said: (values, checkpoint seq, when).
+        self._progress: tuple[int, int | None, float] = (-1, None, 0.0)
         executor_cls = spec.executor or TaskExecutor
         self.executor: TaskExecutor = executor_cls(
             spec,
@@ -159,6 +283,13 @@ class TaskRun:
             thread_pool=host.pool,
             broker=core.broker,
         )
+        self.executor.resume_state = self.resume.state
+        self.executor.on_checkpoint = self._checkpoint
+        self.executor.checkpoint_limit = core.config.checkpoint_max_bytes
+
+    def _checkpoint(self, state: Any) -> None:
+        """``ctx.checkpoint(state)``, in order with the values yielded before it."""
+        self.sink.mark(state, self.host.core.config.checkpoint_max_bytes)
 
     async def start(self) -> None:
         """Write ``process``: attempt n, this worker's lease, where the results start."""
@@ -173,22 +304,79 @@ class TaskRun:
             # Every result of this run lands after this offset: a reader starts here.
             results_offset=core.broker.producer.known_end(core.topics.results, self.partition),
             updated_at=now,
+            yield_count=self.sink.committed,
+            values_crc=self.sink.committed_crc,
+            # Kept until this run stores its own: an attempt that dies first leaves it to the next.
+            checkpoint=self.resume.state,
+            checkpoint_seq=self.resume.seq,
+            checkpoint_crc=self.resume.crc,
         )
-        self.task = await core.store.write(self.task)
+        if self.resume.seq or self.resume.committed:
+            log.info(
+                "task %s resumes at value %d (checkpoint at %d)", self.rec.uuid, self.resume.committed, self.resume.seq
+            )
+        self.task = await core.store.write(self.task, txn=self.txn)
 
     async def renew(self) -> None:
-        """Renew the lease, with the progress so far (``yield_count``)."""
+        """Renew the lease, with the progress so far (``yield_count``) and the last checkpoint.
+
+        A checkpoint is written once the values before it are stored (the last delivery
+        settled), so a later attempt that goes on from it misses nothing.
+        """
+        if self.concluding:
+            return
+        checkpoint = self.sink.checkpoint
+        last = self.sink.last_delivery
+        if checkpoint is not None and last is not None and not last.done():
+            await asyncio.wait([last], timeout=self.host.core.config.lease_interval)
+            if not last.done() or last.cancelled() or last.exception() is not None:
+                checkpoint = None
         if self.concluding:
             return
         now = time.time()
         renewal = msgspec.structs.replace(
             self.task,
             lease_until=now + self.host.core.config.lease_timeout,
-            yield_count=self.executor.yield_count,
+            yield_count=self.sink.seq,
             updated_at=now,
         )
+        if checkpoint is not None:
+            seq, state, crc = checkpoint
+            renewal = msgspec.structs.replace(renewal, checkpoint=state, checkpoint_seq=seq, checkpoint_crc=crc)
+            self.task = renewal
         # A renewal still waiting for the broker when the task ends is dropped, never written after the end.
         await self.host.core.store.write(renewal, wanted=lambda: not self.concluding)
+
+    async def write_progress(self) -> None:
+        """Exactly-once, just before its transaction commits: the values sent so far, the last checkpoint, the lease.
+
+        Called by the commit with new sends held back, so the record says exactly what the
+        transaction holds: a later attempt goes on from it.
+        """
+        if self.ended or self.txn is None:
+            return
+        sink = self.sink
+        count, crc = (sink.sent, sink.crc) if sink.sent >= sink.committed else (sink.committed, sink.committed_crc)
+        checkpoint = sink.checkpoint
+        now = time.time()
+        config = self.host.core.config
+        said = (count, checkpoint[0] if checkpoint is not None else None)
+        if said == self._progress[:2] and now - self._progress[2] < config.lease_interval:
+            return
+        record = msgspec.structs.replace(
+            self.task,
+            yield_count=count,
+            values_crc=crc,
+            lease_until=now + config.lease_timeout,
+            updated_at=now,
+        )
+        if checkpoint is not None:
+            seq, state, checkpoint_crc = checkpoint
+            record = msgspec.structs.replace(
+                record, checkpoint=state, checkpoint_seq=seq, checkpoint_crc=checkpoint_crc
+            )
+        self.task = await self.host.core.store.write(record, txn=self.txn)
+        self._progress = (*said, now)
 
     async def run(self) -> Task:
         """Start, execute and conclude; return the terminal status as written."""
@@ -214,6 +402,7 @@ class TaskRun:
             items=sink.items,
             count=sink.seq,
         )
+        sink.finish_replay()
         if sink.seq or spec.is_generator:
             # Results are stored before the status says the task ended, so a reader who
             # sees the terminal status can read every value.
@@ -238,12 +427,13 @@ class TaskRun:
                 retry_parent_uuid=rec.uuid,
                 retry_count=rec.retry_count + 1,
                 not_before=time.time() + delay,
+                txn=self.txn,
             )
             child_uuid = child.uuid
         final = msgspec.structs.replace(
             self.task,
             status=status,
-            yield_count=sink.seq,
+            yield_count=max(sink.seq, sink.committed),
             returning=done.returning,
             returning_truncated=done.truncated,
             traceback=traceback,
@@ -252,8 +442,12 @@ class TaskRun:
             retry_child_uuid=child_uuid,
             retry=retries_left if child_uuid else self.task.retry,
             updated_at=time.time(),
+            checkpoint=None,
         )
-        self.task = await core.store.write(final, durable=True)
+        # Exactly-once, the ending goes in the transaction (shown once it commits) and this
+        # returns at once: the record's offset commits in the same transaction.
+        self.task = await core.store.write(final, durable=True, txn=self.txn)
+        self.ended = True
         if status in ("error", "retry"):
             kind, message = error_of(traceback)
             then = f"; retried as {child_uuid}" if child_uuid else ""
@@ -272,7 +466,13 @@ class TaskRun:
         return self.task
 
     async def release(self) -> None:
-        """Give up this run: its lease ends now, so the partition's next owner runs it at once."""
+        """Give up this run: its lease ends now, so the partition's next owner runs it at once.
+
+        Exactly-once there is nothing to release: the next owner fences this worker's
+        producer and takes the task over at once (its progress commits with the rest).
+        """
+        if self.txn is not None:
+            return
         core = self.host.core
         head = core.view.head(self.rec.uuid)
         if head is None or head.is_finished:
@@ -307,19 +507,21 @@ def base_status(rec: TaskRecord, head: StatusHead | None, worker_id: str) -> Tas
     )
 
 
-async def end_without_running(host: Host, rec: TaskRecord, head: StatusHead | None, status: str, **fields: Any) -> Task:
-    """End a task that does not run here (cancelled while queued, unknown): its status, durably."""
+async def end_without_running(
+    host: Host, rec: TaskRecord, head: StatusHead | None, status: str, txn: PartitionTxn | None = None, **fields: Any
+) -> Task:
+    """End a task that does not run here (cancelled while queued, unknown): its status, durably (or in ``txn``)."""
     task = base_status(rec, head, host.worker_id)
     task.status = status  # type: ignore[assignment]
     for name, value in fields.items():
         setattr(task, name, value)
-    written = await host.core.store.write(task, durable=True)
+    written = await host.core.store.write(task, durable=True, txn=txn)
     if status == "cancel":
         await host.events.fire("task_cancel", app=host.app, task=written, exc=None, worker=host.worker)
     return written
 
 
-async def end_unfinished(host: Host, rec: TaskRecord, exc: BaseException) -> bool:
+async def end_unfinished(host: Host, rec: TaskRecord, exc: BaseException, txn: PartitionTxn | None = None) -> bool:
     """Something failed outside the task (a bug, a write refused for good): end it as error; False if not even that."""
     text = "".join(traceback.format_exception(exc))[-8000:]
     try:
@@ -328,6 +530,7 @@ async def end_unfinished(host: Host, rec: TaskRecord, exc: BaseException) -> boo
             rec,
             host.core.view.head(rec.uuid),
             "error",
+            txn,
             traceback=f"the worker could not finish this task:\n{text}",
         )
     except ConnectorError as again:

@@ -16,10 +16,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -32,10 +33,15 @@ from qtasks.records import StatusHead, Task, decode_status, decode_status_head, 
 from qtasks.status import StatusView, next_rev, slim
 from qtasks.supervise import Supervisor
 
+if TYPE_CHECKING:
+    from qtasks.transactions import PartitionTxn
+
 log = logging.getLogger("qtasks.status")
 
 #: How long a lookup of an unseen uuid waits for the tailer to reach the log's end.
 CATCH_UP_TIMEOUT = 10.0
+#: How often a catch-up looks at the consumer's position itself (for offsets without records).
+_GAP_CHECK = 0.02
 
 
 class StatusStore:
@@ -121,13 +127,26 @@ class StatusStore:
             self._progress = asyncio.Event()
 
     async def _reach(self, ends: dict[TopicPartition, int]) -> None:
-        """Wait until the tailer has read every partition in ``ends`` up to its end offset."""
+        """Wait until the tailer has read every partition in ``ends`` up to its end offset.
+
+        The last offsets of a partition may hold no record the tailer is handed
+        (transaction markers, compacted gaps): the consumer's position passes them while
+        its fetch waits for more, so a partition still behind is checked there too.
+        """
+        positions = self._positions
         while True:
-            behind = [tp for tp, end in ends.items() if end > 0 and self._positions.get(tp, 0) < end]
+            behind = [tp for tp, end in ends.items() if end > 0 and positions.get(tp, 0) < end]
             if not behind:
                 return
             assert self._progress is not None
-            await self._progress.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_GAP_CHECK):
+                    await self._progress.wait()
+            consumer = self._consumer
+            if consumer is not None:
+                for tp in behind:
+                    if tp in consumer.assignment():
+                        positions[tp] = max(positions.get(tp, 0), await consumer.position(tp))
 
     async def catch_up(self, uuid: str, timeout: float = CATCH_UP_TIMEOUT) -> None:
         """Wait until the view holds everything written to ``uuid``'s partition before now (bounded)."""
@@ -139,6 +158,16 @@ class StatusStore:
             await self._supervisor.wait(self._reach(ends), timeout)
         except TimeoutError:
             log.warning("the status view did not reach the end of %s within %.0f s", tp, timeout)
+
+    async def catch_up_all(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        """Wait until the view holds everything committed to the status topic before now (bounded)."""
+        if self._consumer is None:
+            return
+        ends = await self._consumer.end_offsets(self._tps(range(self.partitions)))
+        try:
+            await self._supervisor.wait(self._reach(ends), timeout)
+        except TimeoutError:
+            log.warning("the status view did not reach the end of %s within %.0f s", self.topic, timeout)
 
     async def _grown(self) -> None:
         """Follow a status topic that gained partitions since this process counted them."""
@@ -201,16 +230,38 @@ class StatusStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def write(self, task: Task, *, durable: bool = False, wanted: Callable[[], bool] | None = None) -> Task:
+    async def write(
+        self,
+        task: Task,
+        *,
+        durable: bool = False,
+        wanted: Callable[[], bool] | None = None,
+        txn: PartitionTxn | None = None,
+    ) -> Task:
         """Write a copy of ``task`` with the next rev; return what was written.
 
         ``durable``: wait until the broker stored it (retrying while the failure is
         retriable) and only then show it in the view. A non-terminal write is retried only
         while ``wanted()`` holds and the task has not ended: on a compacted topic the last
         record wins, so a late ``process`` must never land after the ending.
+
+        ``txn`` (exactly-once): the record goes in that transaction, unretried (a failure
+        loses the transaction); a durable one is shown once the transaction commits.
         """
         uuid = task.uuid
         record, raw = self.prepare(task)
+        if txn is not None:
+            view = self.view
+            if not durable:
+                view.apply(record, raw)
+            await txn.send(
+                self.topic,
+                raw,
+                key=uuid.encode(),
+                partition=partition_for(uuid, self.partitions),
+                on_commit=(lambda: view.apply(record, raw)) if durable else None,
+            )
+            return record
         if not durable:
             self.view.apply(record, raw)
         if not record.is_finished:

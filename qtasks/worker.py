@@ -11,6 +11,15 @@ the worker with a clear error):
 - **control**: cancel requests; **commit**: the lowest unfinished offset of each
   partition; **lease**: renew the leases of running tasks; **expire**: tombstones.
 
+Exactly-once (``processing_guarantee="exactly_once"``), the commit loop is replaced by
+the **transactions** loop: each assigned partition has a
+:class:`~qtasks.transactions.PartitionTxn`, started on assignment (which fences the
+partition's previous owner), committed every ``eos_commit_interval`` with the
+partition's offset, and closed when the partition goes. A partition whose transaction
+fails is dropped here (its runs stop, nothing more is written) and the worker rejoins
+the group, which hands it out afresh; there are no lease renewals (each commit carries
+the progress of the partition's runs).
+
 What to do with a record is decided by :func:`qtasks.decisions.admit`; one run is a
 :class:`qtasks.runner.TaskRun`. A record of a task that already runs here (a rebalance
 gave its partition back) joins that run: no second slot, its offset finishes with it.
@@ -33,7 +42,7 @@ from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
-from qtasks.delivery import fetch
+from qtasks.delivery import deliver, fetch
 from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
@@ -42,6 +51,7 @@ from qtasks.registry import Registry
 from qtasks.runner import Host, TaskRun, end_unfinished, end_without_running
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
+from qtasks.transactions import PartitionLostError, PartitionTxn, transactional_id
 
 log = logging.getLogger("qtasks.worker")
 
@@ -93,6 +103,13 @@ class Worker:
         self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
         self._started = False
+        #: Exactly-once: the transaction of each assigned tasks partition, and when each is ready.
+        self.exactly_once = config.exactly_once
+        self._txns: dict[TopicPartition, PartitionTxn] = {}
+        self._txn_ready: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._txn_wake = asyncio.Event()
+        #: The handlers of each partition's records (exactly-once drops them with the partition).
+        self._handlers_of: dict[TopicPartition, set[asyncio.Task[None]]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -114,8 +131,11 @@ class Worker:
         spawn("poll", self._poll_loop)
         spawn("delayed", self._delay_loop)
         spawn("control", self._control_loop)
-        spawn("commit", self._commit_loop)
-        spawn("lease", self._lease_loop)
+        if self.exactly_once:
+            spawn("transactions", self._txn_loop)
+        else:
+            spawn("commit", self._commit_loop)
+            spawn("lease", self._lease_loop)
         if core.config.status_ttl > 0:
             spawn("expire", self._expire_loop)
         log.info("worker %s running tasks %s (concurrency %d)", self.id, self.registry.names(), self.concurrency)
@@ -140,10 +160,14 @@ class Worker:
                     task.cancel()
                 await asyncio.wait(pending, timeout=5)
         await self.supervisor.stop()
-        try:
-            await self._commit()
-        except ConnectorError as exc:
-            log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
+        if self.exactly_once:
+            await self._commit_txns()
+            await self._close_txns(set(self._txns))
+        else:
+            try:
+                await self._commit()
+            except ConnectorError as exc:
+                log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
         await self._consumer.stop()
         await self._control.stop()
         self._pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
@@ -153,6 +177,10 @@ class Worker:
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit what is done before the partitions go (eager rebalance)."""
+        if self.exactly_once:
+            # Runs go on meanwhile; a partition that stays here keeps its transaction.
+            await self._commit_txns()
+            return
         try:
             await self._commit()
         except ConnectorError as exc:
@@ -168,6 +196,11 @@ class Worker:
         if self._paused:
             self._consumer.pause(assigned)
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
+        if self.exactly_once:
+            await self._close_txns({tp for tp, txn in self._txns.items() if tp not in assigned or txn.lost})
+            for tp in assigned:
+                if tp not in self._txns:
+                    self._open_txn(tp)
 
     # -- the poll loop ---------------------------------------------------------------
 
@@ -229,6 +262,10 @@ class Worker:
             task = asyncio.get_running_loop().create_task(self._handle(rec, record, offsets))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+            if self.exactly_once:
+                of_tp = self._handlers_of.setdefault(record.tp, set())
+                of_tp.add(task)
+                task.add_done_callback(of_tp.discard)
 
     async def _delay_loop(self) -> None:
         while True:
@@ -245,18 +282,28 @@ class Worker:
 
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
         finished = False
+        txn = None
         try:
+            if self.exactly_once:
+                txn = await self._txn_of(record.tp)
+                if txn is None:
+                    return  # the partition is not ours (any more): its next owner reads the record
             if isinstance(rec, RecordError):
-                await dead_letter(self.core, record, str(rec), self.id)
+                await dead_letter(self.core, record, str(rec), self.id, txn)
             else:
-                await self._run_record(rec)
+                await self._run_record(rec, txn)
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
         except Exception as exc:
             raise_if_cancelled()  # a stop whose cancellation became an error hands the task back
+            if txn is not None and (txn.lost or txn.error is not None):
+                # Nothing this run wrote since the last commit will be seen: the record is read
+                # again from the committed offset and the task goes on from what was committed.
+                log.info("dropped %s@%d with its partition's transaction: %s", record.tp, record.offset, exc)
+                return
             log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
-            finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc)
+            finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc, txn)
         finally:
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
             if finished:
@@ -271,7 +318,7 @@ class Worker:
 
     # -- one record ------------------------------------------------------------------
 
-    async def _run_record(self, rec: TaskRecord) -> None:
+    async def _run_record(self, rec: TaskRecord, txn: PartitionTxn | None = None) -> None:
         core = self.core
         uuid = rec.uuid
         while True:
@@ -286,6 +333,7 @@ class Worker:
                 me=self.id,
                 cancelled=uuid in self._cancelled,
                 known=spec is not None,
+                fenced=txn is not None,
             )
             if decision.action != "wait":
                 break
@@ -295,7 +343,7 @@ class Worker:
             log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
         elif action == "cancel":
             reason = self._cancelled.pop(uuid, "") or f"{rec.task_name}.cancel"
-            await end_without_running(self.host, rec, head, "cancel", cancel_reason=reason)
+            await end_without_running(self.host, rec, head, "cancel", txn, cancel_reason=reason)
         elif action == "unknown":
             known = ", ".join(self.registry.names()) or "none"
             exc = TaskNotFoundError(f"unknown task {rec.task_name!r}: this worker knows {known}")
@@ -304,6 +352,7 @@ class Worker:
                 rec,
                 head,
                 "error",
+                txn,
                 traceback=f"qtasks.exc.TaskNotFoundError: {exc}",
                 attempt=decision.attempt,
             )
@@ -311,8 +360,9 @@ class Worker:
         elif action == "run":
             assert spec is not None
             if head is not None and head.status == "process" and head.worker not in (None, self.id):
-                log.info("taking over %s from %s (lease expired)", uuid, head.worker)
-            await self._run(TaskRun(self.host, rec, spec, head, decision.attempt))
+                why = "its producer is fenced" if txn is not None else "lease expired"
+                log.info("taking over %s from %s (%s)", uuid, head.worker, why)
+            await self._run(TaskRun(self.host, rec, spec, head, decision.attempt, txn))
 
     async def _run(self, run: TaskRun) -> None:
         uuid = run.rec.uuid
@@ -326,6 +376,7 @@ class Worker:
             await run.release()
             raise
         finally:
+            run.finished = True
             self._running.pop(uuid, None)
         self.tasks_done += 1
 
@@ -392,6 +443,99 @@ class Worker:
         for tp, offset in offsets.items():
             if (kept := self._offsets.get(tp)) is not None:
                 kept.committed(offset)
+
+    # -- exactly-once ----------------------------------------------------------------
+
+    def _open_txn(self, tp: TopicPartition) -> None:
+        """Start the transaction of a newly assigned partition (in the background; its records wait for it)."""
+        producer = self.core.broker.transactional_producer(transactional_id(self.group_id, tp))
+        txn = PartitionTxn(
+            producer, tp, self.group_id, limit=self.core.config.eos_commit_records, nudge=self._txn_wake.set
+        )
+        self._txns[tp] = txn
+        self._txn_ready[tp] = asyncio.get_running_loop().create_task(self._start_txn(txn))
+
+    async def _start_txn(self, txn: PartitionTxn) -> None:
+        """Fence the previous owner, then read the status topic to its end: what it committed is known here."""
+        await deliver(
+            txn.start, what=f"the transactions of {txn.tp.topic}[{txn.tp.partition}]", trouble=self.core.trouble
+        )
+        await self.core.store.catch_up_all()
+
+    async def _txn_of(self, tp: TopicPartition) -> PartitionTxn | None:
+        """The partition's transaction once it is ready; None if the partition is not (or no longer) ours."""
+        txn = self._txns.get(tp)
+        ready = self._txn_ready.get(tp)
+        if txn is None or ready is None:
+            return None
+        await asyncio.shield(ready)
+        return None if txn.lost or self._txns.get(tp) is not txn else txn
+
+    async def _txn_loop(self) -> None:
+        interval = self.core.config.eos_commit_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._txn_wake.wait()
+            self._txn_wake.clear()
+            await self._commit_txns()
+
+    async def _commit_txns(self) -> None:
+        """Commit every ready partition's transaction (at once), with its runs' progress and its offset."""
+        ready = [
+            txn
+            for tp, txn in self._txns.items()
+            if not txn.lost and (task := self._txn_ready.get(tp)) is not None and task.done() and not task.cancelled()
+        ]
+        if ready:
+            await asyncio.gather(*(self._commit_txn(txn) for txn in ready))
+
+    async def _commit_txn(self, txn: PartitionTxn) -> None:
+        # A run that ended before this commit (or was handed back) leaves once its last progress commits.
+        gone = {run for run in txn.runs if run.finished}
+
+        async def progress() -> None:
+            for run in list(txn.runs):
+                await run.write_progress()
+
+        try:
+            await txn.commit(self._offsets.get(txn.tp), before=progress)
+        except PartitionLostError as exc:
+            await self._lose(txn, exc)
+            return
+        txn.runs -= gone
+
+    async def _lose(self, txn: PartitionTxn, exc: BaseException) -> None:
+        """The partition's transaction failed: drop the partition's runs here and let the group hand it out afresh."""
+        if self._txns.get(txn.tp) is not txn:
+            return
+        log.warning(
+            "worker %s drops %s[%d]: %s; the group hands it out again and its tasks go on from what was committed",
+            self.id,
+            txn.tp.topic,
+            txn.tp.partition,
+            exc,
+        )
+        await self._close_txns({txn.tp})
+        if not self._stopping:
+            self._consumer.rejoin()
+
+    async def _close_txns(self, tps: set[TopicPartition]) -> None:
+        """Stop writing for these partitions: their runs end here, their open transactions are aborted."""
+        for tp in tps:
+            txn = self._txns.pop(tp, None)
+            ready = self._txn_ready.pop(tp, None)
+            if ready is not None and not ready.done():
+                ready.cancel()
+            if txn is None:
+                continue
+            txn.lost = True
+            handlers = self._handlers_of.pop(tp, set())
+            for handler in handlers:
+                handler.cancel()
+            if handlers:
+                await asyncio.wait(handlers, timeout=5)
+            await txn.close()
 
     async def _lease_loop(self) -> None:
         while True:

@@ -102,6 +102,16 @@ class KafkaConsumer:
         """Join the consumer group for these topics (at ``start``)."""
         self._subscription = (list(topics), listener)
 
+    def rejoin(self) -> None:
+        """Ask the group for a rebalance: the member joins again and gets its assignment afresh.
+
+        aiokafka has no public call for it; its coordinator's ``request_rejoin`` is what it
+        does itself when the subscription changes.
+        """
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.request_rejoin()
+
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Read these partitions (no group)."""
         with self._errors("assign"):
