@@ -53,9 +53,7 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
     if scheme == "memory":
         from qtasks.connectors.memory import MemoryConnector
 
-        return MemoryConnector(
-            url, read_committed=config.exactly_once, transaction_timeout=config.eos_transaction_timeout
-        )
+        return MemoryConnector(url, config=config)
     if scheme == "kafka":
         from qtasks.connectors.kafka import KafkaConnector
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from qtasks.connectors.base import RebalanceListener, Record, TopicPartition, TopicSpec
 from qtasks.connectors.memory_log import (
@@ -23,6 +24,9 @@ from qtasks.connectors.memory_log import (
     url_options,
 )
 from qtasks.exc import ConnectorError, ProducerFencedError
+
+if TYPE_CHECKING:
+    from qtasks.config import QueueConfig
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -286,18 +290,30 @@ class MemoryConnector:
     """The connector for ``memory://`` URLs."""
 
     def __init__(
-        self, url: str = "memory://", *, read_committed: bool = False, transaction_timeout: float = 60.0
+        self,
+        url: str = "memory://",
+        *,
+        config: QueueConfig | None = None,
+        read_committed: bool | None = None,
+        transaction_timeout: float | None = None,
     ) -> None:
         self.url = url
-        #: Consumers read committed records only (the app runs exactly-once).
-        self.read_committed = read_committed
-        self._transaction_timeout_ms = int(transaction_timeout * 1000)
+        self._config = config
+        self._read_committed = read_committed
+        self._transaction_timeout = transaction_timeout
         self._defaults = url_options(url)
         self.log = get_log(url)
         self._producer = MemoryProducer(self.log)
 
     async def start(self) -> None:
         """Nothing to connect to."""
+
+    @property
+    def read_committed(self) -> bool:
+        """Whether consumers read committed records only: the app runs exactly-once (read when a consumer is made)."""
+        if self._read_committed is not None:
+            return self._read_committed
+        return self._config is not None and self._config.exactly_once
 
     @property
     def reachable(self) -> bool:
@@ -338,4 +354,7 @@ class MemoryConnector:
 
     def transactional_producer(self, transactional_id: str) -> MemoryTxnProducer:
         """A transactional producer for ``transactional_id`` (``start`` fences the older ones)."""
-        return MemoryTxnProducer(self.log, transactional_id, self._transaction_timeout_ms)
+        timeout = self._transaction_timeout
+        if timeout is None:
+            timeout = self._config.eos_transaction_timeout if self._config is not None else 60.0
+        return MemoryTxnProducer(self.log, transactional_id, int(timeout * 1000))

@@ -1,6 +1,9 @@
 """The command line: ``qtasks -A module:app run | add | status``.
 
-- ``run [--concurrency N] [--broker URL]``: a worker in the foreground (SIGINT/SIGTERM stop it gracefully).
+- ``run [--concurrency N] [--guarantee at_least_once|exactly_once] [--broker URL]``: a
+  worker in the foreground (SIGINT/SIGTERM stop it gracefully). ``--guarantee`` sets the
+  worker's ``processing_guarantee``; clients of an exactly-once app should set it too (in
+  the app or ``QTASKS_PROCESSING_GUARANTEE``), so they read committed records only.
 - ``add NAME [ARGS...] [-k key=value ...] [--follow]``: submit a task; with ``--follow``,
   stream its values to the terminal live, then its final status. Arguments are read as
   JSON when they parse (``3``, ``"x"``, ``[1,2]``), else as strings. On ``memory://``
@@ -210,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a worker")
     run.add_argument("--concurrency", type=int, help="tasks at once (default: config.concurrency)")
+    run.add_argument(
+        "--guarantee",
+        choices=("at_least_once", "exactly_once"),
+        help="processing guarantee (default: config.processing_guarantee; see docs/guarantees.md)",
+    )
     add = commands.add_parser("add", help="submit a task")
     add.add_argument("name")
     add.add_argument("args", nargs="*", help="positional arguments (JSON, else strings)")
@@ -245,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
     if args.command == "run":
+        if args.guarantee:
+            app.config.set(processing_guarantee=args.guarantee)
         if not logging.getLogger().handlers:
             logging.basicConfig(
                 level=app.config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

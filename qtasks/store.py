@@ -59,6 +59,9 @@ class StatusStore:
         self._positions: dict[TopicPartition, int] = {}
         self._progress: asyncio.Event | None = None
         self._record_limit = config.max_record_bytes
+        #: Exactly-once: uuid -> its latest status written in a transaction not committed yet
+        #: (this process reads its own writes; the view holds committed records only).
+        self._pending: dict[str, tuple[Task, bytes, PartitionTxn]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -180,12 +183,21 @@ class StatusStore:
             return
         await self.follow(count)
 
+    def forget(self, txn: PartitionTxn) -> None:
+        """Exactly-once: the writes of a lost transaction will never commit; stop showing them."""
+        for uuid in [u for u, (_, _, t) in self._pending.items() if t is txn]:
+            del self._pending[uuid]
+
     async def lookup(self, uuid: str) -> Task | None:
         """The latest status of ``uuid``; an unseen uuid is looked for up to the log's end first.
 
         If the view has dropped finished tasks (its cache is bounded), a uuid it does not
-        hold is read back from its status partition.
+        hold is read back from its status partition. Exactly-once, a status this process
+        wrote in a transaction that has not committed yet is what it answers (its own write).
         """
+        pending = self._pending.get(uuid)
+        if pending is not None and not pending[2].lost:
+            return decode_status(pending[1], self.config.max_record_bytes)  # a copy, as the view's
         task = self.view.get(uuid)
         if task is None:
             await self._grown()  # the uuid's status may live on a partition new to this process
@@ -246,20 +258,24 @@ class StatusStore:
         record wins, so a late ``process`` must never land after the ending.
 
         ``txn`` (exactly-once): the record goes in that transaction, unretried (a failure
-        loses the transaction); a durable one is shown once the transaction commits.
+        loses the transaction), and is shown once the transaction commits, durable or not.
         """
         uuid = task.uuid
         record, raw = self.prepare(task)
         if txn is not None:
-            view = self.view
-            if not durable:
+            # Shown once committed, never before: what the view holds of a partition's tasks
+            # is what a run taken up again goes on from, so it must never be a write that
+            # an aborted transaction dropped.
+            view, pending = self.view, self._pending
+
+            def committed() -> None:
                 view.apply(record, raw)
+                if pending.get(uuid, (None,))[0] is record:
+                    del pending[uuid]
+
+            pending[uuid] = (record, raw, txn)
             await txn.send(
-                self.topic,
-                raw,
-                key=uuid.encode(),
-                partition=partition_for(uuid, self.partitions),
-                on_commit=(lambda: view.apply(record, raw)) if durable else None,
+                self.topic, raw, key=uuid.encode(), partition=partition_for(uuid, self.partitions), on_commit=committed
             )
             return record
         if not durable:

@@ -105,7 +105,9 @@ class PartitionTxn:
         try:
             delivery = await self.producer.send(topic, raw, key=key, partition=partition)
         except ConnectorError as exc:
-            self.error = self.error or exc
+            if self.error is None:
+                self.error = exc
+                self._nudge()  # the worker's next commit finds the loss and drops the partition
             raise self._lost() from exc
         finally:
             self._sending -= 1
@@ -125,6 +127,7 @@ class PartitionTxn:
         error = delivery.exception()
         if error is not None and self.error is None:
             self.error = error
+            self._nudge()
 
     def due(self, offsets: PartitionOffsets | None) -> int | None:
         """The offset a commit now would add (None: none new)."""
@@ -142,7 +145,7 @@ class PartitionTxn:
         so what it sends (the runs' progress) describes exactly what the transaction holds.
         Raises :class:`PartitionLostError` if the transaction failed: nothing of it is visible.
         """
-        if self.lost:
+        if self.lost or self.error is not None:
             raise self._lost()
         offset = self.due(offsets)
         if not self.records and offset is None:

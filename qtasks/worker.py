@@ -536,6 +536,7 @@ class Worker:
             if handlers:
                 await asyncio.wait(handlers, timeout=5)
             await txn.close()
+            self.core.store.forget(txn)
 
     async def _lease_loop(self) -> None:
         while True:

@@ -1,0 +1,288 @@
+"""Exactly-once on memory://: crashes, zombies, timeouts and rebalances leave every value exactly once.
+
+A crash here is what SIGKILL leaves behind: the worker's runs stop where they are, its
+open transactions are neither committed nor aborted, and it leaves the group. The real
+broker proves the same with processes (tests/faults/test_exactly_once_kafka.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from qtasks.asyncio import QueueTasks
+from qtasks.connectors import TopicPartition
+from qtasks.partitioner import partition_for
+from qtasks.records import ResultRecord, decode_result
+from qtasks.transactions import transactional_id
+from tests.helpers import unique
+
+EOS = {"processing_guarantee": "exactly_once"}
+
+
+async def crash(app: QueueTasks) -> None:
+    """Stop a worker as SIGKILL would: no commit, no abort, its membership gone."""
+    worker = app.worker
+    assert worker is not None
+    worker._stopping = True
+    handlers = list(worker._handlers)
+    for handler in handlers:
+        handler.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    await worker.supervisor.stop()
+    await worker._consumer.stop()
+    await worker._control.stop()
+    worker._pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
+    worker._started = False
+
+
+async def committed_results(app: QueueTasks) -> dict[str, list[ResultRecord]]:
+    """Every result record a read_committed reader finds, by uuid, in order."""
+    core = app.core
+    consumer = core.broker.consumer(None, client_id="scan")
+    await consumer.start()
+    tps = [TopicPartition(core.topics.results, p) for p in range(core.results_partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(tps)
+    ends = await consumer.end_offsets(tps)
+    found: dict[str, list[ResultRecord]] = defaultdict(list)
+    try:
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            for record in await consumer.getmany(0.2):
+                assert record.key is not None
+                found[record.key.decode()].append(decode_result(record.value))
+    finally:
+        await consumer.stop()
+    return found
+
+
+def assert_exactly_once(found: dict[str, list[ResultRecord]], uuids: list[str], n: int) -> None:
+    """Each task: seqs 0..n-1 once each, and one end marker."""
+    for uuid in uuids:
+        records = found[uuid]
+        values = [r.seq for r in records if not r.end]
+        dup = [seq for seq, count in Counter(values).items() if count > 1]
+        assert not dup, f"{uuid}: seqs {dup} committed more than once"
+        assert sorted(values) == list(range(n)), (uuid, values)
+        assert len([r for r in records if r.end]) == 1, (uuid, records)
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def committed_at_least(app: QueueTasks, uuids: list[str], n: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        found = await committed_results(app)
+        return all(len([r for r in found[u] if not r.end]) >= n for u in uuids)
+
+    return check
+
+
+def register_counting(app: QueueTasks, n_calls: Counter[tuple[str, int]] | None = None) -> None:
+    @app.task(echo=True)
+    async def gen(self: Any, n: int, pause: float = 0.01) -> Any:
+        for i in range(n):
+            if n_calls is not None:
+                n_calls[(str(self.ctx.task_uuid), i)] += 1
+            await asyncio.sleep(pause)
+            yield i
+
+
+async def test_a_worker_killed_mid_generator_leaves_every_value_exactly_once(make_app: Any) -> None:
+    name = unique()
+    a, b = make_app(name, **EOS), make_app(name, **EOS)
+    register_counting(a)
+    register_counting(b)
+    await a.start()
+    tasks = [await a.add_task("gen", 40) for _ in range(6)]
+    uuids = [t.uuid for t in tasks]
+    await until(committed_at_least(a, uuids, 5), 20, "5 committed values of each task")
+    await crash(a)
+    await b.start()
+    finals = [await b.wait(u, 30) for u in uuids]
+    assert {t.status for t in finals} == {"success"}
+    assert {t.attempt for t in finals} == {2}
+    assert {t.yield_count for t in finals} == {40}
+    assert_exactly_once(await committed_results(b), uuids, 40)
+    for u in uuids:
+        assert [v async for v in b.stream(u, timeout=10)] == list(range(40))
+
+
+async def test_a_checkpointing_generator_goes_on_from_its_checkpoint_after_a_crash(make_app: Any) -> None:
+    name = unique()
+    a, b = make_app(name, **EOS), make_app(name, **EOS)
+    calls: Counter[int] = Counter()
+    resumed_from: list[Any] = []
+
+    def register(app: QueueTasks) -> None:
+        @app.task(echo=True)
+        async def crunch(self: Any, n: int) -> Any:
+            state = self.ctx.resume_state
+            resumed_from.append(state)
+            for i in range(state["next"] if state else 0, n):
+                calls[i] += 1  # the expensive step
+                await asyncio.sleep(0.01)
+                yield i * i
+                self.ctx.checkpoint({"next": i + 1})
+
+    register(a)
+    register(b)
+    await a.start()
+    task = await a.add_task("crunch", 60)
+    await until(committed_at_least(a, [task.uuid], 20), 20, "20 committed values")
+    await crash(a)
+    await b.start()
+    final = await b.wait(task.uuid, 30)
+    assert (final.status, final.attempt, final.yield_count) == ("success", 2, 60)
+    assert resumed_from[0] is None and resumed_from[1]["next"] >= 20
+    # Only the steps after the last committed checkpoint ran twice, never the whole prefix.
+    assert all(calls[i] == 1 for i in range(resumed_from[1]["next"])), calls
+    assert sum(calls.values()) - 60 <= 60 - resumed_from[1]["next"]
+    assert_exactly_once(await committed_results(b), [task.uuid], 60)
+    assert [v async for v in b.stream(task.uuid, timeout=10)] == [i * i for i in range(60)]
+    # Resumed from a checkpoint, the run does not know the values before it: returning is the count.
+    assert (final.returning, final.returning_truncated) == (60, True)
+
+
+@pytest.mark.parametrize("mode", ["warn", "error"])
+async def test_a_resumed_generator_that_yields_other_values_is_caught(
+    make_app: Any, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique()
+    a, b = make_app(name, resume_mismatch=mode, **EOS), make_app(name, resume_mismatch=mode, **EOS)
+
+    @a.task
+    async def gen(n: int) -> Any:
+        for i in range(n):
+            await asyncio.sleep(0.01)
+            yield i
+
+    @b.task(name="gen")
+    async def other(n: int) -> Any:  # not deterministic: the next attempt yields other values
+        for i in range(n):
+            await asyncio.sleep(0.01)
+            yield -i - 1
+
+    await a.start()
+    task = await a.add_task("gen", 40)
+    await until(committed_at_least(a, [task.uuid], 5), 20, "5 committed values")
+    await crash(a)
+    with caplog.at_level(logging.WARNING, logger="qtasks.worker"):
+        await b.start()
+        final = await b.wait(task.uuid, 30)
+    if mode == "error":
+        assert final.status == "error"
+        assert final.traceback is not None and "not deterministic" in final.traceback
+    else:
+        assert final.status == "success"
+        assert "not deterministic" in caplog.text
+    found = await committed_results(b)
+    values = [r.seq for r in found[task.uuid] if not r.end]
+    assert len(values) == len(set(values))  # never a seq twice, whatever the generator does
+
+
+async def test_a_fenced_worker_commits_nothing_more_and_takes_its_tasks_up_again(make_app: Any) -> None:
+    app = make_app(**EOS)
+    register_counting(app)
+    await app.start()
+    task = await app.add_task("gen", 40)
+    await until(committed_at_least(app, [task.uuid], 5), 20, "5 committed values")
+    core = app.core
+    assert app.worker is not None
+    tp = TopicPartition(core.topics.tasks, partition_for(task.uuid, core.tasks_partitions))
+    # What the partition's next owner does first: take its transactional id over.
+    usurper = core.broker.transactional_producer(transactional_id(app.worker.group_id, tp))
+    await usurper.start()
+    final = await app.wait(task.uuid, 30)
+    assert (final.status, final.attempt, final.yield_count) == ("success", 2, 40)
+    assert_exactly_once(await committed_results(app), [task.uuid], 40)
+
+
+async def test_a_transaction_past_its_timeout_is_dropped_and_its_tasks_go_on(make_app: Any, broker_url: str) -> None:
+    app = QueueTasks(
+        name=unique(),
+        broker_url=f"faulty+{broker_url}",
+        eos_transaction_timeout=1.0,
+        eos_commit_interval=0.05,
+        **EOS,
+    )
+    register_counting(app)
+    try:
+        await app.start()
+        tasks = [await app.add_task("gen", 30) for _ in range(3)]
+        uuids = [t.uuid for t in tasks]
+        await until(committed_at_least(app, uuids, 3), 20, "3 committed values of each task")
+        app.core.broker.faults.delay("txn_commit", 1.3, times=1)  # type: ignore[attr-defined]
+        finals = [await app.wait(u, 30) for u in uuids]
+        assert {t.status for t in finals} == {"success"}
+        assert max(t.attempt for t in finals) == 2  # the task of the timed-out partition ran again
+        assert_exactly_once(await committed_results(app), uuids, 30)
+    finally:
+        await app.stop()
+
+
+async def test_a_task_error_mid_chunk_commits_its_values_and_its_error(make_app: Any) -> None:
+    app = make_app(**EOS)
+
+    @app.task
+    async def breaks(n: int) -> Any:
+        for i in range(n):
+            yield i
+        raise RuntimeError("broke after the values")
+
+    await app.start()
+    final = await app.add_task("breaks", 3, timeout=10)
+    assert final is not None and final.status == "error" and "broke after" in (final.traceback or "")
+    found = await committed_results(app)
+    assert [r.seq for r in found[final.uuid] if not r.end] == [0, 1, 2]
+    assert [r.status for r in found[final.uuid] if r.end] == ["error"]
+
+
+async def test_a_rebalance_mid_transaction_moves_tasks_without_a_value_twice(make_app: Any) -> None:
+    name = unique()
+    a, b = make_app(name, **EOS), make_app(name, **EOS)
+    register_counting(a)
+    register_counting(b)
+    await a.start()
+    tasks = [await a.add_task("gen", 50, 0.01) for _ in range(9)]
+    uuids = [t.uuid for t in tasks]
+    await until(committed_at_least(a, uuids, 3), 20, "3 committed values of each task")
+    await b.start()  # the group rebalances: some partitions move to b while their tasks run
+    finals = [await b.wait(u, 30) for u in uuids]
+    assert {t.status for t in finals} == {"success"}
+    assert {t.attempt for t in finals} <= {1, 2} and max(t.attempt for t in finals) == 2
+    assert_exactly_once(await committed_results(b), uuids, 50)
+
+
+async def test_a_bad_record_goes_to_the_dead_letter_topic_in_the_transaction(make_app: Any) -> None:
+    app = make_app(**EOS)
+
+    @app.task
+    async def ok() -> int:
+        return 1
+
+    await app.start()
+    core = app.core
+    await core.broker.producer.send(core.topics.tasks, b"not json", key=b"bad", partition=0)
+    assert (await app.add_task("ok", timeout=10)) is not None
+    consumer = core.broker.consumer(None)
+    await consumer.start()
+    dlq = TopicPartition(core.topics.dlq, 0)
+    consumer.assign([dlq])
+    await consumer.seek_to_beginning([dlq])
+
+    async def dead_letters() -> bool:
+        return bool(await consumer.getmany(0.1))
+
+    await until(dead_letters, 10, "the dead letter")
+    await consumer.stop()
