@@ -97,6 +97,10 @@ class TxnProducer(Protocol):
 
     async def abort(self) -> None: ...
 
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """An offset at or below the partition's end, from what this producer knows (None: nothing)."""
+        ...
+
 
 class Consumer(Protocol):
     """Reads records, either as a member of a group or from partitions it assigns itself."""

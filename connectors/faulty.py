@@ -352,6 +352,10 @@ class FaultyTxnProducer:
         """Abort; never fails."""
         await self.inner.abort()
 
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """The inner producer's."""
+        return self.inner.known_end(topic, partition)
+
 
 class FaultyConnector:
     """A connector that wraps ``inner`` and fails or delays its I/O as ``faults`` plans."""

@@ -100,6 +100,10 @@ class MemoryTxnProducer:
         """Drop the transaction's records and offsets."""
         self._log.txn_end(self.transactional_id, self._epoch, commit=False)
 
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """The partition's end offset (exact in memory)."""
+        return self._log.end_offset(TopicPartition(topic, partition))
+
 
 class MemoryConsumer:
     """A consumer of the memory log: a group member (``subscribe``) or self-assigned (``assign``)."""

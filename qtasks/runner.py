@@ -302,7 +302,7 @@ class TaskRun:
             lease_until=now + core.config.lease_timeout,
             results_partition=self.partition,
             # Every result of this run lands after this offset: a reader starts here.
-            results_offset=core.broker.producer.known_end(core.topics.results, self.partition),
+            results_offset=self._results_start(),
             updated_at=now,
             yield_count=self.sink.committed,
             values_crc=self.sink.committed_crc,
@@ -316,6 +316,16 @@ class TaskRun:
                 "task %s resumes at value %d (checkpoint at %d)", self.rec.uuid, self.resume.committed, self.resume.seq
             )
         self.task = await core.store.write(self.task, txn=self.txn)
+
+    def _results_start(self) -> int | None:
+        """An offset of the results partition at or before this run's first result (None: not known here)."""
+        core = self.host.core
+        topic = core.topics.results
+        known = [core.broker.producer.known_end(topic, self.partition)]
+        if self.txn is not None:
+            known.append(self.txn.producer.known_end(topic, self.partition))
+        found = [offset for offset in known if offset is not None]
+        return max(found) if found else None
 
     async def renew(self) -> None:
         """Renew the lease, with the progress so far (``yield_count``) and the last checkpoint.

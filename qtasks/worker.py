@@ -169,6 +169,7 @@ class Worker:
             except ConnectorError as exc:
                 log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
         await self._consumer.stop()
+        await self._close_txns(set(self._txns))  # none is opened while stopping; this is a backstop
         await self._control.stop()
         self._pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
         self._started = False
@@ -198,9 +199,10 @@ class Worker:
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
         if self.exactly_once:
             await self._close_txns({tp for tp, txn in self._txns.items() if tp not in assigned or txn.lost})
-            for tp in assigned:
-                if tp not in self._txns:
-                    self._open_txn(tp)
+            if not self._stopping:  # a stopping worker takes no partition up
+                for tp in assigned:
+                    if tp not in self._txns:
+                        self._open_txn(tp)
 
     # -- the poll loop ---------------------------------------------------------------
 

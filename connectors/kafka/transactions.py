@@ -50,6 +50,9 @@ class KafkaTxnProducer:
         self.transactional_id = transactional_id
         self._client: AIOKafkaProducer | None = None
         self._in_txn = False
+        self._beginning: asyncio.Lock | None = None
+        #: One past the highest offset each partition's deliveries reported.
+        self._ends: dict[tuple[str, int], int] = {}
 
     async def start(self) -> None:
         """Connect and register the id (InitProducerId): an older producer of it is fenced."""
@@ -112,10 +115,15 @@ class KafkaTxnProducer:
         return client
 
     async def _begin(self, client: AIOKafkaProducer) -> None:
-        if not self._in_txn:
-            with self._errors("begin a transaction"):
-                await client.begin_transaction()
-            self._in_txn = True
+        if self._in_txn:
+            return
+        if self._beginning is None:
+            self._beginning = asyncio.Lock()
+        async with self._beginning:  # concurrent first sends begin one transaction
+            if not self._in_txn:
+                with self._errors("begin a transaction"):
+                    await client.begin_transaction()
+                self._in_txn = True
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:
         """Enqueue a record in the transaction (the first send opens it); return its delivery."""
@@ -142,7 +150,11 @@ class KafkaTxnProducer:
                 return
             exc = raw.exception()
             if exc is None:
-                mapped.set_result(raw.result())
+                result = raw.result()
+                key = (topic, partition)
+                if result.offset >= self._ends.get(key, 0):
+                    self._ends[key] = result.offset + 1
+                mapped.set_result(result)
             elif isinstance(exc, _FENCED):
                 mapped.set_exception(_fenced(self.transactional_id, exc))
             else:
@@ -152,6 +164,10 @@ class KafkaTxnProducer:
 
         fut.add_done_callback(done)
         return mapped
+
+    def known_end(self, topic: str, partition: int) -> int | None:
+        """One past the highest offset this producer's deliveries to the partition reported (None: none yet)."""
+        return self._ends.get((topic, partition))
 
     async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
         """Add the group's offsets to the transaction."""
