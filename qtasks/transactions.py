@@ -72,6 +72,8 @@ class PartitionTxn:
         self._committed: int | None = None
         #: The runs that write in this partition's transactions (each commit writes their progress).
         self.runs: set[Any] = set()
+        #: One commit at a time (the worker's loop and a rebalance may both commit).
+        self._commit_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Take the partition's transactional id over (the previous owner is fenced)."""
@@ -145,6 +147,10 @@ class PartitionTxn:
         so what it sends (the runs' progress) describes exactly what the transaction holds.
         Raises :class:`PartitionLostError` if the transaction failed: nothing of it is visible.
         """
+        async with self._commit_lock:
+            return await self._commit(offsets, before)
+
+    async def _commit(self, offsets: PartitionOffsets | None, before: Callable[[], Awaitable[None]] | None) -> bool:
         if self.lost or self.error is not None:
             raise self._lost()
         offset = self.due(offsets)

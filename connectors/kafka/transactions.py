@@ -121,8 +121,11 @@ class KafkaTxnProducer:
             self._beginning = asyncio.Lock()
         async with self._beginning:  # concurrent first sends begin one transaction
             if not self._in_txn:
-                with self._errors("begin a transaction"):
-                    await client.begin_transaction()
+                try:
+                    with self._errors("begin a transaction"):
+                        await client.begin_transaction()
+                except AssertionError as exc:  # aiokafka's state machine refuses: treat the producer as lost
+                    raise _fenced(self.transactional_id, exc) from exc
                 self._in_txn = True
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:

@@ -58,3 +58,31 @@ async def long_run(seconds: int, step: float = 0.1):
         for _ in range(per_second):
             await asyncio.sleep(step)
         yield {"i": i, "pid": pid}
+
+
+@app.task(echo=True)
+async def crunch(self, n: int, delay: float = 0.05):
+    """``n`` steps of work, a checkpoint after each; a run taken over goes on from the last one.
+
+    Every step is logged (``STEP <uuid> <i> pid=<pid>`` on stderr), so a test counts the
+    work done, not only the values committed.
+    """
+    pid = os.getpid()
+    state = self.ctx.resume_state
+    for i in range(state["next"] if state else 0, n):
+        print(f"STEP {self.ctx.task_uuid} {i} pid={pid}", file=sys.stderr, flush=True)
+        await asyncio.sleep(delay)
+        yield {"i": i, "pid": pid}
+        self.ctx.checkpoint({"next": i + 1})
+
+
+@app.task(echo=True)
+async def block_once(self, seconds: float, marker: str):
+    """Blocks the worker's event loop for ``seconds`` (``time.sleep`` in async code), once:
+    the first run creates ``marker``, a run that finds it returns at once."""
+    if os.path.exists(marker):  # noqa: ASYNC240 - blocking on purpose, as the sleep below
+        return "again"
+    with open(marker, "w") as f:  # noqa: ASYNC230
+        f.write(str(os.getpid()))
+    time.sleep(seconds)  # noqa: ASYNC251 - a bug a user may well write: nothing on this loop runs meanwhile
+    return "blocked"

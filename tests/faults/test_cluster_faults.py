@@ -69,6 +69,15 @@ async def coordinator_node(bootstrap: str) -> int:
     raise AssertionError("no __consumer_offsets topic")
 
 
+async def transaction_coordinator_node(bootstrap: str) -> int:
+    """The node that leads ``__transaction_state`` (one partition): every producer's transaction coordinator."""
+    for topic in await describe(bootstrap):
+        if topic["topic"] == "__transaction_state":
+            (partition,) = topic["partitions"]
+            return int(partition["leader"])
+    raise AssertionError("no __transaction_state topic (no transactional producer started yet)")
+
+
 async def wait_in_sync(bootstrap: str, timeout: float = 120) -> None:
     """Until every partition of every topic has all its replicas in sync (a node that came back caught up)."""
     deadline = time.monotonic() + timeout
@@ -324,6 +333,34 @@ async def test_rebalance_churn_one_three_one_workers(cluster: Any, make_workers:
 
     await stream_through("rebalance churn: workers 1 -> 3 -> 1", group, app, fault, workers=workers)
     assert first.alive()
+
+
+# -- 5. exactly-once through a kill -9 of the transaction coordinator ------------------------------
+
+
+@pytest.mark.timeout(420)
+async def test_exactly_once_through_a_kill_9_of_the_transaction_coordinator(
+    cluster: Any, make_workers: Callable[..., Workers]
+) -> None:
+    group, workers = await start_group(make_workers, 3, processing_guarantee="exactly_once")
+    app = await group.client()
+    victim = await transaction_coordinator_node(cluster.bootstrap)
+
+    async def fault() -> None:
+        await asyncio.to_thread(cluster.kill_node, victim)
+        assert cluster.node_pid(victim) is None
+        await asyncio.sleep(10)
+        await asyncio.to_thread(cluster.start)
+
+    measured = await stream_through(
+        f"exactly-once: kill -9 of node {victim} (the transaction coordinator), back after 10 s",
+        group,
+        app,
+        fault,
+        workers=workers,
+    )
+    # Read back as a read_committed consumer (the client runs exactly-once): not one record twice.
+    assert (measured.raw_duplicates, measured.reruns) == (0, 0), measured
 
 
 # -- 5. a single broker away for 60 s --------------------------------------------------------------
