@@ -1,7 +1,7 @@
 """qtasks on a real Kafka broker against a raw aiokafka loop (a benchmark, not a test).
 
     .venv/bin/python bench/bench_kafka.py [--bootstrap HOST:PORT] [--tasks N] [--k K]
-        [--concurrency C] [--rounds R] [--samples S] [--linger-ms MS] [--phases throughput,latency,loaded]
+        [--concurrency C] [--rounds R] [--samples S] [--linger-ms MS] [--phases throughput,latency,eos,loaded]
 
 Without ``--bootstrap`` it starts its own broker (deploy/local, Kafka 4.4.0) with the
 JVM defaults (G1 + C2, ``KAFKA_JVM_OPTS=""``), as deploy/local/README.md advises for
@@ -37,7 +37,10 @@ Latency (sequential, with a worker running in this process, after a warm-up):
    trip); and, for scale, the same round trip through raw aiokafka (client -> tasks
    topic -> the raw worker loop -> results topic -> a reader that is already assigned
    and polling), which bounds what any design on these settings can reach.
-4. (``--phases loaded``, not run by default) the first stream value right after N*k
+4. Exactly-once (``eos``): the qtasks throughput round of 2., at-least-once then
+   exactly-once (``processing_guarantee``), ``--rounds`` times, the median of each; then
+   the latencies of 3. in both modes.
+5. (``--phases loaded``, not run by default) the first stream value right after N*k
    results went to the app's results topic: a stream starts reading its partition
    ``stream_clock_skew`` (30 s) before the task's creation, so it reads them all first.
 
@@ -181,6 +184,24 @@ async def record_count(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
+async def committed_count(bootstrap: str, topic: str) -> int:
+    """Records a read_committed consumer reads from the topic (to its last stable offset)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        tps = [KTP(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        count = 0
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            batches = await consumer.getmany(timeout_ms=500)
+            count += sum(len(records) for records in batches.values())
+        return count
+    finally:
+        await consumer.stop()
+
+
 async def check_all_committed(bootstrap: str, topic: str, group: str) -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -291,13 +312,20 @@ async def bench_raw(bootstrap: str, topics: Topics, n: int, k: int, linger_ms: i
 # --------------------------------------------------------------------------- 2. qtasks
 
 
-def make_app(bootstrap: str, concurrency: int, linger_ms: int, marks: dict[str, float] | None = None) -> QueueTasks:
+def make_app(
+    bootstrap: str,
+    concurrency: int,
+    linger_ms: int,
+    marks: dict[str, float] | None = None,
+    guarantee: str = "at_least_once",
+) -> QueueTasks:
     app = QueueTasks(
         name=f"bench{uuid_mod.uuid4().hex[:8]}",
         broker_url=f"kafka://{bootstrap}",
         concurrency=concurrency,
         kafka_linger_ms=linger_ms,
         log_level="WARNING",
+        processing_guarantee=guarantee,
     )
 
     @app.task
@@ -324,10 +352,10 @@ async def submit_all(app: QueueTasks, n: int, *args: Any) -> list[str]:
 
 
 async def bench_qtasks(
-    bootstrap: str, topics: Topics, n: int, k: int, concurrency: int, linger_ms: int
+    bootstrap: str, topics: Topics, n: int, k: int, concurrency: int, linger_ms: int, guarantee: str = "at_least_once"
 ) -> dict[str, float]:
     marks: dict[str, float] = {}
-    app = make_app(bootstrap, concurrency, linger_ms, marks)
+    app = make_app(bootstrap, concurrency, linger_ms, marks, guarantee)
     topics.add_app(app)
     try:
         uuids = await submit_all(app, n, k)
@@ -343,7 +371,11 @@ async def bench_qtasks(
         assert not bad, f"{len(bad)} tasks did not end as success with {k} values, e.g. {bad[0]}"
     finally:
         await app.stop()  # commits the last offsets
-    written = await record_count(bootstrap, app.topics.results)
+    if guarantee == "exactly_once":
+        # Offsets count the transaction markers too: count what a read_committed reader gets.
+        written = await committed_count(bootstrap, app.topics.results)
+    else:
+        written = await record_count(bootstrap, app.topics.results)
     assert written == n * (k + 1), f"qtasks: {written} result records, expected {n * (k + 1)} (k values + end marker)"
     await check_all_committed(bootstrap, app.topics.tasks, app.group_id)
     return {"elapsed": elapsed, "cpu": cpu, "join": marks["first"] - started}
@@ -353,9 +385,15 @@ async def bench_qtasks(
 
 
 async def bench_latency(
-    bootstrap: str, topics: Topics, samples: int, warmup: int, concurrency: int, linger_ms: int
+    bootstrap: str,
+    topics: Topics,
+    samples: int,
+    warmup: int,
+    concurrency: int,
+    linger_ms: int,
+    guarantee: str = "at_least_once",
 ) -> dict[str, list[float]]:
-    app = make_app(bootstrap, concurrency, linger_ms)
+    app = make_app(bootstrap, concurrency, linger_ms, guarantee=guarantee)
     topics.add_app(app)
     first_value: list[float] = []
     stream_end: list[float] = []
@@ -556,6 +594,33 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
             row("add_task(noop, timeout=) -> terminal status", *latency_row(lat["noop"]))
             raw_lat = await bench_raw_latency(bootstrap, topics, s, args.warmup, linger)
             row("raw: send task -> first result at a reader", *latency_row(raw_lat))
+        if "eos" in phases:
+            print(f"exactly-once against at-least-once: {args.rounds} rounds of {n} tasks x {k} each ...", flush=True)
+            alo_runs, eos_runs = [], []
+            for r in range(args.rounds):
+                alo = await bench_qtasks(bootstrap, topics, n, k, c, linger)
+                eos = await bench_qtasks(bootstrap, topics, n, k, c, linger, "exactly_once")
+                await topics.delete_all()
+                alo_runs.append(alo)
+                eos_runs.append(eos)
+                print(
+                    f"round {r + 1}: at-least-once {n * k / alo['elapsed']:,.0f} results/s, "
+                    f"exactly-once {n * k / eos['elapsed']:,.0f} results/s",
+                    flush=True,
+                )
+            alo_e = statistics.median(x["elapsed"] for x in alo_runs)
+            eos_e = statistics.median(x["elapsed"] for x in eos_runs)
+            row("at-least-once: results/s", f"{n * k / alo_e:,.0f}", f"median of {args.rounds}")
+            row(
+                "exactly-once: results/s",
+                f"{n * k / eos_e:,.0f}",
+                f"median of {args.rounds}; {alo_e / eos_e:.2f}x at-least-once",
+            )
+            s = args.samples
+            for guarantee in ("at_least_once", "exactly_once"):
+                lat = await bench_latency(bootstrap, topics, s, args.warmup, c, linger, guarantee)
+                row(f"{guarantee}: add_task -> first stream value", *latency_row(lat["first_value"]))
+                row(f"{guarantee}: add_task(noop, timeout=) -> terminal status", *latency_row(lat["noop"]))
         if "loaded" in phases:
             m = min(args.samples, 50)
             print(f"stream latency right after {n} x {k} results ({m} samples) ...", flush=True)
@@ -589,9 +654,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--phases",
-        default="throughput,latency",
-        help="comma list of throughput, latency, loaded (default: throughput,latency); loaded: "
-        "the stream latency right after N*k results were written",
+        default="throughput,latency,eos",
+        help="comma list of throughput, latency, eos, loaded (default: throughput,latency,eos); eos: "
+        "exactly-once against at-least-once, throughput and latency; loaded: the stream latency "
+        "right after N*k results were written",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -193,6 +193,7 @@ class MemoryLog:
         self.groups: dict[str, _Group] = {}
         self.txns: dict[str, _Txn] = {}
         self._open_txns = 0
+        self._expiry_check = 0.0  # ms of the log's clock
         self._member_ids = itertools.count(1)
         #: Seconds since the epoch: record timestamps and retention read it (tests replace it).
         self.clock: Callable[[], float] = time.time
@@ -462,10 +463,17 @@ class MemoryLog:
         return waiters
 
     def _expire_txns(self) -> None:
-        """Abort transactions open past their timeout and fence their producers (lock held)."""
+        """Abort transactions open past their timeout and fence their producers (lock held).
+
+        Checked at most every 50 ms of the log's clock (as the broker checks periodically),
+        so the hot path of a transactional send stays one comparison.
+        """
         if not self._open_txns:
             return
         now = self.clock() * 1000
+        if now < self._expiry_check:
+            return
+        self._expiry_check = now + 50
         for transactional_id, txn in self.txns.items():
             if txn.started and now - txn.started > txn.timeout_ms:
                 waiters = self._end_txn(txn, transactional_id, commit=False)

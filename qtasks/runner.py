@@ -142,8 +142,13 @@ class ResultSink:
         """One result record for one handled value; a value that cannot be stored is an error."""
         seq = self.seq
         try:
-            raw = encode(ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=value))
-            crc = zlib.crc32(encode(value), self.crc) if self.track_crc else 0
+            if self.track_crc:  # the value encoded once, for the record and for the checksum
+                value_raw = encode(value)
+                crc = zlib.crc32(value_raw, self.crc)
+                raw = encode(ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=msgspec.Raw(value_raw)))
+            else:
+                crc = 0
+                raw = encode(ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=value))
         except ENCODE_ERRORS as exc:
             raise TypeError(
                 f"the task yielded a value of type {type(value).__name__} that cannot be encoded as JSON: {exc}"

@@ -66,8 +66,8 @@ class PartitionTxn:
         self._nudge = nudge
         self._on_commit: list[Callable[[], object]] = []
         self._sending = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        #: Resolved when the sends under way have finished (a commit waits for it).
+        self._drained: asyncio.Future[None] | None = None
         self._gate: asyncio.Future[None] | None = None
         self._committed: int | None = None
         #: The runs that write in this partition's transactions (each commit writes their progress).
@@ -103,7 +103,6 @@ class PartitionTxn:
         if self.lost or self.error is not None:
             raise self._lost()
         self._sending += 1
-        self._idle.clear()
         try:
             delivery = await self.producer.send(topic, raw, key=key, partition=partition)
         except ConnectorError as exc:
@@ -113,8 +112,9 @@ class PartitionTxn:
             raise self._lost() from exc
         finally:
             self._sending -= 1
-            if not self._sending:
-                self._idle.set()
+            drained = self._drained
+            if not self._sending and drained is not None and not drained.done():
+                drained.set_result(None)
         if delivery is not None:
             delivery.add_done_callback(self._delivered)  # type: ignore[attr-defined]
         if on_commit is not None:
@@ -122,6 +122,12 @@ class PartitionTxn:
         self.records += 1
         if self.records == self._limit:
             self._nudge()
+
+    async def _until_drained(self) -> None:
+        """Wait until no send is under way (new ones wait at the gate meanwhile)."""
+        while self._sending:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
 
     def _delivered(self, delivery: Any) -> None:
         if delivery.cancelled():
@@ -160,10 +166,10 @@ class PartitionTxn:
         self._gate = gate
         token = _committing.set(self)
         try:
-            await self._idle.wait()
+            await self._until_drained()
             if before is not None:
                 await before()
-                await self._idle.wait()
+                await self._until_drained()
             if self.error is not None:
                 raise self._lost()
             if offset is not None:
