@@ -15,12 +15,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from qtasks.exc import ConnectorError
 from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.delivery")
+
+T = TypeVar("T")
 
 
 class Trouble:
@@ -129,6 +131,28 @@ async def deliver_together(
                 ok = False
         if not ok:
             await deliver(send, what=what, trouble=trouble)
+
+
+async def retried(call: Callable[[], Awaitable[T]], *, what: str, trouble: Trouble | None = None) -> T:
+    """Run a read (``call()``) until it answers: a retriable failure (the broker is away) is
+    tried again with a capped backoff, quietly (one WARNING and one INFO through ``trouble``);
+    any other failure is raised."""
+    tries = 0
+    try:
+        while True:
+            try:
+                return await call()
+            except ConnectorError as exc:
+                raise_if_cancelled()
+                if not exc.retriable:
+                    raise
+                tries += 1
+                if tries == 1 and trouble is not None:
+                    trouble.enter(what, exc)
+                await asyncio.sleep(retry_delay(tries))
+    finally:
+        if tries and trouble is not None:
+            trouble.leave()
 
 
 async def fetch(consumer: Any, timeout: float, max_records: int | None = None) -> list[Any]:

@@ -145,7 +145,9 @@ class ResultSink:
             if self.track_crc:  # the value encoded once, for the record and for the checksum
                 value_raw = encode(value)
                 crc = zlib.crc32(value_raw, self.crc)
-                raw = encode(ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=msgspec.Raw(value_raw)))
+                raw = encode(
+                    ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=msgspec.Raw(value_raw))
+                )
             else:
                 crc = 0
                 raw = encode(ResultRecord(uuid=self._uuid, seq=seq, attempt=self._attempt, value=value))

@@ -42,7 +42,7 @@ from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
-from qtasks.delivery import deliver, fetch
+from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
@@ -324,8 +324,11 @@ class Worker:
         core = self.core
         uuid = rec.uuid
         while True:
-            # The view may lag behind the submit, or have dropped an old finished task.
-            head = await core.store.head(uuid, timeout=2.0)
+            # The view may lag behind the submit, or have dropped an old finished task. While
+            # the broker is away the lookup waits for it: a task is never decided on a guess.
+            head = await retried(
+                lambda: core.store.head(uuid, timeout=2.0), what=f"the status of {uuid}", trouble=core.trouble
+            )
             spec = self.registry.get(rec.task_name)
             decision = admit(
                 head,
@@ -459,10 +462,9 @@ class Worker:
 
     async def _start_txn(self, txn: PartitionTxn) -> None:
         """Fence the previous owner, then read the status topic to its end: what it committed is known here."""
-        await deliver(
-            txn.start, what=f"the transactions of {txn.tp.topic}[{txn.tp.partition}]", trouble=self.core.trouble
-        )
-        await self.core.store.catch_up_all()
+        trouble = self.core.trouble
+        await deliver(txn.start, what=f"the transactions of {txn.tp.topic}[{txn.tp.partition}]", trouble=trouble)
+        await retried(self.core.store.catch_up_all, what="the end of the status topic", trouble=trouble)
 
     async def _txn_of(self, tp: TopicPartition) -> PartitionTxn | None:
         """The partition's transaction once it is ready; None if the partition is not (or no longer) ours."""

@@ -189,7 +189,7 @@ async def stream_through(
     measured = Measured(name, len(uuids), N_VALUES, lost, incomplete, raw_duplicates, reruns, stall, drained)
     MEASURED.append(measured)
     print(measured.line())  # in the captured output of a failing test
-    assert lost == 0, {u: (t.status, t.error) for u, t in finals.items() if t.status != "success"}
+    assert lost == 0, {u: (t.status, t.traceback) for u, t in finals.items() if t.status != "success"}
     assert incomplete == 0, measured
     return measured
 

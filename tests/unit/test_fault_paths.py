@@ -255,3 +255,36 @@ async def test_the_stream_of_a_task_that_yields_nothing_ends_with_its_status(
     for _ in range(3):
         task = await app.add_task("plain")
         assert [v async for v in app.stream(task.uuid, timeout=10)] == []
+
+
+async def test_a_task_whose_status_cannot_be_looked_up_during_an_outage_waits_and_then_runs(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    """A record the view knows nothing of is looked up to the status log's end; while the
+    broker does not answer that lookup, the worker waits for it (never ends the task as error)."""
+    import time
+    import uuid as uuid_mod
+
+    from qtasks.partitioner import partition_for
+    from qtasks.records import TaskRecord, encode
+
+    app = faulty_app()
+
+    @app.task
+    async def job(i: int) -> int:
+        return i * 2
+
+    await app.start()
+    faults = app.broker.faults  # type: ignore[attr-defined]
+    # A record written by another producer, its `new` status not in this view: the worker
+    # looks it up (ListOffsets), which fails five times in a row.
+    faults.fail("end_offsets", times=5)
+    uuid = str(uuid_mod.uuid4())
+    record = TaskRecord(uuid=uuid, task_name="job", args=[21], kwargs={}, created_at=time.time())
+    await app.broker.producer.send(
+        app.topics.tasks, encode(record), key=uuid.encode(), partition=partition_for(uuid, app.core.tasks_partitions)
+    )
+    await until(lambda: faults.calls["end_offsets"] >= 6)  # five failed lookups, then one that answers
+    await until(lambda: app.view.head(uuid) is not None)  # the task had no status before the worker's
+    done = await app.wait(uuid, 10)
+    assert (done.status, done.returning) == ("success", 42), done.traceback
