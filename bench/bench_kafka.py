@@ -610,11 +610,13 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
                 )
             alo_e = statistics.median(x["elapsed"] for x in alo_runs)
             eos_e = statistics.median(x["elapsed"] for x in eos_runs)
-            row("at-least-once: results/s", f"{n * k / alo_e:,.0f}", f"median of {args.rounds}")
+            alo_cpu = statistics.median(x["cpu"] for x in alo_runs) / (n * k) * 1e6
+            eos_cpu = statistics.median(x["cpu"] for x in eos_runs) / (n * k) * 1e6
+            row("at-least-once: results/s", f"{n * k / alo_e:,.0f}", f"median of {args.rounds}; {alo_cpu:.1f} us CPU each")
             row(
                 "exactly-once: results/s",
                 f"{n * k / eos_e:,.0f}",
-                f"median of {args.rounds}; {alo_e / eos_e:.2f}x at-least-once",
+                f"median of {args.rounds}; {alo_e / eos_e:.2f}x at-least-once; {eos_cpu:.1f} us CPU each",
             )
             s = args.samples
             for guarantee in ("at_least_once", "exactly_once"):

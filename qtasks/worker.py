@@ -482,7 +482,8 @@ class Worker:
                 async with asyncio.timeout(interval):
                     await self._txn_wake.wait()
             self._txn_wake.clear()
-            await self._commit_txns()
+            # A commit is never cut in half by a stop: the stop's own final commit waits for it.
+            await asyncio.shield(self._commit_txns())
 
     async def _commit_txns(self) -> None:
         """Commit every ready partition's transaction (at once), with its runs' progress and its offset."""
