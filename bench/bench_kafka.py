@@ -612,7 +612,11 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
             eos_e = statistics.median(x["elapsed"] for x in eos_runs)
             alo_cpu = statistics.median(x["cpu"] for x in alo_runs) / (n * k) * 1e6
             eos_cpu = statistics.median(x["cpu"] for x in eos_runs) / (n * k) * 1e6
-            row("at-least-once: results/s", f"{n * k / alo_e:,.0f}", f"median of {args.rounds}; {alo_cpu:.1f} us CPU each")
+            row(
+                "at-least-once: results/s",
+                f"{n * k / alo_e:,.0f}",
+                f"median of {args.rounds}; {alo_cpu:.1f} us CPU each",
+            )
             row(
                 "exactly-once: results/s",
                 f"{n * k / eos_e:,.0f}",

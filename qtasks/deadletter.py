@@ -15,6 +15,9 @@ from qtasks.transactions import PartitionTxn
 
 log = logging.getLogger("qtasks.worker")
 
+#: The longest key a dead letter gets (a record's key may be any size; qtasks' own are 36 bytes).
+KEY_BYTES = 200
+
 
 async def dead_letter(core: Core, record: Record, reason: str, worker_id: str, txn: PartitionTxn | None = None) -> None:
     """Send ``record`` to ``<app>.dlq`` with ``reason``; a record that names a task ends that task as error.
@@ -35,7 +38,9 @@ async def dead_letter(core: Core, record: Record, reason: str, worker_id: str, t
         value=value,
         at=time.time(),
     )
-    key = (record.key or f"{record.topic}:{record.partition}:{record.offset}".encode()).decode("utf-8", "replace")
+    # The original key names the letter, cut to what any record takes (the whole key is in the letter).
+    raw_key = (record.key or f"{record.topic}:{record.partition}:{record.offset}".encode())[:KEY_BYTES]
+    key = raw_key.decode("utf-8", "replace")
     if txn is not None:
         await txn.send(core.topics.dlq, encode(letter), key=key.encode(), partition=partition_for(key, 1))
     else:

@@ -160,25 +160,30 @@ class ResultSink:
                 f"value {seq} of the task is {len(raw)} bytes encoded, over the results topic's limit "
                 f"of {self._limit} bytes (max_record_bytes, or the topic's max.message.bytes): yield smaller values"
             )
-        self.seq = seq + 1
-        items = self.items
-        if items is not None:
-            self._bytes += len(raw)
-            if len(items) >= self._max_items or self._bytes > self._max_bytes:
-                self.items = None
-            else:
-                items.append(value)
         if seq < self.committed:
             # An earlier attempt committed this value: it is not sent again.
-            self.sent, self.crc = seq + 1, crc
+            self._count(seq, value, len(raw), crc)
             if self.sent == self.committed:
                 self._check_replay()
             return
         delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
-        self.sent, self.crc = seq + 1, crc
+        # Counted once sent, never before: a run stopped while its send waited (a commit
+        # holds sends back; max_time, a cancel) counts only the values that were sent.
+        self._count(seq, value, len(raw), crc)
         if delivery is not None:
             self.last_delivery = delivery
             delivery.add_done_callback(self._delivered)
+
+    def _count(self, seq: int, value: Any, size: int, crc: int) -> None:
+        self.seq = self.sent = seq + 1
+        self.crc = crc
+        items = self.items
+        if items is not None:
+            self._bytes += size
+            if len(items) >= self._max_items or self._bytes > self._max_bytes:
+                self.items = None
+            else:
+                items.append(value)
 
     def _check_replay(self) -> None:
         """The values this run went over again must be the ones committed (a deterministic generator)."""

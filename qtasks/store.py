@@ -163,14 +163,20 @@ class StatusStore:
             log.warning("the status view did not reach the end of %s within %.0f s", tp, timeout)
 
     async def catch_up_all(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
-        """Wait until the view holds everything committed to the status topic before now (bounded)."""
+        """Wait until the view holds everything committed to the status topic before now.
+
+        Exactly-once relies on it (a partition's new owner goes on from what was committed),
+        so running out of ``timeout`` is a retriable :class:`ConnectorError`, never a guess.
+        """
         if self._consumer is None:
-            return
+            raise ConnectorError("the status view is not running", retriable=True)
         ends = await self._consumer.end_offsets(self._tps(range(self.partitions)))
         try:
             await self._supervisor.wait(self._reach(ends), timeout)
         except TimeoutError:
-            log.warning("the status view did not reach the end of %s within %.0f s", self.topic, timeout)
+            raise ConnectorError(
+                f"the status view did not reach the end of {self.topic} within {timeout:.0f} s", retriable=True
+            ) from None
 
     async def _grown(self) -> None:
         """Follow a status topic that gained partitions since this process counted them."""
@@ -207,8 +213,17 @@ class StatusStore:
             task = await self._read_back(uuid)
         return task
 
-    async def head(self, uuid: str, timeout: float = CATCH_UP_TIMEOUT) -> StatusHead | None:
-        """The head of ``uuid``'s latest status, looked for as :meth:`lookup` does."""
+    async def head(
+        self, uuid: str, timeout: float = CATCH_UP_TIMEOUT, txn: PartitionTxn | None = None
+    ) -> StatusHead | None:
+        """The head of ``uuid``'s latest status, looked for as :meth:`lookup` does.
+
+        ``txn`` (exactly-once): a status written in that transaction, still open, counts: it
+        will commit with whatever is decided now (a task whose ending waits in it is finished).
+        """
+        pending = self._pending.get(uuid) if txn is not None else None
+        if pending is not None and pending[2] is txn and not txn.lost:
+            return head_of(pending[0])
         head = self.view.head(uuid)
         if head is None:
             await self._grown()

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qtasks.connectors.base import TopicPartition, TxnProducer
-from qtasks.exc import ConnectorError
+from qtasks.exc import ConnectorError, RecordTooLargeError
 from qtasks.offsets import PartitionOffsets
 
 #: The transaction whose commit runs in this task: its ``before`` hook sends past the closed gate.
@@ -79,10 +79,25 @@ class PartitionTxn:
         """Take the partition's transactional id over (the previous owner is fenced)."""
         await self.producer.start()
 
-    async def close(self) -> None:
-        """Stop writing for this partition: the open transaction is aborted."""
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop writing for this partition: the open transaction is aborted.
+
+        A commit under way is let finish first (bounded by ``timeout``): a producer stopped
+        in the middle of its commit leaves the commit waiting for an answer that never comes.
+        """
         self.lost = True
-        await self.producer.stop()
+        held = False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._commit_lock.acquire()
+                held = True
+        except TimeoutError:
+            pass
+        try:
+            await self.producer.stop()
+        finally:
+            if held:
+                self._commit_lock.release()  # a commit after this finds the partition lost
 
     def _lost(self) -> PartitionLostError:
         why = f": {self.error}" if self.error is not None else ""
@@ -105,6 +120,8 @@ class PartitionTxn:
         self._sending += 1
         try:
             delivery = await self.producer.send(topic, raw, key=key, partition=partition)
+        except RecordTooLargeError:
+            raise  # refused before it was sent: the transaction is whole, the caller says why
         except ConnectorError as exc:
             if self.error is None:
                 self.error = exc

@@ -107,6 +107,7 @@ class Worker:
         self.exactly_once = config.exactly_once
         self._txns: dict[TopicPartition, PartitionTxn] = {}
         self._txn_ready: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._commits: dict[TopicPartition, asyncio.Task[None]] = {}
         self._txn_wake = asyncio.Event()
         #: The handlers of each partition's records (exactly-once drops them with the partition).
         self._handlers_of: dict[TopicPartition, set[asyncio.Task[None]]] = {}
@@ -327,7 +328,7 @@ class Worker:
             # The view may lag behind the submit, or have dropped an old finished task. While
             # the broker is away the lookup waits for it: a task is never decided on a guess.
             head = await retried(
-                lambda: core.store.head(uuid, timeout=2.0), what=f"the status of {uuid}", trouble=core.trouble
+                lambda: core.store.head(uuid, timeout=2.0, txn=txn), what=f"the status of {uuid}", trouble=core.trouble
             )
             spec = self.registry.get(rec.task_name)
             decision = admit(
@@ -461,10 +462,18 @@ class Worker:
         self._txn_ready[tp] = asyncio.get_running_loop().create_task(self._start_txn(txn))
 
     async def _start_txn(self, txn: PartitionTxn) -> None:
-        """Fence the previous owner, then read the status topic to its end: what it committed is known here."""
+        """Fence the previous owner, then read the status topic to its end: what it committed is known here.
+
+        Retried while the broker is away; a failure that is not retriable (the transactional
+        id is not authorized) stops the worker loudly instead of leaving the partition idle.
+        """
         trouble = self.core.trouble
-        await deliver(txn.start, what=f"the transactions of {txn.tp.topic}[{txn.tp.partition}]", trouble=trouble)
-        await retried(self.core.store.catch_up_all, what="the end of the status topic", trouble=trouble)
+        try:
+            await deliver(txn.start, what=f"the transactions of {txn.tp.topic}[{txn.tp.partition}]", trouble=trouble)
+            await retried(self.core.store.catch_up_all, what="the end of the status topic", trouble=trouble)
+        except ConnectorError as exc:
+            txn.lost = True
+            self._on_fatal(exc)
 
     async def _txn_of(self, tp: TopicPartition) -> PartitionTxn | None:
         """The partition's transaction once it is ready; None if the partition is not (or no longer) ours."""
@@ -476,22 +485,33 @@ class Worker:
         return None if txn.lost or self._txns.get(tp) is not txn else txn
 
     async def _txn_loop(self) -> None:
+        """Start each ready partition's next commit, every interval (or when one is full).
+
+        Each partition commits on its own: one slow commit (its coordinator failing over)
+        never holds back the others. A commit is never cut in half by a stop: the stop's
+        own final commit waits for the one under way (the partition's commit lock).
+        """
         interval = self.core.config.eos_commit_interval
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._txn_wake.wait()
             self._txn_wake.clear()
-            # A commit is never cut in half by a stop: the stop's own final commit waits for it.
-            await asyncio.shield(self._commit_txns())
+            for txn in self._ready_txns():
+                under_way = self._commits.get(txn.tp)
+                if under_way is None or under_way.done():
+                    self._commits[txn.tp] = asyncio.get_running_loop().create_task(self._commit_txn(txn))
 
-    async def _commit_txns(self) -> None:
-        """Commit every ready partition's transaction (at once), with its runs' progress and its offset."""
-        ready = [
+    def _ready_txns(self) -> list[PartitionTxn]:
+        return [
             txn
             for tp, txn in self._txns.items()
             if not txn.lost and (task := self._txn_ready.get(tp)) is not None and task.done() and not task.cancelled()
         ]
+
+    async def _commit_txns(self) -> None:
+        """Commit every ready partition's transaction now (a rebalance, a stop), and wait for all."""
+        ready = self._ready_txns()
         if ready:
             await asyncio.gather(*(self._commit_txn(txn) for txn in ready))
 
@@ -506,6 +526,10 @@ class Worker:
         try:
             await txn.commit(self._offsets.get(txn.tp), before=progress)
         except PartitionLostError as exc:
+            await self._lose(txn, exc)
+            return
+        except Exception as exc:  # a bug: the partition is dropped and taken up afresh, loudly
+            log.error("the commit of %s[%d] failed", txn.tp.topic, txn.tp.partition, exc_info=exc)
             await self._lose(txn, exc)
             return
         txn.runs -= gone

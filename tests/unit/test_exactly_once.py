@@ -286,3 +286,85 @@ async def test_a_bad_record_goes_to_the_dead_letter_topic_in_the_transaction(mak
 
     await until(dead_letters, 10, "the dead letter")
     await consumer.stop()
+
+
+async def test_a_rebalance_storm_on_one_worker_runs_no_task_twice(make_app: Any) -> None:
+    """Partitions that stay on the worker keep their transaction; a record fetched again after
+    the rebalance finds its task's ending in that transaction and is skipped, not run again."""
+    app = make_app(concurrency=64, eos_commit_interval=0.05, **EOS)
+
+    @app.task
+    async def gen(n: int) -> Any:
+        for i in range(n):
+            await asyncio.sleep(0.002)
+            yield i
+
+    await app.start()
+    uuids = [(await app.add_task("gen", 5)).uuid for _ in range(400)]
+    worker = app.worker
+    assert worker is not None
+
+    async def storm() -> None:
+        while True:
+            await asyncio.sleep(0.013)
+            worker._consumer.rejoin()
+
+    stormy = asyncio.create_task(storm())
+    try:
+        finals = [await app.wait(u, 60) for u in uuids]
+    finally:
+        stormy.cancel()
+    assert {t.status for t in finals} == {"success"}
+    assert {t.attempt for t in finals} == {1}
+    assert_exactly_once(await committed_results(app), uuids, 5)
+
+
+async def test_a_run_stopped_while_its_value_waits_for_a_commit_counts_only_what_was_sent(
+    make_app: Any, broker_url: str
+) -> None:
+    app = QueueTasks(name=unique(), broker_url=f"faulty+{broker_url}", **{**EOS, "eos_commit_interval": 0.05})
+
+    @app.task(max_time=0.5)
+    async def gen() -> Any:
+        i = 0
+        while True:
+            await asyncio.sleep(0.005)
+            yield i
+            i += 1
+
+    try:
+        await app.start()
+        app.core.broker.faults.delay("txn_commit", 0.2)  # type: ignore[attr-defined]
+        uuids = [(await app.add_task("gen")).uuid for _ in range(6)]
+        finals = [await app.wait(u, 30) for u in uuids]
+        found = await committed_results(app)
+        for task in finals:
+            assert task.status == "error" and "max_time" in (task.traceback or "")
+            values = sorted(r.seq for r in found[task.uuid] if not r.end)
+            assert values == list(range(task.yield_count)), (task.yield_count, values[-3:])
+            assert [r.seq for r in found[task.uuid] if r.end] == [task.yield_count]
+            assert task.returning == list(range(task.yield_count))
+    finally:
+        await app.stop()
+
+
+async def test_sends_that_wait_for_the_broker_are_drained_before_each_commit(make_app: Any, broker_url: str) -> None:
+    """Slow sends (every one waits 2 ms) are under way while commits start: each commit waits
+    for them, and the progress it carries counts exactly what its transaction holds."""
+    name = unique()
+    a = QueueTasks(name=name, broker_url=f"faulty+{broker_url}", **{**EOS, "eos_commit_interval": 0.02})
+    b = make_app(name, **EOS)
+    register_counting(a)
+    register_counting(b)
+    try:
+        await a.start()
+        a.core.broker.faults.delay("txn_send", 0.002)  # type: ignore[attr-defined]
+        uuids = [(await a.add_task("gen", 60, 0.001)).uuid for _ in range(8)]
+        await until(committed_at_least(a, uuids, 10), 20, "10 committed values of each task")
+        await crash(a)
+    finally:
+        await a.stop()
+    await b.start()
+    finals = [await b.wait(u, 30) for u in uuids]
+    assert {t.status for t in finals} == {"success"}
+    assert_exactly_once(await committed_results(b), uuids, 60)
