@@ -124,14 +124,12 @@ async def test_a_worker_frozen_past_its_session_commits_nothing_when_it_wakes(
     assert Counter(t.status for t in finals.values()) == {"success": n_tasks}
     scanned = await scan_results(app)
     exactly_once(scanned, uuids, n_values)
-    # What it had not committed before the freeze never shows: every value after a task's
-    # take-over comes from the survivor.
     streams = await read_streams(app, uuids)
     for u in uuids:
         check_values(streams[u], n_values)
-        pids = [v["pid"] for v in streams[u]]
-        if zombie.pid in pids and survivor.pid in pids:
-            assert pids == sorted(pids, key=lambda p: p == survivor.pid), pids
+    # Awake, its sends and commits were refused (fenced): it dropped those partitions and
+    # rejoined the group (which may hand them back to it: a task can move twice).
+    assert "drops" in zombie.log(), zombie.tail()
     assert zombie.alive(), zombie.tail()
     # Awake again, it works: it rejoins the group and runs tasks to the end.
     after = await asyncio.gather(*(app.add_task("gen", 3) for _ in range(12)))

@@ -196,7 +196,15 @@ async def wait_all(app: QueueTasks, uuids: list[str], timeout: float) -> dict[st
             finals = await asyncio.gather(*(app.wait(u) for u in uuids))
     except TimeoutError:
         where = Counter((h.status, h.attempt) if (h := app.view.head(u)) else None for u in uuids)
-        pytest.fail(f"not every task finished within {timeout} s: (status, attempt) counts {dict(where)}")
+        stuck = [
+            (u, h.status if h else None, h.attempt if h else None, h.worker if h else None)
+            for u in uuids
+            if (h := app.view.head(u)) is None or not h.is_finished
+        ]
+        pytest.fail(
+            f"not every task finished within {timeout} s: (status, attempt) counts {dict(where)}; "
+            f"unfinished (uuid, status, attempt, worker): {stuck[:10]}"
+        )
     return {u: t for u, t in zip(uuids, finals, strict=True)}
 
 
