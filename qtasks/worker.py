@@ -108,6 +108,7 @@ class Worker:
         self._txns: dict[TopicPartition, PartitionTxn] = {}
         self._txn_ready: dict[TopicPartition, asyncio.Task[None]] = {}
         self._commits: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Future[list[None]]] = set()
         self._txn_wake = asyncio.Event()
         #: The handlers of each partition's records (exactly-once drops them with the partition).
         self._handlers_of: dict[TopicPartition, set[asyncio.Task[None]]] = {}
@@ -171,6 +172,8 @@ class Worker:
                 log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
         await self._consumer.stop()
         await self._close_txns(set(self._txns))  # none is opened while stopping; this is a backstop
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=60)
         await self._control.stop()
         self._pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
         self._started = False
@@ -199,7 +202,9 @@ class Worker:
             self._consumer.pause(assigned)
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
         if self.exactly_once:
-            await self._close_txns({tp for tp, txn in self._txns.items() if tp not in assigned or txn.lost})
+            # Closed in the background: the group waits for no producer (their runs stop now,
+            # and the partitions' next owners fence them anyway).
+            await self._close_txns({tp for tp, txn in self._txns.items() if tp not in assigned or txn.lost}, wait=False)
             if not self._stopping:  # a stopping worker takes no partition up
                 for tp in assigned:
                     if tp not in self._txns:
@@ -549,23 +554,43 @@ class Worker:
         if not self._stopping:
             self._consumer.rejoin()
 
-    async def _close_txns(self, tps: set[TopicPartition]) -> None:
-        """Stop writing for these partitions: their runs end here, their open transactions are aborted."""
+    async def _close_txns(self, tps: set[TopicPartition], *, wait: bool = True) -> None:
+        """Stop writing for these partitions: their runs end here, their open transactions are aborted.
+
+        The partitions leave the worker's books at once; without ``wait`` their runs' ends and
+        their producers' closing are waited for in the background (a rebalance callback must
+        not wait for them; the closing is bounded anyway).
+        """
+        closing = []
         for tp in tps:
             txn = self._txns.pop(tp, None)
             ready = self._txn_ready.pop(tp, None)
             if ready is not None and not ready.done():
                 ready.cancel()
+            handlers = self._handlers_of.pop(tp, set())
             if txn is None:
                 continue
-            txn.lost = True
-            handlers = self._handlers_of.pop(tp, set())
+            txn.lost = True  # nothing more is sent or committed for it from now on
             for handler in handlers:
                 handler.cancel()
-            if handlers:
-                await asyncio.wait(handlers, timeout=5)
+            closing.append(self._close_txn(txn, handlers))
+        if not closing:
+            return
+        done = asyncio.gather(*closing)
+        if wait:
+            await done
+        else:
+            self._closing.add(done)
+            done.add_done_callback(self._closing.discard)
+
+    async def _close_txn(self, txn: PartitionTxn, handlers: set[asyncio.Task[None]]) -> None:
+        if handlers:
+            await asyncio.wait(handlers, timeout=5)
+        try:
             await txn.close()
-            self.core.store.forget(txn)
+        except Exception as exc:  # a producer that cannot even stop: logged, never left running silently
+            log.warning("closing the producer of %s[%d] failed: %s", txn.tp.topic, txn.tp.partition, exc)
+        self.core.store.forget(txn)
 
     async def _lease_loop(self) -> None:
         while True:

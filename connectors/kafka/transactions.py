@@ -9,6 +9,8 @@ transactional producer per tasks partition; the next owner's ``start``
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
@@ -24,6 +26,8 @@ from qtasks.exc import ConnectorError, ProducerFencedError, RecordTooLargeError
 
 if TYPE_CHECKING:
     from qtasks.connectors.kafka.connector import KafkaConnector
+
+log = logging.getLogger("qtasks.kafka")
 
 #: Errors after which this producer can commit nothing more: a newer one took the id over,
 #: or the coordinator aborted a transaction open past its timeout (and bumped the epoch).
@@ -74,7 +78,7 @@ class KafkaTxnProducer:
                 async with asyncio.timeout(c.timings.connect_timeout + c.config.eos_transaction_timeout):
                     await client.start()
         except BaseException:
-            await asyncio.shield(client.stop())
+            await asyncio.shield(self._close(client))
             raise
         self._client = client
 
@@ -91,7 +95,21 @@ class KafkaTxnProducer:
             pass  # the coordinator aborts it at its timeout, or the next owner's start does
         finally:
             self._in_txn = False
-            await client.stop()
+            await self._close(client)
+
+    async def _close(self, client: AIOKafkaProducer) -> None:
+        """Stop the aiokafka producer, bounded: its stop waits for every batch to be delivered,
+        which never happens while its sender looks for a coordinator that is gone; past the
+        bound its sender is cancelled and its connections closed."""
+        try:
+            async with asyncio.timeout(self._connector.config.kafka_request_timeout_ms / 1000):
+                await client.stop()
+        except TimeoutError:
+            log.warning("the producer of %s did not stop in time; closing its connections", self.transactional_id)
+            with contextlib.suppress(Exception):
+                await client._sender.close()
+            with contextlib.suppress(Exception):
+                await client.client.close()
 
     def _errors(self, action: str, topic: str | None = None) -> Any:
         c = self._connector

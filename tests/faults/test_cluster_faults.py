@@ -335,25 +335,30 @@ async def test_rebalance_churn_one_three_one_workers(cluster: Any, make_workers:
     assert first.alive()
 
 
-# -- 5. exactly-once through a kill -9 of the transaction coordinator ------------------------------
+# -- 5. exactly-once through a kill -9 of the transaction coordinator and of a worker ---------------
 
 
 @pytest.mark.timeout(420)
-async def test_exactly_once_through_a_kill_9_of_the_transaction_coordinator(
+async def test_exactly_once_through_a_kill_9_of_the_transaction_coordinator_and_a_worker(
     cluster: Any, make_workers: Callable[..., Workers]
 ) -> None:
     group, workers = await start_group(make_workers, 3, processing_guarantee="exactly_once")
     app = await group.client()
     victim = await transaction_coordinator_node(cluster.bootstrap)
+    doomed = workers[0]
 
     async def fault() -> None:
+        # The node and a worker at once: the worker's open transactions are left to the
+        # coordinator that is failing over.
+        doomed.popen.kill()
+        workers.remove(doomed)
         await asyncio.to_thread(cluster.kill_node, victim)
         assert cluster.node_pid(victim) is None
         await asyncio.sleep(10)
         await asyncio.to_thread(cluster.start)
 
     measured = await stream_through(
-        f"exactly-once: kill -9 of node {victim} (the transaction coordinator), back after 10 s",
+        f"exactly-once: kill -9 of node {victim} (the transaction coordinator) and of a worker, node back after 10 s",
         group,
         app,
         fault,
