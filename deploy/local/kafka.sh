@@ -421,6 +421,14 @@ launch() {
         </dev/null >"$dir/kafka.out" 2>&1 &
     pid=$!
     echo "$pid" >"$dir/kafka.pid"
+    # $! is the forked shell until it has exec'd java: until then its command line is this
+    # script's, and broker_pid (which checks it) would call a starting node "not running".
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [[ -n "$(broker_pid "$dir")" ]] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
     start_watchdog "$dir" "$pid"
 }
 
