@@ -368,3 +368,42 @@ async def test_sends_that_wait_for_the_broker_are_drained_before_each_commit(mak
     finals = [await b.wait(u, 30) for u in uuids]
     assert {t.status for t in finals} == {"success"}
     assert_exactly_once(await committed_results(b), uuids, 60)
+
+
+async def test_at_least_once_a_checkpoint_is_stored_with_the_lease_and_a_takeover_goes_on_from_it(
+    make_app: Any,
+) -> None:
+    name = unique()
+    a, b = make_app(name), make_app(name)  # at least once: FAST leases (renewed every 0.5 s, 3 s long)
+    calls: Counter[int] = Counter()
+    resumed_from: list[Any] = []
+
+    def register(app: QueueTasks) -> None:
+        @app.task(echo=True)
+        async def crunch(self: Any, n: int) -> Any:
+            state = self.ctx.resume_state
+            resumed_from.append(state)
+            for i in range(state["next"] if state else 0, n):
+                calls[i] += 1
+                await asyncio.sleep(0.02)
+                yield i
+                self.ctx.checkpoint({"next": i + 1})
+
+    register(a)
+    register(b)
+    await a.start()
+    task = await a.add_task("crunch", 100)
+
+    async def checkpointed() -> bool:
+        current = a.view.get(task.uuid)
+        return current is not None and current.checkpoint_seq >= 20
+
+    await until(checkpointed, 20, "a checkpoint past value 20 in the status")
+    await crash(a)
+    await b.start()  # takes the task over once its lease has run out
+    final = await b.wait(task.uuid, 30)
+    assert (final.status, final.attempt, final.yield_count) == ("success", 2, 100)
+    assert resumed_from[1]["next"] >= 20
+    assert all(calls[i] == 1 for i in range(resumed_from[1]["next"]))
+    # Values after the checkpoint may come twice in the topic; the stream shows each once.
+    assert [v async for v in b.stream(task.uuid, timeout=10)] == list(range(100))
