@@ -107,6 +107,11 @@ async def test_worker_joining_and_leaving_mid_run_loses_nothing(make_cluster: Ca
     w3 = cluster.start_worker(concurrency=4)
     await until(lambda: any(w3.assignments()), 60, "worker3 joined")
     await until(lambda: finished(app, uuids) >= 75, 60, "75 tasks done")
+    # Worker1's partitions may have run dry by now (which partitions the 150 tasks landed
+    # on is chance): more tasks give it work to be stopped in the middle of.
+    more = await asyncio.gather(*(app.add_task("gen", n_values, 0.09) for _ in range(30)))
+    uuids += [t.uuid for t in more]
+    n_tasks += len(more)
     await until(lambda: len(running_on(app, uuids, w1)) >= 1, 30, "a task running on worker1")
     done_at_sigterm = finished(app, uuids)
     w1.popen.send_signal(signal.SIGTERM)
