@@ -17,11 +17,17 @@ def broker_url() -> str:
 
 
 @pytest.fixture
-async def make_app(broker_url: str) -> AsyncIterator[Callable[..., QueueTasks]]:
+def app_settings() -> dict[str, Any]:
+    """Settings every app of a test module gets (a module overrides it: the exactly-once suites)."""
+    return {}
+
+
+@pytest.fixture
+async def make_app(broker_url: str, app_settings: dict[str, Any]) -> AsyncIterator[Callable[..., QueueTasks]]:
     apps: list[QueueTasks] = []
 
     def make(name: str | None = None, **settings: Any) -> QueueTasks:
-        app = QueueTasks(name=name or unique(), broker_url=broker_url, **{**FAST, **settings})
+        app = QueueTasks(name=name or unique(), broker_url=broker_url, **{**FAST, **app_settings, **settings})
         apps.append(app)
         return app
 
