@@ -118,6 +118,8 @@ class MemoryConsumer:
         self._listener: RebalanceListener | None = None
         self._member_id = ""
         self._generation = -1
+        #: Set between giving the partitions of a generation up and taking the next one's.
+        self._revoked = False
         self._assigned: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
@@ -198,12 +200,19 @@ class MemoryConsumer:
         if generation == self._generation:
             return
         listener = self._listener
-        if listener is not None and self._generation != -1:
-            await listener.on_partitions_revoked(set(self._assigned))
-        # The listener may have committed; read the assignment again after it.
+        if not self._revoked:
+            if listener is not None and self._generation != -1:
+                await listener.on_partitions_revoked(set(self._assigned))
+            self._revoked = True
+            self._assigned = set()
+        # The listener may have committed; read the assignment again after it. It is taken
+        # once every member let its partitions go (until then this member holds none).
         generation, assignment = self._log.group_state(self.group_id)
+        if not self._log.sync(self.group_id, self._member_id, generation):
+            return
         new = assignment.get(self._member_id, set())
         self._generation = generation
+        self._revoked = False
         self._assigned = set(new)
         self._paused &= self._assigned
         for tp in new:

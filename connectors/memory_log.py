@@ -176,12 +176,20 @@ class _Txn:
         self.offsets: dict[str, dict[TopicPartition, int]] = {}
 
 
+#: Seconds a rebalance waits for every member to give its partitions up (Kafka's rebalance
+#: timeout): a member that does not (its loop is stuck) no longer holds the others back.
+REBALANCE_TIMEOUT = 10.0
+
+
 class _Group:
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
         self.generation = 0
         self.assignment: dict[str, set[TopicPartition]] = {}
         self.committed: dict[TopicPartition, int] = {}
+        #: Members that gave their partitions up for this generation, and when it began.
+        self.synced: set[str] = set()
+        self.started = 0.0
 
 
 class MemoryLog:
@@ -509,6 +517,8 @@ class MemoryLog:
 
     def _rebalance(self, group: _Group) -> None:
         group.generation += 1
+        group.synced = set()
+        group.started = time.monotonic()
         members = sorted(group.members)
         group.assignment = {m: set() for m in members}
         topics = sorted({t for m in members for t in group.members[m].topics})
@@ -518,6 +528,24 @@ class MemoryLog:
             group.assignment[candidates[i % len(candidates)]].add(tp)
         for m in members:
             group.members[m].wake()
+
+    def sync(self, group_id: str, member_id: str, generation: int) -> bool:
+        """A member gave its partitions up for ``generation``: whether the group may take the new assignment.
+
+        As Kafka's eager protocol does, no member gets a partition of the new generation
+        before every member revoked its old ones (the revoke callbacks ran: commits, and
+        whatever a member writes before it lets go), or the rebalance timeout passed.
+        """
+        with self.lock:
+            group = self.groups.get(group_id)
+            if group is None or generation != group.generation or member_id not in group.members:
+                return False
+            if member_id not in group.synced:
+                group.synced.add(member_id)
+                if group.synced >= group.members.keys():
+                    for member in group.members.values():
+                        member.wake()
+            return group.synced >= group.members.keys() or time.monotonic() - group.started > REBALANCE_TIMEOUT
 
     def group_state(self, group_id: str) -> tuple[int, dict[str, set[TopicPartition]]]:
         """The generation and assignment of a group (for tests and tools)."""
