@@ -99,6 +99,11 @@ class QueueConfig:
     lease_interval: float = 5.0
     #: ... and another worker takes it over when the lease is this old (a crashed worker).
     lease_timeout: float = 30.0
+    #: A run writes its ``process`` status (with its lease) once it has run this long
+    #: (seconds), or at its first value, or when its partition is revoked, whichever
+    #: comes first: a task that ends sooner writes only its ending. 0 writes it at once.
+    #: At least once only (exactly once writes it at once, in the transaction).
+    process_grace: float = 0.05
     #: Retry backoff: ``base * 2**n`` seconds before retry ``n`` (full jitter) ...
     retry_backoff_base: float = 0.5
     #: ... and at most this many seconds.
@@ -203,6 +208,10 @@ class QueueConfig:
             raise ConfigError(
                 f"lease_timeout ({self.lease_timeout}) must be longer than lease_interval ({self.lease_interval})"
             )
+        if self.process_grace >= self.lease_interval:
+            raise ConfigError(
+                f"process_grace ({self.process_grace}) must be shorter than lease_interval ({self.lease_interval})"
+            )
         if self.min_insync_replicas > self.replication_factor:
             raise ConfigError(
                 f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed replication_factor "
@@ -253,6 +262,7 @@ _AT_LEAST: dict[str, float] = {
     "retry_backoff_base": 0,
     "retry_backoff_max": 0,
     "stop_timeout": 0,
+    "process_grace": 0,
     "stream_clock_skew": 0,
     "stream_linger": 0,
     "kafka_linger_ms": 0,

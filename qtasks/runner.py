@@ -16,6 +16,7 @@ import logging
 import time
 import traceback
 import zlib
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -93,6 +94,7 @@ class ResultSink:
         "items",
         "last_delivery",
         "mismatched",
+        "on_first",
         "sent",
         "seq",
         "track_crc",
@@ -137,6 +139,8 @@ class ResultSink:
         self.last_delivery: Any = None
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
+        #: Awaited once, before the first value is sent (the run's held-back ``process`` status).
+        self.on_first: Callable[[], Awaitable[None]] | None = None
 
     async def emit(self, value: Any) -> None:
         """One result record for one handled value; a value that cannot be stored is an error."""
@@ -166,6 +170,9 @@ class ResultSink:
             if self.sent == self.committed:
                 self._check_replay()
             return
+        if self.on_first is not None:
+            first, self.on_first = self.on_first, None
+            await first()
         delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
         # Counted once sent, never before: a run stopped while its send waited (a commit
         # holds sends back; max_time, a cancel) counts only the values that were sent.
@@ -281,6 +288,12 @@ class TaskRun:
         self.finished = False
         if txn is not None:
             txn.runs.add(self)
+        #: Set once the ``process`` status is written (at least once it may be held back: :meth:`start`).
+        self.announced = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._announcing: asyncio.Task[None] | None = None
+        #: Called once the task's own code is done and only its ending is left (the worker frees its slot).
+        self.on_ran: Callable[[], None] | None = None
         #: What the last progress record said: (values, checkpoint seq, when).
         self._progress: tuple[int, int | None, float] = (-1, None, 0.0)
         executor_cls = spec.executor or TaskExecutor
@@ -304,7 +317,14 @@ class TaskRun:
         self.sink.mark(state, self.host.core.config.checkpoint_max_bytes)
 
     async def start(self) -> None:
-        """Write ``process``: attempt n, this worker's lease, where the results start."""
+        """``process``: attempt n, this worker's lease, where the results start.
+
+        At least once, it is shown here at once but written only once the run outlives
+        ``process_grace``, yields its first value, or its partition is revoked
+        (:meth:`announce`): a short task writes its ending alone. Until then the log says
+        ``new``, and a worker that takes the task over runs it as if it never started,
+        which is what at least once allows for a run whose worker died.
+        """
         core = self.host.core
         now = time.time()
         self.task = msgspec.structs.replace(
@@ -327,7 +347,38 @@ class TaskRun:
             log.info(
                 "task %s resumes at value %d (checkpoint at %d)", self.rec.uuid, self.resume.committed, self.resume.seq
             )
-        self.task = await core.store.write(self.task, txn=self.txn)
+        grace = core.config.process_grace
+        if self.txn is not None or not grace:
+            self.task = await core.store.write(self.task, txn=self.txn)
+            self.announced = True
+            return
+        self.task = core.store.show(self.task)
+        self.sink.on_first = self.announce
+        self._timer = asyncio.get_running_loop().call_later(grace, self._announce_soon)
+
+    async def announce(self, *, durable: bool = False) -> None:
+        """Write the ``process`` status held back so far (no-op once written, or once the run ends)."""
+        if self.announced or self.concluding or self.task.status != "process":
+            return
+        self.announced = True
+        self.sink.on_first = None
+        if self._timer is not None:
+            self._timer.cancel()
+        written = await self.host.core.store.write(self.task, durable=durable, wanted=lambda: not self.concluding)
+        if not self.concluding:
+            self.task = written
+
+    def _announce_soon(self) -> None:
+        """The run outlived ``process_grace``: write its ``process`` status in the background."""
+        if self.announced or self.concluding:
+            return
+        self._announcing = asyncio.get_running_loop().create_task(self.announce())
+        self._announcing.add_done_callback(self._announced)
+
+    def _announced(self, done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            # The next lease renewal writes it again; the ending does not depend on it.
+            log.warning("could not write the process status of %s: %s", self.rec.uuid, exc)
 
     def _results_start(self) -> int | None:
         """An offset of the results partition at or before this run's first result (None: not known here)."""
@@ -345,8 +396,8 @@ class TaskRun:
         A checkpoint is written once the values before it are stored (the last delivery
         settled), so a later attempt that goes on from it misses nothing.
         """
-        if self.concluding:
-            return
+        if self.concluding or not self.announced:
+            return  # a run not yet announced has been running for less than process_grace
         checkpoint = self.sink.checkpoint
         last = self.sink.last_delivery
         if checkpoint is not None and last is not None and not last.done():
@@ -414,6 +465,10 @@ class TaskRun:
         host, rec, spec, sink = self.host, self.rec, self.spec, self.sink
         core = host.core
         self.concluding = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.on_ran is not None:
+            self.on_ran()
         outcome = check_result(spec.name, spec.is_generator, outcome, core.config.returning_max_bytes)
         retries_left = rec.retry if rec.retry is not None else (spec.retry or 0)
         done = conclude(

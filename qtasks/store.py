@@ -314,6 +314,16 @@ class StatusStore:
             self.view.apply(record, raw)
         return record
 
+    def show(self, task: Task) -> Task:
+        """Show a copy of ``task`` (the next rev) in this process's view only, unwritten; return it.
+
+        A run's ``process`` status while it is held back (``process_grace``): its own
+        context and this process see it running before the log does.
+        """
+        record, raw = self.prepare(task)
+        self.view.apply(record, raw)
+        return record
+
     def prepare(self, task: Task) -> tuple[Task, bytes]:
         """The record to write for ``task`` (a copy with the next rev, slimmed to fit) and its bytes."""
         record = msgspec.structs.replace(task, rev=next_rev(self.view.rev(task.uuid), task.status))

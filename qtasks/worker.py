@@ -36,6 +36,7 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from qtasks.connectors.base import Record, TopicPartition
@@ -98,6 +99,10 @@ class Worker:
         self._sequence = 0
         self._handlers: set[asyncio.Task[None]] = set()
         self._running: dict[str, TaskRun] = {}
+        #: Handlers whose run gave its slot back and is storing its ending.
+        self._ending = 0
+        #: At least once: the view's catch-up after the last assignment.
+        self._view_ready: asyncio.Task[None] | None = None
         #: uuid -> offsets of records that joined the run of that uuid here.
         self._active: dict[str, list[tuple[PartitionOffsets, int]]] = {}
         self._cancelled: OrderedDict[str, str] = OrderedDict()
@@ -162,6 +167,8 @@ class Worker:
                     task.cancel()
                 await asyncio.wait(pending, timeout=5)
         await self.supervisor.stop()
+        if self._view_ready is not None:
+            self._view_ready.cancel()
         if self.exactly_once:
             await self._commit_txns()
             await self._close_txns(set(self._txns))
@@ -186,6 +193,14 @@ class Worker:
             # Runs go on meanwhile; a partition that stays here keeps its transaction.
             await self._commit_txns()
             return
+        # A run whose process status is still held back (process_grace) writes it now, so
+        # the partition's next owner sees it running and waits for its lease.
+        announced = await asyncio.gather(
+            *(run.announce(durable=True) for run in self._running.values()), return_exceptions=True
+        )
+        for failed in announced:
+            if isinstance(failed, Exception):
+                log.info("could not write a process status before the rebalance: %s", failed)
         try:
             await self._commit()
         except ConnectorError as exc:
@@ -201,7 +216,11 @@ class Worker:
         if self._paused:
             self._consumer.pause(assigned)
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
-        if self.exactly_once:
+        if not self.exactly_once:
+            # Records are admitted once the view read the status topic to its end: a task
+            # the partition's last owner announced while letting it go is seen running.
+            self._view_ready = asyncio.get_running_loop().create_task(self._catch_up())
+        else:
             # Closed in the background: the group waits for no producer (their runs stop now,
             # and the partitions' next owners fence them anyway).
             await self._close_txns({tp for tp, txn in self._txns.items() if tp not in assigned or txn.lost}, wait=False)
@@ -209,6 +228,12 @@ class Worker:
                 for tp in assigned:
                     if tp not in self._txns:
                         self._open_txn(tp)
+
+    async def _catch_up(self) -> None:
+        try:
+            await retried(self.core.store.catch_up_all, what="the end of the status topic", trouble=self.core.trouble)
+        except ConnectorError as exc:  # not retriable: each admission looks its task up anyway
+            log.warning("could not read the status topic to its end after a rebalance: %s", exc)
 
     # -- the poll loop ---------------------------------------------------------------
 
@@ -291,6 +316,17 @@ class Worker:
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
         finished = False
         txn = None
+        holds_slot = True
+
+        def ran() -> None:
+            # The task's code is done and only its ending is left to store: the slot goes to
+            # the next record now. Endings under way are bounded too (by concurrency).
+            nonlocal holds_slot
+            if holds_slot and self._ending < self.concurrency:
+                holds_slot = False
+                self._ending += 1
+                self._free_slot()
+
         try:
             if self.exactly_once:
                 txn = await self._txn_of(record.tp)
@@ -299,7 +335,7 @@ class Worker:
             if isinstance(rec, RecordError):
                 await dead_letter(self.core, record, str(rec), self.id, txn)
             else:
-                await self._run_record(rec, txn)
+                await self._run_record(rec, txn, ran)
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
@@ -318,17 +354,27 @@ class Worker:
                 offsets.finish(record.offset)
                 for other, offset in joined:
                     other.finish(offset)
-            self._in_flight -= 1
-            if not self._stopping:
-                self._fill()
-                if self._paused and self._capacity > 0 and not self.core.trouble:
-                    self._set_paused(False)  # resuming wakes the poll loop's fetch at once
+            if holds_slot:
+                self._free_slot()
+            else:
+                self._ending -= 1
+
+    def _free_slot(self) -> None:
+        self._in_flight -= 1
+        if not self._stopping:
+            self._fill()
+            if self._paused and self._capacity > 0 and not self.core.trouble:
+                self._set_paused(False)  # resuming wakes the poll loop's fetch at once
 
     # -- one record ------------------------------------------------------------------
 
-    async def _run_record(self, rec: TaskRecord, txn: PartitionTxn | None = None) -> None:
+    async def _run_record(
+        self, rec: TaskRecord, txn: PartitionTxn | None = None, ran: Callable[[], None] | None = None
+    ) -> None:
         core = self.core
         uuid = rec.uuid
+        if self._view_ready is not None and not self._view_ready.done():
+            await asyncio.shield(self._view_ready)
         while True:
             # The view may lag behind the submit, or have dropped an old finished task. While
             # the broker is away the lookup waits for it: a task is never decided on a guess.
@@ -373,7 +419,9 @@ class Worker:
             if head is not None and head.status == "process" and head.worker not in (None, self.id):
                 why = "its producer is fenced" if txn is not None else "lease expired"
                 log.info("taking over %s from %s (%s)", uuid, head.worker, why)
-            await self._run(TaskRun(self.host, rec, spec, head, decision.attempt, txn))
+            run = TaskRun(self.host, rec, spec, head, decision.attempt, txn)
+            run.on_ran = ran
+            await self._run(run)
 
     async def _run(self, run: TaskRun) -> None:
         uuid = run.rec.uuid

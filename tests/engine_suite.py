@@ -15,9 +15,12 @@ import pytest
 
 from qtasks import StreamItem, _state
 from qtasks.asyncio import QueueTasks
+from qtasks.connectors import TopicPartition
 from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import TaskCancelError, TaskFailedError
 from qtasks.logs import Logger
+from qtasks.partitioner import partition_for
+from qtasks.records import decode_status
 
 
 async def until_running(app: QueueTasks, uuid: str) -> None:
@@ -1208,3 +1211,80 @@ async def test_wait_for_a_task_the_view_dropped_reads_it_back(make_app: Any) -> 
     assert first is not None and app.view.head(first.uuid) is None  # dropped from the view
     again = await app.wait(first.uuid, 10)
     assert (again.status, again.returning) == ("success", 0)
+
+
+# -- what a run writes --------------------------------------------------------------
+
+
+async def status_log(app: QueueTasks, uuid: str) -> list[str]:
+    """The statuses of ``uuid`` on the status topic, in order, as any reader finds them."""
+    core = app.core
+    tp = TopicPartition(core.topics.status, partition_for(uuid, core.store.partitions))
+    consumer = core.broker.consumer(None, client_id="status-scan")
+    await consumer.start()
+    found: list[str] = []
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        while await consumer.position(tp) < end:
+            for record in await consumer.getmany(0.2):
+                if record.key == uuid.encode() and record.value is not None:
+                    found.append(decode_status(record.value).status)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def test_a_short_task_writes_its_ending_alone_and_a_longer_one_its_process_status(make_app: Any) -> None:
+    app = make_app(process_grace=0.2)
+    other = make_app(app.name)  # another process: it sees the log only
+
+    @app.task
+    async def quick() -> str:
+        return "done"
+
+    @app.task
+    async def slow(gate: float) -> str:
+        await asyncio.sleep(gate)
+        return "slept"
+
+    await app.start()
+    short = await app.add_task("quick", timeout=10)
+    assert short is not None and short.status == "success"
+    # Exactly once, process goes in the transaction at once (it costs no round trip there).
+    expected = ["new", "process", "success"] if app.config.exactly_once else ["new", "success"]
+    assert await status_log(app, short.uuid) == expected
+    longer = await app.add_task("slow", 1.5)
+    started = time.monotonic()
+    assert await other.get(longer.uuid) is not None  # connected: its view follows the log
+    running = await other.view.wait_for(longer.uuid, lambda h: h is not None and h.status == "process", 10)
+    assert running is not None and running.lease_until > time.time() and running.results_offset is not None
+    assert time.monotonic() - started < 1.5  # while it runs: written once it outlived process_grace
+    done = await app.wait(longer.uuid, 10)
+    assert done.status == "success"
+    # process, then its lease renewals (process again), then the ending.
+    assert list(dict.fromkeys(await status_log(app, longer.uuid))) == ["new", "process", "success"]
+
+
+async def test_a_generator_writes_its_process_status_with_its_first_value(make_app: Any) -> None:
+    app = make_app(process_grace=4.0, lease_interval=5.0, lease_timeout=30.0)
+    other = make_app(app.name)
+    gate = asyncio.Event()
+
+    @app.task
+    async def gated():
+        yield "first"
+        await gate.wait()
+        yield "second"
+
+    await app.start()
+    task = await app.add_task("gated")
+    stream = other.stream(task.uuid, timeout=20)
+    assert await anext(stream) == "first"
+    running = await other.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 3)
+    assert running is not None and running.results_offset is not None  # long before process_grace
+    gate.set()
+    assert [v async for v in stream] == ["second"]
+    # (exactly once, each commit adds a progress record: process again)
+    assert list(dict.fromkeys(await status_log(app, task.uuid))) == ["new", "process", "success"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ async def faulty_app() -> AsyncIterator[Callable[..., QueueTasks]]:
 
 def committed_everything(app: QueueTasks) -> bool:
     log = app.broker.inner.log  # type: ignore[attr-defined]
-    for p in range(app.results_partitions and 3):
+    for p in range(app.core.tasks_partitions):
         tp = TopicPartition(app.topics.tasks, p)
         if log.end_offset(tp) and log.committed(app.group_id, tp) != log.end_offset(tp):
             return False
@@ -117,8 +118,9 @@ async def test_a_status_write_refused_for_good_still_ends_the_task(faulty_app: C
     await app.start()
     faults = app.broker.faults  # type: ignore[attr-defined]
     task = await app.add_task("job")
-    # The next status sends: process, then the terminal one, refused for good.
-    faults.fail("send", nth=2, topic=app.topics.status, error=ConnectorError("refused", retriable=False))
+    # The next status send is the terminal one (a task this short writes no process status),
+    # refused for good.
+    faults.fail("send", nth=1, topic=app.topics.status, error=ConnectorError("refused", retriable=False))
     done = await app.wait(task.uuid, 10)
     assert done.status == "error" and "could not finish" in (done.traceback or "")
     assert "refused" in (done.traceback or "")
@@ -288,3 +290,27 @@ async def test_a_task_whose_status_cannot_be_looked_up_during_an_outage_waits_an
     await until(lambda: app.view.head(uuid) is not None)  # the task had no status before the worker's
     done = await app.wait(uuid, 10)
     assert (done.status, done.returning) == ("success", 42), done.traceback
+
+
+async def test_a_finished_run_gives_its_slot_up_while_its_ending_is_stored(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    app = faulty_app(concurrency=1, tasks_partitions=1)
+    started: dict[int, float] = {}
+
+    @app.task
+    async def job(i: int) -> int:
+        started[i] = time.monotonic()
+        return i
+
+    first = await app.add_task("job", 1)
+    second = await app.add_task("job", 2)
+    # The next status stored (the first task's ending) takes a second to be acknowledged.
+    app.broker.faults.delay("delivery", 1.0, topic=app.topics.status, times=1)  # type: ignore[attr-defined]
+    await app.start()
+    done = await app.wait(first.uuid, 10)
+    stored = time.monotonic()
+    assert done.status == "success" and (await app.wait(second.uuid, 10)).status == "success"
+    # The only slot went to the second task while the first one's ending waited for the broker.
+    assert started[2] < stored - 0.5
+    await until(lambda: committed_everything(app))

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from typing import Any
 
 from qtasks.asyncio import QueueTasks
@@ -118,3 +119,30 @@ async def test_stop_and_close_right_after_add_task_and_cancel_return(make_app: A
         other = make_app()
         await other.add_task("nothing")
         await asyncio.wait_for(other.close(), 10)
+
+
+async def test_a_rebalance_writes_held_back_process_statuses_so_no_run_starts_twice(make_app: Any) -> None:
+    """Runs younger than process_grace have written nothing yet: a revoke writes it, the next owner waits."""
+    settings = {"process_grace": 0.4, "lease_interval": 0.5, "lease_timeout": 3.0, "tasks_partitions": 3}
+    first = make_app(**settings)
+    second = make_app(first.name, **settings)
+    runs: Counter[str] = Counter()
+
+    async def hold(i: int) -> int:
+        runs[i] += 1
+        await asyncio.sleep(1.0)
+        return i
+
+    first.task(name="hold")(hold)
+    second.task(name="hold")(hold)
+    await first.start()
+    tasks = [await first.add_task("hold", i) for i in range(9)]
+    for task in tasks:
+        await first.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 5)
+    assert len(runs) == 9
+    worker = await second.start()  # well within process_grace of the runs' start: the group rebalances
+    for task in tasks:
+        assert (await first.wait(task.uuid, 10)).status == "success"
+    await asyncio.sleep(0.5)  # the second worker's admissions settle
+    assert worker._owned  # it took partitions over
+    assert runs == Counter(range(9))
