@@ -5,6 +5,7 @@ import QueueTasks`` for coroutines. See README.md and docs/.
 """
 
 from qtasks.blocking import QueueTasks
+from qtasks.bulk import Args
 from qtasks.config import QueueConfig
 from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import QTasksError, TaskCancelError, TaskPluginTriggerError
@@ -12,6 +13,7 @@ from qtasks.logs import Logger
 from qtasks.records import StreamItem, Task
 
 __all__ = [
+    "Args",
     "AsyncContext",
     "Logger",
     "QTasksError",

@@ -13,10 +13,11 @@ import os
 import signal
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, overload
 
 from qtasks import _state
+from qtasks.bulk import BATCH, calls_of, merge_streams
 from qtasks.config import QueueConfig, validate_app_name
 from qtasks.connectors import Connector
 from qtasks.core import Core, Topics
@@ -24,7 +25,7 @@ from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
 from qtasks.plugins import Events, PluginManager
-from qtasks.records import ControlRecord, Task
+from qtasks.records import ControlRecord, StreamItem, Task
 from qtasks.registry import Registry, TaskSpec
 from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
@@ -276,6 +277,47 @@ class QueueTasks:
             return await self.wait(task.uuid, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             return None
+
+    async def add_tasks(
+        self, task_name: str, calls: Iterable[Any], *, priority: int | None = None
+    ) -> list[AsyncTaskHandle]:
+        """Submit one task per item of ``calls`` and return their handles, in order.
+
+        Each item is a tuple (or list) of positional arguments, or ``qtasks.Args(*args,
+        **kwargs)``. Every task is checked before any is sent (a bad item raises, naming
+        its index, with nothing submitted); then they are stored in batches, each with one
+        wait: much faster than one ``add_task`` at a time. ``task.map(values)`` and
+        ``task.starmap(tuples)`` call this.
+        """
+        task_name = check_task_name(task_name)
+        if priority is None:
+            spec = self.registry.get(task_name)
+            priority = spec.priority if spec is not None else 0
+        priority = check_priority(priority)
+        await self._here()
+        await self.core.connect()
+        new = []
+        for i, (args, kwargs) in enumerate(calls_of(calls)):
+            try:
+                new.append(self.core.new_task(task_name, args, kwargs, priority=priority))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"add_tasks: item {i}: {exc}") from None
+        for start in range(0, len(new), BATCH):
+            await self.core.submit_all(new[start : start + BATCH])
+        return [AsyncTaskHandle(self, n.task) for n in new]
+
+    def stream_many(
+        self, uuids: Iterable[str | uuid_mod.UUID], *, timeout: float | None = None
+    ) -> AsyncIterator[StreamItem]:
+        """The values of many tasks as they come, merged: ``StreamItem`` s (``uuid``, ``seq``,
+        ``attempt``, ``value``), each task's in order, until every one has ended.
+
+        Each task's stream is :meth:`stream` with ``meta=True`` (retries followed, and an
+        item with ``retried_as`` where a task hands over); ``timeout`` bounds each of them.
+        The first that fails (an unknown uuid, its timeout) ends them all with its error.
+        """
+        checked = [check_uuid(uuid) for uuid in uuids]
+        return merge_streams(lambda uuid: self.stream(uuid, timeout=timeout, meta=True), checked)
 
     async def _submit(
         self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, priority: int | None

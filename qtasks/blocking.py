@@ -13,7 +13,7 @@ import contextlib
 import signal
 import threading
 import uuid as uuid_mod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, overload
 
 from qtasks import _state
@@ -21,7 +21,7 @@ from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.handle import TaskHandle
 from qtasks.portal import Portal
-from qtasks.records import Task
+from qtasks.records import StreamItem, Task
 
 
 class QueueTasks:
@@ -116,6 +116,17 @@ class QueueTasks:
             )
         handle = self._portal.call(self._core.add_task(task_name, *args, priority=priority, **kwargs))
         return TaskHandle(self, handle.task)
+
+    def add_tasks(self, task_name: str, calls: Iterable[Any], *, priority: int | None = None) -> list[TaskHandle]:
+        """Submit one task per item (a tuple of positional arguments, or ``qtasks.Args``), in batches; their handles."""
+        handles = self._portal.call(self._core.add_tasks(task_name, calls, priority=priority))
+        return [TaskHandle(self, handle.task) for handle in handles]
+
+    def stream_many(
+        self, uuids: Iterable[str | uuid_mod.UUID], *, timeout: float | None = None
+    ) -> Iterator[StreamItem]:
+        """The values of many tasks as they come, merged (``StreamItem`` s), until every one has ended."""
+        return self._portal.iterate(self._core.stream_many(uuids, timeout=timeout))
 
     def get(self, uuid: str | uuid_mod.UUID) -> Task | None:
         """The task's latest status, or None."""

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid as uuid_mod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
@@ -45,6 +45,14 @@ class Topics:
     def all(self) -> list[str]:
         """Every topic name of the app."""
         return [self.tasks, self.results, self.status, self.control, self.dlq]
+
+
+class NewTask(NamedTuple):
+    """A task ready to submit: its ``new`` status, its encoded task record, and the status record to write."""
+
+    task: Task
+    raw: bytes
+    status: tuple[Task, bytes]
 
 
 class Core:
@@ -204,6 +212,46 @@ class Core:
         the view shows the task once it commits.
         """
         await self.connect()
+        new = self.new_task(
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            retry=retry,
+            retry_parent_uuid=retry_parent_uuid,
+            retry_count=retry_count,
+            not_before=not_before,
+        )
+        if txn is not None:
+            uuid, view = new.task.uuid, self.store.view
+            status, raw_status = new.status
+            await txn.send(
+                self.store.topic,
+                raw_status,
+                key=uuid.encode(),
+                partition=partition_for(uuid, self.store.partitions),
+                on_commit=lambda: view.apply(status, raw_status),
+            )
+            await txn.send(
+                self.topics.tasks, new.raw, key=uuid.encode(), partition=partition_for(uuid, self.tasks_partitions)
+            )
+            return new.task
+        await self.submit_all([new])
+        return new.task
+
+    def new_task(
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        priority: int = 0,
+        retry: int | None = None,
+        retry_parent_uuid: str | None = None,
+        retry_count: int = 0,
+        not_before: float = 0.0,
+    ) -> NewTask:
+        """A task to submit, encoded and checked (``ValueError``/``TypeError`` for arguments that cannot be sent)."""
         uuid = str(uuid_mod.uuid4())
         now = time.time()
         record = TaskRecord(
@@ -232,31 +280,24 @@ class Core:
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
         )
-        # Both stored before this returns (one wait for the two): another process that
-        # asks next finds the task. The status goes first, so a worker finds it.
-        status, raw_status = self.store.prepare(task)
-        if txn is not None:
-            view = self.store.view
-            await txn.send(
-                self.store.topic,
-                raw_status,
-                key=uuid.encode(),
-                partition=partition_for(uuid, self.store.partitions),
-                on_commit=lambda: view.apply(status, raw_status),
-            )
-            await txn.send(
-                self.topics.tasks, raw, key=uuid.encode(), partition=partition_for(uuid, self.tasks_partitions)
-            )
-            return task
-        await deliver_together(
-            [
-                (self.store.sender(uuid, raw_status), f"status new of {uuid}"),
-                (self.sender(self.topics.tasks, raw, uuid, self.tasks_partitions), f"task {uuid}"),
-            ],
-            trouble=self.trouble,
-        )
-        self.store.view.apply(status, raw_status)
-        return task
+        return NewTask(task, raw, self.store.prepare(task))
+
+    async def submit_all(self, tasks: Sequence[NewTask]) -> None:
+        """Store each task's ``new`` status and task record, with one wait for all of them.
+
+        Both are stored before this returns: another process that asks next finds every
+        task. A task's status is sent before its record, so a worker finds it.
+        """
+        await self.connect()
+        sends = []
+        for new in tasks:
+            uuid = new.task.uuid
+            sends.append((self.store.sender(uuid, new.status[1]), f"status new of {uuid}"))
+            sends.append((self.sender(self.topics.tasks, new.raw, uuid, self.tasks_partitions), f"task {uuid}"))
+        await deliver_together(sends, trouble=self.trouble)
+        view = self.store.view
+        for new in tasks:
+            view.apply(*new.status)
 
     async def send_control(self, command: ControlRecord) -> None:
         """Send a command to whichever worker runs the task."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 Kind = Literal["async", "async_gen", "sync", "sync_gen"]
@@ -77,6 +77,14 @@ class TaskSpec:
     def add_task(self, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
         """Submit this task through its app (a coroutine on the asyncio app)."""
         return self.app.add_task(self.name, *args, priority=priority, timeout=timeout, **kwargs)
+
+    def map(self, values: Iterable[Any], *, priority: int | None = None) -> Any:
+        """Submit one task per value (the task's one argument), in one batch: ``app.add_tasks``."""
+        return self.app.add_tasks(self.name, [(value,) for value in values], priority=priority)
+
+    def starmap(self, calls: Iterable[Iterable[Any]], *, priority: int | None = None) -> Any:
+        """Submit one task per tuple of positional arguments, in one batch: ``app.add_tasks``."""
+        return self.app.add_tasks(self.name, [tuple(call) for call in calls], priority=priority)
 
 
 class Registry:

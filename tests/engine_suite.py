@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
+import qtasks
 from qtasks import StreamItem, _state
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors import TopicPartition
 from qtasks.context import AsyncContext, SyncContext
-from qtasks.exc import TaskCancelError, TaskFailedError
+from qtasks.exc import TaskCancelError, TaskFailedError, TaskNotFoundError
 from qtasks.logs import Logger
 from qtasks.partitioner import partition_for
 from qtasks.records import decode_status
@@ -1288,3 +1289,82 @@ async def test_a_generator_writes_its_process_status_with_its_first_value(make_a
     assert [v async for v in stream] == ["second"]
     # (exactly once, each commit adds a progress record: process again)
     assert list(dict.fromkeys(await status_log(app, task.uuid))) == ["new", "process", "success"]
+
+
+# -- many tasks at once -------------------------------------------------------------
+
+
+async def test_add_tasks_submits_a_batch_in_order_and_checks_every_item_first(make_app: Any) -> None:
+    app = make_app()
+    runs: list[Any] = []
+
+    @app.task
+    async def add(a: int, b: int = 0) -> int:
+        runs.append((a, b))
+        return a + b
+
+    with pytest.raises(TypeError, match="add_tasks: item 2"):
+        await app.add_tasks("add", [(1,), (2,), (object(),)])
+    with pytest.raises(TypeError, match="item 1 must be a tuple"):
+        await app.add_tasks("add", [(1,), 5])
+    handles = await app.add_tasks("add", [(i,) for i in range(50)] + [qtasks.Args(1, b=2), [3, 4]])
+    assert [h.status for h in handles] == ["new"] * 52
+    assert [h.args for h in handles[:3]] == [[0], [1], [2]] and handles[50].kwargs == {"b": 2}
+    seen = await make_app(app.name).get(handles[-1].uuid)  # stored before add_tasks returned
+    assert seen is not None and seen.status == "new"
+    await app.start()
+    assert [await h.result(timeout=20) for h in handles] == [*range(50), 3, 7]
+    # The refused batches submitted nothing: only the 52 ran.
+    assert sorted(runs) == sorted([(i, 0) for i in range(50)] + [(1, 2), (3, 4)])
+
+
+async def test_map_and_starmap_submit_through_add_tasks(app: QueueTasks) -> None:
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @app.task
+    async def power(x: int, y: int) -> int:
+        return x**y
+
+    await app.start()
+    doubled = await double.map(range(5))
+    powered = await power.starmap([(2, 3), (3, 2)])
+    assert [await h.result(timeout=20) for h in doubled] == [0, 2, 4, 6, 8]
+    assert [await h.result(timeout=20) for h in powered] == [8, 9]
+
+
+async def test_stream_many_merges_live_streams_each_in_order(app: QueueTasks) -> None:
+    gate = asyncio.Event()
+
+    @app.task
+    async def ticks(n: int, gated: bool = False):
+        for i in range(n):
+            if gated and i == 1:
+                await gate.wait()
+            yield i
+
+    await app.start()
+    handles = await app.add_tasks("ticks", [(3,), qtasks.Args(3, gated=True), (0,), (20,)])
+    by_task: dict[str, list[int]] = {h.uuid: [] for h in handles}
+    async for item in app.stream_many([h.uuid for h in handles], timeout=20):
+        assert isinstance(item, StreamItem) and item.attempt == 1
+        by_task[item.uuid].append(item.value)
+        if sum(map(len, by_task.values())) == 23 + 1:
+            gate.set()  # every other value arrived while the gated task waits
+    assert list(by_task.values()) == [[0, 1, 2], [0, 1, 2], [], list(range(20))]
+
+
+async def test_stream_many_of_an_unknown_task_raises_and_stops_the_others(app: QueueTasks) -> None:
+    @app.task
+    async def forever():
+        while True:
+            yield 1
+            await asyncio.sleep(0.01)
+
+    await app.start()
+    running = await app.add_task("forever")
+    with pytest.raises(TaskNotFoundError):
+        async for _ in app.stream_many([running.uuid, "00000000-0000-0000-0000-000000000000"], timeout=20):
+            pass
+    assert await app.cancel(running.uuid) is True

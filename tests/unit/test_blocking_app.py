@@ -21,6 +21,7 @@ def sync_app() -> QueueTasks:
 def test_public_api_is_pinned() -> None:
     assert qtasks.__all__ == sorted(qtasks.__all__)
     assert set(qtasks.__all__) == {
+        "Args",
         "AsyncContext",
         "Logger",
         "QTasksError",
@@ -80,3 +81,18 @@ def test_registered_task_can_submit_itself(sync_app: QueueTasks) -> None:
     assert square(3) == 9
     sync_app.start()
     assert square.add_task(4, timeout=10).returning == 16
+
+
+def test_blocking_bulk_submit_and_merged_streams(sync_app: QueueTasks) -> None:
+    @sync_app.task
+    def count(n: int, step: int = 1):
+        yield from range(0, n * step, step)
+
+    sync_app.start()
+    handles = count.map([1, 2, 3])
+    handles += sync_app.add_tasks("count", [qtasks.Args(2, step=10)])
+    by_task: dict[str, list[int]] = {h.uuid: [] for h in handles}
+    for item in sync_app.stream_many([h.uuid for h in handles], timeout=20):
+        by_task[item.uuid].append(item.value)
+    assert list(by_task.values()) == [[0], [0, 1], [0, 1, 2], [0, 10]]
+    assert [h.result(timeout=10) for h in handles] == [[0], [0, 1], [0, 1, 2], [0, 10]]
