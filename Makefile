@@ -8,8 +8,10 @@ KAFKA_PORT ?= 9092
 # the cluster already made on KAFKA_PORT (kafka-down stops all its nodes), else one node.
 KAFKA_BROKERS ?=
 N ?= 20
+# Extra flags for bench-peers, e.g. ARGS="--tasks-gen 100 --k 10 --tasks-short 300".
+ARGS ?=
 
-.PHONY: install run test test-unit test-kafka test-cluster docs lint format typecheck bench bench-rss bench-kafka kafka-up kafka-down clean
+.PHONY: install run test test-unit test-kafka test-cluster docs lint format typecheck bench bench-rss bench-kafka bench-peers kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -67,6 +69,15 @@ bench-rss: install
 
 bench-kafka: install
 	$(BIN)/python bench/bench_kafka.py
+
+# The bench extra (the peer engines, pinned) on top of dev, in the same venv.
+$(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	touch $@
+
+# The same two workloads on one local Kafka broker: raw aiokafka, qtasks, Faust, FastStream, Taskiq.
+bench-peers: install $(VENV)/.installed-bench
+	$(BIN)/python bench/bench_peers.py $(ARGS)
 
 kafka-up:
 	KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh start $(KAFKA_PORT)
