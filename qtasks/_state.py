@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 #: The last ``QueueTasks`` created in this process (QTasks' ``qtasks._state.app_main``).
 app_main: Any = None
+
+#: Exactly-once: the task whose own, not yet committed status writes a read may see (set by
+#: that task's ``ctx.get_metadata``: a running task sees itself running). Every other
+#: read sees committed statuses only.
+own_task: contextvars.ContextVar[str | None] = contextvars.ContextVar("qtasks_own_task", default=None)

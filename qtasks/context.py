@@ -138,6 +138,15 @@ class _BaseContext:
         app = self.app
         return getattr(app, "_core", app)
 
+    async def _own_metadata(self) -> Any:
+        """``app.get(task_uuid)`` as this task sees itself (exactly-once: its own uncommitted writes too)."""
+        uuid = str(self.task_uuid)
+        token = _state.own_task.set(uuid)
+        try:
+            return await self._core().get(uuid)
+        finally:
+            _state.own_task.reset(token)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task_name={self.task_name!r}, task_uuid={self.task_uuid!r})"
 
@@ -149,7 +158,7 @@ class AsyncContext(_BaseContext):
         """``await app.get(task_uuid)``; with ``cache`` the first answer is kept."""
         if cache and self._has_metadata:
             return self._metadata
-        metadata = await self._core().get(str(self.task_uuid))
+        metadata = await self._own_metadata()
         if cache:
             self._metadata, self._has_metadata = metadata, True
         return metadata
@@ -196,7 +205,7 @@ class SyncContext(_BaseContext):
         """``app.get(task_uuid)``; with ``cache`` the first answer is kept."""
         if cache and self._has_metadata:
             return self._metadata
-        metadata = self._run(lambda: self._core().get(str(self.task_uuid)))
+        metadata = self._run(self._own_metadata)
         if cache:
             self._metadata, self._has_metadata = metadata, True
         return metadata

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from qtasks import _state
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, TopicPartition
 from qtasks.delivery import Trouble, deliver, fetch
@@ -198,10 +199,11 @@ class StatusStore:
         """The latest status of ``uuid``; an unseen uuid is looked for up to the log's end first.
 
         If the view has dropped finished tasks (its cache is bounded), a uuid it does not
-        hold is read back from its status partition. Exactly-once, a status this process
-        wrote in a transaction that has not committed yet is what it answers (its own write).
+        hold is read back from its status partition. Exactly-once, only a task's own context
+        (``_state.own_task``) is answered with a status this process wrote in a transaction
+        that has not committed yet; everyone else sees what is committed.
         """
-        pending = self._pending.get(uuid)
+        pending = self._pending.get(uuid) if _state.own_task.get() == uuid else None
         if pending is not None and not pending[2].lost:
             return decode_status(pending[1], self.config.max_record_bytes)  # a copy, as the view's
         task = self.view.get(uuid)

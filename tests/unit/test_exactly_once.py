@@ -21,6 +21,7 @@ from qtasks.connectors import TopicPartition
 from qtasks.partitioner import partition_for
 from qtasks.records import ResultRecord, decode_result
 from qtasks.transactions import transactional_id
+from tests.engine_suite import status_log
 from tests.helpers import unique
 
 EOS = {"processing_guarantee": "exactly_once"}
@@ -88,14 +89,33 @@ def committed_at_least(app: QueueTasks, uuids: list[str], n: int) -> Callable[[]
     return check
 
 
-def register_counting(app: QueueTasks, n_calls: Counter[tuple[str, int]] | None = None) -> None:
+def register_counting(
+    app: QueueTasks, n_calls: Counter[tuple[str, int]] | None = None, hold: asyncio.Event | None = None
+) -> None:
+    """``gen(n, pause)`` on ``app``; with ``hold``, each run waits for it before its value 5."""
+
     @app.task(echo=True)
     async def gen(self: Any, n: int, pause: float = 0.01) -> Any:
         for i in range(n):
             if n_calls is not None:
                 n_calls[(str(self.ctx.task_uuid), i)] += 1
+            if hold is not None and i == 5:
+                await hold.wait()
             await asyncio.sleep(pause)
             yield i
+
+
+async def submit_spread(app: QueueTasks, per_partition: int, *args: Any) -> list[str]:
+    """Submit ``gen`` tasks until every tasks partition has at least ``per_partition`` of them."""
+    uuids: list[str] = []
+    counts: Counter[int] = Counter()
+    partitions = app.core.tasks_partitions if app.core.connected else app.config.tasks_partitions
+    while min(counts[p] for p in range(partitions)) < per_partition:
+        assert len(uuids) < 100, "uuids land on partitions by chance, but not this unevenly"
+        uuid = (await app.add_task("gen", *args)).uuid
+        uuids.append(uuid)
+        counts[partition_for(uuid, partitions)] += 1
+    return uuids
 
 
 async def test_a_worker_killed_mid_generator_leaves_every_value_exactly_once(make_app: Any) -> None:
@@ -250,14 +270,21 @@ async def test_a_task_error_mid_chunk_commits_its_values_and_its_error(make_app:
 
 async def test_a_rebalance_mid_transaction_moves_tasks_without_a_value_twice(make_app: Any) -> None:
     name = unique()
-    a, b = make_app(name, **EOS), make_app(name, **EOS)
-    register_counting(a)
+    # Room for every task: a's runs all wait at value 5 (submit_spread may submit a dozen or more).
+    a, b = make_app(name, concurrency=100, **EOS), make_app(name, concurrency=100, **EOS)
+    hold = asyncio.Event()
+    register_counting(a, hold=hold)  # a's runs wait at value 5 until b took its partitions
     register_counting(b)
     await a.start()
-    tasks = [await a.add_task("gen", 50, 0.01) for _ in range(9)]
-    uuids = [t.uuid for t in tasks]
+    uuids = await submit_spread(a, 2, 50, 0.01)  # tasks on every partition: b gets some of them
     await until(committed_at_least(a, uuids, 3), 20, "3 committed values of each task")
-    await b.start()  # the group rebalances: some partitions move to b while their tasks run
+    worker = await b.start()  # the group rebalances: some partitions move to b while their tasks run
+
+    async def moved() -> bool:
+        return bool(worker._owned)
+
+    await until(moved, 20, "b owns partitions")
+    hold.set()
     finals = [await b.wait(u, 30) for u in uuids]
     assert {t.status for t in finals} == {"success"}
     assert {t.attempt for t in finals} <= {1, 2} and max(t.attempt for t in finals) == 2
@@ -407,3 +434,30 @@ async def test_at_least_once_a_checkpoint_is_stored_with_the_lease_and_a_takeove
     assert all(calls[i] == 1 for i in range(resumed_from[1]["next"]))
     # Values after the checkpoint may come twice in the topic; the stream shows each once.
     assert [v async for v in b.stream(task.uuid, timeout=10)] == list(range(100))
+
+
+async def test_a_client_in_the_worker_s_process_sees_an_ending_only_once_it_is_committed(broker_url: str) -> None:
+    app = QueueTasks(name=unique(), broker_url=f"faulty+{broker_url}", **EOS)
+    seen: list[str] = []
+    returned = asyncio.Event()
+
+    @app.task(echo=True)
+    async def quick(self: Any) -> str:
+        seen.append((await self.ctx.get_metadata()).status)  # a run sees itself running at once
+        returned.set()
+        return "done"
+
+    try:
+        await app.start()
+        app.core.broker.faults.delay("txn_commit", 2.0)  # type: ignore[attr-defined]
+        task = await app.add_task("quick")
+        await returned.wait()
+        await asyncio.sleep(0.3)  # its ending is in the open transaction by now, far from committed
+        early = await app.get(task.uuid)
+        assert early is not None and early.status != "success"
+        done = await app.wait(task.uuid, 30)
+        # What app.wait (and app.get) answer is committed: a read_committed reader finds it.
+        assert done.status == "success" and await status_log(app, task.uuid) == ["new", "process", "success"]
+        assert seen == ["process"]
+    finally:
+        await app.stop()
