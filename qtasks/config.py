@@ -100,9 +100,9 @@ class QueueConfig:
     #: ... and another worker takes it over when the lease is this old (a crashed worker).
     lease_timeout: float = 30.0
     #: A run writes its ``process`` status (with its lease) once it has run this long
-    #: (seconds), or at its first value, or when its partition is revoked, whichever
-    #: comes first: a task that ends sooner writes only its ending. 0 writes it at once.
-    #: At least once only (exactly once writes it at once, in the transaction).
+    #: (seconds), or when its partition is revoked: a task that ends sooner writes only
+    #: its values and its ending. 0 writes it at once. At least once only (exactly once
+    #: writes it at once, in the transaction).
     process_grace: float = 0.05
     #: Retry backoff: ``base * 2**n`` seconds before retry ``n`` (full jitter) ...
     retry_backoff_base: float = 0.5

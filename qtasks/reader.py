@@ -60,6 +60,18 @@ class StreamQueue:
         self.woken = True
         self.ready.set()
 
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until a record is here or :meth:`wake` is called (or ``timeout`` passes), taking nothing."""
+        if self.woken:
+            self.woken = False
+        elif not self.records and not self.closed:
+            self.ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
+        if self.closed:
+            raise AppClosedError("the app was closed while this stream was open")
+
     async def get(self, timeout: float) -> Record | None:
         """The next record, or None after ``timeout`` seconds without one (or once woken)."""
         if self.woken:

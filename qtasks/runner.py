@@ -16,7 +16,7 @@ import logging
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -94,7 +94,6 @@ class ResultSink:
         "items",
         "last_delivery",
         "mismatched",
-        "on_first",
         "sent",
         "seq",
         "track_crc",
@@ -139,8 +138,6 @@ class ResultSink:
         self.last_delivery: Any = None
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
-        #: Awaited once, before the first value is sent (the run's held-back ``process`` status).
-        self.on_first: Callable[[], Awaitable[None]] | None = None
 
     async def emit(self, value: Any) -> None:
         """One result record for one handled value; a value that cannot be stored is an error."""
@@ -170,9 +167,6 @@ class ResultSink:
             if self.sent == self.committed:
                 self._check_replay()
             return
-        if self.on_first is not None:
-            first, self.on_first = self.on_first, None
-            await first()
         delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
         # Counted once sent, never before: a run stopped while its send waited (a commit
         # holds sends back; max_time, a cancel) counts only the values that were sent.
@@ -320,8 +314,8 @@ class TaskRun:
         """``process``: attempt n, this worker's lease, where the results start.
 
         At least once, it is shown here at once but written only once the run outlives
-        ``process_grace``, yields its first value, or its partition is revoked
-        (:meth:`announce`): a short task writes its ending alone. Until then the log says
+        ``process_grace`` or its partition is revoked (:meth:`announce`): a short task
+        writes its ending alone (its values too, for a generator). Until then the log says
         ``new``, and a worker that takes the task over runs it as if it never started,
         which is what at least once allows for a run whose worker died.
         """
@@ -353,7 +347,6 @@ class TaskRun:
             self.announced = True
             return
         self.task = core.store.show(self.task)
-        self.sink.on_first = self.announce
         self._timer = asyncio.get_running_loop().call_later(grace, self._announce_soon)
 
     async def announce(self, *, durable: bool = False) -> None:
@@ -361,7 +354,6 @@ class TaskRun:
         if self.announced or self.concluding or self.task.status != "process":
             return
         self.announced = True
-        self.sink.on_first = None
         if self._timer is not None:
             self._timer.cancel()
         written = await self.host.core.store.write(self.task, durable=durable, wanted=lambda: not self.concluding)

@@ -189,7 +189,23 @@ async def _open_at_start(
             continue
         queue, opened_at = opened
         try:
-            # ... then learn from its process status where its results start.
+            # ... then learn from its process status where its results start, unless a value
+            # comes first (a run writes process only once it outlives process_grace): read
+            # live from before the run began, the first value seen is seq 0, and a later
+            # one shows the gap (`_stream_one` reads again).
+            if not _started(core.view.head(uuid)):
+                forget = core.view.when(uuid, _started, queue.wake)
+                try:
+                    while not queue.records and not _started(core.view.head(uuid)):
+                        await queue.wait(deadline.left())
+                        deadline.left()  # raises once the stream's time is up
+                finally:
+                    forget()
+                if not _started(core.view.head(uuid)):
+                    task = core.view.get(uuid)
+                    if task is None:
+                        raise TaskNotFoundError(f"task {uuid} expired")
+                    return tp, queue, task
             task = await core.view.wait_for(uuid, _started, deadline.left())
             if task is None:
                 raise TaskNotFoundError(f"task {uuid} expired")

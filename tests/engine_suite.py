@@ -1268,13 +1268,16 @@ async def test_a_short_task_writes_its_ending_alone_and_a_longer_one_its_process
     assert list(dict.fromkeys(await status_log(app, longer.uuid))) == ["new", "process", "success"]
 
 
-async def test_a_generator_writes_its_process_status_with_its_first_value(make_app: Any) -> None:
+async def test_a_stream_in_another_process_gets_a_short_run_s_values_before_any_process_status(
+    make_app: Any,
+) -> None:
     app = make_app(process_grace=4.0, lease_interval=5.0, lease_timeout=30.0)
     other = make_app(app.name)
-    gate = asyncio.Event()
+    go, gate = asyncio.Event(), asyncio.Event()
 
     @app.task
     async def gated():
+        await go.wait()
         yield "first"
         await gate.wait()
         yield "second"
@@ -1282,13 +1285,47 @@ async def test_a_generator_writes_its_process_status_with_its_first_value(make_a
     await app.start()
     task = await app.add_task("gated")
     stream = other.stream(task.uuid, timeout=20)
-    assert await anext(stream) == "first"
-    running = await other.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 3)
-    assert running is not None and running.results_offset is not None  # long before process_grace
+    first = asyncio.ensure_future(anext(stream))
+    deadline = time.monotonic() + 10
+    while task.uuid.encode() not in other._results_reader._streams:  # the stream listens
+        assert time.monotonic() < deadline and not first.done()
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    go.set()
+    assert await first == "first"
+    assert time.monotonic() - started < 3.0  # long before process_grace: no process status needed
     gate.set()
     assert [v async for v in stream] == ["second"]
-    # (exactly once, each commit adds a progress record: process again)
-    assert list(dict.fromkeys(await status_log(app, task.uuid))) == ["new", "process", "success"]
+    done = await other.wait(task.uuid, 10)
+    assert done.status == "success" and done.results_offset is not None
+    # (exactly once, process goes in the transaction at once, and each commit adds progress)
+    expected = ["new", "process", "success"] if app.config.exactly_once else ["new", "success"]
+    assert list(dict.fromkeys(await status_log(app, task.uuid))) == expected
+
+
+async def test_a_stream_opened_after_a_short_run_s_values_reads_them_again(make_app: Any) -> None:
+    app = make_app(process_grace=4.0, lease_interval=5.0, lease_timeout=30.0)
+    other = make_app(app.name)
+    gate = asyncio.Event()
+
+    @app.task
+    async def gated():
+        for i in range(3):
+            yield i
+        await gate.wait()
+        yield 3
+
+    await app.start()
+    task = await app.add_task("gated")
+    await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
+    stream = other.stream(task.uuid, timeout=20)
+    first = asyncio.ensure_future(anext(stream))
+    deadline = time.monotonic() + 10
+    while task.uuid.encode() not in other._results_reader._streams:  # listening from after value 2
+        assert time.monotonic() < deadline and not first.done()
+        await asyncio.sleep(0.01)
+    gate.set()  # value 3 shows the gap: the stream reads the partition again
+    assert [await first] + [v async for v in stream] == [0, 1, 2, 3]
 
 
 # -- many tasks at once -------------------------------------------------------------
