@@ -1218,7 +1218,20 @@ async def test_wait_for_a_task_the_view_dropped_reads_it_back(make_app: Any) -> 
 
 
 async def status_log(app: QueueTasks, uuid: str) -> list[str]:
-    """The statuses of ``uuid`` on the status topic, in order, as any reader finds them."""
+    """The statuses of a finished task on the status topic, in order, as any reader finds them.
+
+    Exactly once on Kafka, a commit returns before its markers reach the partitions: a
+    read_committed reader sees the ending a moment later, so this reads until it does.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        found = await _read_statuses(app, uuid)
+        if (found and found[-1] in ("success", "error", "cancel")) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
+async def _read_statuses(app: QueueTasks, uuid: str) -> list[str]:
     core = app.core
     tp = TopicPartition(core.topics.status, partition_for(uuid, core.store.partitions))
     consumer = core.broker.consumer(None, client_id="status-scan")
@@ -1253,14 +1266,16 @@ async def test_a_short_task_writes_its_ending_alone_and_a_longer_one_its_process
     await app.start()
     short = await app.add_task("quick", timeout=10)
     assert short is not None and short.status == "success"
-    # Exactly once, process goes in the transaction at once (it costs no round trip there).
+    # Exactly once, process goes in the transaction at once (it costs no round trip there),
+    # and a commit while the task runs adds its progress (process again).
     expected = ["new", "process", "success"] if app.config.exactly_once else ["new", "success"]
-    assert await status_log(app, short.uuid) == expected
+    found = await status_log(app, short.uuid)
+    assert list(dict.fromkeys(found)) == expected, found
     longer = await app.add_task("slow", 1.5)
     started = time.monotonic()
     assert await other.get(longer.uuid) is not None  # connected: its view follows the log
     running = await other.view.wait_for(longer.uuid, lambda h: h is not None and h.status == "process", 10)
-    assert running is not None and running.lease_until > time.time() and running.results_offset is not None
+    assert running is not None and running.worker == app.worker.id and running.lease_until > time.time()
     assert time.monotonic() - started < 1.5  # while it runs: written once it outlived process_grace
     done = await app.wait(longer.uuid, 10)
     assert done.status == "success"
@@ -1297,7 +1312,7 @@ async def test_a_stream_in_another_process_gets_a_short_run_s_values_before_any_
     gate.set()
     assert [v async for v in stream] == ["second"]
     done = await other.wait(task.uuid, 10)
-    assert done.status == "success" and done.results_offset is not None
+    assert done.status == "success"
     # (exactly once, process goes in the transaction at once, and each commit adds progress)
     expected = ["new", "process", "success"] if app.config.exactly_once else ["new", "success"]
     assert list(dict.fromkeys(await status_log(app, task.uuid))) == expected
