@@ -1,7 +1,8 @@
 """qtasks on a real Kafka broker against a raw aiokafka loop (a benchmark, not a test).
 
     .venv/bin/python bench/bench_kafka.py [--bootstrap HOST:PORT] [--tasks N] [--k K]
-        [--concurrency C] [--rounds R] [--samples S] [--linger-ms MS] [--phases throughput,latency,eos,loaded]
+        [--concurrency C] [--rounds R] [--samples S] [--linger-ms MS]
+        [--phases throughput,latency,eos,submit,loaded]
 
 Without ``--bootstrap`` it starts its own broker (deploy/local, Kafka 4.4.0) with the
 JVM defaults (G1 + C2, ``KAFKA_JVM_OPTS=""``), as deploy/local/README.md advises for
@@ -40,7 +41,10 @@ Latency (sequential, with a worker running in this process, after a warm-up):
 4. Exactly-once (``eos``): the qtasks throughput round of 2., at-least-once then
    exactly-once (``processing_guarantee``), ``--rounds`` times, the median of each; then
    the latencies of 3. in both modes.
-5. (``--phases loaded``, not run by default) the first stream value right after N*k
+5. Submitting (``submit``): N no-op tasks with one ``add_task`` at a time (each waits for
+   its two records to be stored), then N with one ``add_tasks`` call (stored in batches,
+   one wait each); no worker runs.
+6. (``--phases loaded``, not run by default) the first stream value right after N*k
    results went to the app's results topic: a stream starts reading its partition
    ``stream_clock_skew`` (30 s) before the task's creation, so it reads them all first.
 
@@ -381,6 +385,26 @@ async def bench_qtasks(
     return {"elapsed": elapsed, "cpu": cpu, "join": marks["first"] - started}
 
 
+async def bench_submit(bootstrap: str, topics: Topics, n: int, concurrency: int, linger_ms: int) -> tuple[float, float]:
+    """Seconds to submit ``n`` tasks one ``add_task`` at a time, then with one ``add_tasks`` (no worker runs)."""
+    app = make_app(bootstrap, concurrency, linger_ms)
+    topics.add_app(app)
+    try:
+        await app.add_task("noop")  # connected, topics created
+        started = time.perf_counter()
+        for _ in range(n):
+            await app.add_task("noop")
+        one = time.perf_counter() - started
+        started = time.perf_counter()
+        handles = await app.add_tasks("noop", [()] * n)
+        bulk = time.perf_counter() - started
+        assert len(handles) == n and len({h.uuid for h in handles}) == n
+        assert await record_count(bootstrap, app.topics.tasks) == 2 * n + 1
+    finally:
+        await app.stop()
+    return one, bulk
+
+
 # --------------------------------------------------------------------------- 3. latency
 
 
@@ -627,6 +651,11 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
                 lat = await bench_latency(bootstrap, topics, s, args.warmup, c, linger, guarantee)
                 row(f"{guarantee}: add_task -> first stream value", *latency_row(lat["first_value"]))
                 row(f"{guarantee}: add_task(noop, timeout=) -> terminal status", *latency_row(lat["noop"]))
+        if "submit" in phases:
+            print(f"submitting {n} tasks: one add_task at a time, then one add_tasks ...", flush=True)
+            one, bulk = await bench_submit(bootstrap, topics, n, c, linger)
+            row("add_task, one at a time: submitted tasks/s", f"{n / one:,.0f}", f"{one:.2f} s for {n:,}")
+            row("add_tasks, one call: submitted tasks/s", f"{n / bulk:,.0f}", f"{bulk:.2f} s; {one / bulk:.1f}x")
         if "loaded" in phases:
             m = min(args.samples, 50)
             print(f"stream latency right after {n} x {k} results ({m} samples) ...", flush=True)
@@ -660,8 +689,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--phases",
-        default="throughput,latency,eos",
-        help="comma list of throughput, latency, eos, loaded (default: throughput,latency,eos); eos: "
+        default="throughput,latency,eos,submit",
+        help="comma list of throughput, latency, eos, submit, loaded (default: throughput,latency,eos,submit); "
+        "submit: add_task one at a time against add_tasks; eos: "
         "exactly-once against at-least-once, throughput and latency; loaded: the stream latency "
         "right after N*k results were written",
     )

@@ -6,7 +6,8 @@
    connector (each value encoded and appended as its own result record), against a bare
    Python loop over the same generator: the ratio is the engine's overhead per yield.
    The same for a sync generator (it runs in a thread; values cross to the loop in batches).
-2. N no-op tasks submitted and run to their terminal status: tasks per second.
+2. N no-op tasks submitted with one add_task at a time, then with one add_tasks (no worker).
+3. N no-op tasks submitted and run to their terminal status: tasks per second.
 """
 
 from __future__ import annotations
@@ -81,6 +82,28 @@ async def bench_noop(n: int, concurrency: int) -> float:
         await app.stop()
 
 
+async def bench_submit(n: int) -> tuple[float, float]:
+    """Seconds to submit n tasks one add_task at a time, then with one add_tasks (no worker)."""
+    app = make_app()
+
+    @app.task
+    async def noop() -> None:
+        return None
+
+    try:
+        started = time.perf_counter()
+        for _ in range(n):
+            await app.add_task("noop")
+        one = time.perf_counter() - started
+        started = time.perf_counter()
+        handles = await app.add_tasks("noop", [()] * n)
+        bulk = time.perf_counter() - started
+        assert len(handles) == n
+        return one, bulk
+    finally:
+        await app.stop()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--yields", type=int, default=1_000_000)
@@ -94,6 +117,11 @@ async def main() -> None:
     for kind in ("async", "sync"):
         t = await bench_yields(n, kind)
         print(f"qtasks {kind:5} generator     : {n / t:>12,.0f} yields/s  ({t:.2f} s; {t / bare:.1f}x the bare loop)")
+    one, bulk = await bench_submit(args.tasks)
+    print(
+        f"add_task one at a time     : {args.tasks / one:>12,.0f} tasks/s   ({one:.2f} s for {args.tasks:,}; no worker)"
+    )
+    print(f"add_tasks, one call        : {args.tasks / bulk:>12,.0f} tasks/s   ({bulk:.2f} s; {one / bulk:.1f}x)")
     t = await bench_noop(args.tasks, args.concurrency)
     print(
         f"qtasks no-op tasks        : {args.tasks / t:>12,.0f} tasks/s   ({t:.2f} s for {args.tasks:,}, concurrency {args.concurrency})"

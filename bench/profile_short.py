@@ -1,0 +1,61 @@
+"""The short-task path on a real broker, for a profiler (a benchmark aid, not a test).
+
+    .venv/bin/python bench/profile_short.py submit --bootstrap 127.0.0.1:19392 [--tasks 10000]
+    py-spy record -r 250 -f flamegraph -o docs/flamegraph-short-tasks.svg -- \\
+        .venv/bin/python bench/profile_short.py work --bootstrap 127.0.0.1:19392
+
+``submit`` queues N one-value generator tasks with ``add_tasks`` (in its own process, so
+the profile holds no client work but ``app.wait``) and writes their uuids to a file;
+``work`` runs a worker (concurrency 64) until every one of them has ended, then prints
+tasks/s and this process's CPU per task. The broker: ``make kafka-up KAFKA_PORT=19392``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import tempfile
+import time
+from collections.abc import AsyncIterator
+
+from qtasks.asyncio import QueueTasks
+
+UUIDS = pathlib.Path(tempfile.gettempdir()) / "qtasks-profile-short.uuids"
+
+
+def make_app(bootstrap: str) -> QueueTasks:
+    app = QueueTasks(name="profileshort", broker_url=f"kafka://{bootstrap}", concurrency=64, log_level="WARNING")
+
+    @app.task
+    async def gen(k: int) -> AsyncIterator[int]:
+        for i in range(k):
+            yield i
+
+    return app
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("submit", "work"))
+    parser.add_argument("--bootstrap", default="127.0.0.1:19392")
+    parser.add_argument("--tasks", type=int, default=10_000)
+    args = parser.parse_args()
+    app = make_app(args.bootstrap)
+    if args.mode == "submit":
+        handles = await app.add_tasks("gen", [(1,)] * args.tasks)
+        UUIDS.write_text("\n".join(h.uuid for h in handles))
+        await app.stop()
+        return
+    uuids = UUIDS.read_text().split()
+    await app.start()
+    started, cpu = time.perf_counter(), time.process_time()
+    for uuid in uuids:
+        assert (await app.wait(uuid, 600)).status == "success"
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(f"{len(uuids) / elapsed:,.0f} tasks/s, {cpu / len(uuids) * 1e6:.0f} us CPU per task (worker start included)")
+    await app.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
