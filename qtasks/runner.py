@@ -349,9 +349,15 @@ class TaskRun:
         self.task = core.store.show(self.task)
         self._timer = asyncio.get_running_loop().call_later(grace, self._announce_soon)
 
+    def finish(self) -> None:
+        """The run is over here (ended, handed back, or dropped): nothing more is announced for it."""
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+
     async def announce(self, *, durable: bool = False) -> None:
         """Write the ``process`` status held back so far (no-op once written, or once the run ends)."""
-        if self.announced or self.concluding or self.task.status != "process":
+        if self.announced or self.concluding or self.finished or self.task.status != "process":
             return
         self.announced = True
         if self._timer is not None:
@@ -362,7 +368,7 @@ class TaskRun:
 
     def _announce_soon(self) -> None:
         """The run outlived ``process_grace``: write its ``process`` status in the background."""
-        if self.announced or self.concluding:
+        if self.announced or self.concluding or self.finished:
             return
         self._announcing = asyncio.get_running_loop().create_task(self.announce())
         self._announcing.add_done_callback(self._announced)

@@ -435,7 +435,7 @@ class Worker:
             await run.release()
             raise
         finally:
-            run.finished = True
+            run.finish()
             self._running.pop(uuid, None)
         self.tasks_done += 1
 

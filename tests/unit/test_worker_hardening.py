@@ -11,7 +11,9 @@ from typing import Any
 
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import Record
+from qtasks.executor import TaskExecutor
 from qtasks.records import TaskRecord, encode
+from tests.engine_suite import status_log
 
 
 async def test_a_record_of_a_task_running_here_joins_the_run_and_takes_no_slot(app: QueueTasks) -> None:
@@ -146,3 +148,27 @@ async def test_a_rebalance_writes_held_back_process_statuses_so_no_run_starts_tw
     await asyncio.sleep(0.5)  # the second worker's admissions settle
     assert worker._owned  # it took partitions over
     assert runs == Counter(range(9))
+
+
+class BrokenExecutor(TaskExecutor):
+    """A user's executor with a bug: the run fails outside the task, before process_grace passes."""
+
+    async def execute(self) -> Any:
+        raise RuntimeError("a bug in a custom executor")
+
+
+async def test_a_run_that_fails_outside_the_task_never_writes_process_after_its_ending(make_app: Any) -> None:
+    """The held-back process status dies with the run: on a compacted topic the last record wins."""
+    app = make_app(process_grace=0.3)
+
+    @app.task(executor=BrokenExecutor)
+    async def job() -> None:
+        return None
+
+    await app.start()
+    task = await app.add_task("job")
+    done = await app.wait(task.uuid, 5)
+    assert done.status == "error" and "a bug in a custom executor" in (done.traceback or "")
+    await asyncio.sleep(0.5)  # past process_grace: a timer left behind would have written by now
+    # The lease released as the run failed, then the ending; nothing after it.
+    assert await status_log(app, task.uuid) == ["new", "process", "error"]
