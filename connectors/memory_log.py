@@ -187,9 +187,11 @@ class _Group:
         self.generation = 0
         self.assignment: dict[str, set[TopicPartition]] = {}
         self.committed: dict[TopicPartition, int] = {}
-        #: Members that gave their partitions up for this generation, and when it began.
+        #: Members that gave their partitions up for this generation; when the rebalance began
+        #: (the first of several in a row), and whether every member has caught up since.
         self.synced: set[str] = set()
         self.started = 0.0
+        self.settled = True
 
 
 class MemoryLog:
@@ -516,9 +518,11 @@ class MemoryLog:
                 self._rebalance(group)
 
     def _rebalance(self, group: _Group) -> None:
+        if group.settled:  # a rebalance on top of an unfinished one keeps its clock
+            group.started = time.monotonic()
+            group.settled = False
         group.generation += 1
         group.synced = set()
-        group.started = time.monotonic()
         members = sorted(group.members)
         group.assignment = {m: set() for m in members}
         topics = sorted({t for m in members for t in group.members[m].topics})
@@ -543,6 +547,7 @@ class MemoryLog:
             if member_id not in group.synced:
                 group.synced.add(member_id)
                 if group.synced >= group.members.keys():
+                    group.settled = True
                     for member in group.members.values():
                         member.wake()
             return group.synced >= group.members.keys() or time.monotonic() - group.started > REBALANCE_TIMEOUT

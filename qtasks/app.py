@@ -287,7 +287,8 @@ class QueueTasks:
         **kwargs)``. Every task is checked before any is sent (a bad item raises, naming
         its index, with nothing submitted); then they are stored in batches, each with one
         wait: much faster than one ``add_task`` at a time. ``task.map(values)`` and
-        ``task.starmap(tuples)`` call this.
+        ``task.starmap(tuples)`` call this. A broker error that is not retriable raises
+        after the batches before it were stored (their tasks run; their handles are lost).
         """
         task_name = check_task_name(task_name)
         if priority is None:

@@ -73,7 +73,8 @@ async def merge_streams(
     """The items of every task's stream (``open_stream(uuid)`` yields StreamItems), as they come.
 
     The first stream that fails (an unknown task, its timeout) stops all the others and
-    its error is raised here. At most ``buffer`` items wait here for the reader; past
+    its error is raised here. A reader that stops early closes this generator (``break``
+    in ``async for`` does not: use ``contextlib.aclosing``) and the streams with it. At most ``buffer`` items wait here for the reader; past
     that the streams wait (each one's own buffer, then the log, hold the rest).
     """
     queue: asyncio.Queue[StreamItem | _Ended] = asyncio.Queue(maxsize=buffer)
@@ -81,8 +82,16 @@ async def merge_streams(
     async def pump(uuid: str) -> None:
         error: BaseException | None = None
         try:
-            async for item in open_stream(uuid):
-                await queue.put(item)
+            # Closed here whatever ends the pump (a cancel while it waits at the queue too):
+            # the stream gives its reader partition back at once.
+            stream = open_stream(uuid)
+            try:
+                async for item in stream:
+                    await queue.put(item)
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

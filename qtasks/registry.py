@@ -83,8 +83,8 @@ class TaskSpec:
         return self.app.add_tasks(self.name, [(value,) for value in values], priority=priority)
 
     def starmap(self, calls: Iterable[Iterable[Any]], *, priority: int | None = None) -> Any:
-        """Submit one task per tuple of positional arguments, in one batch: ``app.add_tasks``."""
-        return self.app.add_tasks(self.name, [tuple(call) for call in calls], priority=priority)
+        """Submit one task per tuple (or list) of positional arguments, in one batch: ``app.add_tasks``."""
+        return self.app.add_tasks(self.name, calls, priority=priority)
 
 
 class Registry:

@@ -354,15 +354,26 @@ class TaskRun:
         self.finished = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._announcing is not None:
+            self._announcing.cancel()
 
     async def announce(self, *, durable: bool = False) -> None:
-        """Write the ``process`` status held back so far (no-op once written, or once the run ends)."""
+        """Write the ``process`` status held back so far (no-op once written, or once the run ends).
+
+        ``durable`` (a revoke): return once it is stored, also when the timer's write of it
+        is under way.
+        """
+        if self.announced and durable and self._announcing is not None and not self._announcing.done():
+            self._announcing.cancel()  # written again below, durably
+            self.announced = False
         if self.announced or self.concluding or self.finished or self.task.status != "process":
             return
         self.announced = True
         if self._timer is not None:
             self._timer.cancel()
-        written = await self.host.core.store.write(self.task, durable=durable, wanted=lambda: not self.concluding)
+        written = await self.host.core.store.write(
+            self.task, durable=durable, wanted=lambda: not (self.concluding or self.finished)
+        )
         if not self.concluding:
             self.task = written
 

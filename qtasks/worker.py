@@ -60,6 +60,10 @@ log = logging.getLogger("qtasks.worker")
 _Waiting = tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]
 
 
+class _Dropped(Exception):
+    """A record left unfinished on purpose: a rebalance came while it was being admitted."""
+
+
 class Worker:
     """Runs the app's tasks as a member of the workers' consumer group."""
 
@@ -103,6 +107,8 @@ class Worker:
         self._ending = 0
         #: At least once: the view's catch-up after the last assignment.
         self._view_ready: asyncio.Task[None] | None = None
+        #: At least once: between a revoke and the next assignment (no run starts).
+        self._revoked = False
         #: uuid -> offsets of records that joined the run of that uuid here.
         self._active: dict[str, list[tuple[PartitionOffsets, int]]] = {}
         self._cancelled: OrderedDict[str, str] = OrderedDict()
@@ -193,14 +199,19 @@ class Worker:
             # Runs go on meanwhile; a partition that stays here keeps its transaction.
             await self._commit_txns()
             return
-        # A run whose process status is still held back (process_grace) writes it now, so
-        # the partition's next owner sees it running and waits for its lease.
-        announced = await asyncio.gather(
-            *(run.announce(durable=True) for run in self._running.values()), return_exceptions=True
-        )
-        for failed in announced:
-            if isinstance(failed, Exception):
-                log.info("could not write a process status before the rebalance: %s", failed)
+        # No run starts until the new assignment (a record whose admission is under way is
+        # dropped: it is read again from the committed offset). A run whose process status
+        # is still held back (process_grace) writes it now, so the partition's next owner
+        # sees it running and waits for its lease; bounded, as a broker that is away cannot
+        # take it anyway (the next owner then runs the task again: at least once).
+        self._revoked = True
+        runs = list(self._running.values())
+        if runs:
+            try:
+                async with asyncio.timeout(self.core.config.lease_interval):
+                    await asyncio.gather(*(run.announce(durable=True) for run in runs))
+            except (ConnectorError, TimeoutError) as exc:
+                log.info("could not write every process status before the rebalance: %r", exc)
         try:
             await self._commit()
         except ConnectorError as exc:
@@ -209,6 +220,7 @@ class Worker:
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Start the bookkeeping afresh: every assigned partition is read again from its committed offset."""
         self._owned = set(assigned)
+        self._revoked = False
         # Waiting and delayed records come again; records of runs in progress here join them.
         self._backlog = []
         self._delayed = []
@@ -219,6 +231,8 @@ class Worker:
         if not self.exactly_once:
             # Records are admitted once the view read the status topic to its end: a task
             # the partition's last owner announced while letting it go is seen running.
+            if self._view_ready is not None:
+                self._view_ready.cancel()
             self._view_ready = asyncio.get_running_loop().create_task(self._catch_up())
         else:
             # Closed in the background: the group waits for no producer (their runs stop now,
@@ -232,8 +246,10 @@ class Worker:
     async def _catch_up(self) -> None:
         try:
             await retried(self.core.store.catch_up_all, what="the end of the status topic", trouble=self.core.trouble)
-        except ConnectorError as exc:  # not retriable: each admission looks its task up anyway
-            log.warning("could not read the status topic to its end after a rebalance: %s", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # each admission looks its task up anyway (and fails loudly if it must)
+            log.warning("could not read the status topic to its end after a rebalance: %r", exc)
 
     # -- the poll loop ---------------------------------------------------------------
 
@@ -284,7 +300,7 @@ class Worker:
     def _fill(self) -> None:
         """Start backlog records, lowest priority number first, while there is room."""
         backlog = self._backlog
-        while backlog and self._in_flight < self.concurrency and not self._stopping:
+        while backlog and self._in_flight < self.concurrency and not self._stopping and not self._revoked:
             _, _, rec, record, offsets = heapq.heappop(backlog)
             if isinstance(rec, TaskRecord):
                 if (joined := self._active.get(rec.uuid)) is not None:
@@ -339,6 +355,8 @@ class Worker:
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
+        except _Dropped:
+            return  # not finished here: the record is read again after the rebalance
         except Exception as exc:
             raise_if_cancelled()  # a stop whose cancellation became an error hands the task back
             if txn is not None and (txn.lost or txn.error is not None):
@@ -419,6 +437,10 @@ class Worker:
             if head is not None and head.status == "process" and head.worker not in (None, self.id):
                 why = "its producer is fenced" if txn is not None else "lease expired"
                 log.info("taking over %s from %s (%s)", uuid, head.worker, why)
+            if self._revoked:
+                # Revoked while it was being admitted: it may be another worker's by now. It
+                # is read again from the committed offset if it stays here.
+                raise _Dropped()
             run = TaskRun(self.host, rec, spec, head, decision.attempt, txn)
             run.on_ran = ran
             await self._run(run)

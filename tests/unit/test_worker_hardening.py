@@ -172,3 +172,30 @@ async def test_a_run_that_fails_outside_the_task_never_writes_process_after_its_
     await asyncio.sleep(0.5)  # past process_grace: a timer left behind would have written by now
     # The lease released as the run failed, then the ending; nothing after it.
     assert await status_log(app, task.uuid) == ["new", "process", "error"]
+
+
+async def test_workers_joining_a_busy_group_run_no_short_task_twice(make_app: Any) -> None:
+    """Short runs write no process status; a rebalance must still never start one twice."""
+    settings = {"concurrency": 8, "tasks_partitions": 6}
+    first = make_app(**settings)
+    runs: Counter[int] = Counter()
+
+    async def short(i: int) -> int:
+        runs[i] += 1
+        await asyncio.sleep(0.01)
+        return i
+
+    first.task(name="short")(short)
+    handles = await first.add_tasks("short", [(i,) for i in range(1000)])
+    await first.start()
+    others = []
+    for _ in range(5):
+        await asyncio.sleep(0.05)  # joins land while runs start and end all the time
+        other = make_app(first.name, **settings)
+        other.task(name="short")(short)
+        await other.start()
+        others.append(other)
+    for handle in handles:
+        assert (await first.wait(handle.uuid, 30)).status == "success"
+    assert any(other.worker is not None and other.worker.tasks_done for other in others)  # they took part
+    assert [i for i, n in runs.items() if n > 1] == [] and len(runs) == 1000
