@@ -73,9 +73,10 @@ async def merge_streams(
     """The items of every task's stream (``open_stream(uuid)`` yields StreamItems), as they come.
 
     The first stream that fails (an unknown task, its timeout) stops all the others and
-    its error is raised here. A reader that stops early closes this generator (``break``
-    in ``async for`` does not: use ``contextlib.aclosing``) and the streams with it. At most ``buffer`` items wait here for the reader; past
-    that the streams wait (each one's own buffer, then the log, hold the rest).
+    its error is raised here. A reader that stops early should close this generator
+    (``break`` in ``async for`` does not: use ``contextlib.aclosing``), which closes the
+    streams too. At most ``buffer`` items wait here for the reader; past that the streams
+    wait (each one's own buffer, then the log, hold the rest).
     """
     queue: asyncio.Queue[StreamItem | _Ended] = asyncio.Queue(maxsize=buffer)
 

@@ -33,3 +33,9 @@ def test_the_readme_example_runs_on_memory(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[:10] == [str(2 * i) for i in range(10)]
     assert "status='success'" in lines[10]
+    merged: dict[str, list[tuple[int, int]]] = {}
+    for line in lines[11:]:
+        uuid, seq, value = line.split()
+        merged.setdefault(uuid, []).append((int(seq), int(value)))
+    assert sorted(map(len, merged.values())) == [3, 4, 5]  # the three tasks of count.map, every value
+    assert all(items == [(i, 2 * i) for i in range(len(items))] for items in merged.values())
