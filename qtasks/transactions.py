@@ -52,7 +52,14 @@ class PartitionTxn:
     """The open transaction of one tasks partition, its pending callbacks, and its committed offset."""
 
     def __init__(
-        self, producer: TxnProducer, tp: TopicPartition, group_id: str, *, limit: int, nudge: Callable[[], None]
+        self,
+        producer: TxnProducer,
+        tp: TopicPartition,
+        group_id: str,
+        *,
+        limit: int,
+        nudge: Callable[[], None],
+        commit_timeout: float = 60.0,
     ) -> None:
         self.producer = producer
         self.tp = tp
@@ -64,6 +71,9 @@ class PartitionTxn:
         self.lost = False
         self._limit = limit
         self._nudge = nudge
+        #: A commit that takes longer loses the partition (the broker has aborted the
+        #: transaction by then anyway): nothing waits forever on an answer that never comes.
+        self._commit_timeout = commit_timeout
         self._on_commit: list[Callable[[], object]] = []
         self._sending = 0
         #: Resolved when the sends under way have finished (a commit waits for it).
@@ -183,15 +193,20 @@ class PartitionTxn:
         self._gate = gate
         token = _committing.set(self)
         try:
-            await self._until_drained()
-            if before is not None:
-                await before()
+            async with asyncio.timeout(self._commit_timeout):
                 await self._until_drained()
-            if self.error is not None:
-                raise self._lost()
-            if offset is not None:
-                await self.producer.send_offsets({self.tp: offset}, self.group_id)
-            await self.producer.commit()
+                if before is not None:
+                    await before()
+                    await self._until_drained()
+                if self.error is not None:
+                    raise self._lost()
+                if offset is not None:
+                    await self.producer.send_offsets({self.tp: offset}, self.group_id)
+                await self.producer.commit()
+        except TimeoutError:
+            if self.error is None:
+                self.error = ConnectorError(f"the commit did not end within {self._commit_timeout:g} s")
+            raise self._lost() from None
         except ConnectorError as exc:
             if self.error is None:
                 self.error = exc

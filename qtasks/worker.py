@@ -530,8 +530,14 @@ class Worker:
     def _open_txn(self, tp: TopicPartition) -> None:
         """Start the transaction of a newly assigned partition (in the background; its records wait for it)."""
         producer = self.core.broker.transactional_producer(transactional_id(self.group_id, tp))
+        config = self.core.config
         txn = PartitionTxn(
-            producer, tp, self.group_id, limit=self.core.config.eos_commit_records, nudge=self._txn_wake.set
+            producer,
+            tp,
+            self.group_id,
+            limit=config.eos_commit_records,
+            nudge=self._txn_wake.set,
+            commit_timeout=config.eos_transaction_timeout,
         )
         self._txns[tp] = txn
         self._txn_ready[tp] = asyncio.get_running_loop().create_task(self._start_txn(txn))

@@ -461,3 +461,22 @@ async def test_a_client_in_the_worker_s_process_sees_an_ending_only_once_it_is_c
         assert seen == ["process"]
     finally:
         await app.stop()
+
+
+async def test_a_commit_that_never_answers_loses_the_partition_within_the_transaction_timeout(
+    broker_url: str,
+) -> None:
+    """No commit waits forever: past eos_transaction_timeout the partition is dropped and taken up again."""
+    settings = {**EOS, "eos_commit_interval": 0.05, "eos_transaction_timeout": 0.5}
+    app = QueueTasks(name=unique(), broker_url=f"faulty+{broker_url}", **settings)
+    register_counting(app)
+    try:
+        await app.start()
+        app.core.broker.faults.delay("txn_commit", 10.0, times=1)  # type: ignore[attr-defined]
+        task = await app.add_task("gen", 20, 0.01)
+        started = time.monotonic()
+        done = await app.wait(task.uuid, 30)
+        assert done.status == "success" and time.monotonic() - started < 5.0
+        assert_exactly_once(await committed_results(app), [task.uuid], 20)
+    finally:
+        await app.stop()
