@@ -74,15 +74,7 @@ class StreamQueue:
 
     async def get(self, timeout: float) -> Record | None:
         """The next record, or None after ``timeout`` seconds without one (or once woken)."""
-        if self.woken:
-            self.woken = False
-        elif not self.records and not self.closed:
-            self.ready.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self.ready.wait()
-        if self.closed:
-            raise AppClosedError("the app was closed while this stream was open")
+        await self.wait(timeout)
         return self.records.popleft() if self.records else None
 
 
