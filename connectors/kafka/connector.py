@@ -18,6 +18,7 @@ from qtasks.connectors.kafka.health import Health, install_log_filter
 from qtasks.connectors.kafka.options import _DEFAULT_LIMIT, _TOPIC_ALREADY_EXISTS, client_options, parse_url, timings
 from qtasks.connectors.kafka.producer import KafkaProducer
 from qtasks.connectors.kafka.sizes import value_limit
+from qtasks.connectors.kafka.starts import Starts
 from qtasks.connectors.kafka.transactions import KafkaTxnProducer
 from qtasks.exc import (
     BrokerUnavailableError,
@@ -48,6 +49,8 @@ class KafkaConnector:
         #: Each qtasks topic's ``max.message.bytes``, read after ``ensure_topics``.
         self.topic_limits: dict[str, int] = {}
         self._producer: KafkaProducer | None = None
+        #: Every client's start; one abandoned by its caller is stopped when it ends.
+        self.starts = Starts(self.timings.connect_timeout + config.eos_transaction_timeout)
         install_log_filter()
 
     # -- health ----------------------------------------------------------------------
@@ -109,14 +112,16 @@ class KafkaConnector:
 
     async def _abandon(self, producer: KafkaProducer) -> None:
         await producer.stop()
+        await self.starts.drain()
         await self.health.close()
 
     async def stop(self) -> None:
-        """Deliver pending records and disconnect."""
+        """Deliver pending records and disconnect (clients whose start was given up too)."""
         producer, self._producer = self._producer, None
         try:
             if producer is not None:
                 await producer.stop()
+            await self.starts.drain()
         finally:
             await self.health.close()
 
@@ -155,10 +160,10 @@ class KafkaConnector:
             client_id=f"{self.client_id}-admin",
             request_timeout_ms=self.config.kafka_request_timeout_ms,
         )
+        with kafka_errors("connect the admin client", servers=self.where, health=self.health):
+            async with asyncio.timeout(self.timings.connect_timeout):
+                await self.starts.run(admin.start, admin.close)  # not started: closed there
         try:
-            with kafka_errors("connect the admin client", servers=self.where, health=self.health):
-                async with asyncio.timeout(self.timings.connect_timeout):
-                    await admin.start()
             yield admin
         finally:
             await asyncio.shield(admin.close())

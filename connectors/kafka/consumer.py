@@ -82,17 +82,17 @@ class KafkaConsumer:
 
         A failed or cancelled start leaves nothing running.
         """
-        try:
-            await self._connector.health.wait_until_reachable(self._connector.timings.connect_timeout)
-            with self._errors("start a consumer"):
-                async with asyncio.timeout(self._connector.timings.connect_timeout):
-                    await self._consumer.start()
-            if self._subscription is not None:
-                topics, listener = self._subscription
+        await self._connector.health.wait_until_reachable(self._connector.timings.connect_timeout)
+        with self._errors("start a consumer"):
+            async with asyncio.timeout(self._connector.timings.connect_timeout):
+                await self._connector.starts.run(self._consumer.start, self._consumer.stop)
+        if self._subscription is not None:
+            topics, listener = self._subscription
+            try:
                 self._consumer.subscribe(topics=topics, listener=_Listener(listener))
-        except BaseException:
-            await asyncio.shield(self._consumer.stop())
-            raise
+            except BaseException:
+                await asyncio.shield(self._consumer.stop())
+                raise
 
     async def stop(self) -> None:
         """Leave the group and disconnect."""

@@ -76,12 +76,8 @@ class KafkaProducer:
     async def start(self) -> None:
         """Connect (the connector has checked that a broker answers)."""
         client = self._new_client()
-        try:
-            with kafka_errors("start the producer", servers=self._connector.where, health=self._connector.health):
-                await client.start()
-        except BaseException:
-            await asyncio.shield(client.stop())
-            raise
+        with kafka_errors("start the producer", servers=self._connector.where, health=self._connector.health):
+            await self._connector.starts.run(client.start, client.stop)
         self._client = client
 
     async def stop(self) -> None:

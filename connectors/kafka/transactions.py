@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -73,13 +74,9 @@ class KafkaTxnProducer:
             metadata_max_age_ms=int(c.timings.metadata_max_age * 1000),
         )
         pace_metadata_updates(client.client)
-        try:
-            with self._errors("start a transactional producer"):
-                async with asyncio.timeout(c.timings.connect_timeout + c.config.eos_transaction_timeout):
-                    await client.start()
-        except BaseException:
-            await asyncio.shield(self._close(client))
-            raise
+        with self._errors("start a transactional producer"):
+            async with asyncio.timeout(c.timings.connect_timeout + c.config.eos_transaction_timeout):
+                await c.starts.run(client.start, functools.partial(self._close, client))
         self._client = client
 
     async def stop(self) -> None:
