@@ -133,12 +133,16 @@ class Worker:
         connector = core.broker
         self._control = connector.consumer(None, client_id=f"{self.id}-control")
         await self._control.start()
-        control_tps = [TopicPartition(core.topics.control, p) for p in range(core.config.control_partitions)]
-        self._control.assign(control_tps)
-        await self._control.seek_to_end(control_tps)
-        self._consumer = connector.consumer(self.group_id, client_id=self.id)
-        self._consumer.subscribe([core.topics.tasks], self)
-        await self._consumer.start()
+        try:
+            control_tps = [TopicPartition(core.topics.control, p) for p in range(core.config.control_partitions)]
+            self._control.assign(control_tps)
+            await self._control.seek_to_end(control_tps)
+            self._consumer = connector.consumer(self.group_id, client_id=self.id)
+            self._consumer.subscribe([core.topics.tasks], self)
+            await self._consumer.start()
+        except BaseException:
+            await asyncio.shield(self._control.stop())  # a failed start leaves nothing running
+            raise
         self._started = True
         spawn = self.supervisor.spawn
         spawn("poll", self._poll_loop)

@@ -80,9 +80,14 @@ class KafkaConsumer:
     async def start(self) -> None:
         """Connect (within ``connect_timeout``), and join the group if subscribed.
 
-        A failed or cancelled start leaves nothing running.
+        A failed or cancelled start leaves nothing behind: one given up while aiokafka
+        connects ends on its own and is then stopped (``KafkaConnector.starts``).
         """
-        await self._connector.health.wait_until_reachable(self._connector.timings.connect_timeout)
+        try:
+            await self._connector.health.wait_until_reachable(self._connector.timings.connect_timeout)
+        except BaseException:
+            await asyncio.shield(self._consumer.stop())  # never started: marks it closed
+            raise
         with self._errors("start a consumer"):
             async with asyncio.timeout(self._connector.timings.connect_timeout):
                 await self._connector.starts.run(self._consumer.start, self._consumer.stop)

@@ -314,3 +314,32 @@ async def test_a_finished_run_gives_its_slot_up_while_its_ending_is_stored(
     # The only slot went to the second task while the first one's ending waited for the broker.
     assert started[2] < stored - 0.5
     await until(lambda: committed_everything(app))
+
+
+async def test_a_worker_that_cannot_join_its_group_leaves_no_consumer_running(
+    faulty_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = faulty_app()
+
+    @app.task
+    async def job() -> int:
+        return 1
+
+    connector: Any = app.broker
+    made: list[Any] = []
+    original = connector.consumer
+
+    def consumer(*args: Any, **kwargs: Any) -> Any:
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(connector, "consumer", consumer)
+    await app.core.connect()
+    made.clear()  # the app's own readers, started by connect
+    connector.faults.fail("start", topic=app.topics.tasks)
+    with pytest.raises(ConnectorError, match="injected fault"):
+        await app.start()
+    assert len(made) == 2  # the control reader (started) and the group member (failed)
+    assert not any(c._inner._started for c in made)
+    await app.start()  # the fault was one call: the next start joins
+    assert (await app.add_task("job", timeout=10)).returning == 1
