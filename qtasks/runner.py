@@ -16,6 +16,7 @@ import logging
 import time
 import traceback
 import zlib
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -81,6 +82,7 @@ class ResultSink:
         "_max_items",
         "_mismatch",
         "_partition",
+        "_pending",
         "_send",
         "_topic",
         "_trouble",
@@ -136,6 +138,9 @@ class ResultSink:
         #: The last ``ctx.checkpoint``: (seq of the next value, state, CRC-32 of the values before it).
         self.checkpoint: tuple[int, Any, int] | None = None
         self.last_delivery: Any = None
+        #: Deliveries of values not seen done yet, oldest first (a partition's deliveries
+        #: end in order): looked at as values are sent and at the end, no callback per value.
+        self._pending: deque[Any] = deque()
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
 
@@ -173,7 +178,10 @@ class ResultSink:
         self._count(seq, value, len(raw), crc)
         if delivery is not None:
             self.last_delivery = delivery
-            delivery.add_done_callback(self._delivered)
+            pending = self._pending
+            pending.append(delivery)
+            while pending[0].done():
+                self._delivered(pending.popleft())
 
     def _count(self, seq: int, value: Any, size: int, crc: int) -> None:
         self.seq = self.sent = seq + 1
@@ -218,6 +226,15 @@ class ResultSink:
         if error is not None and self.error is None:
             self.error = error
 
+    async def settle(self) -> None:
+        """Wait for the deliveries of the values sent so far; the first failure is in ``error``."""
+        pending = self._pending
+        while pending:
+            delivery = pending.popleft()
+            if not delivery.done():
+                await asyncio.wait([delivery])
+            self._delivered(delivery)
+
     async def end(self, status: str) -> None:
         """Write the end marker of this attempt and wait until it is stored (exactly-once: sent in the transaction).
 
@@ -233,6 +250,7 @@ class ResultSink:
             return self._send(self._topic, raw, key=self._key, partition=self._partition)
 
         await deliver(send, what=f"end of the results of {self._uuid}", trouble=self._trouble)
+        await self.settle()  # done already: they were sent before the marker, to its partition
 
 
 @dataclasses.dataclass(slots=True)

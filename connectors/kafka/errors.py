@@ -105,12 +105,26 @@ def kafka_errors(
         yield
     except ConnectorError:
         raise
-    except (kafka_exc.KafkaError, TimeoutError, OSError) as exc:
-        raise_if_cancelled()
-        error = map_error(exc, action, servers=servers, topic=topic)
-        if health is not None and isinstance(error, BrokerUnavailableError):
-            health.suspect()
-        raise error from exc
+    except KAFKA_ERRORS as exc:
+        raise mapped(exc, action, servers=servers, topic=topic, health=health) from exc
+
+
+#: What aiokafka calls raise besides our own errors (:func:`mapped` makes them ConnectorErrors).
+KAFKA_ERRORS = (kafka_exc.KafkaError, TimeoutError, OSError)
+
+
+def mapped(
+    exc: BaseException, action: str, *, servers: str = "", topic: str | None = None, health: Health | None = None
+) -> ConnectorError:
+    """:func:`kafka_errors` for one caught error (a hot path's own ``try``): the error to raise.
+
+    A cancellation that aiokafka turned into an error is raised here as what it was.
+    """
+    raise_if_cancelled()
+    error = map_error(exc, action, servers=servers, topic=topic)
+    if health is not None and isinstance(error, BrokerUnavailableError):
+        health.suspect()
+    return error
 
 
 def _tp(tp: TopicPartition) -> KafkaTP:

@@ -8,12 +8,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition as KafkaTP
 from aiokafka import errors as kafka_exc
 
-from qtasks.connectors.kafka.errors import _FATAL, is_fatal, kafka_errors, map_error
+from qtasks.connectors.kafka.errors import _FATAL, KAFKA_ERRORS, is_fatal, kafka_errors, map_error, mapped
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
-from qtasks.connectors.kafka.sizes import batch_size
+from qtasks.connectors.kafka.sizes import BATCH_SLACK, batch_size
 from qtasks.exc import (
     BrokerUnavailableError,
     ConnectorError,
@@ -47,6 +48,7 @@ class KafkaProducer:
         # numbers no longer follow), so the last delivery tells both the partition's end
         # and whether anything failed; no callback per record is needed.
         self._last: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        self._tps: dict[tuple[str, int], KafkaTP] = {}
         self._ends: dict[tuple[str, int], int] = {}
         #: Failed deliveries not reported by a flush yet.
         self._failed: list[tuple[tuple[str, int], BaseException]] = []
@@ -161,19 +163,32 @@ class KafkaProducer:
             )
 
     async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:
-        """Enqueue a record (waits only when the producer's buffer is full); return its delivery."""
-        self.check_size(topic, key, value)
+        """Enqueue a record (waits only when the producer's buffer is full); return its delivery.
+
+        Every value a task yields comes through here: the common case (a record well
+        under the limit, a partition in the metadata) takes no extra await.
+        """
         c = self._connector
-        with kafka_errors("send", servers=c.where, topic=topic, health=c.health):
-            client = await self._current()
-            await self._ensure_partition(client, topic, partition)
+        if len(value or b"") + len(key or b"") + BATCH_SLACK > c.batch_limit(topic):
+            self.check_size(topic, key, value)
+        key_ = (topic, partition)
+        tp = self._tps.get(key_)
+        if tp is None:
+            tp = self._tps[key_] = KafkaTP(topic, partition)
+        try:
+            client = self._client or await self._current()
+            if client.client.cluster.leader_for_partition(tp) is None:  # not in the metadata (yet)
+                await self._ensure_partition(client, topic, partition)
             try:
                 fut: asyncio.Future[Any] = await client.send(topic, value, key=key, partition=partition)
             except _FATAL as exc:
                 # The sender died (its error is kept by the accumulator): start again, once.
                 await self._rebuild(f"it failed: {exc!r}")
                 fut = await self.client.send(topic, value, key=key, partition=partition)
-        key_ = (topic, partition)
+        except ConnectorError:
+            raise
+        except KAFKA_ERRORS as exc:
+            raise mapped(exc, "send", servers=c.where, topic=topic, health=c.health) from exc
         previous = self._last.get(key_)
         if previous is not None and previous.done():
             self._fold(key_, previous)

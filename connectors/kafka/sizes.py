@@ -41,6 +41,11 @@ def batch_size(key: bytes | None, value: bytes | None) -> int:
     return size
 
 
+#: ``batch_size(key, value)`` is at most ``len(key) + len(value) + BATCH_SLACK`` (each
+#: length varint takes at most 5 bytes): a record this far under a limit needs no exact size.
+BATCH_SLACK = BATCH_HEADER + RECORD_OVERHEAD + 1 + 2 * 5
+
+
 def value_limit(batch_limit: int, key_room: int = KEY_ROOM) -> int:
     """The largest value whose batch, with a key of ``key_room`` bytes, fits ``batch_limit``."""
     budget = batch_limit - BATCH_HEADER - RECORD_OVERHEAD - 1 - varint_size(key_room) - key_room

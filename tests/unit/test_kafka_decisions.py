@@ -18,6 +18,7 @@ from qtasks.connectors.kafka import (
     value_limit,
     varint_size,
 )
+from qtasks.connectors.kafka.sizes import BATCH_SLACK
 from qtasks.exc import BrokerUnavailableError, CommitFailedError, ConfigError, ConnectorError, RecordTooLargeError
 
 
@@ -31,6 +32,14 @@ def test_value_limit_is_the_largest_value_that_fits(limit: int) -> None:
     key = b"k" * KEY_ROOM
     fits = value_limit(limit)
     assert batch_size(key, b"v" * fits) <= limit < batch_size(key, b"v" * (fits + 1))
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 127, 128, 8191, 8192, 1_048_575, 1_048_576, 20_000_000])
+def test_batch_slack_bounds_the_exact_size(size: int) -> None:
+    # send() skips the exact size of a record this far under the limit: it must never be more.
+    for key in (None, b"", b"k" * 36, b"k" * size):
+        value = b"v" * size
+        assert batch_size(key, value) <= len(key or b"") + len(value) + BATCH_SLACK
 
 
 def test_batch_size_matches_aiokafkas_upper_bound() -> None:
