@@ -262,6 +262,8 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
         # What was imported so far lives as long as the worker: keep it out of the
         # collector's way (fewer objects to walk in every full collection).
         gc.freeze()
+        if app.config.worker_gc_threshold:
+            gc.set_threshold(app.config.worker_gc_threshold, *gc.get_threshold()[1:])
         if app.broker_url.startswith("memory://"):
             log.warning(MEMORY_IS_ONE_PROCESS.format(what="worker") + " (only tasks this program submits run here)")
         else:

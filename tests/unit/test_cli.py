@@ -1,10 +1,15 @@
-"""The CLI, run as a user runs it (a subprocess)."""
+"""The CLI, run as a user runs it (a subprocess), and what ``run`` sets up in its process."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
+
+import pytest
+
+from qtasks import cli
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -96,3 +101,21 @@ def test_an_error_with_a_message_on_several_lines_is_shown_whole() -> None:
     result = run("add", "multiline", "--follow")
     assert result.returncode == 1
     assert "ValueError: first line second line" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("setting", "first"), [(10_000, 10_000), (0, None)])
+def test_run_gives_the_worker_process_its_collector_threshold(
+    monkeypatch: pytest.MonkeyPatch, setting: int, first: int | None
+) -> None:
+    from tests.unit.cli_app import app
+
+    seen: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(app, "run_forever", lambda concurrency=None: seen.append(gc.get_threshold()))
+    monkeypatch.setattr(app.config, "worker_gc_threshold", setting)
+    before = gc.get_threshold()
+    try:
+        assert cli.main(["-A", "tests.unit.cli_app:app", "run"]) == 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+    assert seen == [((first or before[0]), *before[1:])]
