@@ -314,7 +314,7 @@ class TaskExecutor:
         if spec.echo:
             args.insert(0, self._echo_object())
         try:
-            spec.signature.bind(*args, **self.kwargs)
+            spec.check_arguments(args, self.kwargs)
         except TypeError as exc:
             shown = str(spec.signature)
             raise TypeError(f"wrong arguments for task {spec.name!r}: {exc}; it takes {shown}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 Kind = Literal["async", "async_gen", "sync", "sync_gen"]
@@ -44,11 +44,13 @@ class TaskSpec:
     app: Any = None
     kind: Kind = dataclasses.field(init=False)
     signature: inspect.Signature = dataclasses.field(init=False)
+    _plain: tuple[dict[str, int], int] | None = dataclasses.field(init=False, repr=False, compare=False)
     handler_is_async: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.kind = kind_of(self.func)
         self.signature = inspect.signature(self.func)
+        self._plain = _plain_parameters(self.signature)
         handler = self.generate_handler
         self.handler_is_async = handler is not None and inspect.iscoroutinefunction(inspect.unwrap(handler))
         if self.max_time is not None and self.max_time <= 0:
@@ -60,6 +62,30 @@ class TaskSpec:
             if bad:
                 raise ValueError(f"task {self.name!r}: retry_on_exc must list exception classes, got {bad!r}")
         self.__doc__ = self.description or self.func.__doc__
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise Python's own TypeError unless the function takes these arguments.
+
+        Every run checks its arguments before the task starts; for a function with plain
+        parameters (no ``*args``, ``**kwargs``, positional- or keyword-only ones) that is
+        a count and a few lookups, else ``Signature.bind`` (also for the error's message).
+        """
+        plain = self._plain
+        if plain is not None:
+            index, required = plain
+            given = len(args)
+            if given <= len(index):
+                covered = min(given, required)
+                for name in kwargs:
+                    at = index.get(name)
+                    if at is None or at < given:
+                        break  # unknown, or given twice: bind says which
+                    if at < required:
+                        covered += 1
+                else:
+                    if covered == required:
+                        return
+        self.signature.bind(*args, **kwargs)
 
     @property
     def is_generator(self) -> bool:
@@ -115,3 +141,18 @@ class Registry:
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._tasks)
+
+
+def _plain_parameters(signature: inspect.Signature) -> tuple[dict[str, int], int] | None:
+    """Each parameter's position and how many come first without a default; None if any is not plain."""
+    index: dict[str, int] = {}
+    required = 0
+    for at, parameter in enumerate(signature.parameters.values()):
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            return None
+        if parameter.default is inspect.Parameter.empty:
+            if required != at:
+                return None  # cannot be written in Python, but a signature can say it
+            required += 1
+        index[parameter.name] = at
+    return index, required

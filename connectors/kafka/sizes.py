@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from qtasks.connectors.kafka.options import KEY_ROOM
@@ -46,6 +47,7 @@ def batch_size(key: bytes | None, value: bytes | None) -> int:
 BATCH_SLACK = BATCH_HEADER + RECORD_OVERHEAD + 1 + 2 * 5
 
 
+@functools.lru_cache(maxsize=64)  # pure, and asked for every run of a task
 def value_limit(batch_limit: int, key_room: int = KEY_ROOM) -> int:
     """The largest value whose batch, with a key of ``key_room`` bytes, fits ``batch_limit``."""
     budget = batch_limit - BATCH_HEADER - RECORD_OVERHEAD - 1 - varint_size(key_room) - key_room

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -553,3 +555,34 @@ async def test_a_cancelled_sync_task_ends_as_cancel(pool: TaskThreads) -> None:
     outcome = await executor(checks, echo=True, pool=pool).execute()
     assert outcome.status == "cancel"
     assert isinstance(outcome.exc, TaskCancelError)
+
+
+def _none() -> None: ...
+def _one(a: int) -> None: ...
+def _defaults(a: int, b: int = 1, c: int = 2) -> None: ...
+def _star(a: int, *rest: int) -> None: ...
+def _kwonly(a: int, *, b: int) -> None: ...
+def _posonly(a: int, /, b: int = 0) -> None: ...
+def _anykw(a: int, **kw: int) -> None: ...
+
+
+@pytest.mark.parametrize("func", [_none, _one, _defaults, _star, _kwonly, _posonly, _anykw])
+def test_the_argument_check_agrees_with_python_on_every_call(func: Callable[..., None]) -> None:
+    spec = TaskSpec(name="t", func=func)
+    signature = inspect.signature(func)
+    names = ["a", "b", "c", "rest", "kw", "x"]
+    for given in range(5):
+        for count in range(3):
+            for keys in itertools.combinations(names, count):
+                args, kwargs = list(range(given)), dict.fromkeys(keys, 0)
+                try:
+                    signature.bind(*args, **kwargs)
+                    python = None
+                except TypeError as exc:
+                    python = str(exc)
+                try:
+                    spec.check_arguments(args, kwargs)
+                    ours = None
+                except TypeError as exc:
+                    ours = str(exc)
+                assert ours == python, (func.__name__, args, kwargs)
