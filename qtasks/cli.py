@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 
 from qtasks.app import QueueTasks as AsyncQueueTasks
+from qtasks.config import QueueConfig
 from qtasks.connectors import from_url
 from qtasks.exc import BrokerUnavailableError, ConnectorError, error_of
 from qtasks.supervise import raise_if_cancelled
@@ -205,6 +206,15 @@ async def wait_for_broker(app: AsyncQueueTasks, cap: float = 30.0) -> None:
         return
 
 
+def tune_collector(config: QueueConfig) -> None:
+    """What ``qtasks run`` does to the garbage collector of its process (``worker_gc_threshold``)."""
+    # What was imported so far lives as long as the worker: keep it out of the
+    # collector's way (fewer objects to walk in every full collection).
+    gc.freeze()
+    if config.worker_gc_threshold:
+        gc.set_threshold(config.worker_gc_threshold, *gc.get_threshold()[1:])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qtasks`` command's arguments (docs/reference.md shows its help)."""
     parser = argparse.ArgumentParser(prog="qtasks", description="qtasks: Kafka-native streaming tasks")
@@ -259,11 +269,7 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             logging.basicConfig(
                 level=app.config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
             )
-        # What was imported so far lives as long as the worker: keep it out of the
-        # collector's way (fewer objects to walk in every full collection).
-        gc.freeze()
-        if app.config.worker_gc_threshold:
-            gc.set_threshold(app.config.worker_gc_threshold, *gc.get_threshold()[1:])
+        tune_collector(app.config)
         if app.broker_url.startswith("memory://"):
             log.warning(MEMORY_IS_ONE_PROCESS.format(what="worker") + " (only tasks this program submits run here)")
         else:
