@@ -253,6 +253,41 @@ class ResultSink:
         await self.settle()  # done already: they were sent before the marker, to its partition
 
 
+class Announcer:
+    """Writes the held-back ``process`` status of each run that outlives ``process_grace``.
+
+    One loop and one timer for all the runs, not one timer per run: most runs end
+    sooner, and a run that has ended (or was announced) is passed over.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self._grace = grace
+        self._young: deque[tuple[float, TaskRun]] = deque()
+        self._added = asyncio.Event()
+
+    def add(self, run: TaskRun) -> None:
+        """Announce ``run`` once its grace is over (runs are added in the order they start)."""
+        young = self._young
+        if not young:
+            self._added.set()
+        young.append((time.monotonic() + self._grace, run))
+
+    async def run(self) -> None:
+        """The worker's supervised loop."""
+        young = self._young
+        while True:
+            if not young:
+                self._added.clear()
+                await self._added.wait()
+                continue
+            wait = young[0][0] - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            now = time.monotonic()
+            while young and young[0][0] <= now:
+                young.popleft()[1].announce_soon()
+
+
 @dataclasses.dataclass(slots=True)
 class Host:
     """What a run needs from the worker that hosts it."""
@@ -266,6 +301,7 @@ class Host:
     user_app: Any
     pool: Executor
     worker: Any
+    announcer: Announcer
 
 
 class TaskRun:
@@ -302,7 +338,6 @@ class TaskRun:
             txn.runs.add(self)
         #: Set once the ``process`` status is written (at least once it may be held back: :meth:`start`).
         self.announced = False
-        self._timer: asyncio.TimerHandle | None = None
         self._announcing: asyncio.Task[None] | None = None
         #: Called once the task's own code is done and only its ending is left (the worker frees its slot).
         self.on_ran: Callable[[], None] | None = None
@@ -365,20 +400,18 @@ class TaskRun:
             self.announced = True
             return
         self.task = core.store.show(self.task)
-        self._timer = asyncio.get_running_loop().call_later(grace, self._announce_soon)
+        self.host.announcer.add(self)
 
     def finish(self) -> None:
         """The run is over here (ended, handed back, or dropped): nothing more is announced for it."""
         self.finished = True
-        if self._timer is not None:
-            self._timer.cancel()
         if self._announcing is not None:
             self._announcing.cancel()
 
     async def announce(self, *, durable: bool = False) -> None:
         """Write the ``process`` status held back so far (no-op once written, or once the run ends).
 
-        ``durable`` (a revoke): return once it is stored, also when the timer's write of it
+        ``durable`` (a revoke): return once it is stored, also when the announcer's write of it
         is under way.
         """
         if self.announced and durable and self._announcing is not None and not self._announcing.done():
@@ -387,15 +420,13 @@ class TaskRun:
         if self.announced or self.concluding or self.finished or self.task.status != "process":
             return
         self.announced = True
-        if self._timer is not None:
-            self._timer.cancel()
         written = await self.host.core.store.write(
             self.task, durable=durable, wanted=lambda: not (self.concluding or self.finished)
         )
         if not self.concluding:
             self.task = written
 
-    def _announce_soon(self) -> None:
+    def announce_soon(self) -> None:
         """The run outlived ``process_grace``: write its ``process`` status in the background."""
         if self.announced or self.concluding or self.finished:
             return
@@ -492,8 +523,6 @@ class TaskRun:
         host, rec, spec, sink = self.host, self.rec, self.spec, self.sink
         core = host.core
         self.concluding = True
-        if self._timer is not None:
-            self._timer.cancel()
         if self.on_ran is not None:
             self.on_ran()
         outcome = check_result(spec.name, spec.is_generator, outcome, core.config.returning_max_bytes)

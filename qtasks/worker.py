@@ -49,7 +49,7 @@ from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
 from qtasks.registry import Registry
-from qtasks.runner import Host, TaskRun, end_unfinished, end_without_running
+from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_running
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
 from qtasks.transactions import PartitionLostError, PartitionTxn, transactional_id
@@ -87,7 +87,8 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid_mod.uuid4().hex[:6]}"
         self.prefetch = config.prefetch if config.prefetch >= 0 else self.concurrency
         self._pool = TaskThreads(config.thread_pool_size, name_prefix="qtasks-task")
-        self.host = Host(core, self.id, plugins, events, app, user_app, self._pool, self)
+        self._announcer = Announcer(core.config.process_grace)
+        self.host = Host(core, self.id, plugins, events, app, user_app, self._pool, self, self._announcer)
         self.supervisor = Supervisor(f"worker {self.id}", on_fatal=self._on_fatal)
         self.error: BaseException | None = None
         self.tasks_done = 0
@@ -153,6 +154,8 @@ class Worker:
         else:
             spawn("commit", self._commit_loop)
             spawn("lease", self._lease_loop)
+            if core.config.process_grace:
+                spawn("announce", self._announcer.run)
         if core.config.status_ttl > 0:
             spawn("expire", self._expire_loop)
         log.info("worker %s running tasks %s (concurrency %d)", self.id, self.registry.names(), self.concurrency)
