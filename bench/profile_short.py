@@ -4,8 +4,9 @@
     py-spy record -r 250 -f flamegraph -o docs/flamegraph-short-tasks.svg -- \\
         .venv/bin/python bench/profile_short.py work --bootstrap 127.0.0.1:19392
 
-``submit`` queues N one-value generator tasks with ``add_tasks`` (in its own process, so
-the profile holds no client work but ``app.wait``) and writes their uuids to a file;
+``submit`` queues N generator tasks of ``--k`` values (default 1) with ``add_tasks``, on
+fresh topics (in its own process, so the profile holds no client work but ``app.wait``),
+and writes the app's name and the uuids to a file;
 ``work`` runs a worker (concurrency 64) until every one of them has ended, then prints
 tasks/s and this process's CPU per task. The broker: ``make kafka-up KAFKA_PORT=19392``.
 """
@@ -17,6 +18,7 @@ import asyncio
 import pathlib
 import tempfile
 import time
+import uuid as uuid_mod
 from collections.abc import AsyncIterator
 
 from qtasks.asyncio import QueueTasks
@@ -24,8 +26,8 @@ from qtasks.asyncio import QueueTasks
 UUIDS = pathlib.Path(tempfile.gettempdir()) / "qtasks-profile-short.uuids"
 
 
-def make_app(bootstrap: str) -> QueueTasks:
-    app = QueueTasks(name="profileshort", broker_url=f"kafka://{bootstrap}", concurrency=64, log_level="WARNING")
+def make_app(bootstrap: str, name: str) -> QueueTasks:
+    app = QueueTasks(name=name, broker_url=f"kafka://{bootstrap}", concurrency=64, log_level="WARNING")
 
     @app.task
     async def gen(k: int) -> AsyncIterator[int]:
@@ -40,20 +42,27 @@ async def main() -> None:
     parser.add_argument("mode", choices=("submit", "work"))
     parser.add_argument("--bootstrap", default="127.0.0.1:19392")
     parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--k", type=int, default=1, help="values per task (default 1)")
     args = parser.parse_args()
-    app = make_app(args.bootstrap)
     if args.mode == "submit":
-        handles = await app.add_tasks("gen", [(1,)] * args.tasks)
-        UUIDS.write_text("\n".join(h.uuid for h in handles))
+        # Fresh topics each time: a worker's start reads its whole status topic, and what
+        # earlier runs left there would be in the profile.
+        name = f"profile{uuid_mod.uuid4().hex[:8]}"
+        app = make_app(args.bootstrap, name)
+        handles = await app.add_tasks("gen", [(args.k,)] * args.tasks)
+        UUIDS.write_text("\n".join([name, *(h.uuid for h in handles)]))
         await app.stop()
         return
-    uuids = UUIDS.read_text().split()
+    name, *uuids = UUIDS.read_text().split()
+    app = make_app(args.bootstrap, name)
     await app.start()
     started, cpu = time.perf_counter(), time.process_time()
     for uuid in uuids:
         assert (await app.wait(uuid, 600)).status == "success"
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    print(f"{len(uuids) / elapsed:,.0f} tasks/s, {cpu / len(uuids) * 1e6:.0f} us CPU per task (worker start included)")
+    print(
+        f"{len(uuids) / elapsed:,.0f} tasks/s, {cpu / len(uuids) * 1e6:.0f} us CPU per task (after the worker's start)"
+    )
     await app.stop()
 
 
