@@ -171,9 +171,9 @@ class Core:
         self.closed.set()
         await self.supervisor.stop()
         await self.store.stop()
-        if self.connected:
-            self.connected = False
-            await self.broker.stop()
+        # Also when never connected: a failed start may have left a client start to stop.
+        self.connected = False
+        await self.broker.stop()
         self._lock = None
 
     # -- writing ---------------------------------------------------------------------

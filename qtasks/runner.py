@@ -180,7 +180,7 @@ class ResultSink:
             self.last_delivery = delivery
             pending = self._pending
             pending.append(delivery)
-            while pending[0].done():
+            while pending and pending[0].done():
                 self._delivered(pending.popleft())
 
     def _count(self, seq: int, value: Any, size: int, crc: int) -> None:

@@ -9,6 +9,9 @@ from typing import Any
 
 log = logging.getLogger("qtasks.kafka")
 
+#: How often (seconds) an abandoned start is looked at to see whether it is past its bootstrap.
+_LOOK = 0.02
+
 
 class Starts:
     """A connector's client starts, each run whole.
@@ -27,11 +30,21 @@ class Starts:
         self._bound = bound
         self._abandoned: set[asyncio.Task[None]] = set()
 
-    async def run(self, start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:
+    async def run(
+        self,
+        start: Callable[[], Awaitable[Any]],
+        stop: Callable[[], Awaitable[Any]],
+        *,
+        bootstrapped: Callable[[], bool] | None = None,
+    ) -> None:
         """``start()`` the client, or leave it stopped (now, or once an abandoned start ends).
 
         On return the client is started. Whatever this raises (the start's own error, the
         caller's cancel or timeout), the caller must not stop the client: it is stopped here.
+        ``bootstrapped`` (the client is past its bootstrap) lets an abandoned start be
+        cancelled as soon as that is safe: a transactional producer's start goes on to ask
+        for its producer id until it gets one, and a late answer would fence the producer
+        that replaced it.
         """
         task = asyncio.ensure_future(start())
         try:
@@ -40,14 +53,20 @@ class Starts:
             if task.done():
                 await asyncio.shield(self._stop(stop))
             else:
-                finisher = asyncio.ensure_future(self._finish(task, stop))
+                finisher = asyncio.ensure_future(self._finish(task, stop, bootstrapped))
                 self._abandoned.add(finisher)
                 finisher.add_done_callback(self._abandoned.discard)
             raise
 
-    async def _finish(self, task: asyncio.Future[Any], stop: Callable[[], Awaitable[Any]]) -> None:
+    async def _finish(
+        self, task: asyncio.Future[Any], stop: Callable[[], Awaitable[Any]], bootstrapped: Callable[[], bool] | None
+    ) -> None:
         try:
             async with asyncio.timeout(self._bound):
+                if bootstrapped is not None:
+                    while not task.done() and not bootstrapped():
+                        await asyncio.wait([task], timeout=_LOOK)
+                    task.cancel()
                 await task
         except BaseException as exc:  # the caller has its own error already
             log.debug("an abandoned Kafka client start ended with %r", exc)
@@ -61,6 +80,9 @@ class Starts:
             log.debug("stopping a Kafka client that did not start: %r", exc)
 
     async def drain(self) -> None:
-        """Wait until every abandoned start has ended and its client is stopped."""
+        """Wait until every abandoned start has ended and its client is stopped.
+
+        A cancel of this wait leaves them running (``asyncio.wait`` cancels nothing).
+        """
         while self._abandoned:
-            await asyncio.gather(*self._abandoned, return_exceptions=True)
+            await asyncio.wait(set(self._abandoned))

@@ -76,7 +76,11 @@ class KafkaTxnProducer:
         pace_metadata_updates(client.client)
         with self._errors("start a transactional producer"):
             async with asyncio.timeout(c.timings.connect_timeout + c.config.eos_transaction_timeout):
-                await c.starts.run(client.start, functools.partial(self._close, client))
+                await c.starts.run(
+                    client.start,
+                    functools.partial(self._close, client),
+                    bootstrapped=lambda: client.client._sync_task is not None,
+                )
         self._client = client
 
     async def stop(self) -> None:

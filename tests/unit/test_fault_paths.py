@@ -343,3 +343,29 @@ async def test_a_worker_that_cannot_join_its_group_leaves_no_consumer_running(
     assert not any(c._inner._started for c in made)
     await app.start()  # the fault was one call: the next start joins
     assert (await app.add_task("job", timeout=10)).returning == 1
+
+
+async def test_values_whose_deliveries_are_settled_when_sent_are_all_counted(
+    faulty_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connector may hand back a delivery that is already done (the protocol allows it).
+    app = faulty_app()
+
+    @app.task
+    async def three() -> AsyncIterator[int]:
+        for i in range(3):
+            yield i
+
+    await app.start()
+    producer: Any = app.broker.producer
+    inner_send = producer.send
+
+    async def send(*args: Any, **kwargs: Any) -> Any:
+        await inner_send(*args, **kwargs)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    monkeypatch.setattr(producer, "send", send)
+    task = await app.add_task("three", timeout=10)
+    assert task is not None and task.status == "success" and task.returning == [0, 1, 2], task

@@ -87,3 +87,71 @@ async def test_an_abandoned_start_that_never_ends_is_cancelled_at_the_bound_and_
     async with asyncio.timeout(5):
         await starts.drain()
     assert client.cancelled and client.stops == 1
+
+
+async def test_a_cancelled_drain_leaves_the_abandoned_starts_running() -> None:
+    starts, client = Starts(bound=5), Client()
+    caller = asyncio.create_task(starts.run(client.start, client.stop))
+    await client.entered.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.02):
+            await starts.drain()  # a stop under a deadline
+    assert not client.cancelled  # still not cut inside aiokafka's bootstrap
+    client.release.set()
+    await starts.drain()
+    assert client.started and client.stops == 1
+
+
+async def test_an_abandoned_start_past_its_bootstrap_is_cancelled_at_once() -> None:
+    # A transactional producer's start asks for its producer id until it gets one; left
+    # running, a late answer would fence the producer that replaced it.
+    starts, client = Starts(bound=30), Client()
+    bootstrapped = False
+    caller = asyncio.create_task(starts.run(client.start, client.stop, bootstrapped=lambda: bootstrapped))
+    await client.entered.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.05)
+    assert not client.cancelled  # still bootstrapping: left alone
+    bootstrapped = True
+    async with asyncio.timeout(1):
+        await starts.drain()
+    assert client.cancelled and client.stops == 1
+
+
+async def test_a_connector_whose_start_is_given_up_raises_at_once_and_stops_the_client_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from qtasks.config import QueueConfig
+    from qtasks.connectors.kafka.connector import KafkaConnector
+    from qtasks.exc import BrokerUnavailableError
+
+    release, closed = asyncio.Event(), []
+
+    async def slow_start(self: object) -> None:  # a bootstrap whose metadata request is not answered yet
+        await release.wait()
+
+    async def close(self: object) -> None:
+        closed.append(self)
+
+    async def reachable(timeout: float) -> None:
+        return None
+
+    monkeypatch.setattr(AIOKafkaAdminClient, "start", slow_start)
+    monkeypatch.setattr(AIOKafkaAdminClient, "close", close)
+    kafka = KafkaConnector("kafka://127.0.0.1:1?connect_timeout=0.2", QueueConfig())
+    monkeypatch.setattr(kafka.health, "wait_until_reachable", reachable)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BrokerUnavailableError):
+        await kafka.start()
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert not closed
+    release.set()
+    await kafka.stop()
+    assert len(closed) == 1
