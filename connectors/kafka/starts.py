@@ -51,6 +51,8 @@ class Starts:
             await asyncio.shield(task)
         except BaseException:
             if task.done():
+                if not task.cancelled():
+                    task.exception()  # looked at: its own error is raised, or the caller's
                 await asyncio.shield(self._stop(stop))
             else:
                 finisher = asyncio.ensure_future(self._finish(task, stop, bootstrapped))
