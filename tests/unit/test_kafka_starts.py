@@ -7,10 +7,15 @@ tests stand a controllable start in for aiokafka's (no broker needed).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
+from qtasks.config import QueueConfig
+from qtasks.connectors.kafka.connector import KafkaConnector
 from qtasks.connectors.kafka.starts import Starts
+from qtasks.exc import BrokerUnavailableError
 
 
 class Client:
@@ -37,6 +42,15 @@ class Client:
         self.stops += 1
 
 
+async def abandon(starts: Starts, client: Client, **options: Any) -> None:
+    """Start ``client`` and cancel the caller while the start is under way."""
+    caller = asyncio.create_task(starts.run(client.start, client.stop, **options))
+    await client.entered.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
 async def test_a_start_that_ends_leaves_the_client_to_its_caller() -> None:
     starts, client = Starts(bound=5), Client()
     client.release.set()
@@ -54,11 +68,7 @@ async def test_a_start_that_fails_is_stopped_and_raises() -> None:
 
 async def test_a_cancelled_caller_returns_at_once_and_the_start_is_finished_then_stopped() -> None:
     starts, client = Starts(bound=5), Client()
-    caller = asyncio.create_task(starts.run(client.start, client.stop))
-    await client.entered.wait()
-    caller.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await caller
+    await abandon(starts, client)
     # The cancel did not reach into the start (where aiokafka would leak its connection).
     assert not client.cancelled and client.stops == 0
     client.release.set()
@@ -79,11 +89,7 @@ async def test_a_callers_timeout_is_its_own_and_the_start_is_stopped_when_it_end
 
 async def test_an_abandoned_start_that_never_ends_is_cancelled_at_the_bound_and_stopped() -> None:
     starts, client = Starts(bound=0.05), Client()
-    caller = asyncio.create_task(starts.run(client.start, client.stop))
-    await client.entered.wait()
-    caller.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await caller
+    await abandon(starts, client)
     async with asyncio.timeout(5):
         await starts.drain()
     assert client.cancelled and client.stops == 1
@@ -91,11 +97,7 @@ async def test_an_abandoned_start_that_never_ends_is_cancelled_at_the_bound_and_
 
 async def test_a_cancelled_drain_leaves_the_abandoned_starts_running() -> None:
     starts, client = Starts(bound=5), Client()
-    caller = asyncio.create_task(starts.run(client.start, client.stop))
-    await client.entered.wait()
-    caller.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await caller
+    await abandon(starts, client)
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.02):
             await starts.drain()  # a stop under a deadline
@@ -110,11 +112,7 @@ async def test_an_abandoned_start_past_its_bootstrap_is_cancelled_at_once() -> N
     # running, a late answer would fence the producer that replaced it.
     starts, client = Starts(bound=30), Client()
     bootstrapped = False
-    caller = asyncio.create_task(starts.run(client.start, client.stop, bootstrapped=lambda: bootstrapped))
-    await client.entered.wait()
-    caller.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await caller
+    await abandon(starts, client, bootstrapped=lambda: bootstrapped)
     await asyncio.sleep(0.05)
     assert not client.cancelled  # still bootstrapping: left alone
     bootstrapped = True
@@ -126,12 +124,6 @@ async def test_an_abandoned_start_past_its_bootstrap_is_cancelled_at_once() -> N
 async def test_a_connector_whose_start_is_given_up_raises_at_once_and_stops_the_client_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from qtasks.config import QueueConfig
-    from qtasks.connectors.kafka.connector import KafkaConnector
-    from qtasks.exc import BrokerUnavailableError
-
     release, closed = asyncio.Event(), []
 
     async def slow_start(self: object) -> None:  # a bootstrap whose metadata request is not answered yet
