@@ -24,6 +24,7 @@ from qtasks.core import Core, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
+from qtasks.metrics import MetricsServer
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StreamItem, Task
 from qtasks.registry import Registry, TaskSpec
@@ -58,12 +59,14 @@ class QueueTasks:
     ) -> None:
         self.name = validate_app_name(name)
         self.config = config if config is not None else QueueConfig.from_env(**settings)
-        show_logs(self.config.log_level)
+        show_logs(self.config.log_level, self.config.log_format)
         self.core = Core(name, broker_url or os.environ.get("QTASKS_BROKER_URL") or "memory://", self.config)
         self.registry = Registry()
         self.plugins = PluginManager()
         self.events = Events()
         self.worker: Worker | None = None
+        #: The ``/metrics`` server of this app (see :meth:`serve_metrics`), once started.
+        self.metrics: MetricsServer | None = None
         self._facade: Any = None
         self._reader: ResultsReader | None = None
         self._lifecycle: asyncio.Lock | None = None
@@ -415,10 +418,14 @@ class QueueTasks:
     async def start(self, concurrency: int | None = None) -> Worker:
         """Start a worker in this program (returns once it has joined the group); a second call returns it."""
         await self._here()
-        show_logs(self.config.log_level)  # the program may have configured logging since the app was made
+        show_logs(
+            self.config.log_level, self.config.log_format
+        )  # the program may have configured logging since the app was made
         async with self._lock():
             if self.worker is not None and self.worker._started:
                 return self.worker
+            if self.config.metrics_port and self.metrics is None:
+                await self.serve_metrics()
             await self.events.fire("starting", app=self)
             await self.plugins.start()
             worker = Worker(
@@ -447,6 +454,26 @@ class QueueTasks:
                 await worker.stop(timeout)
             await self.plugins.stop()
             await self.close()
+            metrics, self.metrics = self.metrics, None
+            if metrics is not None:
+                await metrics.stop()
+
+    async def serve_metrics(self, port: int | None = None, host: str | None = None) -> MetricsServer:
+        """Serve ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` on ``port`` (default ``metrics_port``; 0 picks a free one).
+
+        :meth:`start` calls it when ``metrics_port`` is set; :meth:`stop` stops it. A second
+        call returns the server already running.
+        """
+        await self._here()
+        if self.metrics is None:
+            server = MetricsServer(
+                self,
+                self.config.metrics_port if port is None else port,
+                self.config.metrics_host if host is None else host,
+            )
+            await server.start()
+            self.metrics = server
+        return self.metrics
 
     @property
     def _results_reader(self) -> ResultsReader:

@@ -39,6 +39,7 @@ from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.connectors import from_url
 from qtasks.exc import BrokerUnavailableError, ConnectorError, error_of
+from qtasks.logs import formatter
 from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.cli")
@@ -206,6 +207,19 @@ async def wait_for_broker(app: AsyncQueueTasks, cap: float = 30.0) -> None:
         return
 
 
+async def _run(app: AsyncQueueTasks, concurrency: int | None) -> None:
+    """``run``: the metrics server first (a probe finds the process alive while it waits), the broker, the worker."""
+    if app.config.metrics_port:
+        await app.serve_metrics()
+    try:
+        if not app.broker_url.startswith("memory://"):
+            await wait_for_broker(app)
+        await app.serve(concurrency)
+    finally:
+        if app.metrics is not None:  # serve() stops it; this covers an interrupted wait for the broker
+            await app.metrics.stop()
+
+
 def tune_collector(config: QueueConfig) -> None:
     """What ``qtasks run`` does to the garbage collector of its process (``worker_gc_threshold``)."""
     # What was imported so far lives as long as the worker: keep it out of the
@@ -223,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a worker")
     run.add_argument("--concurrency", type=int, help="tasks at once (default: config.concurrency)")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text, or one JSON object a line with the task's uuid, name and attempt (default: config.log_format)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /healthz and /readyz on this port (default: config.metrics_port; 0: none)",
+    )
     run.add_argument(
         "--guarantee",
         choices=("at_least_once", "exactly_once"),
@@ -265,16 +289,18 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
     if args.command == "run":
         if args.guarantee:
             app.config.set(processing_guarantee=args.guarantee)
+        if args.metrics_port is not None:
+            app.config.set(metrics_port=args.metrics_port)
+        if args.log_format:
+            app.config.set(log_format=args.log_format)
         if not logging.getLogger().handlers:
-            logging.basicConfig(
-                level=app.config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-            )
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(formatter(app.config.log_format))
+            logging.basicConfig(level=app.config.log_level, handlers=[handler])
         tune_collector(app.config)
         if app.broker_url.startswith("memory://"):
             log.warning(MEMORY_IS_ONE_PROCESS.format(what="worker") + " (only tasks this program submits run here)")
-        else:
-            asyncio.run(wait_for_broker(app))
-        app.run_forever(args.concurrency)
+        asyncio.run(_run(app, args.concurrency))
         return 0
     # add and status print what the user asked for; the worker's INFO lines (an embedded
     # worker on memory://) would only be noise there.

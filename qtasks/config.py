@@ -135,6 +135,13 @@ class QueueConfig:
     stream_buffer: int = 10_000
     #: Log level of qtasks' loggers.
     log_level: str = "INFO"
+    #: ``text`` or ``json`` (one JSON object a line, with the task's uuid, name and attempt).
+    log_format: str = "text"
+    #: A worker serves ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` on this port
+    #: (``qtasks run --metrics-port``; docs/operations.md). 0: no such server.
+    metrics_port: int = 0
+    #: The address the metrics server listens on (0.0.0.0: every interface, as probes need).
+    metrics_host: str = "0.0.0.0"
     #: ``at_least_once`` (a task whose worker dies runs again and its stream may repeat
     #: values, which ``app.stream`` drops) or ``exactly_once`` (results, statuses and offsets
     #: commit in transactions per tasks partition; readers read committed records only; see
@@ -273,6 +280,7 @@ _AT_LEAST: dict[str, float] = {
     "stream_linger": 0,
     "kafka_linger_ms": 0,
     "min_insync_replicas": 0,
+    "metrics_port": 0,
 }
 _ABOVE_ZERO: frozenset[str] = frozenset(
     {
@@ -302,6 +310,7 @@ _ABOVE_ZERO: frozenset[str] = frozenset(
 )
 _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": tuple(logging.getLevelNamesMapping()),
+    "log_format": ("text", "json"),
     "kafka_security_protocol": SECURITY_PROTOCOLS,
     "processing_guarantee": ("at_least_once", "exactly_once"),
     "resume_mismatch": ("warn", "error"),
@@ -326,6 +335,8 @@ def check_setting(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     if name in _ABOVE_ZERO and value <= 0:
         raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    if name == "metrics_port" and value > 65535:
+        raise ConfigError(f"metrics_port must be a TCP port (0 to 65535), got {value!r}")
     if name in _AT_LEAST and value < _AT_LEAST[name]:
         raise ConfigError(f"{name} must be {_AT_LEAST[name]:g} or more, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:

@@ -20,6 +20,7 @@ from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
 from qtasks.delivery import Trouble, deliver, deliver_together
 from qtasks.exc import ConnectorError
+from qtasks.metrics import Stats
 from qtasks.partitioner import partition_for
 from qtasks.records import ControlRecord, Task, TaskRecord, encode
 from qtasks.store import StatusStore
@@ -67,6 +68,8 @@ class Core:
         self.tasks_partitions = config.tasks_partitions
         self.results_partitions = config.results_partitions
         self.trouble = Trouble()
+        #: What this app's worker and client did (the metrics endpoint shows it).
+        self.stats = Stats()
         self.supervisor = Supervisor(f"{name} client")
         self.store = StatusStore(self.topics.status, config, self.supervisor, self.trouble)
         self.connected = False
@@ -296,8 +299,10 @@ class Core:
             sends.append((self.sender(self.topics.tasks, new.raw, uuid, self.tasks_partitions), f"task {uuid}"))
         await deliver_together(sends, trouble=self.trouble)
         view = self.store.view
+        stats = self.stats
         for new in tasks:
             view.apply(*new.status)
+            stats.submit(new.task.task_name)
 
     async def send_control(self, command: ControlRecord) -> None:
         """Send a command to whichever worker runs the task."""

@@ -19,10 +19,19 @@ log = logging.getLogger("qtasks.worker")
 KEY_BYTES = 200
 
 
-async def dead_letter(core: Core, record: Record, reason: str, worker_id: str, txn: PartitionTxn | None = None) -> None:
+async def dead_letter(
+    core: Core,
+    record: Record,
+    reason: str,
+    worker_id: str,
+    txn: PartitionTxn | None = None,
+    *,
+    kind: str = "undecodable",
+) -> None:
     """Send ``record`` to ``<app>.dlq`` with ``reason``; a record that names a task ends that task as error.
 
-    ``txn`` (exactly-once): both go in the transaction of the record's partition.
+    ``txn`` (exactly-once): both go in the transaction of the record's partition. ``kind``:
+    the problem in a word (:class:`~qtasks.exc.RecordError`'s), counted by the metrics.
     """
     limit = core.config.max_record_bytes
     value = record.value
@@ -45,6 +54,7 @@ async def dead_letter(core: Core, record: Record, reason: str, worker_id: str, t
         await txn.send(core.topics.dlq, encode(letter), key=key.encode(), partition=partition_for(key, 1))
     else:
         await core.send(core.topics.dlq, encode(letter), key, 1, what=f"dead letter of {record.tp}@{record.offset}")
+    core.stats.dead_letter(kind)
     log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
     uuid, task_name = identify(record.value, limit)
     if uuid is None:

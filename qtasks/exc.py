@@ -138,7 +138,16 @@ class TaskFailedError(QTasksError):
 
 
 class RecordError(QTasksError, ValueError):
-    """A record could not be decoded: too large, not JSON, or of the wrong shape."""
+    """A record could not be decoded: too large, not JSON, or of the wrong shape.
+
+    ``kind`` names the problem in a word (the ``reason`` label of the dead-letter metric):
+    ``no_value``, ``not_bytes``, ``too_large``, ``not_utf8``, ``too_deep``, ``not_json``,
+    ``wrong_shape``, ``no_key`` or ``undecodable``.
+    """
+
+    def __init__(self, message: str, kind: str = "undecodable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class AppClosedError(QTasksError, RuntimeError):

@@ -33,6 +33,7 @@ thread and no longer holds a pool slot; its result is never used.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import time
 import traceback
@@ -388,10 +389,13 @@ class TaskExecutor:
         """``func`` in the thread pool; with a pool that can abandon runs, remember the run so it can be."""
         loop = asyncio.get_running_loop()
         pool = self.thread_pool
+        # The task's context goes with it (as asyncio.to_thread does): its contextvars, the
+        # task a log line names.
+        run = contextvars.copy_context().run
         if pool is None:
-            return await loop.run_in_executor(None, call_in_thread, func, args, kwargs)
+            return await loop.run_in_executor(None, run, call_in_thread, func, args, kwargs)
         # What loop.run_in_executor does, keeping the pool's future for abandon().
-        self._thread_future = pool.submit(call_in_thread, func, args, kwargs)
+        self._thread_future = pool.submit(run, call_in_thread, func, args, kwargs)
         return await asyncio.wrap_future(self._thread_future, loop=loop)
 
     async def _drive_async_gen(self, agen: AsyncGenerator[Any, Any]) -> None:

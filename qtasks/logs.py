@@ -1,13 +1,64 @@
-"""Logging: ``qtasks.logs.Logger``, a named logger on top of the standard library, and
-qtasks' logs shown on stderr while the program has configured no logging of its own."""
+"""Logging: ``qtasks.logs.Logger``, a named logger on top of the standard library,
+qtasks' logs shown on stderr while the program has configured no logging of its own, and
+one JSON object a line (``log_format="json"``, ``qtasks run --log-format json``).
+
+While a task is handled, :data:`current_task` holds its uuid, name and attempt: every
+line logged then (by the worker, or by the task through ``ctx.get_logger()``, sync tasks
+in their threads too) carries them in JSON.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import sys
+import time
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: The task being handled in this context: (uuid, name, attempt; None before its run starts).
+current_task: contextvars.ContextVar[tuple[str, str, int | None] | None] = contextvars.ContextVar(
+    "qtasks_current_task", default=None
+)
+
+#: Attributes every LogRecord has: what else a record holds came from ``extra=`` and goes in the JSON.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, message, the task's
+    ``task_uuid``, ``task_name`` and ``attempt`` while one is handled, ``exc`` with a
+    traceback, and whatever the call passed in ``extra=``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        task = current_task.get()
+        if task is not None:
+            line["task_uuid"], line["task_name"], attempt = task
+            if attempt is not None:
+                line["attempt"] = attempt
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in line:
+                line[key] = value
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """The formatter of ``log_format`` (``text`` or ``json``)."""
+    return JsonFormatter() if log_format == "json" else logging.Formatter(FORMAT)
 
 
 class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
@@ -37,7 +88,7 @@ class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
 _set_by_us: list[int] = [logging.NOTSET]  # the level show_logs last gave the qtasks logger
 
 
-def show_logs(level: int | str) -> None:
+def show_logs(level: int | str, log_format: str = "text") -> None:
     """Make qtasks' logs (the worker, the connectors, every task's ``ctx.get_logger()``) show.
 
     While the program has configured no logging, they go to stderr at ``level``. Once it
@@ -51,10 +102,11 @@ def show_logs(level: int | str) -> None:
         wanted = logging.NOTSET if logging.getLogger().handlers else number
         qtasks.setLevel(wanted)
         _set_by_us[0] = qtasks.level
-    if not any(isinstance(h, _UntilConfigured) for h in qtasks.handlers):
+    handler = next((h for h in qtasks.handlers if isinstance(h, _UntilConfigured)), None)
+    if handler is None:
         handler = _UntilConfigured()
-        handler.setFormatter(logging.Formatter(FORMAT))
         qtasks.addHandler(handler)
+    handler.setFormatter(formatter(log_format))
 
 
 class Logger:

@@ -253,39 +253,39 @@ def _utf8(data: object, what: str) -> bytes | bytearray:
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, (bytes, bytearray)):
-        raise RecordError(f"{what} must be bytes, got {type(data).__name__}")
+        raise RecordError(f"{what} must be bytes, got {type(data).__name__}", "not_bytes")
     # ASCII (nearly every record) is valid UTF-8; isascii() is a fast scan without a copy.
     if not data.isascii():
         try:
             data.decode()
         except UnicodeDecodeError as exc:
-            raise RecordError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise RecordError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})", "not_utf8") from None
     return data
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | None, limit: int, what: str) -> Any:
     if data is None:
-        raise RecordError(f"{what} record has no value")
+        raise RecordError(f"{what} record has no value", "no_value")
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise RecordError(f"{what} record must be bytes, got {type(data).__name__}")
+        raise RecordError(f"{what} record must be bytes, got {type(data).__name__}", "not_bytes")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > limit:
-        raise RecordError(f"{what} record is {size} bytes, over the limit of {limit}")
+        raise RecordError(f"{what} record is {size} bytes, over the limit of {limit}", "too_large")
     raw = _utf8(data, f"{what} record is not valid JSON: it")
     # Most records hold few containers: counting brackets bounds the depth without a scan.
     if raw.count(0x5B) + raw.count(0x7B) > MAX_DEPTH:  # "[" and "{"
         depth = nesting_depth(raw)
         if depth > MAX_DEPTH:
-            raise RecordError(f"{what} record nests {depth} containers deep, over the limit of {MAX_DEPTH}")
+            raise RecordError(f"{what} record nests {depth} containers deep, over the limit of {MAX_DEPTH}", "too_deep")
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        raise RecordError(f"{what} record has the wrong shape: {exc}") from None
+        raise RecordError(f"{what} record has the wrong shape: {exc}", "wrong_shape") from None
     except msgspec.DecodeError as exc:
-        raise RecordError(f"{what} record is not valid JSON: {exc}") from None
+        raise RecordError(f"{what} record is not valid JSON: {exc}", "not_json") from None
     except RecursionError:
         # Only if the caller's own stack is already deep: MAX_DEPTH keeps msgspec far below the limit.
-        raise RecordError(f"{what} record nests too deeply to decode here") from None
+        raise RecordError(f"{what} record nests too deeply to decode here", "too_deep") from None
     except ValueError as exc:
         # Not expected after the checks above (msgspec raises UnicodeDecodeError for bad
         # UTF-8 in strings); caught so that decoding stays total.
@@ -298,10 +298,10 @@ def decode_key(key: bytes | None) -> str:
     Use it wherever a key read from a topic becomes a ``str`` (instead of ``key.decode()``).
     """
     if key is None:
-        raise RecordError("record has no key")
+        raise RecordError("record has no key", "no_key")
     text = _utf8(key, "record key").decode()
     if not text:
-        raise RecordError("record key is empty")
+        raise RecordError("record key is empty", "no_key")
     return text
 
 
@@ -309,7 +309,7 @@ def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:
     """Decode a tasks-topic record; raise :class:`RecordError` with the reason."""
     record: TaskRecord = _decode(_task_decoder, data, limit, "task")
     if not record.uuid or not record.task_name:
-        raise RecordError("task record has an empty uuid or task_name")
+        raise RecordError("task record has an empty uuid or task_name", "wrong_shape")
     return record
 
 

@@ -28,6 +28,8 @@ from qtasks.decisions import ENCODE_ERRORS, check_result, conclude
 from qtasks.delivery import deliver
 from qtasks.exc import ConnectorError, error_of
 from qtasks.executor import Outcome, TaskExecutor, check_checkpoint
+from qtasks.logs import current_task
+from qtasks.metrics import UNKNOWN_TASK
 from qtasks.partitioner import partition_for
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ResultRecord, StatusHead, Task, TaskRecord, encode
@@ -93,6 +95,7 @@ class ResultSink:
         "committed_crc",
         "crc",
         "error",
+        "first_at",
         "items",
         "last_delivery",
         "mismatched",
@@ -143,6 +146,8 @@ class ResultSink:
         self._pending: deque[Any] = deque()
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
+        #: ``time.monotonic()`` when this attempt sent its first value (0.0: none yet).
+        self.first_at = 0.0
 
     async def emit(self, value: Any) -> None:
         """One result record for one handled value; a value that cannot be stored is an error."""
@@ -176,6 +181,8 @@ class ResultSink:
         # Counted once sent, never before: a run stopped while its send waited (a commit
         # holds sends back; max_time, a cancel) counts only the values that were sent.
         self._count(seq, value, len(raw), crc)
+        if not self.first_at:
+            self.first_at = time.monotonic()
         if delivery is not None:
             self.last_delivery = delivery
             pending = self._pending
@@ -341,6 +348,8 @@ class TaskRun:
         self._announcing: asyncio.Task[None] | None = None
         #: Called once the task's own code is done and only its ending is left (the worker frees its slot).
         self.on_ran: Callable[[], None] | None = None
+        #: ``time.monotonic()`` at the start of the run (its duration and time to first value count from it).
+        self.started_at = 0.0
         #: What the last progress record said: (values, checkpoint seq, when).
         self._progress: tuple[int, int | None, float] = (-1, None, 0.0)
         executor_cls = spec.executor or TaskExecutor
@@ -374,6 +383,9 @@ class TaskRun:
         """
         core = self.host.core
         now = time.time()
+        self.started_at = time.monotonic()
+        rec = self.rec
+        core.stats.started(self.spec.name, now - max(rec.created_at, rec.not_before))
         self.task = msgspec.structs.replace(
             self.task,
             status="process",
@@ -404,9 +416,19 @@ class TaskRun:
 
     def finish(self) -> None:
         """The run is over here (ended, handed back, or dropped): nothing more is announced for it."""
+        if self.finished:
+            return
         self.finished = True
         if self._announcing is not None:
             self._announcing.cancel()
+        sink = self.sink
+        first = sink.first_at - self.started_at if sink.first_at and self.started_at else None
+        self.host.core.stats.run_over(self.spec.name, max(sink.seq - self.resume.seq, 0), first)
+
+    @property
+    def values_here(self) -> int:
+        """Values this run has yielded so far (the ones an earlier attempt committed left out)."""
+        return max(self.sink.seq - self.resume.seq, 0)
 
     async def announce(self, *, durable: bool = False) -> None:
         """Write the ``process`` status held back so far (no-op once written, or once the run ends).
@@ -477,6 +499,7 @@ class TaskRun:
             self.task = renewal
         # A renewal still waiting for the broker when the task ends is dropped, never written after the end.
         await self.host.core.store.write(renewal, wanted=lambda: not self.concluding)
+        self.host.core.stats.lease_renewals += 1
 
     async def write_progress(self) -> None:
         """Exactly-once, just before its transaction commits: the values sent so far, the last checkpoint, the lease.
@@ -512,6 +535,7 @@ class TaskRun:
     async def run(self) -> Task:
         """Start, execute and conclude; return the terminal status as written."""
         host = self.host
+        current_task.set((self.rec.uuid, self.spec.name, self.attempt))
         await self.start()
         await trigger(host, "worker_execute_before", task=self.task)
         await host.events.fire("task_running", app=host.app, task=self.task, worker=host.worker)
@@ -581,6 +605,7 @@ class TaskRun:
         # returns at once: the record's offset commits in the same transaction.
         self.task = await core.store.write(final, durable=True, txn=self.txn)
         self.ended = True
+        core.stats.ended(spec.name, status, time.monotonic() - self.started_at if self.started_at else None)
         if status in ("error", "retry"):
             kind, message = error_of(traceback)
             then = f"; retried as {child_uuid}" if child_uuid else ""
@@ -649,6 +674,8 @@ async def end_without_running(
     for name, value in fields.items():
         setattr(task, name, value)
     written = await host.core.store.write(task, durable=True, txn=txn)
+    name = rec.task_name
+    host.core.stats.ended(name if name in host.worker.registry else UNKNOWN_TASK, status)
     if status == "cancel":
         await host.events.fire("task_cancel", app=host.app, task=written, exc=None, worker=host.worker)
     return written

@@ -231,6 +231,7 @@ async def _stream_one(
     """The value records of one task of a chain, each seq once from ``from_seq``, until its end."""
     tp, queue, task = await _open_at_start(core, reader, uuid, deadline)
     limit = core.config.max_record_bytes
+    stats = core.stats
     next_seq = from_seq
     drain_to: int | None = None
     heals = 0
@@ -265,6 +266,7 @@ async def _stream_one(
                     return
                 if result.seq == next_seq:
                     next_seq += 1
+                    stats.stream_latency.observe(max(time.time() - record.timestamp / 1000, 0.0))
                     yield result
                 continue
             # Nothing new for a while: has the task ended without (or before) a marker?

@@ -45,6 +45,8 @@ from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
 from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
+from qtasks.logs import current_task
+from qtasks.metrics import UNKNOWN_TASK
 from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
@@ -292,11 +294,14 @@ class Worker:
         except RecordError as exc:
             rec = exc
         except Exception as exc:  # a decoder bug must not stop the loop: the record is bad input
-            rec = RecordError(f"task record could not be decoded: {type(exc).__name__}: {exc}")
+            rec = RecordError(f"task record could not be decoded: {type(exc).__name__}: {exc}", "undecodable")
         self._sequence += 1
         if isinstance(rec, RecordError):
             heapq.heappush(self._backlog, (-(2**31), self._sequence, rec, record, offsets))
-        elif (joined := self._active.get(rec.uuid)) is not None:
+            return
+        name = rec.task_name
+        self.core.stats.count("received", name if name in self.registry else UNKNOWN_TASK)
+        if (joined := self._active.get(rec.uuid)) is not None:
             joined.append((offsets, record.offset))  # runs here already (a rebalance gave it back)
         elif rec.not_before > time.time():
             heapq.heappush(self._delayed, (rec.not_before, self._sequence, rec, record, offsets))
@@ -355,8 +360,10 @@ class Worker:
                 txn = await self._txn_of(record.tp)
                 if txn is None:
                     return  # the partition is not ours (any more): its next owner reads the record
+            if isinstance(rec, TaskRecord):  # the lines logged while it is handled name it (JSON logs)
+                current_task.set((rec.uuid, rec.task_name, None))
             if isinstance(rec, RecordError):
-                await dead_letter(self.core, record, str(rec), self.id, txn)
+                await dead_letter(self.core, record, str(rec), self.id, txn, kind=rec.kind)
             else:
                 await self._run_record(rec, txn, ran)
             finished = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -24,6 +25,13 @@ FAST = {
 def unique(prefix: str = "t") -> str:
     """A fresh app name, so every test has its own topics."""
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free a moment ago (for a subprocess that must be told its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

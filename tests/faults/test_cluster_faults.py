@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -27,7 +28,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from qtasks.asyncio import QueueTasks
 from tests.faults.report import MEASURED, Measured
 from tests.faults.workers import Proc, Workers, executions, read_streams, scan_results, until, wait_all, workers_of
-from tests.helpers import unique
+from tests.helpers import free_port, unique
 from tests.kafka_fixtures import _local_kafka_class
 
 pytestmark = pytest.mark.kafka
@@ -386,14 +387,28 @@ def lone_broker() -> Iterator[Any]:
 async def test_the_only_broker_away_for_60_s(lone_broker: Any, tmp_path: Path) -> None:
     async with workers_of(tmp_path, f"kafka://{lone_broker.bootstrap}") as make:
         group = make(kafka_session_timeout_ms=10_000, kafka_heartbeat_interval_ms=1_000)
-        workers = [group.start_worker(concurrency=8) for _ in range(2)]
+        port = free_port()
+        workers = [group.start_worker(concurrency=8, metrics_port=port), group.start_worker(concurrency=8)]
         await group.wait_assigned(workers)
         app = await group.client()
+        probes = f"http://127.0.0.1:{port}"
+        readiness: list[tuple[float, int]] = []  # (seconds since the kill, /readyz status)
 
         async def fault() -> None:
-            await asyncio.to_thread(lone_broker.kill_node, 1)
-            assert lone_broker.node_pid(1) is None
-            await asyncio.sleep(60)
+            async with httpx.AsyncClient(timeout=5) as client:
+                assert (await client.get(f"{probes}/readyz")).status_code == 200
+                await asyncio.to_thread(lone_broker.kill_node, 1)
+                killed = time.monotonic()
+                assert lone_broker.node_pid(1) is None
+                while time.monotonic() - killed < 60:
+                    readiness.append((time.monotonic() - killed, (await client.get(f"{probes}/readyz")).status_code))
+                    # Alive all along: an outage is no reason to restart the process.
+                    assert (await client.get(f"{probes}/healthz")).status_code == 200
+                    await asyncio.sleep(1)
             await asyncio.to_thread(lone_broker.start)
 
         await stream_through("the only broker killed (-9), back after 60 s", group, app, fault, workers=workers)
+        # Not ready while the broker was away (seen within 30 s of the kill), ready again after.
+        assert any(status == 503 for at, status in readiness if at < 30), readiness
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.get(f"{probes}/readyz")).status_code == 200

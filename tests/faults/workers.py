@@ -123,14 +123,20 @@ class Workers:
     def qtasks_argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "qtasks", "-A", APP, "--broker", self.broker_url, *args]
 
-    def start_worker(self, concurrency: int) -> Proc:
+    def start_worker(self, concurrency: int, *, metrics_port: int | None = None) -> Proc:
+        """A ``qtasks run`` process; ``metrics_port``: it serves its metrics and probes on 127.0.0.1 there."""
         label = f"worker{len(self.procs) + 1}"
         log_path = self.tmp_path / f"{label}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed by Proc.reap
+        options = ["--concurrency", str(concurrency)]
+        env = self.env()
+        if metrics_port is not None:
+            options += ["--metrics-port", str(metrics_port)]
+            env["QTASKS_METRICS_HOST"] = "127.0.0.1"
         popen = subprocess.Popen(
-            self.qtasks_argv("run", "--concurrency", str(concurrency)),
+            self.qtasks_argv("run", *options),
             cwd=ROOT,
-            env=self.env(),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

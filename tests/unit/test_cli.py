@@ -110,7 +110,11 @@ def test_run_gives_the_worker_process_its_collector_threshold(
     from tests.unit.cli_app import app
 
     seen: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(app, "run_forever", lambda concurrency=None: seen.append(gc.get_threshold()))
+
+    async def serve(concurrency: int | None = None) -> None:
+        seen.append(gc.get_threshold())
+
+    monkeypatch.setattr(app, "serve", serve)
     monkeypatch.setattr(app.config, "worker_gc_threshold", setting)
     before = gc.get_threshold()
     try:

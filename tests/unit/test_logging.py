@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -100,3 +101,54 @@ def test_a_client_program_that_configures_logging_after_its_app_is_made_is_follo
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert "MINE qtasks.late a warning" in lines and not any("second info" in line for line in lines), lines
+
+
+JSON_SCRIPT = """
+import asyncio, logging
+from qtasks.asyncio import QueueTasks
+
+app = QueueTasks(name="jsonlogs", broker_url="memory://jsonlogs", log_format="json")
+
+@app.task(echo=True)
+async def in_loop(self):
+    self.ctx.get_logger().info("from the loop", extra={"order": 42})
+    return 1
+
+@app.task(echo=True)
+def in_thread(self):
+    self.ctx.get_logger().warning("from a thread")
+    return 2
+
+@app.task
+def fails():
+    raise ValueError("it fails")
+
+async def main():
+    await app.start()
+    for name in ("in_loop", "in_thread", "fails"):
+        task = await app.add_task(name, timeout=10)
+        print(name, task.uuid, flush=True)
+    await app.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_json_logs_are_one_object_a_line_naming_the_task_on_every_line_about_it() -> None:
+    done = subprocess.run([sys.executable, "-c", JSON_SCRIPT], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    uuids = dict(line.split() for line in done.stdout.splitlines())
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    by_message = {line["message"]: line for line in lines}
+    loop_line = by_message["from the loop"]
+    assert loop_line["task_uuid"] == uuids["in_loop"] and loop_line["task_name"] == "in_loop"
+    assert loop_line["attempt"] == 1 and loop_line["level"] == "INFO" and loop_line["logger"] == "qtasks.in_loop"
+    assert loop_line["order"] == 42  # extra= fields go in the object
+    thread_line = by_message["from a thread"]  # a sync task logs from a pool thread
+    assert (thread_line["task_uuid"], thread_line["attempt"]) == (uuids["in_thread"], 1)
+    failed = [line for line in lines if line["logger"] == "qtasks.worker" and "failed" in line["message"]]
+    assert [(line["task_uuid"], line["task_name"]) for line in failed] == [(uuids["fails"], "fails")]
+    started = [line for line in lines if line["message"].startswith("worker ")]
+    assert started and "task_uuid" not in started[0]  # a line about no task names none
+    assert lines[0]["time"].endswith("Z")
