@@ -49,6 +49,27 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """A member of a consumer group: qtasks workers use their worker id as ``client_id``."""
+
+    member_id: str
+    client_id: str
+    host: str
+    partitions: tuple[TopicPartition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A consumer group as its coordinator sees it, with the offsets it has committed."""
+
+    group_id: str
+    #: Kafka's group state: ``Stable``, ``PreparingRebalance``, ``CompletingRebalance``, ``Empty`` or ``Dead``.
+    state: str
+    members: tuple[GroupMember, ...]
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
 class RebalanceListener(Protocol):
     """Told by a group consumer when its partitions change (eager protocol, as aiokafka)."""
 
@@ -167,6 +188,10 @@ class Connector(Protocol):
 
     def record_limit(self, topic: str) -> int:
         """The largest value (bytes) ``send`` takes for ``topic``; larger is a RecordTooLargeError."""
+        ...
+
+    async def describe_group(self, group_id: str) -> GroupInfo:
+        """The members of a consumer group, their partitions, and the group's committed offsets."""
         ...
 
     @property

@@ -46,6 +46,7 @@ from typing import Any, Literal, get_args
 from qtasks.connectors.base import (
     Connector,
     Consumer,
+    GroupInfo,
     Producer,
     RebalanceListener,
     Record,
@@ -69,6 +70,7 @@ Op = Literal[
     "seek",
     "txn_send",
     "txn_commit",
+    "describe_group",
 ]
 _OPS = frozenset(get_args(Op))
 Error = BaseException | type[BaseException]
@@ -384,6 +386,11 @@ class FaultyConnector:
     def record_limit(self, topic: str) -> int:
         """The inner connector's limit."""
         return self.inner.record_limit(topic)
+
+    async def describe_group(self, group_id: str) -> GroupInfo:
+        """The inner connector's view of the group (op ``describe_group``)."""
+        await self.faults.enter("describe_group")
+        return await self.inner.describe_group(group_id)
 
     async def stop(self) -> None:
         """Disconnect; never fails, so cleanup always can."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from qtasks.connectors.base import RebalanceListener, Record, TopicPartition, TopicSpec
+from qtasks.connectors.base import GroupInfo, RebalanceListener, Record, TopicPartition, TopicSpec
 from qtasks.connectors.memory_log import (
     DEFAULT_RETENTION,
     RECORD_OVERHEAD,
@@ -353,6 +353,10 @@ class MemoryConnector:
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""
         return self.log.partitions_for(topic)
+
+    async def describe_group(self, group_id: str) -> GroupInfo:
+        """The group's members (in this process), their partitions and its committed offsets."""
+        return self.log.describe_group(group_id)
 
     @property
     def producer(self) -> MemoryProducer:

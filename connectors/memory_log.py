@@ -53,7 +53,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from qtasks.connectors.base import Record, TopicPartition, TopicSpec
+from qtasks.connectors.base import GroupInfo, GroupMember, Record, TopicPartition, TopicSpec
 from qtasks.exc import CommitFailedError, ConfigError, ConnectorError, ProducerFencedError, TopicConfigError
 
 #: The retention of topics that neither their config nor the URL sets.
@@ -551,6 +551,22 @@ class MemoryLog:
                     for member in group.members.values():
                         member.wake()
             return group.synced >= group.members.keys() or time.monotonic() - group.started > REBALANCE_TIMEOUT
+
+    def describe_group(self, group_id: str) -> GroupInfo:
+        """A group as Kafka's DescribeGroups and OffsetFetch show it."""
+        with self.lock:
+            group = self.groups.get(group_id)
+            if group is None:
+                return GroupInfo(group_id, "Dead", ())
+            settled = "Stable" if group.settled else "PreparingRebalance"
+            state = settled if group.members else "Empty"
+            members = tuple(
+                GroupMember(
+                    member_id, member.client_id, "in-process", tuple(sorted(group.assignment.get(member_id, ())))
+                )
+                for member_id, member in sorted(group.members.items())
+            )
+            return GroupInfo(group_id, state, members, dict(group.committed))
 
     def group_state(self, group_id: str) -> tuple[int, dict[str, set[TopicPartition]]]:
         """The generation and assignment of a group (for tests and tools)."""

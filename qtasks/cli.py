@@ -1,14 +1,20 @@
-"""The command line: ``qtasks -A module:app run | add | status``.
+"""The command line: ``qtasks -A module:app run | add | status | inspect | tasks | cancel | dlq | tail``.
 
-- ``run [--concurrency N] [--guarantee at_least_once|exactly_once] [--broker URL]``: a
-  worker in the foreground (SIGINT/SIGTERM stop it gracefully). ``--guarantee`` sets the
-  worker's ``processing_guarantee``; clients of an exactly-once app should set it too (in
-  the app or ``QTASKS_PROCESSING_GUARANTEE``), so they read committed records only.
+- ``run [--concurrency N] [--guarantee at_least_once|exactly_once] [--metrics-port P]
+  [--log-format text|json]``: a worker in the foreground (SIGINT/SIGTERM stop it
+  gracefully). ``--guarantee`` sets the worker's ``processing_guarantee``; clients of an
+  exactly-once app should set it too (in the app or ``QTASKS_PROCESSING_GUARANTEE``), so
+  they read committed records only. ``--metrics-port`` serves ``/metrics``, ``/healthz``
+  and ``/readyz`` (docs/operations.md).
 - ``add NAME [ARGS...] [-k key=value ...] [--follow]``: submit a task; with ``--follow``,
   stream its values to the terminal live, then its final status. Arguments are read as
   JSON when they parse (``3``, ``"x"``, ``[1,2]``), else as strings. On ``memory://``
   the log lives in this process, so ``add`` runs a worker here too.
 - ``status UUID``: the task's status as JSON.
+- The operator's commands, each with ``--json`` for scripts (docs/operations.md):
+  ``inspect`` (the group's workers, their partitions and running tasks, lag per
+  partition), ``tasks [--status S] [--name N] [--limit K]``, ``cancel UUID [--reason R]``,
+  ``dlq list | show N | replay (N... | --all)`` and ``tail [--count N]``.
 
 ``add --follow`` prints every value as it comes, a plain task's return value, a retry
 (``task X failed (...); retried as Y``), and the end (its status, an error's last line,
@@ -35,6 +41,7 @@ from typing import Any
 
 import msgspec
 
+from qtasks import ops
 from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.connectors import from_url
@@ -157,6 +164,8 @@ def _error_line(traceback: str | None) -> str | None:
     return " ".join(text.split()) or None
 
 
+STATUSES = ("new", "process", "success", "error", "cancel", "retry")
+
 MEMORY_IS_ONE_PROCESS = (
     "memory:// keeps its log inside one process: this {what} sees no other process's tasks; "
     "use kafka:// to share tasks between processes"
@@ -263,6 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = commands.add_parser("status", help="show a task's status")
     status.add_argument("uuid")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+    commands.add_parser(
+        "inspect", parents=[as_json], help="the workers of the group, their partitions and tasks, lag per partition"
+    )
+    tasks = commands.add_parser("tasks", parents=[as_json], help="tasks from the status table, newest change first")
+    tasks.add_argument("--status", choices=STATUSES, help="only tasks with this status")
+    tasks.add_argument("--name", help="only tasks of this name")
+    tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    cancel = commands.add_parser("cancel", parents=[as_json], help="cancel a queued or running task")
+    cancel.add_argument("uuid")
+    cancel.add_argument("--reason", default="", help="the cancel_reason the task ends with")
+    dlq = commands.add_parser("dlq", help="the dead-letter topic: list, show, replay")
+    letters = dlq.add_subparsers(dest="dlq_command", required=True)
+    letters.add_parser("list", parents=[as_json], help="every dead letter: its number, origin and reason")
+    show = letters.add_parser("show", parents=[as_json], help="one dead letter with its value")
+    show.add_argument("number", type=int)
+    again = letters.add_parser("replay", parents=[as_json], help="put dead letters back on the tasks topic")
+    which = again.add_mutually_exclusive_group(required=True)
+    which.add_argument("numbers", type=int, nargs="*", default=[], help="the letters' numbers")
+    which.add_argument("--all", action="store_true", help="every dead letter that can be replayed")
+    tail = commands.add_parser("tail", parents=[as_json], help="status changes as they happen (Ctrl-C stops)")
+    tail.add_argument("--count", type=int, help="stop after this many changes")
     return parser
 
 
@@ -308,7 +340,196 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
     qtasks_logger.setLevel(max(logging.WARNING, qtasks_logger.getEffectiveLevel()))
     if args.command == "add":
         return asyncio.run(_add(app, args))
-    return asyncio.run(_status(app, args.uuid))
+    if args.command == "status":
+        return asyncio.run(_status(app, args.uuid))
+    if app.broker_url.startswith("memory://"):
+        print(f"qtasks: {MEMORY_IS_ONE_PROCESS.format(what=args.command)}", file=sys.stderr)
+        return 1
+    return asyncio.run(_operate(app, args))
+
+
+async def _operate(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
+    """The operator commands (qtasks.ops), then disconnect."""
+    try:
+        if args.command == "inspect":
+            return _print_group(await ops.inspect_group(app), args.json)
+        if args.command == "tasks":
+            found = await ops.list_tasks(app, status=args.status, name=args.name, limit=args.limit)
+            return _print_tasks(found, args.json)
+        if args.command == "cancel":
+            done = await app.cancel(args.uuid, args.reason)
+            if args.json:
+                print(json.dumps({"uuid": args.uuid, "cancelled": done}))
+            else:
+                print(f"cancelled {args.uuid}" if done else f"{args.uuid} is not queued or running", file=sys.stderr)
+            return 0 if done else 1
+        if args.command == "dlq":
+            return await _dlq(app, args)
+        return await _tail(app, args)
+    finally:
+        await app.close()
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    )
+
+
+def _ago(at: float) -> str:
+    seconds = max(time.time() - at, 0.0)
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print_group(report: ops.GroupReport, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    print(f"group {report.group}: {report.state}, {len(report.workers)} worker(s), lag {report.lag}")
+    if report.workers:
+        print()
+        print(
+            _table(
+                ["WORKER", "HOST", "PARTITIONS", "RUNNING"],
+                [
+                    [w.worker, w.host, ",".join(map(str, w.partitions)) or "-", str(len(w.running))]
+                    for w in report.workers
+                ],
+            )
+        )
+        running = [(w.worker, t) for w in report.workers for t in w.running]
+        if running:
+            print()
+            print(
+                _table(
+                    ["TASK", "NAME", "WORKER", "ATTEMPT", "VALUES", "RUNNING FOR"],
+                    [
+                        [
+                            t.uuid,
+                            t.task_name,
+                            worker,
+                            str(t.attempt),
+                            str(t.yield_count),
+                            _ago(t.started_at or t.updated_at),
+                        ]
+                        for worker, t in running
+                    ],
+                )
+            )
+    print()
+    print(
+        _table(
+            ["PARTITION", "END", "COMMITTED", "LAG", "WORKER"],
+            [
+                [
+                    str(p.partition),
+                    str(p.end),
+                    "-" if p.committed is None else str(p.committed),
+                    str(p.lag),
+                    p.worker or "-",
+                ]
+                for p in report.partitions
+            ],
+        )
+    )
+    return 0
+
+
+def _print_tasks(found: list[Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps([msgspec.to_builtins(t) for t in found]))
+        return 0
+    print(
+        _table(
+            ["UUID", "NAME", "STATUS", "ATTEMPT", "VALUES", "WORKER", "UPDATED"],
+            [
+                [
+                    t.uuid,
+                    t.task_name,
+                    t.status,
+                    str(t.attempt),
+                    str(t.yield_count),
+                    t.worker or "-",
+                    f"{_ago(t.updated_at)} ago",
+                ]
+                for t in found
+            ],
+        )
+    )
+    return 0
+
+
+async def _dlq(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
+    letters = await ops.dead_letters(app)
+    if args.dlq_command == "list":
+        if args.json:
+            print(json.dumps([letter.to_dict() for letter in letters]))
+        else:
+            print(
+                _table(
+                    ["NUMBER", "AT", "ORIGIN", "SIZE", "REASON"],
+                    [
+                        [
+                            str(letter.offset),
+                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.letter.at)),
+                            f"{letter.letter.topic}[{letter.letter.partition}]@{letter.letter.offset}",
+                            str(len(letter.letter.value or b"")),
+                            letter.letter.reason,
+                        ]
+                        for letter in letters
+                    ],
+                )
+            )
+        return 0
+    by_number = {letter.offset: letter for letter in letters}
+    if args.dlq_command == "show":
+        letter = by_number.get(args.number)
+        if letter is None:
+            print(f"no dead letter {args.number}", file=sys.stderr)
+            return 1
+        shown = letter.to_dict(value=True)
+        print(json.dumps(shown) if args.json else "\n".join(f"{key}: {value}" for key, value in shown.items()))
+        return 0
+    missing = [n for n in args.numbers if n not in by_number]
+    if missing:
+        print(f"no dead letter {', '.join(map(str, missing))}", file=sys.stderr)
+        return 1
+    chosen = letters if args.all else [by_number[n] for n in args.numbers]
+    results = await ops.replay(app, chosen)
+    if args.json:
+        print(json.dumps([{"number": r.letter.offset, "uuid": r.uuid, "refused": r.refused} for r in results]))
+    for r in results:
+        if not args.json:
+            if r.refused is None:
+                print(f"{r.letter.offset}: replayed as task {r.uuid}")
+            else:
+                print(f"{r.letter.offset}: not replayed: {r.refused}", file=sys.stderr)
+    return 0 if all(r.refused is None for r in results) else 1
+
+
+async def _tail(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
+    seen = 0
+    async for task in ops.status_changes(app):
+        if args.json:
+            print(json.dumps(msgspec.to_builtins(task)), flush=True)
+        else:
+            moment = time.strftime("%H:%M:%S", time.localtime(task.updated_at))
+            detail = f" attempt {task.attempt}" if task.attempt else ""
+            if task.yield_count:
+                detail += f", {task.yield_count} values"
+            if task.status == "error" and task.traceback:
+                detail += f": {_error_line(task.traceback)}"
+            print(f"{moment} {task.uuid} {task.task_name} {task.status}{detail}", flush=True)
+        seen += 1
+        if args.count is not None and seen >= args.count:
+            return 0
+    return 0
 
 
 if __name__ == "__main__":

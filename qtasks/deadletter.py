@@ -35,7 +35,9 @@ async def dead_letter(
     """
     limit = core.config.max_record_bytes
     value = record.value
+    cut = False
     if value is not None and len(value) > limit // 2:
+        cut = True
         reason = f"{reason} (value cut to its first {limit // 2} bytes here)"
         value = value[: limit // 2]
     letter = DeadLetter(
@@ -46,6 +48,7 @@ async def dead_letter(
         key=record.key,
         value=value,
         at=time.time(),
+        cut=cut,
     )
     # The original key names the letter, cut to what any record takes (the whole key is in the letter).
     raw_key = (record.key or f"{record.topic}:{record.partition}:{record.offset}".encode())[:KEY_BYTES]

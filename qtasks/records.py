@@ -132,6 +132,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     checkpoint_crc: int = 0
     #: Exactly-once: CRC-32 of the encoded values before ``yield_count``, committed with them.
     values_crc: int | None = None
+    #: When this attempt started running (Unix time; 0 before it ran).
+    started_at: float = 0.0
 
     @property
     def is_finished(self) -> bool:
@@ -210,6 +212,8 @@ class DeadLetter(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     key: bytes | None = None
     value: bytes | None = None
     at: float = 0.0
+    #: The value was cut to fit the dead-letter topic (the letter cannot be replayed).
+    cut: bool = False
 
 
 _encoder = msgspec.json.Encoder()

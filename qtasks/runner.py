@@ -349,7 +349,7 @@ class TaskRun:
         #: Called once the task's own code is done and only its ending is left (the worker frees its slot).
         self.on_ran: Callable[[], None] | None = None
         #: ``time.monotonic()`` at the start of the run (its duration and time to first value count from it).
-        self.started_at = 0.0
+        self.began = 0.0
         #: What the last progress record said: (values, checkpoint seq, when).
         self._progress: tuple[int, int | None, float] = (-1, None, 0.0)
         executor_cls = spec.executor or TaskExecutor
@@ -383,13 +383,14 @@ class TaskRun:
         """
         core = self.host.core
         now = time.time()
-        self.started_at = time.monotonic()
+        self.began = time.monotonic()
         rec = self.rec
         core.stats.started(self.spec.name, now - max(rec.created_at, rec.not_before))
         self.task = msgspec.structs.replace(
             self.task,
             status="process",
             attempt=self.attempt,
+            started_at=now,
             lease_until=now + core.config.lease_timeout,
             results_partition=self.partition,
             # Every result of this run lands after this offset: a reader starts here.
@@ -422,7 +423,7 @@ class TaskRun:
         if self._announcing is not None:
             self._announcing.cancel()
         sink = self.sink
-        first = sink.first_at - self.started_at if sink.first_at and self.started_at else None
+        first = sink.first_at - self.began if sink.first_at and self.began else None
         self.host.core.stats.run_over(self.spec.name, max(sink.seq - self.resume.seq, 0), first)
 
     @property
@@ -605,7 +606,7 @@ class TaskRun:
         # returns at once: the record's offset commits in the same transaction.
         self.task = await core.store.write(final, durable=True, txn=self.txn)
         self.ended = True
-        core.stats.ended(spec.name, status, time.monotonic() - self.started_at if self.started_at else None)
+        core.stats.ended(spec.name, status, time.monotonic() - self.began if self.began else None)
         if status in ("error", "retry"):
             kind, message = error_of(traceback)
             then = f"; retried as {child_uuid}" if child_uuid else ""

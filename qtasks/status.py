@@ -140,6 +140,10 @@ class StatusView:
                 return  # the echo of this process's own write
         self._apply(decode_status_head(value, self._limit), value)
 
+    def heads(self) -> list[StatusHead]:
+        """The heads of every task held (a copy: the view may change while it is used)."""
+        return [head for head, _raw in self._rows.values()]
+
     def get(self, uuid: str) -> Task | None:
         """The latest status of a task (a fresh object), or None."""
         row = self._rows.get(uuid)

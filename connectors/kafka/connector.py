@@ -7,11 +7,13 @@ import contextlib
 import logging
 from typing import Any
 
+from aiokafka import errors as kafka_exc
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from qtasks.config import QueueConfig
-from qtasks.connectors.base import Connector, TopicSpec
+from qtasks.connectors.base import Connector, GroupInfo, GroupMember, TopicPartition, TopicSpec
 from qtasks.connectors.kafka.consumer import KafkaConsumer
 from qtasks.connectors.kafka.errors import kafka_errors
 from qtasks.connectors.kafka.health import Health, install_log_filter
@@ -169,6 +171,30 @@ class KafkaConnector:
         finally:
             await asyncio.shield(admin.close())
 
+    async def describe_group(self, group_id: str) -> GroupInfo:
+        """DescribeGroups and OffsetFetch of ``group_id``, at its coordinator."""
+        async with self._admin() as admin:
+            with kafka_errors("describe the consumer group", servers=self.where, health=self.health):
+                responses = await admin.describe_consumer_groups([group_id])
+                offsets = await admin.list_consumer_group_offsets(group_id)
+        described = [group for response in responses for group in response.groups]
+        if not described:
+            return GroupInfo(group_id, "Dead", ())
+        group = described[0]
+        error_code, state, members = group[0], group[2], group[5]
+        if error_code:
+            raise ConnectorError(f"cannot describe group {group_id}: {kafka_exc.for_code(error_code).__name__}")
+        return GroupInfo(
+            group_id,
+            state,
+            tuple(_member(member) for member in members),
+            {
+                TopicPartition(tp.topic, tp.partition): int(meta.offset)
+                for tp, meta in offsets.items()
+                if meta.offset >= 0
+            },
+        )
+
     async def _read_broker_limit(self) -> int:
         async with self._admin() as admin:
             with kafka_errors("describe the broker", servers=self.where, health=self.health):
@@ -262,6 +288,19 @@ class KafkaConnector:
                     f"topic {spec.name!r} exists with cleanup.policy=compact; qtasks needs delete for it: "
                     "delete the topic or change its policy"
                 )
+
+
+def _member(member: Any) -> GroupMember:
+    """A member of a DescribeGroups response (v4 and later add the group instance id after the member id)."""
+    if len(member) >= 6:
+        member_id, _instance, client_id, host, _metadata, assignment = member[:6]
+    else:
+        member_id, client_id, host, _metadata, assignment = member[:5]
+    partitions: tuple[TopicPartition, ...] = ()
+    if assignment:
+        decoded = ConsumerProtocolMemberAssignment.decode(assignment)
+        partitions = tuple(sorted(TopicPartition(topic, p) for topic, ps in decoded.assignment for p in ps))
+    return GroupMember(member_id, client_id, host.lstrip("/"), partitions)
 
 
 def _conforms(connector: KafkaConnector) -> Connector:

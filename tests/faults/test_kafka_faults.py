@@ -6,6 +6,7 @@ The processes and what is read back are in :mod:`tests.faults.workers`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -320,3 +321,96 @@ async def test_cli_add_follow_and_status_against_a_worker(make_cluster: Callable
     assert shown["attempt"] == 1
     assert shown["yield_count"] == n_values
     assert f"-{worker.pid}-" in shown["worker"]
+
+
+# -- 6. the operator's commands --------------------------------------------------------------
+
+
+async def test_the_operator_commands_against_two_workers(make_cluster: Callable[..., Workers]) -> None:
+    cluster = make_cluster()
+    workers = [cluster.start_worker(concurrency=4) for _ in range(2)]
+    await cluster.wait_assigned(workers)
+    app = await cluster.client()
+
+    async def qtasks(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run,
+            cluster.qtasks_argv(*args),
+            cwd=ROOT,
+            env=cluster.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    long = [await app.add_task("long_run", 60) for _ in range(4)]
+    for task in long:
+        await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 30)
+
+    shown = await qtasks("inspect", "--json")
+    assert shown.returncode == 0, shown.stderr
+    group = json.loads(shown.stdout)
+    assert group["state"] == "Stable"
+    assert sorted(p for w in group["workers"] for p in w["partitions"]) == list(range(PARTITIONS))
+    pids = {int(w["worker"].split("-")[-2]) for w in group["workers"]}
+    assert pids == {w.pid for w in workers}
+    running = {t["uuid"]: w["worker"] for w in group["workers"] for t in w["running"]}
+    assert set(running) == {t.uuid for t in long}
+    assert [p["partition"] for p in group["partitions"]] == list(range(PARTITIONS))
+    assert group["lag"] == sum(p["lag"] for p in group["partitions"]) >= 4  # running ones are not committed
+    table = await qtasks("inspect")
+    assert table.returncode == 0 and f"group {app.group_id}: Stable, 2 worker(s)" in table.stdout, table.stderr
+
+    listed = await qtasks("tasks", "--status", "process", "--json")
+    assert {t["uuid"] for t in json.loads(listed.stdout)} == {t.uuid for t in long}
+
+    cancelled = await qtasks("cancel", long[0].uuid, "--reason", "an operator said so")
+    assert cancelled.returncode == 0, cancelled.stderr
+    final = await app.wait(long[0].uuid, timeout=30)
+    assert (final.status, final.cancel_reason) == ("cancel", "an operator said so")
+    again = await qtasks("cancel", long[0].uuid)
+    assert again.returncode == 1 and "is not queued or running" in again.stderr
+
+    await app.core.broker.producer.send(app.topics.tasks, b"{broken", key=b"bad-record", partition=1)
+    await app.core.broker.producer.flush()
+    letters: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while not letters:
+        assert time.monotonic() < deadline, "the bad record never reached the dead-letter topic"
+        listing = await qtasks("dlq", "list", "--json")
+        assert listing.returncode == 0, listing.stderr
+        letters = json.loads(listing.stdout)
+    [letter] = letters
+    assert (letter["topic"], letter["partition"], letter["key"]) == (app.topics.tasks, 1, "bad-record")
+    assert "not valid JSON" in letter["reason"]
+    one = json.loads((await qtasks("dlq", "show", str(letter["number"]), "--json")).stdout)
+    assert one["value"] == "{broken"
+    refused = await qtasks("dlq", "replay", str(letter["number"]))
+    assert refused.returncode == 1 and "still does not decode" in refused.stderr
+
+    tail = await asyncio.create_subprocess_exec(
+        *cluster.qtasks_argv("tail", "--json", "--count", "3"),
+        cwd=ROOT,
+        env=cluster.env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    submitted: set[str] = set()
+    try:
+        async with asyncio.timeout(60):
+            while tail.returncode is None:  # until it has seen 3 changes (it starts at the log's end)
+                submitted.add((await app.add_task("gen", 1)).uuid)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await tail.wait()
+            out, err = await tail.communicate()
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+    assert tail.returncode == 0, err.decode()
+    changes = [json.loads(line) for line in out.decode().splitlines()]
+    # Changes of this app's tasks as they are written: the new ones, and lease renewals of the long ones.
+    assert len(changes) == 3 and {c["uuid"] for c in changes} <= submitted | {t.uuid for t in long}
+    for task in long[1:]:
+        await app.cancel(task.uuid)
