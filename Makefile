@@ -11,7 +11,7 @@ N ?= 20
 # Extra flags for bench-peers, e.g. ARGS="--tasks-gen 100 --k 10 --tasks-short 300".
 ARGS ?=
 
-.PHONY: install run test test-unit test-kafka test-cluster docs lint format typecheck bench bench-rss bench-kafka bench-peers kafka-up kafka-down clean
+.PHONY: install browser-deps run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The browser suite's headless Chromium and its driver, from Debian's packages (once).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 run: install
 ifeq ($(BROKER),kafka)
@@ -31,9 +38,9 @@ else
 	$(BIN)/python docs/examples/streaming.py $(N)
 endif
 
-# Lint, types, then every test: unit (memory://) and integration + faults on a real
-# Apache Kafka broker that the test session starts itself.
-test: install lint typecheck
+# Lint, types, then every test: unit (memory://), integration + faults on a real
+# Apache Kafka broker that the test session starts itself, and the dashboard in a browser.
+test: install browser-deps lint typecheck
 	$(BIN)/pytest
 
 test-unit: install
@@ -41,6 +48,14 @@ test-unit: install
 
 test-kafka: install
 	$(BIN)/pytest tests/integration tests/faults
+
+# The dashboard in headless Chromium, on a real broker.
+test-browser: install browser-deps
+	$(BIN)/pytest tests/browser
+
+# docs/dashboard-task.png, taken by the browser suite.
+screenshot: install browser-deps
+	QTASKS_SCREENSHOT=docs/dashboard-task.png $(BIN)/pytest tests/browser -k generator
 
 # The node faults on a 3-node cluster (and a 60 s broker outage); prints what each cost.
 test-cluster: install

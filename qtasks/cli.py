@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = again.add_mutually_exclusive_group(required=True)
     which.add_argument("numbers", type=int, nargs="*", default=[], help="the letters' numbers")
     which.add_argument("--all", action="store_true", help="every dead letter that can be replayed")
+    web = commands.add_parser("web", help="the dashboard (needs the web extra: pip install 'qtasks-kafka[web]')")
+    web.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    web.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
     tail = commands.add_parser("tail", parents=[as_json], help="status changes as they happen (Ctrl-C stops)")
     tail.add_argument("--count", type=int, help="stop after this many changes")
     return parser
@@ -345,6 +348,16 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
     if app.broker_url.startswith("memory://"):
         print(f"qtasks: {MEMORY_IS_ONE_PROCESS.format(what=args.command)}", file=sys.stderr)
         return 1
+    if args.command == "web":
+        try:
+            from qtasks import web
+        except ImportError as exc:
+            print(
+                f"qtasks: the dashboard needs the web extra (pip install 'qtasks-kafka[web]'): {exc}", file=sys.stderr
+            )
+            return 1
+        asyncio.run(web.serve(app, args.host, args.port))
+        return 0
     return asyncio.run(_operate(app, args))
 
 

@@ -91,15 +91,12 @@ class GroupReport:
 
 
 async def end_offsets(app: QueueTasks, topic: str) -> dict[TopicPartition, int]:
-    """The end of each partition of ``topic`` (read_committed when the app runs exactly-once)."""
-    core = app.core
-    partitions = await core.broker.partitions_for(topic, refresh=True)
-    consumer = core.broker.consumer(None, client_id=f"{app.name}-ops")
-    await consumer.start()
-    try:
-        return await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
-    finally:
-        await consumer.stop()
+    """The end of each partition of ``topic`` (read_committed when the app runs exactly-once).
+
+    Asked through the app's results reader: its consumer lives as long as the app.
+    """
+    partitions = await app.core.broker.partitions_for(topic, refresh=True)
+    return await app._results_reader.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
 
 
 async def inspect_group(app: QueueTasks) -> GroupReport:

@@ -189,8 +189,12 @@ class ResultsReader:
 
     async def end_offset(self, tp: TopicPartition) -> int:
         """The partition's end offset now."""
+        return (await self.end_offsets([tp]))[tp]
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The end offsets now of any partitions (of any topic: nothing is assigned for it)."""
         consumer = await self._ensure()
-        return int((await consumer.end_offsets([tp]))[tp])
+        return {tp: int(offset) for tp, offset in (await consumer.end_offsets(tps)).items()}
 
     async def offset_for_time(self, tp: TopicPartition, timestamp_ms: int) -> int | None:
         """The first offset of ``tp`` whose record is as new as ``timestamp_ms``, or None."""

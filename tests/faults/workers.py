@@ -125,18 +125,21 @@ class Workers:
 
     def start_worker(self, concurrency: int, *, metrics_port: int | None = None) -> Proc:
         """A ``qtasks run`` process; ``metrics_port``: it serves its metrics and probes on 127.0.0.1 there."""
-        label = f"worker{len(self.procs) + 1}"
-        log_path = self.tmp_path / f"{label}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 - closed by Proc.reap
         options = ["--concurrency", str(concurrency)]
         env = self.env()
         if metrics_port is not None:
             options += ["--metrics-port", str(metrics_port)]
             env["QTASKS_METRICS_HOST"] = "127.0.0.1"
+        return self.start_command(f"worker{len(self.procs) + 1}", ["run", *options], env)
+
+    def start_command(self, label: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        """``qtasks -A <the app> ARGS...`` as a process (logs in ``<label>.log``), stopped at the end."""
+        log_path = self.tmp_path / f"{label}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - closed by Proc.reap
         popen = subprocess.Popen(
-            self.qtasks_argv("run", *options),
+            self.qtasks_argv(*args),
             cwd=ROOT,
-            env=env,
+            env=env or self.env(),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,97 @@
+"""The dashboard's HTTP side on memory:// (the browser suite drives its pages on Kafka)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from qtasks.asyncio import QueueTasks
+from qtasks.web import create_app
+from tests.helpers import FAST, unique
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[QueueTasks]:
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", **FAST)
+
+    @app.task
+    async def count(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield {"i": i}
+
+    @app.task
+    def fails() -> None:
+        raise ValueError("as planned")
+
+    await app.start()
+    yield app
+    await app.stop(timeout=2)
+
+
+@pytest.fixture
+async def client(app: QueueTasks) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(app)), base_url="http://dash") as client:
+        yield client
+
+
+def events(text: str) -> list[tuple[str, dict[str, object]]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+async def test_a_submitted_task_streams_its_values_then_its_end(app: QueueTasks, client: httpx.AsyncClient) -> None:
+    created = await client.post("/api/tasks", json={"name": "count", "args": [3]})
+    assert created.status_code == 201
+    uuid = created.json()["uuid"]
+    response = await client.get(f"/api/tasks/{uuid}/events")
+    assert response.headers["content-type"].startswith("text/event-stream")
+    got = events(response.text)
+    assert [(kind, data.get("seq"), data.get("value")) for kind, data in got[:-1]] == [
+        ("value", i, {"i": i}) for i in range(3)
+    ]
+    assert got[-1][0] == "end" and got[-1][1]["status"] == "success"
+    assert (await client.get(f"/api/tasks/{uuid}")).json()["yield_count"] == 3
+    listed = (await client.get("/api/tasks", params={"status": "success", "name": "count"})).json()
+    assert [t["uuid"] for t in listed] == [uuid]
+    assert (await client.post(f"/api/tasks/{uuid}/cancel")).status_code == 409  # finished: nothing to cancel
+
+
+async def test_a_failed_task_ends_its_stream_with_the_traceback(app: QueueTasks, client: httpx.AsyncClient) -> None:
+    uuid = (await client.post("/api/tasks", json={"name": "fails"})).json()["uuid"]
+    await app.wait(uuid, timeout=10)
+    [(kind, data)] = events((await client.get(f"/api/tasks/{uuid}/events")).text)
+    assert kind == "end" and data["status"] == "error" and "ValueError: as planned" in str(data["traceback"])
+
+
+async def test_bad_requests_get_a_clear_answer(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/api/tasks", content=b"not json")).status_code == 400
+    assert (await client.post("/api/tasks", json={"args": []})).status_code == 400
+    assert (await client.post("/api/tasks", json={"name": "count", "args": "3"})).status_code == 400
+    missing = await client.get("/api/tasks/0b1c2d3e-0000-4000-8000-000000000000")
+    assert missing.status_code == 404
+    assert (await client.get("/api/tasks", params={"limit": "many"})).status_code == 400
+    assert (await client.post("/api/dlq/7/replay")).status_code == 404
+
+
+async def test_a_hostile_task_name_in_the_address_is_shown_as_text(client: httpx.AsyncClient) -> None:
+    # Any non-empty text names a task (a foreign producer's record may): it must not become markup or script.
+    # (A path segment holds no "/": "</script>" cannot come this way, and is escaped anyway.)
+    hostile = '"><img src=x onerror=alert(1)>'
+    page = (await client.get(f"/tasks/{quote(hostile)}")).text
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page  # the heading
+    assert 'const uuid = "\\"\\u003e\\u003cimg src=x onerror=alert(1)\\u003e"' in page  # the script's constant
+
+
+async def test_the_pages_are_served(client: httpx.AsyncClient) -> None:
+    for path in ("/", "/tasks", "/dlq"):
+        response = await client.get(path)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "<option>count</option>" in (await client.get("/")).text  # the submit form offers the app's tasks
