@@ -9,7 +9,7 @@ the same semantics in-process.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -31,6 +31,8 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp: int  # milliseconds since the epoch
+    #: Kafka record headers (name, value): qtasks writes ``traceparent`` when traces are on.
+    headers: Sequence[tuple[str, bytes]] = ()
 
     @property
     def tp(self) -> TopicPartition:
@@ -82,7 +84,13 @@ class Producer(Protocol):
     """Sends records. ``send`` only enqueues and may return a delivery to await; ``flush`` waits for all."""
 
     async def send(
-        self, topic: str, value: bytes | None, *, key: bytes | None, partition: int
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Awaitable[Any] | None: ...
 
     async def flush(self) -> None: ...
@@ -109,7 +117,13 @@ class TxnProducer(Protocol):
     async def stop(self) -> None: ...
 
     async def send(
-        self, topic: str, value: bytes | None, *, key: bytes | None, partition: int
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Awaitable[Any] | None: ...
 
     async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None: ...

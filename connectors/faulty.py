@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -175,15 +175,21 @@ class FaultyProducer:
         self._failure: BaseException | None = None  # the first failed delivery since the last flush
 
     async def send(
-        self, topic: str, value: bytes | None, *, key: bytes | None, partition: int
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Awaitable[Any] | None:
         """Send a record; return its delivery if it has a planned fault or waits behind one."""
         await self._faults.enter("send", (topic,))
         delay, error = self._faults.take("delivery", (topic,))
         tail = self._tails.get((topic, partition))
         if not delay and error is None and tail is None:
-            return await self._inner.send(topic, value, key=key, partition=partition)
-        delivery = asyncio.create_task(self._deliver(tail, delay, error, topic, value, key, partition))
+            return await self._inner.send(topic, value, key=key, partition=partition, headers=headers)
+        delivery = asyncio.create_task(self._deliver(tail, delay, error, topic, value, key, partition, headers))
         self._tails[(topic, partition)] = delivery
         self._pending.add(delivery)
         delivery.add_done_callback(lambda d: self._delivered((topic, partition), d))
@@ -198,6 +204,7 @@ class FaultyProducer:
         value: bytes | None,
         key: bytes | None,
         partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Any:
         if tail is not None:
             await asyncio.wait({tail})  # keep the partition's order
@@ -209,7 +216,7 @@ class FaultyProducer:
             error = BrokerUnavailableError("injected outage: the broker went down before the record was delivered")
         if error is not None:
             raise error
-        sent = await self._inner.send(topic, value, key=key, partition=partition)
+        sent = await self._inner.send(topic, value, key=key, partition=partition, headers=headers)
         return await sent if sent is not None else None
 
     def _delivered(self, tp: tuple[str, int], delivery: asyncio.Task[Any]) -> None:
@@ -336,10 +343,18 @@ class FaultyTxnProducer:
         """Abort what is open; never fails."""
         await self.inner.stop()
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> Any:
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> Any:
         """Send in the transaction (op ``txn_send``)."""
         await self._faults.enter("txn_send", [topic])
-        return await self.inner.send(topic, value, key=key, partition=partition)
+        return await self.inner.send(topic, value, key=key, partition=partition, headers=headers)
 
     async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
         """Add offsets to the transaction (it fails with the commit, op ``txn_commit``)."""

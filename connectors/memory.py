@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from qtasks.connectors.base import GroupInfo, RebalanceListener, Record, TopicPartition, TopicSpec
@@ -48,9 +48,17 @@ class MemoryProducer:
     def __init__(self, log: MemoryLog) -> None:
         self._log = log
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> None:
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Append the record (it is written at once: there is no delivery to wait for)."""
-        self._log.append(topic, partition, key, value)
+        self._log.append(topic, partition, key, value, headers)
         return None
 
     async def flush(self) -> None:
@@ -83,9 +91,17 @@ class MemoryTxnProducer:
                 pass
             self._epoch = -1
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> None:
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Append the record in the open transaction (the first send opens one)."""
-        self._log.txn_append(self.transactional_id, self._epoch, topic, partition, key, value)
+        self._log.txn_append(self.transactional_id, self._epoch, topic, partition, key, value, headers)
         return None
 
     async def send_offsets(self, offsets: dict[TopicPartition, int], group_id: str) -> None:

@@ -50,8 +50,8 @@ import itertools
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from qtasks.connectors.base import GroupInfo, GroupMember, Record, TopicPartition, TopicSpec
 from qtasks.exc import CommitFailedError, ConfigError, ConnectorError, ProducerFencedError, TopicConfigError
@@ -92,10 +92,10 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-# A stored record: (offset, key, value, timestamp ms). Tuples of bytes and ints are
-# untracked by the garbage collector, so a long log costs no collector time; Record
-# objects are made only for what a consumer fetches.
-_Stored = tuple[int, bytes | None, bytes | None, int]
+# A stored record: (offset, key, value, timestamp ms), and its headers last when it has
+# some. Tuples of bytes and ints are untracked by the garbage collector, so a long log
+# costs no collector time; Record objects are made only for what a consumer fetches.
+_Stored = tuple[Any, ...]
 
 
 class _Partition:
@@ -237,15 +237,29 @@ class MemoryLog:
         """How many partitions a topic has."""
         return len(self._topic(name).partitions)
 
-    def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> int:
+    def append(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> int:
         """Append one record and wake the readers of its partition; return its offset."""
         with self.lock:
-            offset, waiters = self._append(topic, partition, key, value)
+            offset, waiters = self._append(topic, partition, key, value, headers)
         if waiters:
             _wake(waiters)
         return offset
 
-    def _append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> tuple[int, list[_Waiter]]:
+    def _append(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> tuple[int, list[_Waiter]]:
         """Append one record (lock held); its offset and the readers to wake."""
         t = self._topic(topic)
         try:
@@ -255,7 +269,7 @@ class MemoryLog:
         offset = p.next_offset
         p.next_offset = offset + 1
         now = int(self.clock() * 1000)
-        p.records.append((offset, key, value, now))
+        p.records.append((offset, key, value, now, tuple(headers)) if headers else (offset, key, value, now))
         p.offsets.append(offset)
         waiters, p.waiters = p.waiters, []
         if t.compacted:
@@ -332,7 +346,7 @@ class MemoryLog:
             else:
                 stored = p.records[start : start + limit]
         topic, partition = tp
-        return [Record(topic, partition, o, k, v, ts) for o, k, v, ts in stored]
+        return [Record(topic, partition, *r) for r in stored]
 
     def watch(
         self, tps: Iterable[TopicPartition], positions: dict[TopicPartition, int], committed: bool = False
@@ -406,13 +420,20 @@ class MemoryLog:
         return txn
 
     def txn_append(
-        self, transactional_id: str, epoch: int, topic: str, partition: int, key: bytes | None, value: bytes | None
+        self,
+        transactional_id: str,
+        epoch: int,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> int:
         """Append a record in the producer's transaction (opened by its first write)."""
         with self.lock:
             txn = self._txn(transactional_id, epoch)
             self._open(txn)
-            offset, waiters = self._append(topic, partition, key, value)
+            offset, waiters = self._append(topic, partition, key, value, headers)
             written = txn.written.setdefault((topic, partition), [])
             if not written:
                 self.topics[topic].partitions[partition].open[transactional_id] = offset

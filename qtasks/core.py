@@ -25,6 +25,7 @@ from qtasks.partitioner import partition_for
 from qtasks.records import ControlRecord, Task, TaskRecord, encode
 from qtasks.store import StatusStore
 from qtasks.supervise import Supervisor
+from qtasks.tracing import Headers, Tracer
 from qtasks.validate import encode_task_record
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class Core:
         self.trouble = Trouble()
         #: What this app's worker and client did (the metrics endpoint shows it).
         self.stats = Stats()
+        #: Told of each submission and run when traces are on (``qtasks.otel.instrument``).
+        self.tracer: Tracer | None = None
         self.supervisor = Supervisor(f"{name} client")
         self.store = StatusStore(self.topics.status, config, self.supervisor, self.trouble)
         self.connected = False
@@ -181,14 +184,16 @@ class Core:
 
     # -- writing ---------------------------------------------------------------------
 
-    def sender(self, topic: str, raw: bytes, key: str, partitions: int) -> Callable[[], Any]:
+    def sender(
+        self, topic: str, raw: bytes, key: str, partitions: int, headers: Headers | None = None
+    ) -> Callable[[], Any]:
         """A call that enqueues one record to the partition of ``key`` (for :mod:`qtasks.delivery`)."""
         producer = self.broker.producer
         partition = partition_for(key, partitions)
         raw_key = key.encode()
 
         def send() -> Any:
-            return producer.send(topic, raw, key=raw_key, partition=partition)
+            return producer.send(topic, raw, key=raw_key, partition=partition, headers=headers)
 
         return send
 
@@ -293,11 +298,26 @@ class Core:
         """
         await self.connect()
         sends = []
+        tracer, traces = self.tracer, []
         for new in tasks:
             uuid = new.task.uuid
+            headers = None
+            if tracer is not None:
+                partition = partition_for(uuid, self.tasks_partitions)
+                traces.append(trace := tracer.submit(new.task.task_name, uuid, self.topics.tasks, partition))
+                headers = trace.headers
             sends.append((self.store.sender(uuid, new.status[1]), f"status new of {uuid}"))
-            sends.append((self.sender(self.topics.tasks, new.raw, uuid, self.tasks_partitions), f"task {uuid}"))
-        await deliver_together(sends, trouble=self.trouble)
+            sends.append(
+                (self.sender(self.topics.tasks, new.raw, uuid, self.tasks_partitions, headers), f"task {uuid}")
+            )
+        try:
+            await deliver_together(sends, trouble=self.trouble)
+        except BaseException as exc:
+            for trace in traces:
+                trace.end(exc)
+            raise
+        for trace in traces:
+            trace.end()
         view = self.store.view
         stats = self.stats
         for new in tasks:

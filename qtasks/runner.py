@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from qtasks.connectors.base import Record
 from qtasks.core import Core
 from qtasks.decisions import ENCODE_ERRORS, check_result, conclude
 from qtasks.delivery import deliver
@@ -35,6 +36,7 @@ from qtasks.plugins import Events, PluginManager
 from qtasks.records import ResultRecord, StatusHead, Task, TaskRecord, encode
 from qtasks.registry import TaskSpec
 from qtasks.retry import backoff
+from qtasks.tracing import Headers, RunTrace
 from qtasks.transactions import PartitionTxn
 
 log = logging.getLogger("qtasks.worker")
@@ -96,11 +98,13 @@ class ResultSink:
         "crc",
         "error",
         "first_at",
+        "headers",
         "items",
         "last_delivery",
         "mismatched",
         "sent",
         "seq",
+        "trace",
         "track_crc",
     )
 
@@ -148,6 +152,9 @@ class ResultSink:
         self.error: BaseException | None = None
         #: ``time.monotonic()`` when this attempt sent its first value (0.0: none yet).
         self.first_at = 0.0
+        #: Traces on: the run's trace (told of each value) and the headers its records carry.
+        self.trace: RunTrace | None = None
+        self.headers: Headers | None = None
 
     async def emit(self, value: Any) -> None:
         """One result record for one handled value; a value that cannot be stored is an error."""
@@ -177,12 +184,14 @@ class ResultSink:
             if self.sent == self.committed:
                 self._check_replay()
             return
-        delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition)
+        delivery = await self._send(self._topic, raw, key=self._key, partition=self._partition, headers=self.headers)
         # Counted once sent, never before: a run stopped while its send waited (a commit
         # holds sends back; max_time, a cancel) counts only the values that were sent.
         self._count(seq, value, len(raw), crc)
         if not self.first_at:
             self.first_at = time.monotonic()
+        if self.trace is not None:
+            self.trace.value(seq)
         if delivery is not None:
             self.last_delivery = delivery
             pending = self._pending
@@ -250,11 +259,11 @@ class ResultSink:
         """
         raw = encode(ResultRecord(uuid=self._uuid, seq=self.seq, attempt=self._attempt, end=True, status=status))
         if self._txn is not None:
-            await self._txn.send(self._topic, raw, key=self._key, partition=self._partition)
+            await self._txn.send(self._topic, raw, key=self._key, partition=self._partition, headers=self.headers)
             return
 
         def send() -> Any:
-            return self._send(self._topic, raw, key=self._key, partition=self._partition)
+            return self._send(self._topic, raw, key=self._key, partition=self._partition, headers=self.headers)
 
         await deliver(send, what=f"end of the results of {self._uuid}", trouble=self._trouble)
         await self.settle()  # done already: they were sent before the marker, to its partition
@@ -322,9 +331,12 @@ class TaskRun:
         head: StatusHead | None,
         attempt: int,
         txn: PartitionTxn | None = None,
+        record: Record | None = None,
     ) -> None:
         self.host = host
         self.rec = rec
+        #: The task record as read (its headers carry the sender's trace context).
+        self.record = record
         self.spec = spec
         self.attempt = attempt
         #: Exactly-once: the transaction of the task record's partition (everything goes in it).
@@ -422,6 +434,9 @@ class TaskRun:
         self.finished = True
         if self._announcing is not None:
             self._announcing.cancel()
+        if (trace := self.sink.trace) is not None:  # handed back (or dropped) before its ending
+            self.sink.trace = None
+            trace.end("released")
         sink = self.sink
         first = sink.first_at - self.began if sink.first_at and self.began else None
         self.host.core.stats.run_over(self.spec.name, max(sink.seq - self.resume.seq, 0), first)
@@ -537,6 +552,10 @@ class TaskRun:
         """Start, execute and conclude; return the terminal status as written."""
         host = self.host
         current_task.set((self.rec.uuid, self.spec.name, self.attempt))
+        tracer = host.core.tracer
+        if tracer is not None and self.record is not None:
+            trace = tracer.run(self.rec, self.record, self.attempt, host.worker_id, host.worker.group_id)
+            self.sink.trace, self.sink.headers = trace, trace.headers
         await self.start()
         await trigger(host, "worker_execute_before", task=self.task)
         await host.events.fire("task_running", app=host.app, task=self.task, worker=host.worker)
@@ -607,6 +626,9 @@ class TaskRun:
         self.task = await core.store.write(final, durable=True, txn=self.txn)
         self.ended = True
         core.stats.ended(spec.name, status, time.monotonic() - self.began if self.began else None)
+        if (trace := sink.trace) is not None:
+            sink.trace = None
+            trace.end(status, outcome.exc, outcome.cancel_reason if status == "cancel" else traceback)
         if status in ("error", "retry"):
             kind, message = error_of(traceback)
             then = f"; retried as {child_uuid}" if child_uuid else ""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from qtasks.connectors.base import TopicPartition, TxnProducer
@@ -121,6 +121,7 @@ class PartitionTxn:
         key: bytes,
         partition: int,
         on_commit: Callable[[], object] | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> None:
         """Send one record in the open transaction; ``on_commit`` runs once it is committed."""
         while self._gate is not None and _committing.get() is not self:
@@ -129,7 +130,7 @@ class PartitionTxn:
             raise self._lost()
         self._sending += 1
         try:
-            delivery = await self.producer.send(topic, raw, key=key, partition=partition)
+            delivery = await self.producer.send(topic, raw, key=key, partition=partition, headers=headers)
         except RecordTooLargeError:
             raise  # refused before it was sent: the transaction is whole, the caller says why
         except ConnectorError as exc:

@@ -365,7 +365,7 @@ class Worker:
             if isinstance(rec, RecordError):
                 await dead_letter(self.core, record, str(rec), self.id, txn, kind=rec.kind)
             else:
-                await self._run_record(rec, txn, ran)
+                await self._run_record(rec, txn, ran, record)
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
@@ -401,7 +401,11 @@ class Worker:
     # -- one record ------------------------------------------------------------------
 
     async def _run_record(
-        self, rec: TaskRecord, txn: PartitionTxn | None = None, ran: Callable[[], None] | None = None
+        self,
+        rec: TaskRecord,
+        txn: PartitionTxn | None = None,
+        ran: Callable[[], None] | None = None,
+        record: Record | None = None,
     ) -> None:
         core = self.core
         uuid = rec.uuid
@@ -455,7 +459,7 @@ class Worker:
                 # Revoked while it was being admitted: it may be another worker's by now. It
                 # is read again from the committed offset if it stays here.
                 raise _Dropped()
-            run = TaskRun(self.host, rec, spec, head, decision.attempt, txn)
+            run = TaskRun(self.host, rec, spec, head, decision.attempt, txn, record)
             run.on_ran = ran
             await self._run(run)
 

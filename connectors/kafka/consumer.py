@@ -151,7 +151,7 @@ class KafkaConsumer:
                 await asyncio.sleep(min(timeout, 0.1))
                 return []
         return [
-            Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+            Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp, r.headers)
             for records in batches.values()
             for r in records
         ]

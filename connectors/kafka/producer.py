@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
@@ -14,7 +15,7 @@ from aiokafka import errors as kafka_exc
 from qtasks.connectors.kafka.errors import _FATAL, KAFKA_ERRORS, is_fatal, kafka_errors, map_error, mapped
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
-from qtasks.connectors.kafka.sizes import BATCH_SLACK, batch_size
+from qtasks.connectors.kafka.sizes import BATCH_SLACK, batch_size, headers_size
 from qtasks.exc import (
     BrokerUnavailableError,
     ConnectorError,
@@ -151,9 +152,11 @@ class KafkaProducer:
             self._settle()
         return self._ends.get((topic, partition))
 
-    def check_size(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+    def check_size(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None
+    ) -> None:
         """RecordTooLargeError if the record's batch is over what ``topic`` takes."""
-        size = batch_size(key, value)
+        size = batch_size(key, value, headers)
         limit = self._connector.batch_limit(topic)
         if size > limit:
             raise RecordTooLargeError(
@@ -162,15 +165,26 @@ class KafkaProducer:
                 "it was not sent"
             )
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
         """Enqueue a record (waits only when the producer's buffer is full); return its delivery.
 
         Every value a task yields comes through here: the common case (a record well
         under the limit, a partition in the metadata) takes no extra await.
         """
         c = self._connector
-        if len(value or b"") + len(key or b"") + BATCH_SLACK > c.batch_limit(topic):
-            self.check_size(topic, key, value)
+        room = len(value or b"") + len(key or b"") + BATCH_SLACK
+        if headers:
+            room += headers_size(headers)
+        if room > c.batch_limit(topic):
+            self.check_size(topic, key, value, headers)
         key_ = (topic, partition)
         tp = self._tps.get(key_)
         if tp is None:
@@ -180,11 +194,13 @@ class KafkaProducer:
             if client.client.cluster.leader_for_partition(tp) is None:  # not in the metadata (yet)
                 await self._ensure_partition(client, topic, partition)
             try:
-                fut: asyncio.Future[Any] = await client.send(topic, value, key=key, partition=partition)
+                fut: asyncio.Future[Any] = await client.send(
+                    topic, value, key=key, partition=partition, headers=headers
+                )
             except _FATAL as exc:
                 # The sender died (its error is kept by the accumulator): start again, once.
                 await self._rebuild(f"it failed: {exc!r}")
-                fut = await self.client.send(topic, value, key=key, partition=partition)
+                fut = await self.client.send(topic, value, key=key, partition=partition, headers=headers)
         except ConnectorError:
             raise
         except KAFKA_ERRORS as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 
 from qtasks.connectors.kafka.options import KEY_ROOM
 
@@ -30,8 +31,8 @@ def varint_size(n: int) -> int:
     return size
 
 
-def batch_size(key: bytes | None, value: bytes | None) -> int:
-    """An upper bound of the batch one record makes (no headers, no compression).
+def batch_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None) -> int:
+    """An upper bound of the batch one record makes (no compression).
 
     The broker compares the whole batch with ``max.message.bytes`` (the
     ``message.max.bytes`` of a topic), so this is what ``send`` checks.
@@ -39,6 +40,17 @@ def batch_size(key: bytes | None, value: bytes | None) -> int:
     size = BATCH_HEADER + RECORD_OVERHEAD + 1  # + the header count varint (0 headers)
     for part in (key, value):
         size += 1 if part is None else varint_size(len(part)) + len(part)
+    if headers:
+        size += varint_size(len(headers)) - 1 + headers_size(headers)
+    return size
+
+
+def headers_size(headers: Sequence[tuple[str, bytes]]) -> int:
+    """Bytes of a record's headers (without their count): each name and value with its length."""
+    size = 0
+    for name, value in headers:
+        encoded = len(name.encode())
+        size += varint_size(encoded) + encoded + varint_size(len(value)) + len(value)
     return size
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
@@ -147,16 +148,26 @@ class KafkaTxnProducer:
                     raise _fenced(self.transactional_id, exc) from exc
                 self._in_txn = True
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None, partition: int) -> asyncio.Future[Any]:
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        partition: int,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
         """Enqueue a record in the transaction (the first send opens it); return its delivery."""
         limit = self._connector.batch_limit(topic)
-        if batch_size(key, value) > limit:
+        if batch_size(key, value, headers) > limit:
             raise RecordTooLargeError(f"a record for {topic} is over the topic's limit of {limit} bytes per batch")
         client = self._check()
         await self._begin(client)
         try:
             with self._errors("send in a transaction", topic):
-                fut: asyncio.Future[Any] = await client.send(topic, value, key=key, partition=partition)
+                fut: asyncio.Future[Any] = await client.send(
+                    topic, value, key=key, partition=partition, headers=headers
+                )
         except ConnectorError as exc:
             if isinstance(exc.__cause__, _FENCED):
                 raise _fenced(self.transactional_id, exc.__cause__) from exc
