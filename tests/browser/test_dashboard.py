@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.faults.workers import Workers, workers_of
+from tests.faults.workers import PARTITIONS, Workers, workers_of
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.kafka
@@ -64,13 +64,13 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 
 @pytest.fixture
 async def group(tmp_path: Path, broker_url: str) -> AsyncIterator[tuple[Workers, str]]:
-    """One worker and the dashboard, as processes; the dashboard's URL."""
+    """Two workers and the dashboard, as processes; the dashboard's URL."""
     async with workers_of(tmp_path, broker_url) as make:
         cluster: Workers = make()
-        worker = cluster.start_worker(concurrency=4)
+        workers = [cluster.start_worker(concurrency=4) for _ in range(2)]
         port = free_port()
         web = cluster.start_command("web", ["web", "--port", str(port)])
-        await cluster.wait_assigned([worker])
+        await cluster.wait_assigned(workers)
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient() as client:
             deadline = time.monotonic() + 60
@@ -90,6 +90,15 @@ def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], timeout: flo
     return WebDriverWait(browser, timeout, poll_frequency=0.05).until(condition)
 
 
+def table(browser: WebDriver, table_id: str) -> list[list[str]]:
+    """The cells of a table's body, read at once (the page replaces its rows as it refreshes)."""
+    rows: list[list[str]] = browser.execute_script(
+        "return [...document.querySelectorAll(`#${arguments[0]} tbody tr`)].map(r => [...r.cells].map(c => c.textContent))",
+        table_id,
+    )
+    return rows
+
+
 def values_shown(browser: WebDriver) -> list[Any]:
     return [json.loads(li.text) for li in browser.find_elements(By.CSS_SELECTOR, "#values li.value")]
 
@@ -100,7 +109,11 @@ async def test_submit_a_generator_watch_its_values_arrive_and_cancel_a_running_t
 ) -> None:
     _cluster, url = group
     await asyncio.to_thread(browser.get, url)
-    wait(browser, lambda b: "1 worker(s)" in b.find_element(By.ID, "group").text)
+    await asyncio.to_thread(wait, browser, lambda b: "2 worker(s)" in b.find_element(By.ID, "group").text)
+    # Both workers with their partitions: every tasks partition is someone's.
+    rows = table(browser, "workers")
+    assert len(rows) == 2
+    assert sorted(int(p) for row in rows for p in row[2].split(", ")) == list(range(PARTITIONS))
 
     # Submit from the page: 8 values, one every 0.4 s.
     Select(browser.find_element(By.NAME, "name")).select_by_visible_text("gen")
@@ -130,6 +143,11 @@ async def test_submit_a_generator_watch_its_values_arrive_and_cancel_a_running_t
         response = await client.post(f"{url}/api/tasks", json={"name": "long_run", "args": [120]})
         assert response.status_code == 201, response.text
         long_uuid = response.json()["uuid"]
+    # The overview lists it among the running tasks, with its worker and attempt.
+    await asyncio.to_thread(browser.get, url)
+    await asyncio.to_thread(wait, browser, lambda b: long_uuid in b.find_element(By.ID, "running").text)
+    [cells] = [row for row in table(browser, "running") if row[0] == long_uuid]
+    assert cells[1] == "long_run" and cells[2] and cells[3] == "1"
     await asyncio.to_thread(browser.get, f"{url}/tasks/{long_uuid}")
     await asyncio.to_thread(wait, browser, lambda b: len(values_shown(b)) >= 2)  # running, values arriving
     assert browser.find_element(By.ID, "status").text == "process"
