@@ -452,11 +452,13 @@ class QueueTasks:
             if worker is not None and worker._started:
                 await self.events.fire("worker_stopping", app=self, worker=worker)
                 await worker.stop(timeout)
-            await self.plugins.stop()
-            await self.close()
-            metrics, self.metrics = self.metrics, None
-            if metrics is not None:
-                await metrics.stop()
+            try:
+                await self.plugins.stop()
+                await self.close()
+            finally:
+                metrics, self.metrics = self.metrics, None
+                if metrics is not None:
+                    await metrics.stop()
 
     async def serve_metrics(self, port: int | None = None, host: str | None = None) -> MetricsServer:
         """Serve ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` on ``port`` (default ``metrics_port``; 0 picks a free one).

@@ -296,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     web = commands.add_parser("web", help="the dashboard (needs the web extra: pip install 'qtasks-kafka[web]')")
     web.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     web.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
+    web.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="a name the dashboard may be reached as, besides its address (repeat it; * for any)",
+    )
     tail = commands.add_parser("tail", parents=[as_json], help="status changes as they happen (Ctrl-C stops)")
     tail.add_argument("--count", type=int, help="stop after this many changes")
     return parser
@@ -356,7 +362,7 @@ def _dispatch(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
                 f"qtasks: the dashboard needs the web extra (pip install 'qtasks-kafka[web]'): {exc}", file=sys.stderr
             )
             return 1
-        asyncio.run(web.serve(app, args.host, args.port))
+        asyncio.run(web.serve(app, args.host, args.port, args.allow_host))
         return 0
     return asyncio.run(_operate(app, args))
 
@@ -383,7 +389,17 @@ async def _operate(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
         await app.close()
 
 
+#: Control characters shown as escapes: text from records (names, reasons, values) never
+#: drives the operator's terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def _plain(text: object) -> str:
+    return str(text).translate(_CONTROL)
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[_plain(cell) for cell in row] for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
     return "\n".join(
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -507,7 +523,7 @@ async def _dlq(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             print(f"no dead letter {args.number}", file=sys.stderr)
             return 1
         shown = letter.to_dict(value=True)
-        print(json.dumps(shown) if args.json else "\n".join(f"{key}: {value}" for key, value in shown.items()))
+        print(json.dumps(shown) if args.json else "\n".join(f"{key}: {_plain(value)}" for key, value in shown.items()))
         return 0
     missing = [n for n in args.numbers if n not in by_number]
     if missing:
@@ -522,7 +538,7 @@ async def _dlq(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
             if r.refused is None:
                 print(f"{r.letter.offset}: replayed as task {r.uuid}")
             else:
-                print(f"{r.letter.offset}: not replayed: {r.refused}", file=sys.stderr)
+                print(_plain(f"{r.letter.offset}: not replayed: {r.refused}"), file=sys.stderr)
     return 0 if all(r.refused is None for r in results) else 1
 
 
@@ -538,7 +554,7 @@ async def _tail(app: AsyncQueueTasks, args: argparse.Namespace) -> int:
                 detail += f", {task.yield_count} values"
             if task.status == "error" and task.traceback:
                 detail += f": {_error_line(task.traceback)}"
-            print(f"{moment} {task.uuid} {task.task_name} {task.status}{detail}", flush=True)
+            print(_plain(f"{moment} {task.uuid} {task.task_name} {task.status}{detail}"), flush=True)
         seen += 1
         if args.count is not None and seen >= args.count:
             return 0

@@ -25,7 +25,7 @@ from qtasks.partitioner import partition_for
 from qtasks.records import ControlRecord, Task, TaskRecord, encode
 from qtasks.store import StatusStore
 from qtasks.supervise import Supervisor
-from qtasks.tracing import Headers, Tracer
+from qtasks.tracing import Headers, SubmitTrace, Tracer
 from qtasks.validate import encode_task_record
 
 if TYPE_CHECKING:
@@ -304,8 +304,11 @@ class Core:
             headers = None
             if tracer is not None:
                 partition = partition_for(uuid, self.tasks_partitions)
-                traces.append(trace := tracer.submit(new.task.task_name, uuid, self.topics.tasks, partition))
-                headers = trace.headers
+                try:
+                    traces.append(trace := tracer.submit(new.task.task_name, uuid, self.topics.tasks, partition))
+                    headers = trace.headers
+                except Exception:  # a trace never changes what happens to the task
+                    log.warning("the tracer failed on the submission of %s", uuid, exc_info=True)
             sends.append((self.store.sender(uuid, new.status[1]), f"status new of {uuid}"))
             sends.append(
                 (self.sender(self.topics.tasks, new.raw, uuid, self.tasks_partitions, headers), f"task {uuid}")
@@ -313,11 +316,9 @@ class Core:
         try:
             await deliver_together(sends, trouble=self.trouble)
         except BaseException as exc:
-            for trace in traces:
-                trace.end(exc)
+            _end_traces(traces, exc)
             raise
-        for trace in traces:
-            trace.end()
+        _end_traces(traces)
         view = self.store.view
         stats = self.stats
         for new in tasks:
@@ -333,3 +334,11 @@ class Core:
             self.config.control_partitions,
             what=f"{command.kind} of {command.uuid}",
         )
+
+
+def _end_traces(traces: list[SubmitTrace], error: BaseException | None = None) -> None:
+    for trace in traces:
+        try:
+            trace.end(error)
+        except Exception:  # a trace never changes what happens to the task
+            log.warning("the tracer failed at the end of a submission", exc_info=True)

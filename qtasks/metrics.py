@@ -113,7 +113,9 @@ class Stats:
         tasks, key = self.tasks, ("started", name)
         tasks[key] = tasks.get(key, 0) + 1
         histogram = self.queue_waits.get(name) or _new(self.queue_waits, name)
-        queue_wait = queue_wait if queue_wait > 0.0 else 0.0
+        # From the record's own times (any producer's): kept within a day so that no value
+        # makes the sum infinite for good.
+        queue_wait = min(queue_wait, 86_400.0) if queue_wait > 0.0 else 0.0
         histogram.counts[bisect_left(BUCKETS, queue_wait)] += 1
         histogram.sum += queue_wait
 
@@ -309,12 +311,12 @@ def readiness(app: QueueTasks) -> tuple[bool, list[str]]:
     """Whether the worker can take tasks now, and if not, why."""
     problems: list[str] = []
     worker = app.worker
-    if worker is None or not worker._started:
+    if worker is not None and worker.error is not None:
+        problems.append(f"the worker failed: {worker.error}")
+    elif worker is None or not worker._started:
         problems.append("no worker has started")
     elif worker._stopping:
         problems.append("the worker is stopping")
-    elif worker.error is not None:
-        problems.append(f"the worker failed: {worker.error}")
     broker = app.core.broker
     if not broker.reachable:
         since = broker.unreachable_since
@@ -331,6 +333,15 @@ def readiness(app: QueueTasks) -> tuple[bool, list[str]]:
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP/1.1 on the app's event loop."""
 
+    #: Connections served at once; more are closed at once (a flood cannot take the
+    #: worker's file descriptors).
+    MAX_CONNECTIONS = 32
+    #: Seconds a client has to send its request.
+    REQUEST_TIMEOUT = 5.0
+    #: Seconds a scrape's families are reused (one end-offsets request to the brokers at
+    #: most this often, however many scrapers there are).
+    CACHE = 1.0
+
     def __init__(self, app: QueueTasks, port: int, host: str = "0.0.0.0") -> None:
         self.app = app
         self.host = host
@@ -338,6 +349,9 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
         self._registry: Any = None
         self._families: list[Any] = []
+        self._connections = 0
+        self._rendered: tuple[float, bytes] | None = None
+        self._rendering: asyncio.Lock | None = None
 
     @property
     def port(self) -> int:
@@ -371,14 +385,21 @@ class MetricsServer:
         return iter(self._families)
 
     async def render(self) -> bytes:
-        """The text exposition of every metric now."""
+        """The text exposition of every metric now (reused for ``CACHE`` seconds)."""
         from prometheus_client import generate_latest
 
-        self._families = await snapshot(self.app)
-        try:
-            return bytes(generate_latest(self._registry))
-        finally:
-            self._families = []
+        if self._rendering is None:
+            self._rendering = asyncio.Lock()
+        async with self._rendering:
+            if self._rendered is not None and time.monotonic() - self._rendered[0] < self.CACHE:
+                return self._rendered[1]
+            self._families = await snapshot(self.app)
+            try:
+                text = bytes(generate_latest(self._registry))
+            finally:
+                self._families = []
+            self._rendered = (time.monotonic(), text)
+            return text
 
     async def _answer(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
@@ -394,8 +415,12 @@ class MetricsServer:
         return 404, "text/plain; charset=utf-8", b"not found: /metrics, /healthz, /readyz\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._connections >= self.MAX_CONNECTIONS:
+            writer.close()  # too many at once: this one is turned away, the worker's descriptors are kept
+            return
+        self._connections += 1
         try:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(self.REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
                 method, _, rest = head.decode("latin-1").partition(" ")
                 path = rest.partition(" ")[0].partition("?")[0]
@@ -414,6 +439,7 @@ class MetricsServer:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # a client that went away or sent no request: nothing to answer
         finally:
+            self._connections -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from qtasks.connectors.base import GroupMember, TopicPartition
-from qtasks.exc import RecordError
+from qtasks.exc import BrokerUnavailableError, RecordError
 from qtasks.records import DeadLetter, Task, decode_status, decode_task
 
 if TYPE_CHECKING:
@@ -187,15 +187,31 @@ class Letter:
         return out
 
 
-async def dead_letters(app: QueueTasks) -> list[Letter]:
-    """Every dead letter the topic holds now, oldest first."""
+#: Seconds ``dead_letters`` may take to read the topic to its end.
+READ_TIMEOUT = 60.0
+
+
+async def dead_letters(app: QueueTasks, timeout: float = READ_TIMEOUT) -> list[Letter]:
+    """Every dead letter the topic holds now, oldest first (:class:`BrokerUnavailableError`
+    if the topic cannot be read to its end within ``timeout`` seconds)."""
     await app._connect()
+    letters: list[Letter] = []
+    try:
+        async with asyncio.timeout(timeout):
+            await _read_letters(app, letters)
+    except TimeoutError:
+        raise BrokerUnavailableError(
+            f"could not read the dead-letter topic {app.topics.dlq} to its end within {timeout:g} s"
+        ) from None
+    return sorted(letters, key=lambda letter: (letter.letter.at, letter.offset))
+
+
+async def _read_letters(app: QueueTasks, letters: list[Letter]) -> None:
     core = app.core
     topic = core.topics.dlq
     ends = await end_offsets(app, topic)
     consumer = core.broker.consumer(None, client_id=f"{app.name}-ops")
     await consumer.start()
-    letters: list[Letter] = []
     try:
         wanted = {tp: end for tp, end in ends.items() if end > 0}
         consumer.assign(list(wanted))
@@ -214,8 +230,7 @@ async def dead_letters(app: QueueTasks) -> list[Letter]:
                 if await consumer.position(tp) >= left[tp]:
                     del left[tp]
     finally:
-        await consumer.stop()
-    return sorted(letters, key=lambda letter: (letter.letter.at, letter.offset))
+        await asyncio.shield(consumer.stop())
 
 
 @dataclass
@@ -230,10 +245,11 @@ class Replayed:
 async def replay(app: QueueTasks, letters: Iterable[Letter]) -> list[Replayed]:
     """Put dead letters back on their topic, once they can be used (they decode now).
 
-    A task record goes back as a new task (a new uuid: the dead one has ended as ``error``),
-    and the dead task's status becomes ``retry`` pointing at it, so ``app.wait`` and
-    ``app.stream`` of the old uuid follow the replay. A letter that still does not decode
-    here, or whose value was cut, is refused with the reason (it would only come back).
+    A task record goes back as a new task (a new uuid: the dead one has ended as ``error``;
+    the record's name, arguments, priority and retries), and the dead task's status becomes
+    ``retry`` pointing at it, so ``app.wait`` and ``app.stream`` of the old uuid follow the
+    replay, and a second replay of the same letter is refused. A letter that still does not
+    decode here, or whose value was cut, is refused with the reason (it would only come back).
     """
     await app._connect()
     core = app.core
@@ -251,9 +267,25 @@ async def replay(app: QueueTasks, letters: Iterable[Letter]) -> list[Replayed]:
         except RecordError as exc:
             out.append(Replayed(letter, refused=f"it still does not decode: {exc}"))
             continue
-        new = await core.submit(record.task_name, record.args, record.kwargs, priority=record.priority)
         old = await core.store.lookup(record.uuid)
-        if old is not None and old.status == "error":
+        if old is not None and old.retry_child_uuid is not None:
+            out.append(Replayed(letter, refused=f"it was replayed already, as task {old.retry_child_uuid}"))
+            continue
+        if old is not None and old.status != "error":
+            out.append(Replayed(letter, refused=f"its task {record.uuid} is {old.status}, not dead"))
+            continue
+        new = await core.submit(
+            record.task_name,
+            record.args,
+            record.kwargs,
+            priority=record.priority,
+            retry=record.retry,
+            retry_parent_uuid=record.uuid,
+            retry_count=record.retry_count,
+        )
+        if old is not None:
+            # Written once the new task is stored: a replay cut short here is found by its
+            # task (no status points at it) and may be replayed again; never lost.
             await core.store.write(
                 msgspec.structs.replace(old, status="retry", retry_child_uuid=new.uuid, updated_at=time.time()),
                 durable=True,

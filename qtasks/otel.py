@@ -62,6 +62,14 @@ def _core(app: Any) -> QueueTasks:
     return inner
 
 
+def _described(error: BaseException) -> str:
+    """``Type: message``, also for an exception whose ``str`` fails."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:
+        return type(error).__name__
+
+
 def _headers(context: otel_context.Context) -> list[tuple[str, bytes]]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=context)
@@ -132,10 +140,14 @@ class _Submit:
         self.headers = headers
 
     def end(self, error: BaseException | None = None) -> None:
-        if error is not None:
-            self.span.record_exception(error)
-            self.span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        self.span.end()
+        try:
+            if error is not None:
+                self.span.set_status(Status(StatusCode.ERROR, _described(error)))
+                self.span.record_exception(error)
+        except Exception:  # a trace never changes what happens to the task
+            log.warning("could not record a submission's error on its span", exc_info=True)
+        finally:
+            self.span.end()
 
 
 class _Run:
@@ -150,22 +162,30 @@ class _Run:
         self.span.add_event("value", {"qtasks.value.seq": seq})
 
     def end(self, status: str, error: BaseException | None = None, reason: str | None = None) -> None:
+        try:
+            self._record(status, error, reason)
+        except Exception:  # a trace never changes what happens to the task
+            log.warning("could not record how a run ended on its span", exc_info=True)
+        finally:
+            self.span.end()
+            try:
+                otel_context.detach(self.token)  # type: ignore[arg-type]
+            except Exception:  # ended in another context than it began: nothing to restore there
+                log.debug("the run's trace context was not detached here", exc_info=True)
+
+    def _record(self, status: str, error: BaseException | None, reason: str | None) -> None:
         span = self.span
         span.set_attribute("qtasks.task.status", status)
         if status in _FAILED:
             if error is not None:
+                description = _described(error)
+                span.set_status(Status(StatusCode.ERROR, description))
                 span.record_exception(error)
-                description = f"{type(error).__name__}: {error}"
-            else:  # the error is only text (a value that was not stored, a worker's failure)
-                kind, message = error_of(reason)
-                description = f"{kind}: {message}" if kind and message else kind or message or status
-            span.set_status(Status(StatusCode.ERROR, description))
+                return
+            # The error is only text (a value that was not stored, a worker's failure).
+            kind, message = error_of(reason)
+            span.set_status(Status(StatusCode.ERROR, f"{kind}: {message}" if kind and message else kind or message))
         elif status == "cancel":
             span.add_event("cancel", {"qtasks.cancel_reason": reason or ""})
         elif status == "released":
             span.add_event("released", {"qtasks.reason": "the worker handed the task back unfinished"})
-        span.end()
-        try:
-            otel_context.detach(self.token)  # type: ignore[arg-type]
-        except Exception:  # ended in another context than it began: nothing to restore there
-            log.debug("the run's trace context was not detached here", exc_info=True)

@@ -191,7 +191,11 @@ class ResultSink:
         if not self.first_at:
             self.first_at = time.monotonic()
         if self.trace is not None:
-            self.trace.value(seq)
+            try:
+                self.trace.value(seq)
+            except Exception:  # a trace never changes what happens to the task
+                log.warning("the tracer failed on value %d of %s", seq, self._uuid, exc_info=True)
+                self.trace = None
         if delivery is not None:
             self.last_delivery = delivery
             pending = self._pending
@@ -434,17 +438,25 @@ class TaskRun:
         self.finished = True
         if self._announcing is not None:
             self._announcing.cancel()
-        if (trace := self.sink.trace) is not None:  # handed back (or dropped) before its ending
-            self.sink.trace = None
-            trace.end("released")
+        self._end_trace("released")  # handed back (or dropped) before its ending: a trace not ended yet
         sink = self.sink
         first = sink.first_at - self.began if sink.first_at and self.began else None
-        self.host.core.stats.run_over(self.spec.name, max(sink.seq - self.resume.seq, 0), first)
+        self.host.core.stats.run_over(self.spec.name, self.values_here, first)
+
+    def _end_trace(self, status: str, error: BaseException | None = None, reason: str | None = None) -> None:
+        trace, self.sink.trace = self.sink.trace, None
+        if trace is not None:
+            try:
+                trace.end(status, error, reason)
+            except Exception:  # a trace never changes what happens to the task
+                log.warning("the tracer failed at the end of %s", self.rec.uuid, exc_info=True)
 
     @property
     def values_here(self) -> int:
-        """Values this run has yielded so far (the ones an earlier attempt committed left out)."""
-        return max(self.sink.seq - self.resume.seq, 0)
+        """Values this run has sent so far: from its checkpoint on, and past what an earlier
+        attempt committed (exactly once, those are gone over again but not sent)."""
+        sink = self.sink
+        return max(sink.seq - max(self.resume.seq, sink.committed), 0)
 
     async def announce(self, *, durable: bool = False) -> None:
         """Write the ``process`` status held back so far (no-op once written, or once the run ends).
@@ -554,8 +566,12 @@ class TaskRun:
         current_task.set((self.rec.uuid, self.spec.name, self.attempt))
         tracer = host.core.tracer
         if tracer is not None and self.record is not None:
-            trace = tracer.run(self.rec, self.record, self.attempt, host.worker_id, host.worker.group_id)
-            self.sink.trace, self.sink.headers = trace, trace.headers
+            try:
+                trace = tracer.run(self.rec, self.record, self.attempt, host.worker_id, host.worker.group_id)
+            except Exception:  # a trace never changes what happens to the task
+                log.warning("the tracer failed at the start of %s", self.rec.uuid, exc_info=True)
+            else:
+                self.sink.trace, self.sink.headers = trace, trace.headers
         await self.start()
         await trigger(host, "worker_execute_before", task=self.task)
         await host.events.fire("task_running", app=host.app, task=self.task, worker=host.worker)
@@ -626,9 +642,7 @@ class TaskRun:
         self.task = await core.store.write(final, durable=True, txn=self.txn)
         self.ended = True
         core.stats.ended(spec.name, status, time.monotonic() - self.began if self.began else None)
-        if (trace := sink.trace) is not None:
-            sink.trace = None
-            trace.end(status, outcome.exc, outcome.cancel_reason if status == "cancel" else traceback)
+        self._end_trace(status, outcome.exc, outcome.cancel_reason if status == "cancel" else traceback)
         if status in ("error", "retry"):
             kind, message = error_of(traceback)
             then = f"; retried as {child_uuid}" if child_uuid else ""

@@ -20,16 +20,19 @@ import contextlib
 import html
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qtasks import ops
+from qtasks.bulk import Args
 from qtasks.exc import AppClosedError, TaskNotFoundError
 from qtasks.validate import check_uuid
 
@@ -95,7 +98,9 @@ class _Dashboard:
         except (ValueError, KeyError, TypeError) as exc:
             return JSONResponse({"error": f"a task is {{name, args, kwargs}}: {exc}"}, status_code=400)
         try:
-            task = await self.app.add_task(name, *args, **kwargs)
+            # add_tasks takes the task's own arguments whatever their names (add_task keeps
+            # timeout= and priority= for itself).
+            [task] = await self.app.add_tasks(name, [Args(*args, **kwargs)])
         except (TypeError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"uuid": task.uuid}, status_code=201)
@@ -138,7 +143,11 @@ class _Dashboard:
                 if item.retried_as is not None:
                     yield _sse("retry", {"uuid": item.uuid, "retried_as": item.retried_as})
                     continue
-                yield _sse("value", {"uuid": item.uuid, "seq": item.seq, "attempt": item.attempt, "value": item.value})
+                yield _sse(
+                    "value",
+                    {"uuid": item.uuid, "seq": item.seq, "attempt": item.attempt, "value": item.value},
+                    f"{item.uuid}/{item.seq}",
+                )
             final = await app.wait(uuid)
             yield _sse("end", _data(final))
         except TaskNotFoundError as exc:
@@ -198,12 +207,61 @@ def _js_string(text: str) -> str:
     return json.dumps(text).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
+def _sse(event: str, data: Any, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
-def create_app(app: QueueTasks) -> Starlette:
-    """The dashboard of ``app`` as an ASGI application (it disconnects the app on shutdown)."""
+class _SameOrigin:
+    """Refuse what another site could make a browser send: a request whose ``Host`` is not
+    one the dashboard is served as (DNS rebinding), and a POST from another origin (a form
+    on another site needs no preflight). A POST with a body must say it is JSON."""
+
+    def __init__(self, app: Any, allowed_hosts: list[str] | None) -> None:
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            problem = self._problem(scope)
+            if problem is not None:
+                await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _problem(self, scope: Any) -> str | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        name = _host_name(host)
+        if self.allowed is not None and "*" not in self.allowed and name not in self.allowed:
+            return f"this dashboard is not served as {host!r} (qtasks web --allow-host {name} to allow it)"
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return None
+        origin = headers.get("origin")
+        if origin is not None and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
+            return "a request from another site"
+        if origin == "null" or headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            return "a request from another site"
+        if headers.get("content-length", "0") not in ("", "0") and not headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            return "a request body must be JSON (Content-Type: application/json)"
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0].lower()
+    return (host.rpartition(":")[0] if host.count(":") == 1 else host).lower()
+
+
+def create_app(app: QueueTasks, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The dashboard of ``app`` as an ASGI application (it disconnects the app on shutdown).
+
+    ``allowed_hosts``: the names it answers to (the ``Host`` header); None: any. POSTs
+    from other origins are refused either way.
+    """
     dashboard = _Dashboard(app)
 
     @contextlib.asynccontextmanager
@@ -230,14 +288,27 @@ def create_app(app: QueueTasks) -> Starlette:
             Route("/api/dlq/{number:int}/replay", dashboard.replay, methods=["POST"]),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(_SameOrigin, allowed_hosts=allowed_hosts)],
     )
 
 
-async def serve(app: QueueTasks, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the dashboard until SIGINT or SIGTERM."""
+#: The names a dashboard on a loopback address answers to.
+LOOPBACK = ["127.0.0.1", "localhost", "::1"]
+
+
+async def serve(app: QueueTasks, host: str = "127.0.0.1", port: int = 8000, allow_hosts: Sequence[str] = ()) -> None:
+    """Serve the dashboard until SIGINT or SIGTERM.
+
+    On a loopback address it answers to loopback names only (and ``allow_hosts``); on
+    another address, to that address and ``allow_hosts`` (``*``: any name).
+    """
     import uvicorn
 
-    config = uvicorn.Config(create_app(app), host=host, port=port, log_level="warning", lifespan="on")
+    if host in ("0.0.0.0", "::", ""):
+        allowed = [*allow_hosts] if allow_hosts else ["*"]
+    else:
+        allowed = [*LOOPBACK, host, *allow_hosts]
+    config = uvicorn.Config(create_app(app, allowed), host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     print(f"qtasks dashboard of {app.name} on http://{host}:{port}/", flush=True)
     await server.serve()
@@ -389,8 +460,12 @@ function show(t) {
 async function refresh() { const [status, t] = await getJSON("/api/tasks/" + path); if (status === 200) show(t); }
 const values = document.getElementById("values"), count = document.getElementById("count");
 const source = new EventSource(`/api/tasks/${path}/events`);
+const seen = new Set();  // a reconnecting EventSource gets the stream again from its start
 source.addEventListener("value", (e) => {
-  const v = JSON.parse(e.data), li = document.createElement("li");
+  const v = JSON.parse(e.data), key = `${v.uuid}/${v.seq}`;
+  if (seen.has(key)) return;
+  seen.add(key);
+  const li = document.createElement("li");
   li.className = "value mono"; li.dataset.seq = v.seq; li.textContent = JSON.stringify(v.value);
   values.appendChild(li); count.textContent = values.children.length; values.scrollTop = values.scrollHeight;
 });

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import heapq
 import logging
 import os
@@ -117,6 +118,7 @@ class Worker:
         self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
         self._started = False
+        self._context = contextvars.Context()
         #: Exactly-once: the transaction of each assigned tasks partition, and when each is ready.
         self.exactly_once = config.exactly_once
         self._txns: dict[TopicPartition, PartitionTxn] = {}
@@ -147,6 +149,9 @@ class Worker:
             await asyncio.shield(self._control.stop())  # a failed start leaves nothing running
             raise
         self._started = True
+        #: What each record's handler starts from: the context the worker started in, never
+        #: the one of the handler whose end made room for it (its task, its trace span).
+        self._context = contextvars.copy_context()
         spawn = self.supervisor.spawn
         spawn("poll", self._poll_loop)
         spawn("delayed", self._delay_loop)
@@ -320,7 +325,9 @@ class Worker:
                     continue
                 self._active[rec.uuid] = []
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._handle(rec, record, offsets))
+            task = asyncio.get_running_loop().create_task(
+                self._handle(rec, record, offsets), context=self._context.copy()
+            )
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
             if self.exactly_once:

@@ -55,7 +55,8 @@ async def test_a_worker_on_kafka_shows_its_counts_and_its_lag(broker_url: str) -
 
     try:
         await app.start()
-        await app.serve_metrics(port=0, host="127.0.0.1")
+        server = await app.serve_metrics(port=0, host="127.0.0.1")
+        server.CACHE = 0.0  # every scrape fresh
         tasks = [await app.add_task("held", 3) for _ in range(4)]
         lag = ("qtasks_consumer_lag", app.topics.tasks)
         async with httpx.AsyncClient() as client:

@@ -123,3 +123,10 @@ def test_run_gives_the_worker_process_its_collector_threshold(
         gc.set_threshold(*before)
         gc.unfreeze()
     assert seen == [((first or before[0]), *before[1:])]
+
+
+def test_text_from_records_never_drives_the_terminal() -> None:
+    # Task names, reasons and values come from any producer: escapes are shown, not obeyed.
+    shown = cli._table(["NAME"], [["evil\x1b]0;title\x07\x1b[2J\nnext"]])
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert shown.splitlines()[1] == "evil\\x1b]0;title\\x07\\x1b[2J\\x0anext"

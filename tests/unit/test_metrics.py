@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qtasks.asyncio import QueueTasks
-from qtasks.metrics import BUCKETS, Histogram
+from qtasks.metrics import BUCKETS, Histogram, MetricsServer
 from tests.helpers import FAST, free_port, unique
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -39,6 +39,13 @@ async def scrape(app: QueueTasks) -> Samples:
         for family in text_string_to_metric_families(response.text)
         for s in family.samples
     }
+
+
+async def serve(app: QueueTasks) -> MetricsServer:
+    """The app's metrics server on a free port, every scrape fresh (no reuse of the last one)."""
+    server = await app.serve_metrics(port=0, host="127.0.0.1")
+    server.CACHE = 0.0
+    return server
 
 
 async def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
@@ -83,7 +90,7 @@ async def test_a_scrape_counts_what_the_worker_and_the_client_did(make_app: Call
         raise RuntimeError("always")
 
     await app.start()
-    await app.serve_metrics(port=0, host="127.0.0.1")
+    await serve(app)
     for _ in range(3):
         task = await app.add_task("numbers", 4)
         assert [v async for v in app.stream(task.uuid)] == [0, 1, 2, 3]
@@ -130,7 +137,7 @@ async def test_a_running_generator_shows_its_values_and_takes_a_slot(make_app: C
         yield n
 
     await app.start()
-    await app.serve_metrics(port=0, host="127.0.0.1")
+    await serve(app)
     task = await app.add_task("slow", 3)
 
     async def three_values_so_far() -> bool:
@@ -161,7 +168,7 @@ async def test_records_waiting_for_a_slot_show_as_lag_until_committed(make_app: 
         await go_on.wait()
 
     await app.start()
-    await app.serve_metrics(port=0, host="127.0.0.1")
+    await serve(app)
     tasks = [await app.add_task("hold") for _ in range(5)]
     tp = {"topic": app.topics.tasks, "partition": "0"}
 
@@ -189,7 +196,7 @@ async def test_records_waiting_for_a_slot_show_as_lag_until_committed(make_app: 
 async def test_a_malformed_record_is_counted_by_the_kind_of_its_problem(make_app: Callable[..., QueueTasks]) -> None:
     app = make_app()
     await app.start()
-    await app.serve_metrics(port=0, host="127.0.0.1")
+    await serve(app)
     await app.broker.producer.send(app.topics.tasks, b"{not json", key=b"k", partition=0)
     await app.broker.producer.send(app.topics.tasks, None, key=b"k", partition=0)
     await app.broker.producer.flush()
@@ -295,3 +302,29 @@ def test_qtasks_run_serves_the_probes_logs_json_and_stops_on_sigterm(tmp_path: P
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_scrapes_within_a_second_share_one_snapshot_and_a_flood_of_connections_is_turned_away(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app()
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    await app.start()
+    server = await app.serve_metrics(port=0, host="127.0.0.1")  # the default reuse: one second
+    first = await scrape(app)
+    await app.add_task("noop", timeout=10)
+    assert await scrape(app) == first  # one end-offsets lookup per second, however many scrapers
+
+    # Idle connections beyond the cap are closed at once; the server still answers afterwards.
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(server.MAX_CONNECTIONS)]
+    extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await asyncio.wait_for(extra_reader.read(), 5) == b""  # turned away: closed with no answer
+    for _, writer in idle:
+        writer.close()
+    extra_writer.close()
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"http://127.0.0.1:{server.port}/healthz")).status_code == 200

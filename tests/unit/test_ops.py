@@ -10,6 +10,7 @@ import pytest
 
 from qtasks import ops
 from qtasks.asyncio import QueueTasks
+from qtasks.exc import BrokerUnavailableError
 from qtasks.records import Task
 from tests.helpers import FAST, unique
 
@@ -126,6 +127,27 @@ async def test_dead_letters_are_listed_and_a_usable_one_is_replayed_as_a_new_tas
     assert (final.uuid, final.status, final.returning) == (replayed.uuid, "success", 42)
     old = await app.get(lost.uuid)
     assert old is not None and old.status == "retry" and old.retry_child_uuid == replayed.uuid
+    # A second replay (a second click) makes no second task.
+    again = {r.letter.letter.key: r for r in await ops.replay(app, letters)}[lost.uuid.encode()]
+    assert again.uuid is None and again.refused == f"it was replayed already, as task {replayed.uuid}"
+
+
+async def test_reading_the_dead_letters_gives_up_with_a_clear_error_when_the_broker_does_not_answer(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app()
+    await app.start()
+    await app.broker.producer.send(app.topics.dlq, b"{}", key=b"k", partition=0)
+
+    async def never(*args: Any, **kwargs: Any) -> list[Any]:
+        await asyncio.sleep(0.01)
+        return []  # as aiokafka's getmany does while no broker answers
+
+    from qtasks.connectors.memory import MemoryConsumer
+
+    monkeypatch.setattr(MemoryConsumer, "getmany", never)
+    with pytest.raises(BrokerUnavailableError, match="could not read the dead-letter topic"):
+        await ops.dead_letters(app, timeout=0.5)
 
 
 async def test_a_letter_whose_value_was_cut_is_not_replayed(make_app: Callable[..., QueueTasks]) -> None:

@@ -217,3 +217,43 @@ async def test_a_retry_is_sent_from_inside_the_failed_run_s_span(
     assert retry_send.parent is not None and retry_send.parent.span_id == first.context.span_id
     assert dict(first.attributes or {})["qtasks.task.status"] == "retry"
     assert first.status.status_code is StatusCode.ERROR
+
+
+async def test_a_failing_tracer_or_an_exception_that_cannot_be_shown_changes_nothing_for_the_task(
+    make_app: Callable[..., QueueTasks], exporter: InMemorySpanExporter
+) -> None:
+    app = make_app()
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text for this one")
+
+    @app.task(retry=1)
+    def odd() -> None:
+        raise Unprintable()
+
+    @app.task
+    async def fine():  # type: ignore[no-untyped-def]
+        yield 1
+
+    await app.start()
+    final = await app.add_task("odd", timeout=10)
+    assert (final.status, final.retry_count) == ("error", 1)  # retried once, as without traces
+    first = await app.get(final.retry_parent_uuid)  # type: ignore[arg-type]
+    assert first is not None and (first.status, first.retry_child_uuid) == ("retry", final.uuid)
+    assert {s.status.description for s in spans(exporter, f"process {app.topics.tasks}")} == {"Unprintable"}
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError(f"the tracer broke at {name}")
+
+        def submit(self, *args: Any) -> Any:
+            raise RuntimeError("the tracer broke at submit")
+
+        def run(self, *args: Any) -> Any:
+            raise RuntimeError("the tracer broke at run")
+
+    app.core.tracer = Broken()  # type: ignore[assignment]
+    task = await app.add_task("fine")
+    assert [v async for v in app.stream(task.uuid)] == [1]
+    assert (await app.wait(task.uuid, timeout=10)).status == "success"

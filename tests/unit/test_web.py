@@ -27,6 +27,10 @@ async def app() -> AsyncIterator[QueueTasks]:
     def fails() -> None:
         raise ValueError("as planned")
 
+    @app.task
+    def echo(timeout: float, priority: str) -> list[object]:
+        return [timeout, priority]
+
     await app.start()
     yield app
     await app.stop(timeout=2)
@@ -71,7 +75,8 @@ async def test_a_failed_task_ends_its_stream_with_the_traceback(app: QueueTasks,
 
 
 async def test_bad_requests_get_a_clear_answer(client: httpx.AsyncClient) -> None:
-    assert (await client.post("/api/tasks", content=b"not json")).status_code == 400
+    not_json = await client.post("/api/tasks", content=b"not json", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400
     assert (await client.post("/api/tasks", json={"args": []})).status_code == 400
     assert (await client.post("/api/tasks", json={"name": "count", "args": "3"})).status_code == 400
     missing = await client.get("/api/tasks/0b1c2d3e-0000-4000-8000-000000000000")
@@ -95,3 +100,35 @@ async def test_the_pages_are_served(client: httpx.AsyncClient) -> None:
         response = await client.get(path)
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert "<option>count</option>" in (await client.get("/")).text  # the submit form offers the app's tasks
+
+
+async def test_what_another_site_could_make_a_browser_send_is_refused(
+    app: QueueTasks, client: httpx.AsyncClient
+) -> None:
+    task = {"name": "count", "args": [1]}
+    # A form on another site: no preflight for text/plain, and its Origin says where it is from.
+    form = await client.post("/api/tasks", content=json.dumps(task), headers={"content-type": "text/plain"})
+    assert form.status_code == 403
+    foreign = await client.post("/api/tasks", json=task, headers={"origin": "https://evil.example"})
+    assert foreign.status_code == 403 and foreign.json() == {"error": "a request from another site"}
+    assert (await client.post("/api/tasks", json=task, headers={"sec-fetch-site": "cross-site"})).status_code == 403
+    assert (await client.post("/api/dlq/replay", headers={"origin": "https://evil.example"})).status_code == 403
+    # The page's own requests pass.
+    own = await client.post("/api/tasks", json=task, headers={"origin": "http://dash", "sec-fetch-site": "same-origin"})
+    assert own.status_code == 201
+
+    # DNS rebinding: a name the dashboard is not served as.
+    rebound = httpx.ASGITransport(app=create_app(app, ["127.0.0.1", "localhost"]))
+    async with httpx.AsyncClient(transport=rebound, base_url="http://127.0.0.1:8000") as local:
+        assert (await local.get("/api/tasks")).status_code == 200
+        stolen = await local.get("/api/tasks", headers={"host": "attacker.example:8000"})
+        assert stolen.status_code == 403 and "attacker.example" in stolen.json()["error"]
+
+
+async def test_a_task_s_own_arguments_named_like_add_task_s_options_reach_it(
+    app: QueueTasks, client: httpx.AsyncClient
+) -> None:
+    created = await client.post("/api/tasks", json={"name": "echo", "kwargs": {"timeout": 0.5, "priority": "high"}})
+    assert created.status_code == 201
+    final = await app.wait(created.json()["uuid"], timeout=10)
+    assert final.returning == [0.5, "high"]
