@@ -152,3 +152,50 @@ def test_json_logs_are_one_object_a_line_naming_the_task_on_every_line_about_it(
     started = [line for line in lines if line["message"].startswith("worker ")]
     assert started and "task_uuid" not in started[0]  # a line about no task names none
     assert lines[0]["time"].endswith("Z")
+
+
+async def test_a_record_s_handler_does_not_inherit_the_task_of_the_handler_before_it() -> None:
+    import asyncio
+    import logging
+
+    from qtasks.asyncio import QueueTasks
+    from qtasks.logs import current_task
+    from tests.helpers import FAST, unique
+
+    seen: list[tuple[str, object]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), current_task.get()))
+
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", concurrency=1, prefetch=1, **FAST)
+    go_on = asyncio.Event()
+
+    @app.task
+    async def first() -> None:
+        await go_on.wait()
+
+    handler = Capture()
+    logging.getLogger("qtasks.worker").addHandler(handler)
+    try:
+        worker = await app.start()
+        task = await app.add_task("first")
+        await app.view.wait_for(task.uuid, lambda h: h is not None and h.status != "new", 10)
+        # A bad record waits for the slot the task holds: its handler starts as the task ends,
+        # from the code that frees the slot, and must not carry the task.
+        await app.broker.producer.send(app.topics.tasks, b"{bad", key=b"bad", partition=0)
+        async with asyncio.timeout(10):
+            while True:
+                if worker._backlog:
+                    break
+                await asyncio.sleep(0.01)
+            go_on.set()
+            while True:
+                if any("dead-letter" in message for message, _ in seen):
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        logging.getLogger("qtasks.worker").removeHandler(handler)
+        await app.stop(timeout=2)
+    [(_, named)] = [(m, t) for m, t in seen if "dead-letter" in m]
+    assert named is None, f"the dead letter's line names task {named} (the earlier task was {task.uuid})"
