@@ -106,6 +106,8 @@ class Worker:
         self._delay_changed = asyncio.Event()
         self._sequence = 0
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Handlers made but not yet running: one cancelled now never runs its own cleanup.
+        self._unstarted: dict[asyncio.Task[None], TaskRecord | RecordError] = {}
         self._running: dict[str, TaskRun] = {}
         #: Handlers whose run gave its slot back and is storing its ending.
         self._ending = 0
@@ -330,6 +332,8 @@ class Worker:
             )
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+            self._unstarted[task] = rec
+            task.add_done_callback(self._never_started)
             if self.exactly_once:
                 of_tp = self._handlers_of.setdefault(record.tp, set())
                 of_tp.add(task)
@@ -348,7 +352,20 @@ class Worker:
                 async with asyncio.timeout(wait):
                     await self._delay_changed.wait()
 
+    def _never_started(self, task: asyncio.Task[None]) -> None:
+        """A handler cancelled before its first step (a partition dropped right after it was
+        made) never ran its ``finally``: give its slot back and forget its run, or the record,
+        read again, would join a run that does not exist and never run."""
+        rec = self._unstarted.pop(task, None)
+        if rec is None:
+            return
+        if isinstance(rec, TaskRecord):
+            self._active.pop(rec.uuid, None)
+        self._free_slot()
+
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
+        # Running: from here on the finally below does the bookkeeping.
+        self._unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         finished = False
         txn = None
         holds_slot = True

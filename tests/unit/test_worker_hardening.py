@@ -46,6 +46,32 @@ async def test_a_record_of_a_task_running_here_joins_the_run_and_takes_no_slot(a
     assert tracker.in_flight == 0  # the joined offset finished with the run
 
 
+async def test_a_handler_cancelled_before_it_ran_gives_its_slot_back_and_its_record_runs_later(app: QueueTasks) -> None:
+    # Exactly once, a partition whose transaction is lost has its handlers cancelled at once;
+    # one made a moment before (a slot freed just then) is cancelled before its first step.
+    @app.task
+    def quick() -> str:
+        return "ran"
+
+    worker = await app.start(concurrency=2)
+    uuid = "0d56ad3f-0f63-456c-b5b6-7e2f681abc93"
+    rec = TaskRecord(uuid=uuid, task_name="quick", created_at=0.0)
+    record = Record(app.topics.tasks, 0, 10_000, uuid.encode(), encode(rec), 0)
+    in_flight = worker._in_flight
+    worker._take(record)
+    worker._fill()  # the handler is made, not yet run
+    [handler] = [t for t in worker._handlers if not t.done()]
+    handler.cancel()
+    await asyncio.wait([handler])
+    assert worker._in_flight == in_flight and uuid not in worker._active
+    # The record, read again (the partition handed out again), runs: it joins no ghost.
+    worker._take(record)
+    worker._fill()
+    assert worker._in_flight == in_flight + 1
+    await asyncio.wait([t for t in worker._handlers if not t.done()])
+    assert worker._in_flight == in_flight
+
+
 async def test_a_control_loop_that_raises_is_restarted_and_cancel_still_works(app: QueueTasks) -> None:
     @app.task
     async def slow() -> None:
