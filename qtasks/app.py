@@ -14,7 +14,7 @@ import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from qtasks import _state
 from qtasks.bulk import BATCH, calls_of, merge_streams
@@ -24,7 +24,6 @@ from qtasks.core import Core, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
-from qtasks.metrics import MetricsServer
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StreamItem, Task
 from qtasks.registry import Registry, TaskSpec
@@ -32,6 +31,9 @@ from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
 from qtasks.validate import check_priority, check_task_name, check_uuid
 from qtasks.worker import Worker
+
+if TYPE_CHECKING:
+    from qtasks.metrics import MetricsServer
 
 log = logging.getLogger("qtasks.app")
 
@@ -466,6 +468,8 @@ class QueueTasks:
         :meth:`start` calls it when ``metrics_port`` is set; :meth:`stop` stops it. A second
         call returns the server already running.
         """
+        from qtasks.metrics import MetricsServer  # the server and its library load only when served
+
         await self._here()
         if self.metrics is None:
             server = MetricsServer(

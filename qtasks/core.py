@@ -20,9 +20,9 @@ from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
 from qtasks.delivery import Trouble, deliver, deliver_together
 from qtasks.exc import ConnectorError
-from qtasks.metrics import Stats
 from qtasks.partitioner import partition_for
 from qtasks.records import ControlRecord, Task, TaskRecord, encode
+from qtasks.stats import Stats
 from qtasks.store import StatusStore
 from qtasks.supervise import Supervisor
 from qtasks.tracing import Headers, SubmitTrace, Tracer

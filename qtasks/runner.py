@@ -30,12 +30,12 @@ from qtasks.delivery import deliver
 from qtasks.exc import ConnectorError, error_of
 from qtasks.executor import Outcome, TaskExecutor, check_checkpoint
 from qtasks.logs import current_task
-from qtasks.metrics import UNKNOWN_TASK
 from qtasks.partitioner import partition_for
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ResultRecord, StatusHead, Task, TaskRecord, encode
 from qtasks.registry import TaskSpec
 from qtasks.retry import backoff
+from qtasks.stats import UNKNOWN_TASK
 from qtasks.tracing import Headers, RunTrace
 from qtasks.transactions import PartitionTxn
 

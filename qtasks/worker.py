@@ -47,12 +47,12 @@ from qtasks.decisions import admit
 from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.logs import current_task
-from qtasks.metrics import UNKNOWN_TASK
 from qtasks.offsets import PartitionOffsets
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
 from qtasks.registry import Registry
 from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_running
+from qtasks.stats import UNKNOWN_TASK
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
 from qtasks.transactions import PartitionLostError, PartitionTxn, transactional_id

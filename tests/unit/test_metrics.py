@@ -18,7 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qtasks.asyncio import QueueTasks
-from qtasks.metrics import BUCKETS, Histogram, MetricsServer
+from qtasks.metrics import MetricsServer
+from qtasks.stats import BUCKETS, Histogram
 from tests.helpers import FAST, free_port, unique
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
