@@ -236,8 +236,13 @@ class QueueTasks:
 
     def _renew(self) -> None:
         """Drop what belonged to a loop that is gone: a new core (connector, status store,
-        loops), no worker, no reader. The registry, plugins and events stay."""
-        self.core = Core(self.name, self.core.broker_url, self.config)
+        loops), no worker, no reader, no metrics server. The registry, plugins and events stay,
+        and so do the counts (they are the process's) and the tracer ``instrument`` set."""
+        old = self.core
+        self.core = Core(self.name, old.broker_url, self.config)
+        self.core.stats = old.stats
+        self.core.tracer = old.tracer
+        self.metrics = None  # its server lived on the loop that is gone
         self.worker = None
         self._reader = None
         self._lifecycle = None

@@ -122,7 +122,9 @@ async def snapshot(app: QueueTasks, lag_timeout: float = 2.0) -> list[Any]:
 
     families.append(
         GaugeMetricFamily(
-            "qtasks_broker_reachable", "1 while the brokers answer, 0 during an outage.", value=_reachable(app)
+            "qtasks_broker_reachable",
+            "1 once the brokers were reached and while they answer, else 0.",
+            value=_reachable(app),
         )
     )
     if worker is None:
@@ -166,8 +168,9 @@ async def snapshot(app: QueueTasks, lag_timeout: float = 2.0) -> list[Any]:
 
 
 def _reachable(app: QueueTasks) -> int:
-    broker = app.core.broker
-    return int(broker.reachable and not app.core.trouble)
+    """1 once the app has reached its brokers and while they answer (0 while it still waits for them)."""
+    core = app.core
+    return int(core.connected and core.broker.reachable and not core.trouble)
 
 
 async def _lag(worker: Any, timeout: float) -> dict[TopicPartition, tuple[int, int]]:

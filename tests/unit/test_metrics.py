@@ -214,8 +214,9 @@ async def test_a_malformed_record_is_counted_by_the_kind_of_its_problem(make_app
 
 async def test_readiness_follows_the_worker_and_the_broker(make_app: Callable[..., QueueTasks]) -> None:
     app = make_app("faulty+memory://")
-    server = await app.serve_metrics(port=0, host="127.0.0.1")
+    server = await serve(app)
     url = f"http://127.0.0.1:{server.port}"
+    assert sample(await scrape(app), "qtasks_broker_reachable") == 0  # not reached yet
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{url}/healthz")).status_code == 200
         before = await client.get(f"{url}/readyz")

@@ -257,3 +257,26 @@ async def test_a_failing_tracer_or_an_exception_that_cannot_be_shown_changes_not
     task = await app.add_task("fine")
     assert [v async for v in app.stream(task.uuid)] == [1]
     assert (await app.wait(task.uuid, timeout=10)).status == "success"
+
+
+def test_instrument_and_the_counts_last_when_the_app_moves_to_a_new_event_loop(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    import asyncio
+
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", **FAST)
+    instrument(app, tracer_provider=provider)
+
+    @app.task
+    def one() -> int:
+        return 1
+
+    async def once() -> None:
+        await app.start()
+        assert (await app.add_task("one", timeout=10)).status == "success"
+        await app.stop()
+
+    asyncio.run(once())
+    asyncio.run(once())  # a new loop: the app starts afresh, and keeps its tracer and its counts
+    assert len(spans(exporter, f"process {app.topics.tasks}")) == 2
+    assert app.core.stats.tasks[("succeeded", "one")] == 2
