@@ -118,15 +118,27 @@ class _Dashboard:
         uuid = _uuid(request)
         if uuid is None:
             return JSONResponse({"error": "not a task uuid"}, status_code=404)
+        from_seq = 0
+        if last := request.headers.get("last-event-id"):
+            # A browser's EventSource reconnecting: go on right after "<task uuid>/<seq>" (a
+            # retry's task, if the stream had moved on to it).
+            task_uuid, _, seq = last.rpartition("/")
+            try:
+                uuid, from_seq = check_uuid(task_uuid), max(0, int(seq) + 1)
+            except (TypeError, ValueError):
+                return JSONResponse({"error": f"Last-Event-ID {last!r} is not <task uuid>/<seq>"}, status_code=400)
+            task = await self.app.get(uuid)
+            if task is not None and task.is_finished and task.status != "retry" and from_seq >= task.yield_count:
+                return Response(status_code=204)  # all sent: a 204 stops the EventSource
         return StreamingResponse(
-            self._events(uuid),
+            self._events(uuid, from_seq),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _events(self, uuid: str) -> AsyncIterator[str]:
+    async def _events(self, uuid: str, from_seq: int = 0) -> AsyncIterator[str]:
         app = self.app
-        items = app.stream(uuid, meta=True).__aiter__()
+        items = app.stream(uuid, from_seq=from_seq, meta=True).__aiter__()
         step: asyncio.Future[Any] | None = None
         try:
             while True:
@@ -141,7 +153,7 @@ class _Dashboard:
                 except StopAsyncIteration:
                     break
                 if item.retried_as is not None:
-                    yield _sse("retry", {"uuid": item.uuid, "retried_as": item.retried_as})
+                    yield _sse("retry", {"uuid": item.uuid, "retried_as": item.retried_as}, f"{item.retried_as}/-1")
                     continue
                 yield _sse(
                     "value",

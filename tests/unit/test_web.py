@@ -132,3 +132,18 @@ async def test_a_task_s_own_arguments_named_like_add_task_s_options_reach_it(
     assert created.status_code == 201
     final = await app.wait(created.json()["uuid"], timeout=10)
     assert final.returning == [0.5, "high"]
+
+
+async def test_a_reconnecting_event_source_goes_on_after_its_last_value(
+    app: QueueTasks, client: httpx.AsyncClient
+) -> None:
+    uuid = (await client.post("/api/tasks", json={"name": "count", "args": [4]})).json()["uuid"]
+    await app.wait(uuid, timeout=10)
+    resumed = await client.get(f"/api/tasks/{uuid}/events", headers={"last-event-id": f"{uuid}/1"})
+    got = events(resumed.text)
+    assert [data["seq"] for kind, data in got if kind == "value"] == [2, 3]
+    assert "id: " + f"{uuid}/3" in resumed.text and got[-1][0] == "end"
+    done = await client.get(f"/api/tasks/{uuid}/events", headers={"last-event-id": f"{uuid}/3"})
+    assert done.status_code == 204  # everything was sent: the browser stops reconnecting
+    bad = await client.get(f"/api/tasks/{uuid}/events", headers={"last-event-id": "nonsense"})
+    assert bad.status_code == 400
