@@ -316,10 +316,14 @@ async def test_scrapes_within_a_second_share_one_snapshot_and_a_flood_of_connect
         return None
 
     await app.start()
-    server = await app.serve_metrics(port=0, host="127.0.0.1")  # the default reuse: one second
+    server = await app.serve_metrics(port=0, host="127.0.0.1")
+    assert server.CACHE == 1.0  # the default: one end-offsets lookup a second, however many scrapers
+    server.CACHE = 3600.0  # "within the reuse time", whatever the machine's speed
     first = await scrape(app)
     await app.add_task("noop", timeout=10)
-    assert await scrape(app) == first  # one end-offsets lookup per second, however many scrapers
+    assert await scrape(app) == first  # the same snapshot, though a task ran since
+    server.CACHE = 0.0
+    assert sample(await scrape(app), "qtasks_tasks_succeeded_total", task="noop") == 1
 
     # Idle connections beyond the cap are closed at once; the server still answers afterwards.
     idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(server.MAX_CONNECTIONS)]
