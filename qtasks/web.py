@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -242,7 +243,7 @@ class _SameOrigin:
         await self.app(scope, receive, send)
 
     def _problem(self, scope: Any) -> str | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = Headers(scope=scope)
         host = headers.get("host", "")
         name = _host_name(host)
         if self.allowed is not None and "*" not in self.allowed and name not in self.allowed:
