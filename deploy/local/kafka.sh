@@ -8,6 +8,7 @@
 #   kafka.sh stop   [PORT]    SIGTERM, wait, SIGKILL; idempotent; deletes no data
 #   kafka.sh status [PORT]    exit 0 if every node runs, 3 if not
 #   kafka.sh logs   [PORT]    tail of the nodes' logs
+#   kafka.sh config [PORT]    print the server.properties a start writes for each node (starts nothing)
 #
 # PORT defaults to $KAFKA_PORT, else 9092. KAFKA_BROKERS unset: the cluster whose
 # first node is on PORT (all its nodes), else one node. A node's own PORT with
@@ -565,8 +566,22 @@ cmd_logs() {
     done
 }
 
+# the settings each node gets, as a start writes them (controller ports and data dirs are examples)
+cmd_config() {
+    local ports=() i voters="" tmp
+    resolve "${1:-}"
+    mapfile -t ports < <(ports_of)
+    for ((i = 0; i < NODES_N; i++)); do voters+="${voters:+,}$((i + 1))@127.0.0.1:$((PORT0 + NODES_N + i))"; done
+    tmp="$(mktemp -d)"
+    for ((i = 0; i < NODES_N; i++)); do
+        write_config "$tmp" "${ports[i]}" $((PORT0 + NODES_N + i)) $((i + 1)) "$voters" "$NODES_N"
+        sed "s|$tmp|$(data_dir_of "${ports[i]}")|g" "$tmp/server.properties"
+    done
+    rm -rf "$tmp"
+}
+
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -578,6 +593,7 @@ main() {
         stop) cmd_stop "$@" ;;
         status) cmd_status "$@" ;;
         logs) cmd_logs "$@" ;;
+        config) cmd_config "$@" ;;
         -h | --help | help) usage ;;
         *) usage >&2; exit 2 ;;
     esac
