@@ -106,6 +106,8 @@ class LocalKafka:
         brokers: int = 1,
         extra_props: dict[str, object] | None = None,
         env: dict[str, str] | None = None,
+        security: str = "plaintext",
+        users: tuple[str, ...] = (),
     ) -> None:
         """
         port: the first node's port (the others follow it); None picks free ones
@@ -116,7 +118,14 @@ class LocalKafka:
         brokers: nodes in the cluster (1: a single broker).
         extra_props: server.properties overrides, e.g. {"log.segment.bytes": 1 << 20}.
         env: extra environment for kafka.sh (e.g. KAFKA_HEAP, QTASKS_KAFKA_CACHE).
+        security: "plaintext", or "sasl_ssl": a SASL_SSL listener (SCRAM-SHA-512, a CA made
+            at start) with an authorizer; users admin (super user) and qtasks (ACLs for any
+            app) exist, plus ``users`` (no ACLs: grant them with ``acl``).
         """
+        if security not in ("plaintext", "sasl_ssl"):
+            raise ValueError(f"security must be plaintext or sasl_ssl, got {security!r}")
+        self.security = security
+        self.users = tuple(users)
         if not 1 <= brokers <= 9:
             raise ValueError(f"brokers must be 1 to 9, got {brokers}")
         self.brokers = brokers
@@ -141,6 +150,37 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the brokers' certificate (secure mode)."""
+        return self.node_dir(1) / "secure" / "ca.crt"
+
+    def password_file(self, user: str = "qtasks") -> Path:
+        """The file holding a user's SCRAM password (secure mode)."""
+        return self.node_dir(1) / "secure" / f"{user}.password"
+
+    def url(self, user: str = "qtasks", **options: str) -> str:
+        """A ``kafka://`` URL for ``user`` (secure mode: SASL_SSL, SCRAM-SHA-512, the CA, the password file)."""
+        query = dict(options)
+        if self.security == "sasl_ssl":
+            query = {
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": user,
+                "sasl_password_file": str(self.password_file(user)),
+                "ssl_cafile": str(self.ca_file),
+                **query,
+            }
+        text = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"kafka://{self.bootstrap}" + (f"?{text}" if text else "")
+
+    def acl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run Kafka's AclCommand as the admin user (secure mode); its output. RuntimeError if it fails."""
+        done = self._run("acl", str(self.port), "--", *args, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"kafka.sh acl {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
 
     def node_dir(self, node: int = 1) -> Path:
         """The data directory of node ``node`` (1-based)."""
@@ -172,6 +212,8 @@ class LocalKafka:
             env["QTASKS_KAFKA_DATA"] = str(self.data_dir)
         env["KAFKA_BROKERS"] = str(self.brokers if brokers is None else brokers)
         env["QTASKS_KAFKA_OWNER_PID"] = str(os.getpid())
+        env["KAFKA_SECURITY"] = self.security
+        env["KAFKA_SCRAM_USERS"] = " ".join(self.users)
         if start_timeout is not None:
             env["QTASKS_KAFKA_START_TIMEOUT"] = str(max(1, int(start_timeout)))
         if self.extra_props:

@@ -9,6 +9,8 @@
 #   kafka.sh status [PORT]    exit 0 if every node runs, 3 if not
 #   kafka.sh logs   [PORT]    tail of the nodes' logs
 #   kafka.sh config [PORT]    print the server.properties a start writes for each node (starts nothing)
+#   kafka.sh env    [PORT]    QTASKS_* settings for the app user of a secure cluster (KAFKA_SECURITY=sasl_ssl)
+#   kafka.sh acl    [PORT] -- ARGS   Kafka's AclCommand as the secure cluster's admin user
 #
 # PORT defaults to $KAFKA_PORT, else 9092. KAFKA_BROKERS unset: the cluster whose
 # first node is on PORT (all its nodes), else one node. A node's own PORT with
@@ -19,8 +21,9 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 POM="$HERE/pom.xml"
 CACHE="${QTASKS_KAFKA_CACHE:-${HOME:-/tmp}/.cache/qtasks-kafka}"
-LIBS="$CACHE/libs"
-MARKER="$CACHE/libs.pom-sha256"
+# one jar set per pom: checkouts with different poms share the cache without refetching
+LIBS="$CACHE/libs-$(sha256sum "$POM" | cut -c1-12)"
+MARKER="$LIBS.pom-sha256"
 DATA_ROOT="${QTASKS_KAFKA_DATA:-$PWD/.kafka}"
 HEAP="${KAFKA_HEAP:-${KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}}"
 # Measured on 2 cores (see README): SerialGC + C1-only starts fastest and keeps
@@ -30,6 +33,10 @@ START_TIMEOUT="${QTASKS_KAFKA_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${QTASKS_KAFKA_STOP_TIMEOUT:-30}"
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
 BROKERS="${KAFKA_BROKERS:-}"
+# plaintext (default) or sasl_ssl: a SASL_SSL listener with SCRAM-SHA-512 users and an authorizer
+SECURITY_ASKED="${KAFKA_SECURITY:-}"
+# users made at format time next to admin and qtasks (secure mode), e.g. "reader ci"
+SCRAM_USERS="${KAFKA_SCRAM_USERS:-}"
 NODES_N=1 # the nodes a command acts on (resolve)
 PORT0=""  # the first one's port
 
@@ -201,9 +208,9 @@ cmd_fetch() {
 
 # ---------------------------------------------------------------- start
 
-# write_config DIR PORT CPORT NODE_ID VOTERS NODES
+# write_config DIR PORT CPORT NODE_ID VOTERS NODES [SECURITY]
 write_config() {
-    local dir="$1" port="$2" cport="$3" id="$4" voters="$5" nodes="$6" rf isr
+    local dir="$1" port="$2" cport="$3" id="$4" voters="$5" nodes="$6" security="${7:-plaintext}" rf isr
     # internal topics on every node (up to 3); writes need 2 in-sync copies once there are 3
     rf=$((nodes < 3 ? nodes : 3))
     isr=$((rf >= 3 ? 2 : 1))
@@ -212,10 +219,18 @@ write_config() {
 process.roles=broker,controller
 node.id=$id
 controller.quorum.voters=$voters
+EOF
+    if [[ "$security" == sasl_ssl ]]; then
+        secure_listeners "$dir" "$port" "$cport" >>"$dir/server.properties"
+    else
+        cat >>"$dir/server.properties" <<EOF
 listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
 advertised.listeners=PLAINTEXT://127.0.0.1:$port
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
+EOF
+    fi
+    cat >>"$dir/server.properties" <<EOF
 controller.listener.names=CONTROLLER
 log.dirs=$dir/logs
 
@@ -269,6 +284,137 @@ logger.request.level = WARN
 EOF
 }
 
+# ---------------------------------------------------------------- secure mode
+
+# security_of DIR: the mode a node's data was made with
+security_of() { if [[ -f "$1/security" ]]; then cat "$1/security"; else echo plaintext; fi; }
+
+# security_for DIR: the mode of a new node (KAFKA_SECURITY); a node keeps the mode it was
+# made with, and asking for another is an error
+security_for() {
+    local dir="$1" asked="$SECURITY_ASKED" have
+    case "$asked" in "" | plaintext | sasl_ssl) ;; *) die "bad KAFKA_SECURITY: '$asked' (plaintext or sasl_ssl)" ;; esac
+    if [[ -f "$dir/logs/meta.properties" || -f "$dir/security" ]]; then
+        have="$(security_of "$dir")"
+        [[ -z "$asked" || "$asked" == "$have" ]] \
+            || die "$dir was made $have, not $asked; stop it and remove its data dir to change (KAFKA_SECURITY=$have)"
+        echo "$have"
+    else
+        echo "${asked:-plaintext}"
+    fi
+}
+
+# the users of a secure cluster: admin (super user, inter-broker), qtasks (the app), KAFKA_SCRAM_USERS
+secure_users() {
+    local u
+    for u in admin qtasks $SCRAM_USERS; do
+        [[ "$u" =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad user name in KAFKA_SCRAM_USERS: '$u'"
+        echo "$u"
+    done | awk '!seen[$0]++'
+}
+
+# secure_material DIR: a CA, the brokers' certificate (127.0.0.1 and localhost) and a random
+# password per user, made once in DIR/secure with openssl (nothing is downloaded)
+secure_material() {
+    local dir="$1/secure" u
+    command -v openssl >/dev/null || die "openssl not found: the secure mode makes its certificates with it"
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+    if [[ ! -f "$dir/ca.crt" ]]; then
+        (
+            umask 077
+            cd "$dir"
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 -days 825 \
+                -keyout ca.key -out ca.crt -subj "/CN=qtasks local CA" \
+                -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+                && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 \
+                    -keyout broker.key -out broker.csr -subj "/CN=localhost" \
+                && printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+                    "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" \
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost" "authorityKeyIdentifier=keyid" \
+                    "subjectKeyIdentifier=hash" >broker.ext \
+                && openssl x509 -req -in broker.csr -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 825 \
+                    -extfile broker.ext -out broker.crt \
+                && openssl pkcs8 -topk8 -nocrypt -in broker.key -out broker.pk8 \
+                && cat broker.pk8 broker.crt ca.crt >broker.pem \
+                && rm -f broker.csr broker.pk8 broker.key broker.ext ca.srl
+        ) >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; rm -f "$dir/ca.crt"; die "openssl failed making the certificates"; }
+    fi
+    (
+        umask 077
+        for u in $(secure_users); do
+            [[ -s "$dir/$u.password" ]] || head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$dir/$u.password"
+        done
+        cat >"$dir/admin.properties" <<EOF
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(cat "$dir/admin.password")";
+ssl.truststore.type=PEM
+ssl.truststore.location=$dir/ca.crt
+EOF
+    )
+}
+
+# share_material FROM TO: a cluster's nodes have the same CA, certificate and users
+share_material() {
+    mkdir -p "$2/secure"
+    chmod 700 "$2/secure"
+    cp -p "$1"/secure/*.password "$1/secure/ca.crt" "$1/secure/broker.pem" "$1/secure/admin.properties" "$2/secure/"
+}
+
+# secure_listeners DIR PORT CPORT: clients and brokers on SASL_SSL (SCRAM-SHA-512), with an
+# authorizer. The controllers talk plaintext on loopback (KRaft takes no SCRAM there), so
+# their principal, ANONYMOUS, is a super user: never expose a controller port.
+secure_listeners() {
+    local dir="$1" port="$2" cport="$3" admin="<admin password>"
+    [[ -f "$dir/secure/admin.password" ]] && admin="$(cat "$dir/secure/admin.password")"
+    cat <<EOF
+listeners=SASL_SSL://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=SASL_SSL://127.0.0.1:$port
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$admin";
+ssl.keystore.type=PEM
+ssl.keystore.location=$dir/secure/broker.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$dir/secure/ca.crt
+ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:admin;User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
+EOF
+}
+
+# acl_command DIR ARGS...: Kafka's AclCommand, as admin, against the node of DIR
+acl_command() {
+    local dir="$1" port
+    shift
+    port="$(sed -n 's|^advertised.listeners=SASL_SSL://127.0.0.1:||p' "$dir/server.properties")"
+    [[ -n "$port" ]] || die "$dir is not a node in secure mode (KAFKA_SECURITY=sasl_ssl)"
+    # shellcheck disable=SC2086
+    "$JAVA" $JVM_OPTS -Xmx256m -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+        -cp "$LIBS/*" org.apache.kafka.tools.AclCommand \
+        --bootstrap-server "127.0.0.1:$port" --command-config "$dir/secure/admin.properties" "$@"
+}
+
+# grant_app DIR: the qtasks user may use every topic, group and transactional id and read the
+# cluster's settings, as an app's workers and clients do (once per cluster)
+grant_app() {
+    local dir="$1"
+    [[ -f "$dir/secure/acls-granted" ]] && return 0
+    if acl_command "$dir" --add --allow-principal User:qtasks --operation All \
+        --topic '*' --group '*' --transactional-id '*' >"$dir/secure/acls.log" 2>&1 \
+        && acl_command "$dir" --add --allow-principal User:qtasks --operation Describe \
+            --operation DescribeConfigs --operation IdempotentWrite --cluster >>"$dir/secure/acls.log" 2>&1; then
+        touch "$dir/secure/acls-granted"
+    else
+        cat "$dir/secure/acls.log" >&2
+        die "granting the qtasks user its ACLs failed"
+    fi
+}
+
 # random base64url cluster id (16 bytes, 22 chars); not starting with '-'
 # so it is never taken for an option
 new_cluster_id() {
@@ -284,11 +430,17 @@ format_storage() {
     local dir="$1" cid="${2:-}"
     [[ -f "$dir/logs/meta.properties" ]] && return 0
     [[ -n "$cid" ]] || cid="$(new_cluster_id)"
+    local scram=() u
+    if [[ "$(security_of "$dir")" == sasl_ssl ]]; then
+        for u in $(secure_users); do
+            scram+=(--add-scram "SCRAM-SHA-512=[name=$u,password=$(cat "$dir/secure/$u.password")]")
+        done
+    fi
     # shellcheck disable=SC2086
     if ! "$JAVA" $JVM_OPTS -Xmx256m \
         -Dlog4j2.configurationFile="$dir/log4j2.properties" \
         -cp "$LIBS/*" kafka.tools.StorageTool format \
-        -t "$cid" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
+        -t "$cid" -c "$dir/server.properties" "${scram[@]}" >"$dir/format.log" 2>&1; then
         cat "$dir/format.log" >&2
         die "storage format failed (see $dir/format.log)"
     fi
@@ -351,8 +503,9 @@ read_member() {
 # A new cluster on PORTS: controller ports and a cluster id, written into every node's
 # dir; an existing one: check that its nodes agree with the ports asked for.
 cluster_init() {
-    local ports=("$@") n=$# i port dir cid voters="" cports=() first
+    local ports=("$@") n=$# i port dir cid voters="" cports=() first security
     first="$(data_dir_of "${ports[0]}")"
+    security="$(security_for "$first")"
     if [[ -f "$first/cluster.env" ]]; then
         read_member "$first"
         ((NODES == n)) || die "the cluster on port ${ports[0]} has $NODES nodes, not $n (KAFKA_BROKERS=$NODES)"
@@ -363,6 +516,7 @@ cluster_init() {
             read_member "$dir"
             [[ "$CLUSTER_ID" == "$cid" ]] || die "$dir belongs to another cluster ($CLUSTER_ID, not $cid)"
         done
+        security_for "$first" >/dev/null
         return 0
     fi
     for port in "${ports[@]}"; do
@@ -381,12 +535,16 @@ cluster_init() {
         mkdir -p "$dir/logs"
         printf 'CLUSTER_ID=%s\nNODE_ID=%d\nNODES=%d\nVOTERS=%s\nCONTROLLER_PORT=%d\n' \
             "$cid" $((i + 1)) "$n" "$voters" "${cports[i]}" >"$dir/cluster.env"
+        echo "$security" >"$dir/security"
+        if [[ "$security" == sasl_ssl ]]; then
+            if ((i == 0)); then secure_material "$dir"; else share_material "$first" "$dir"; fi
+        fi
     done
 }
 
 # prepare_single DIR PORT: config + storage of a single node (controller port kept if free)
 prepare_single() {
-    local dir="$1" port="$2" cport=""
+    local dir="$1" port="$2" cport="" security
     if [[ -f "$dir/controller.port" ]]; then
         cport="$(cat "$dir/controller.port")"
         if ! [[ "$cport" =~ ^[0-9]+$ ]] || [[ "$cport" == "$port" ]] || port_open "$cport"; then cport=""; fi
@@ -396,7 +554,10 @@ prepare_single() {
     fi
     [[ -n "$cport" && "$cport" != "$port" ]] || cport="$(free_port_except "$port")"
     echo "$cport" >"$dir/controller.port"
-    write_config "$dir" "$port" "$cport" 1 "1@127.0.0.1:$cport" 1
+    security="$(security_for "$dir")"
+    echo "$security" >"$dir/security"
+    [[ "$security" == sasl_ssl ]] && secure_material "$dir"
+    write_config "$dir" "$port" "$cport" 1 "1@127.0.0.1:$cport" 1 "$security"
     if [[ -f "$dir/server.log" ]]; then mv -f "$dir/server.log" "$dir/server.log.prev"; fi
     format_storage "$dir"
 }
@@ -407,7 +568,7 @@ prepare_member() {
     read_member "$dir"
     port_open "$CONTROLLER_PORT" \
         && die "controller port 127.0.0.1:$CONTROLLER_PORT of node $NODE_ID ($dir) is in use by another process"
-    write_config "$dir" "$port" "$CONTROLLER_PORT" "$NODE_ID" "$VOTERS" "$NODES"
+    write_config "$dir" "$port" "$CONTROLLER_PORT" "$NODE_ID" "$VOTERS" "$NODES" "$(security_of "$dir")"
     if [[ -f "$dir/server.log" ]]; then mv -f "$dir/server.log" "$dir/server.log.prev"; fi
     format_storage "$dir" "$CLUSTER_ID"
 }
@@ -477,6 +638,8 @@ cmd_start() {
         [[ -n "$pid" ]] || die "the node on 127.0.0.1:$port is not running"
         wait_ready "$dir" "$port" "$pid"
     done
+    dir="$(data_dir_of "${ports[0]}")"
+    if [[ "$(security_of "$dir")" == sasl_ssl ]]; then grant_app "$dir"; fi
     START_OK=1
     local ms=$(((${EPOCHREALTIME/[.,]/} - t0) / 1000))
     if ((${#down[@]} == 0)); then
@@ -574,14 +737,40 @@ cmd_config() {
     for ((i = 0; i < NODES_N; i++)); do voters+="${voters:+,}$((i + 1))@127.0.0.1:$((PORT0 + NODES_N + i))"; done
     tmp="$(mktemp -d)"
     for ((i = 0; i < NODES_N; i++)); do
-        write_config "$tmp" "${ports[i]}" $((PORT0 + NODES_N + i)) $((i + 1)) "$voters" "$NODES_N"
+        write_config "$tmp" "${ports[i]}" $((PORT0 + NODES_N + i)) $((i + 1)) "$voters" "$NODES_N" \
+            "$(security_for "$(data_dir_of "${ports[i]}")")"
         sed "s|$tmp|$(data_dir_of "${ports[i]}")|g" "$tmp/server.properties"
     done
     rm -rf "$tmp"
 }
 
+# the app user's settings for a secure cluster, as QTASKS_* lines (source them, or read the files)
+cmd_env() {
+    local dir
+    resolve "${1:-}"
+    dir="$(data_dir_of "$PORT0")"
+    [[ "$(security_of "$dir")" == sasl_ssl ]] || die "the broker on port $PORT0 is not in secure mode (KAFKA_SECURITY=sasl_ssl)"
+    cat <<EOF
+QTASKS_BROKER_URL=kafka://$(ports_of | sed 's/^/127.0.0.1:/' | paste -sd,)
+QTASKS_KAFKA_SECURITY_PROTOCOL=SASL_SSL
+QTASKS_KAFKA_SASL_MECHANISM=SCRAM-SHA-512
+QTASKS_KAFKA_SASL_USERNAME=qtasks
+QTASKS_KAFKA_SASL_PASSWORD_FILE=$dir/secure/qtasks.password
+QTASKS_KAFKA_SSL_CAFILE=$dir/secure/ca.crt
+EOF
+}
+
+# Kafka's AclCommand as the admin user of a secure cluster: kafka.sh acl [PORT] -- ARGS...
+cmd_acl() {
+    local port=""
+    [[ $# -gt 0 && "$1" != -- ]] && { port="$1"; shift; }
+    [[ "${1:-}" == -- ]] && shift
+    resolve "$port"
+    acl_command "$(data_dir_of "$PORT0")" "$@"
+}
+
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -594,6 +783,8 @@ main() {
         status) cmd_status "$@" ;;
         logs) cmd_logs "$@" ;;
         config) cmd_config "$@" ;;
+        env) cmd_env "$@" ;;
+        acl) cmd_acl "$@" ;;
         -h | --help | help) usage ;;
         *) usage >&2; exit 2 ;;
     esac
