@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qtasks.config import redact_url
 from qtasks.connectors.base import (
     Connector,
     Consumer,
@@ -45,7 +46,7 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
     """Build the connector a URL names; a clear :class:`ConfigError` for any other scheme."""
     scheme, sep, _ = url.partition("://")
     if not sep:
-        raise ConfigError(f"broker_url must look like 'memory://' or 'kafka://host:9092', got {url!r}")
+        raise ConfigError(f"broker_url must look like 'memory://' or 'kafka://host:9092', got {redact_url(url)!r}")
     if scheme.startswith("faulty+"):
         from qtasks.connectors.faulty import FaultyConnector
 

@@ -9,7 +9,7 @@ the same semantics in-process.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -185,6 +185,14 @@ class Connector(Protocol):
     async def stop(self) -> None: ...
 
     async def ensure_topics(self, specs: list[TopicSpec]) -> None: ...
+
+    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
+        """Raise :class:`~qtasks.exc.BrokerRefusedError` naming what this client may not do.
+
+        ``needs`` maps a topic to the operations this app does on it (``read``, ``write``);
+        a connector without access control grants all.
+        """
+        ...
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """Partitions of ``topic``; ``refresh`` asks the cluster now instead of cached metadata."""

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -415,6 +415,10 @@ class FaultyConnector:
         """Create the topics (op ``ensure_topics``)."""
         await self.faults.enter("ensure_topics", [spec.name for spec in specs])
         await self.inner.ensure_topics(specs)
+
+    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
+        """The inner connector's answer."""
+        await self.inner.check_access(needs)
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""

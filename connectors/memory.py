@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from qtasks.connectors.base import GroupInfo, RebalanceListener, Record, TopicPartition, TopicSpec
@@ -365,6 +365,9 @@ class MemoryConnector:
         """Create the topics that do not exist (with the URL's retention); check the cleanup policy of those that do."""
         for spec in specs:
             self.log.create_topic(spec, self._defaults)
+
+    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
+        """The memory log has no access control: everything is allowed."""
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""

@@ -33,6 +33,14 @@ _TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
+_SECRET_IN_URL = re.compile(r"(?i)(sasl_password=)[^&#]*|(//)[^/@?#]*:[^/@?#]*(@)")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show: a ``sasl_password`` option's value and a ``user:password@`` part masked."""
+    return _SECRET_IN_URL.sub(lambda m: f"{m[1]}***" if m[1] else f"{m[2]}***{m[3]}", url)
+
+
 def validate_app_name(name: str) -> str:
     """Return ``name`` if it makes valid Kafka topic names, else raise :class:`ConfigError` naming the rule.
 
@@ -167,8 +175,11 @@ class QueueConfig:
     kafka_sasl_mechanism: str = ""
     #: SASL user name.
     kafka_sasl_username: str = ""
-    #: SASL password (never logged).
-    kafka_sasl_password: str = ""
+    #: SASL password (never logged). Prefer ``kafka_sasl_password_file``.
+    kafka_sasl_password: str = dataclasses.field(default="", repr=False)
+    #: A file holding the SASL password (a mounted Kubernetes Secret, say), read when the
+    #: app connects; a trailing newline is dropped. Used when ``kafka_sasl_password`` is empty.
+    kafka_sasl_password_file: str = ""
     #: CA certificate file (PEM) that signed the brokers' certificates.
     kafka_ssl_cafile: str = ""
     #: Client certificate file (PEM), for brokers that ask for one.

@@ -141,6 +141,16 @@ class Core:
                 spec(self.topics.dlq, 1),
             ]
         )
+        # A client writes tasks, their `new` statuses and cancels, and reads statuses and results.
+        topics = self.topics
+        await self.broker.check_access(
+            {
+                topics.tasks: ("write",),
+                topics.status: ("read", "write"),
+                topics.control: ("write",),
+                topics.results: ("read",),
+            }
+        )
         # Topics that already existed keep their partition counts; use what is there.
         self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
         self.results_partitions = await self.broker.partitions_for(self.topics.results)

@@ -16,7 +16,8 @@ Every error the engine raises derives from :class:`QTasksError`::
         ├── CommitFailedError    offsets could not be committed (the group rebalanced)
         ├── ProducerFencedError  exactly-once: a newer producer owns the partition's transactions
         ├── RecordTooLargeError  a record is over the broker's or the topic's size limit
-        └── BrokerUnavailableError  the broker cannot be reached (or does not answer) in time
+        ├── BrokerUnavailableError  the broker cannot be reached (or does not answer) in time
+        └── BrokerRefusedError   the broker refuses this client: credentials, TLS or ACLs
 
 ``TaskCancelError`` and ``TaskPluginTriggerError`` keep QTasks' names so code written
 for QTasks catches them unchanged.
@@ -192,3 +193,12 @@ class BrokerUnavailableError(ConnectorError):
     """The broker could not be reached, or did not answer, in the time allowed."""
 
     retriable = True
+
+
+class BrokerRefusedError(ConnectorError):
+    """The broker answers but refuses this client: its credentials, its TLS settings, or its ACLs.
+
+    Retrying cannot help until the settings or the broker's ACLs change; the message says which.
+    """
+
+    retriable = False

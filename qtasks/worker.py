@@ -138,6 +138,17 @@ class Worker:
         core = self.core
         await core.connect()
         connector = core.broker
+        topics = core.topics
+        # A worker reads tasks and cancels, writes results, statuses and dead letters.
+        await connector.check_access(
+            {
+                topics.tasks: ("read",),
+                topics.control: ("read",),
+                topics.results: ("write",),
+                topics.status: ("read", "write"),
+                topics.dlq: ("write",),
+            }
+        )
         self._control = connector.consumer(None, client_id=f"{self.id}-control")
         await self._control.start()
         try:

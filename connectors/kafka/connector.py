@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from aiokafka import errors as kafka_exc
@@ -14,6 +15,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, GroupInfo, GroupMember, TopicPartition, TopicSpec
+from qtasks.connectors.kafka.access import AuthorizedOperations, missing
 from qtasks.connectors.kafka.consumer import KafkaConsumer
 from qtasks.connectors.kafka.errors import kafka_errors
 from qtasks.connectors.kafka.health import Health, install_log_filter
@@ -23,6 +25,7 @@ from qtasks.connectors.kafka.sizes import value_limit
 from qtasks.connectors.kafka.starts import Starts
 from qtasks.connectors.kafka.transactions import KafkaTxnProducer
 from qtasks.exc import (
+    BrokerRefusedError,
     BrokerUnavailableError,
     ConnectorError,
     TopicConfigError,
@@ -194,6 +197,24 @@ class KafkaConnector:
                 if meta.offset >= 0
             },
         )
+
+    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
+        """Ask the brokers which operations this client's principal may do on each topic (Metadata v8)."""
+        async with self._admin() as admin:
+            with kafka_errors("check the ACLs", servers=self.where, health=self.health):
+                try:
+                    response = await admin._send_request(AuthorizedOperations(list(needs)))
+                except (NotImplementedError, kafka_exc.IncompatibleBrokerVersion):
+                    log.debug("the brokers cannot tell the operations a client may do; not checked")
+                    return
+        lacking = missing(response, needs)
+        if lacking:
+            user = self.options.get("sasl_plain_username")
+            who = f"user {user!r}" if user else "this client"
+            raise BrokerRefusedError(
+                f"Kafka at {self.where} does not let {who} do what this app needs: "
+                f"{'; '.join(lacking)}. Grant it in the ACLs (docs/deploy.md lists what an app needs)"
+            )
 
     async def _read_broker_limit(self) -> int:
         async with self._admin() as admin:

@@ -11,7 +11,9 @@ from aiokafka import errors as kafka_exc
 
 from qtasks.connectors.base import TopicPartition
 from qtasks.connectors.kafka.health import Health
+from qtasks.connectors.kafka.refusals import refusal
 from qtasks.exc import (
+    BrokerRefusedError,
     BrokerUnavailableError,
     CommitFailedError,
     ConnectorError,
@@ -67,6 +69,9 @@ def map_error(exc: BaseException, action: str, *, servers: str = "", topic: str 
         return exc
     where = f" ({topic})" if topic else ""
     detail = str(exc) or type(exc).__name__
+    refused = refusal(exc, servers or "?", {})
+    if refused is not None:
+        return BrokerRefusedError(f"{action}{where}: {refused}")
     if isinstance(exc, _TOO_LARGE):
         return RecordTooLargeError(f"{action}{where}: the broker refused a record as too large: {detail}")
     if isinstance(exc, _UNAVAILABLE):

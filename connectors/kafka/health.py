@@ -11,7 +11,9 @@ from typing import Any
 from aiokafka import errors as kafka_exc
 from aiokafka.conn import create_conn
 
+from qtasks.connectors.kafka.refusals import refusal
 from qtasks.exc import (
+    BrokerRefusedError,
     BrokerUnavailableError,
 )
 from qtasks.supervise import raise_if_cancelled
@@ -75,7 +77,11 @@ class Health:
             self._task = self._loop.create_task(self._watch(), name="qtasks-kafka-health")
 
     async def probe(self) -> None:
-        """One ApiVersions round trip with any broker; raises if none answers in time."""
+        """One ApiVersions round trip (and SASL, TLS) with any broker; raises if none answers in time.
+
+        A broker that answers but refuses us (credentials, TLS, protocol) is a
+        :class:`BrokerRefusedError` at once: waiting longer would not change its answer.
+        """
         error: BaseException | None = None
         for server in self.servers:
             host, _, port = server.rpartition(":")
@@ -90,11 +96,33 @@ class Health:
                     )
             except (kafka_exc.KafkaError, OSError, TimeoutError) as exc:
                 raise_if_cancelled()  # aiokafka's wait_for can turn our cancellation into this error
+                reason = refusal(exc, server, self._conn_options)
+                if reason is None and isinstance(exc, ConnectionError | kafka_exc.KafkaConnectionError):
+                    reason = await self._answers_in_plain_text(host or server, int(port or 9092), server)
+                if reason is not None:
+                    raise BrokerRefusedError(reason) from None
                 error = exc
                 continue
             conn.close()
             return
         raise error or BrokerUnavailableError(f"no broker in {self.where}")
+
+    async def _answers_in_plain_text(self, host: str, port: int, server: str) -> str | None:
+        """A TLS handshake the broker cut: if it answers a plain-text client, the listener is not TLS."""
+        protocol = str(self._conn_options.get("security_protocol", "PLAINTEXT"))
+        if not protocol.endswith("SSL"):
+            return None
+        try:
+            async with asyncio.timeout(min(self._timeout, 2.0)):
+                conn = await create_conn(host, port, client_id="qtasks-probe", request_timeout_ms=2000)
+        except (kafka_exc.KafkaError, OSError, TimeoutError):
+            raise_if_cancelled()
+            return None
+        conn.close()
+        return (
+            f"TLS with Kafka at {server} failed: it answers in plain text, but kafka_security_protocol is "
+            f"{protocol}: is its listener TLS? (use PLAINTEXT or SASL_PLAINTEXT for this one)"
+        )
 
     async def wait_until_reachable(self, timeout: float) -> None:
         """Probe until a broker answers; BrokerUnavailableError after ``timeout`` seconds."""
@@ -119,7 +147,7 @@ class Health:
         try:
             await self.probe()
             return  # a blip: nothing to say
-        except (kafka_exc.KafkaError, OSError, TimeoutError) as exc:
+        except (kafka_exc.KafkaError, OSError, TimeoutError, BrokerRefusedError) as exc:
             raise_if_cancelled()
             reason = str(exc) or type(exc).__name__
         self.reachable = False
@@ -132,7 +160,8 @@ class Health:
             try:
                 await self.probe()
                 break
-            except (kafka_exc.KafkaError, OSError, TimeoutError):
+            except (kafka_exc.KafkaError, OSError, TimeoutError, BrokerRefusedError):
+                # refused: the settings or ACLs may be fixed on the broker's side; keep asking
                 raise_if_cancelled()
                 delay = min(delay * 2, 2.0)
         log.info("Kafka at %s is back after %.1f s", self.where, time.monotonic() - self._down_at)

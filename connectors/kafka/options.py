@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, unquote
 
 from aiokafka.helpers import create_ssl_context
 
-from qtasks.config import QueueConfig
+from qtasks.config import QueueConfig, redact_url
 from qtasks.exc import (
     ConfigError,
 )
@@ -23,6 +23,7 @@ _URL_OPTIONS = {
     "sasl_mechanism": "kafka_sasl_mechanism",
     "sasl_username": "kafka_sasl_username",
     "sasl_password": "kafka_sasl_password",
+    "sasl_password_file": "kafka_sasl_password_file",
     "ssl_cafile": "kafka_ssl_cafile",
     "ssl_certfile": "kafka_ssl_certfile",
     "ssl_keyfile": "kafka_ssl_keyfile",
@@ -47,7 +48,7 @@ def parse_url(url: str) -> tuple[list[str], dict[str, str]]:
     hosts, _, query = rest.partition("?")
     servers = [h.strip() for h in hosts.strip("/").split(",") if h.strip()]
     if not servers:
-        raise ConfigError(f"kafka URL names no broker: {url!r} (use kafka://host:9092)")
+        raise ConfigError(f"kafka URL names no broker: {redact_url(url)!r} (use kafka://host:9092)")
     options: dict[str, str] = {}
     known = sorted([*_URL_OPTIONS, *_TIMING_OPTIONS])
     for name, value in parse_qsl(query, keep_blank_values=True):
@@ -89,6 +90,22 @@ def timings(overrides: dict[str, str]) -> Timings:
     return Timings(**values)
 
 
+def _password_from(path: str) -> str:
+    """The password a file holds (one trailing newline dropped); "" for no file."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"kafka sasl_password_file {path!r} cannot be read: {reason}") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ConfigError(f"kafka sasl_password_file {path!r} is empty")
+    return password
+
+
 def client_options(servers: list[str], config: QueueConfig, overrides: dict[str, str]) -> dict[str, Any]:
     """The connection and security options shared by every aiokafka client."""
 
@@ -107,7 +124,7 @@ def client_options(servers: list[str], config: QueueConfig, overrides: dict[str,
             raise ConfigError(f"kafka sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got {mechanism!r}")
         options["sasl_mechanism"] = mechanism
         options["sasl_plain_username"] = get("kafka_sasl_username")
-        options["sasl_plain_password"] = get("kafka_sasl_password")
+        options["sasl_plain_password"] = get("kafka_sasl_password") or _password_from(get("kafka_sasl_password_file"))
     if protocol.endswith("SSL"):
         options["ssl_context"] = create_ssl_context(
             cafile=get("kafka_ssl_cafile") or None,

@@ -13,6 +13,7 @@ import sys
 import time
 
 from qtasks.asyncio import QueueTasks
+from qtasks.config import redact_url
 
 app = QueueTasks(name="demo")
 
@@ -37,7 +38,7 @@ async def main(n: int) -> None:
     await app.start()
     try:
         task = await app.add_task("ticks", n)
-        print(f"task {task.uuid} on {app.broker_url}")
+        print(f"task {task.uuid} on {redact_url(app.broker_url)}")
         started = time.monotonic()
         async for value in app.stream(task.uuid):
             print(f"{time.monotonic() - started:6.3f}s  {value}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 import pytest
 from aiokafka import errors as kafka_exc
@@ -19,7 +20,14 @@ from qtasks.connectors.kafka import (
     varint_size,
 )
 from qtasks.connectors.kafka.sizes import BATCH_SLACK
-from qtasks.exc import BrokerUnavailableError, CommitFailedError, ConfigError, ConnectorError, RecordTooLargeError
+from qtasks.exc import (
+    BrokerRefusedError,
+    BrokerUnavailableError,
+    CommitFailedError,
+    ConfigError,
+    ConnectorError,
+    RecordTooLargeError,
+)
 
 
 @pytest.mark.parametrize(("n", "size"), [(0, 1), (63, 1), (64, 2), (8191, 2), (8192, 3), (1_048_576, 4)])
@@ -65,7 +73,10 @@ def test_batch_size_matches_aiokafkas_upper_bound() -> None:
         (kafka_exc.RebalanceInProgressError(), "commit", CommitFailedError, True),
         (kafka_exc.IllegalStateError(), "commit", CommitFailedError, True),
         (kafka_exc.OutOfOrderSequenceNumber(), "deliver", ConnectorError, False),
-        (kafka_exc.TopicAuthorizationFailedError(), "send", ConnectorError, False),
+        (kafka_exc.TopicAuthorizationFailedError(), "send", BrokerRefusedError, False),
+        (kafka_exc.GroupAuthorizationFailedError(), "join", BrokerRefusedError, False),
+        (kafka_exc.SaslAuthenticationFailed("bad"), "start", BrokerRefusedError, False),
+        (ssl.SSLCertVerificationError(1, "verify failed"), "start", BrokerRefusedError, False),
         (kafka_exc.NotLeaderForPartitionError(), "send", ConnectorError, True),
     ],
 )

@@ -1,0 +1,101 @@
+"""What the brokers' ACLs let this client do on its topics, asked once at start.
+
+A worker that may not write its results topic would take tasks and never end them; a
+client that may not write the tasks topic would fail on its first ``add_task``. Kafka
+answers the question up front: a Metadata request (v8+) with
+``include_topic_authorized_operations`` returns, per topic, the operations the caller's
+principal is allowed. aiokafka builds Metadata up to v5 only, so v8 is spelled here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from aiokafka import errors as kafka_exc
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Boolean, Int16, Int32, Schema, String
+
+#: Kafka's AclOperation codes (the bit each sets in an authorized-operations field).
+OPERATIONS: Mapping[str, int] = {"read": 3, "write": 4, "create": 5, "describe": 8}
+#: The field's value when the broker did not say (Integer.MIN_VALUE).
+_NOT_PROVIDED = -(2**31)
+
+
+class _MetadataResponseV8(Response):  # type: ignore[misc]  # aiokafka ships no types
+    API_KEY = 3
+    API_VERSION = 8
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("brokers", Array(("node_id", Int32), ("host", String("utf-8")), ("port", Int32), ("rack", String("utf-8")))),
+        ("cluster_id", String("utf-8")),
+        ("controller_id", Int32),
+        (
+            "topics",
+            Array(
+                ("error_code", Int16),
+                ("topic", String("utf-8")),
+                ("is_internal", Boolean),
+                (
+                    "partitions",
+                    Array(
+                        ("error_code", Int16),
+                        ("partition", Int32),
+                        ("leader", Int32),
+                        ("leader_epoch", Int32),
+                        ("replicas", Array(Int32)),
+                        ("isr", Array(Int32)),
+                        ("offline_replicas", Array(Int32)),
+                    ),
+                ),
+                ("topic_authorized_operations", Int32),
+            ),
+        ),
+        ("cluster_authorized_operations", Int32),
+    )
+
+
+class _MetadataRequestV8(RequestStruct):  # type: ignore[misc]
+    API_KEY = 3
+    API_VERSION = 8
+    RESPONSE_TYPE = _MetadataResponseV8
+    SCHEMA = Schema(
+        ("topics", Array(String("utf-8"))),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_cluster_authorized_operations", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+    )
+
+
+class AuthorizedOperations(Request[_MetadataRequestV8]):  # type: ignore[misc]
+    """Metadata of ``topics`` with the operations the caller may do on each."""
+
+    API_KEY = 3
+
+    def __init__(self, topics: list[str]) -> None:
+        self._topics = topics
+
+    def build(self, request_struct_class: type[_MetadataRequestV8]) -> _MetadataRequestV8:
+        return request_struct_class(self._topics, False, False, True)
+
+
+def missing(response: Any, needs: Mapping[str, Collection[str]]) -> list[str]:
+    """What ``needs`` (topic -> operation names) the response does not grant, as phrases.
+
+    A topic the caller may not even describe is reported with everything it needs. A broker
+    that does not say (no authorizer answers every operation; an old one may leave the
+    field unset) grants all.
+    """
+    lacking: list[str] = []
+    seen = {topic: (error, ops) for error, topic, _, _, ops in response.topics}
+    for topic, operations in needs.items():
+        error, allowed = seen.get(topic, (0, _NOT_PROVIDED))
+        if error == kafka_exc.TopicAuthorizationFailedError.errno:
+            lacking.append(f"{'/'.join(sorted(operations))} on topic {topic!r} (it may not even describe it)")
+            continue
+        if allowed == _NOT_PROVIDED:
+            continue
+        absent = sorted(op for op in operations if not allowed & (1 << OPERATIONS[op]))
+        if absent:
+            lacking.append(f"{'/'.join(absent)} on topic {topic!r}")
+    return lacking

@@ -1,0 +1,104 @@
+"""Security settings without a broker: passwords from files, secrets kept out of text, refusals named."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from aiokafka import errors as kafka_exc
+
+from qtasks.config import QueueConfig, redact_url
+from qtasks.connectors import from_url
+from qtasks.connectors.kafka.access import missing
+from qtasks.connectors.kafka.options import client_options, parse_url
+from qtasks.connectors.kafka.refusals import refusal
+from qtasks.exc import ConfigError
+
+SASL = "kafka://b:9093?security_protocol=SASL_SSL&sasl_mechanism=SCRAM-SHA-512&sasl_username=app"
+
+
+def options(url: str, **settings: str) -> dict[str, object]:
+    servers, overrides = parse_url(url)
+    return client_options(servers, QueueConfig(**settings), overrides)
+
+
+def test_the_password_comes_from_a_file_without_its_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    assert options(f"{SASL}&sasl_password_file={secret}")["sasl_plain_password"] == "s3cret"
+    assert options(SASL, kafka_sasl_password_file=str(secret))["sasl_plain_password"] == "s3cret"
+
+
+def test_a_password_given_outright_wins_over_the_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-file")
+    got = options(f"{SASL}&sasl_password=given&sasl_password_file={secret}")
+    assert got["sasl_plain_password"] == "given"
+
+
+def test_the_password_file_from_the_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("env-secret")
+    config = QueueConfig.from_env({"QTASKS_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+    assert config.kafka_sasl_password_file == str(secret)
+
+
+@pytest.mark.parametrize(("content", "reason"), [(None, "cannot be read"), ("", "is empty"), ("\n", "is empty")])
+def test_a_missing_or_empty_password_file_is_a_config_error(tmp_path: Path, content: str | None, reason: str) -> None:
+    secret = tmp_path / "password"
+    if content is not None:
+        secret.write_text(content)
+    with pytest.raises(ConfigError, match=reason):
+        options(f"{SASL}&sasl_password_file={secret}")
+
+
+def test_secrets_stay_out_of_urls_and_the_config_s_repr() -> None:
+    assert redact_url(f"{SASL}&sasl_password=hunter2&ssl_cafile=/ca") == f"{SASL}&sasl_password=***&ssl_cafile=/ca"
+    assert redact_url("kafka://user:hunter2@b:9092") == "kafka://***@b:9092"
+    assert "hunter2" not in repr(QueueConfig(kafka_sasl_password="hunter2"))
+    with pytest.raises(ConfigError) as caught:
+        from_url("kafka:/b:9092?sasl_password=hunter2", QueueConfig())
+    assert "hunter2" not in str(caught.value)
+
+
+def test_refusals_name_what_to_fix() -> None:
+    sasl = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "app"}
+    said = refusal(kafka_exc.SaslAuthenticationFailed("invalid"), "b:9093", sasl)
+    assert said is not None and "refused the credentials of user 'app' (SCRAM-SHA-512)" in said
+    said = refusal(ssl.SSLCertVerificationError(1, "x"), "b:9093", sasl)
+    assert said is not None and "kafka_ssl_cafile" in said
+    # a broker that did not answer is no refusal: it may answer later
+    assert refusal(kafka_exc.KafkaConnectionError("refused"), "b:9093", sasl) is None
+    assert refusal(ConnectionResetError(), "b:9093", sasl) is None
+    assert refusal(ssl.SSLEOFError(), "b:9093", sasl) is None
+
+
+def test_a_tls_record_read_as_a_kafka_size_means_the_listener_is_tls() -> None:
+    """A plain-text client reads the broker's TLS alert (0x15 0x03 ...) as a response size."""
+    closed = kafka_exc.KafkaConnectionError("Connection at b:9093 closed")
+    closed.__cause__ = asyncio.IncompleteReadError(b"\x00\x00\x00", int.from_bytes(b"\x15\x03\x03\x00", "big"))
+    said = refusal(closed, "b:9093", {"security_protocol": "PLAINTEXT"})
+    assert said is not None and "answers in TLS, but kafka_security_protocol is PLAINTEXT" in said
+    # a short read of an ordinary size is a broker that went away
+    closed.__cause__ = asyncio.IncompleteReadError(b"", 120)
+    assert refusal(closed, "b:9093", {"security_protocol": "PLAINTEXT"}) is None
+
+
+def test_missing_operations_are_named_per_topic() -> None:
+    read, write, describe = 1 << 3, 1 << 4, 1 << 8
+    response = SimpleNamespace(
+        topics=[
+            (0, "a.tasks", False, [], read | write | describe),
+            (0, "a.results", False, [], read | describe),
+            (29, "a.status", False, [], -(2**31)),
+            (0, "a.dlq", False, [], -(2**31)),  # the broker did not say: not checked
+        ]
+    )
+    needs = {"a.tasks": ("read", "write"), "a.results": ("write",), "a.status": ("read", "write"), "a.dlq": ("write",)}
+    assert missing(response, needs) == [
+        "write on topic 'a.results'",
+        "read/write on topic 'a.status' (it may not even describe it)",
+    ]
