@@ -7,11 +7,14 @@ KAFKA_PORT ?= 9092
 # Nodes of the local Kafka: 3 is a cluster on KAFKA_PORT, KAFKA_PORT+1, KAFKA_PORT+2. Unset:
 # the cluster already made on KAFKA_PORT (kafka-down stops all its nodes), else one node.
 KAFKA_BROKERS ?=
+# plaintext, or sasl_ssl: the local broker with a SASL_SSL listener (SCRAM-SHA-512 users, a CA
+# made at its first start) and an authorizer; `run` then connects as its qtasks user.
+KAFKA_SECURITY ?=
 N ?= 20
 # Extra flags for bench-peers, e.g. ARGS="--tasks-gen 100 --k 10 --tasks-short 300".
 ARGS ?=
 
-.PHONY: install browser-deps run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers kafka-up kafka-down clean
+.PHONY: install browser-deps deploy-check test-deploy run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,8 +33,9 @@ browser-deps:
 
 run: install
 ifeq ($(BROKER),kafka)
-	servers=$$(KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh start $(KAFKA_PORT)) && \
+	servers=$$(KAFKA_BROKERS=$(KAFKA_BROKERS) KAFKA_SECURITY=$(KAFKA_SECURITY) bash deploy/local/kafka.sh start $(KAFKA_PORT)) && \
 	nodes=$$(echo "$$servers" | tr ',' '\n' | wc -l) && \
+	if [ "$(KAFKA_SECURITY)" = sasl_ssl ]; then set -a && eval "$$(bash deploy/local/kafka.sh env $(KAFKA_PORT))" && set +a; fi && \
 	QTASKS_BROKER_URL=kafka://$$servers QTASKS_REPLICATION_FACTOR=$$(( nodes < 3 ? nodes : 3 )) \
 		$(BIN)/python docs/examples/streaming.py $(N)
 else
@@ -40,14 +44,22 @@ endif
 
 # Lint, types, then every test: unit (memory://), integration + faults on a real
 # Apache Kafka broker that the test session starts itself, and the dashboard in a browser.
-test: install browser-deps lint typecheck
+test: install browser-deps lint typecheck deploy-check
 	$(BIN)/pytest
 
 test-unit: install
 	$(BIN)/pytest tests/unit
 
 test-kafka: install
-	$(BIN)/pytest tests/integration tests/faults
+	$(BIN)/pytest tests/integration tests/faults tests/secure
+
+# The Kubernetes base rendered and validated offline (kustomize and kubeconform, built once with Go).
+deploy-check: install
+	bash deploy/k8s/validate.sh
+
+# The deployment's checks: Dockerfile, compose, Kubernetes; and the secure broker's suite.
+test-deploy: install
+	$(BIN)/pytest tests/deploy tests/secure
 
 # The dashboard in headless Chromium, on a real broker.
 test-browser: install browser-deps
@@ -95,7 +107,7 @@ bench-peers: install $(VENV)/.installed-bench
 	$(BIN)/python bench/bench_peers.py $(ARGS)
 
 kafka-up:
-	KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh start $(KAFKA_PORT)
+	KAFKA_BROKERS=$(KAFKA_BROKERS) KAFKA_SECURITY=$(KAFKA_SECURITY) bash deploy/local/kafka.sh start $(KAFKA_PORT)
 
 kafka-down:
 	KAFKA_BROKERS=$(KAFKA_BROKERS) bash deploy/local/kafka.sh stop $(KAFKA_PORT)
