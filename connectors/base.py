@@ -186,11 +186,12 @@ class Connector(Protocol):
 
     async def ensure_topics(self, specs: list[TopicSpec]) -> None: ...
 
-    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
+    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
         """Raise :class:`~qtasks.exc.BrokerRefusedError` naming what this client may not do.
 
         ``needs`` maps a topic to the operations this app does on it (``read``, ``write``);
-        a connector without access control grants all.
+        ``group`` is a consumer group it joins (which takes ``read``). A connector without
+        access control grants all.
         """
         ...
 

@@ -416,9 +416,9 @@ class FaultyConnector:
         await self.faults.enter("ensure_topics", [spec.name for spec in specs])
         await self.inner.ensure_topics(specs)
 
-    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
+    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
         """The inner connector's answer."""
-        await self.inner.check_access(needs)
+        await self.inner.check_access(needs, group)
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""

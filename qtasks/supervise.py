@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from qtasks.exc import BrokerRefusedError
+
 log = logging.getLogger("qtasks.supervise")
 
 T = TypeVar("T")
@@ -98,7 +100,8 @@ class Supervisor:
             if time.monotonic() - started >= self.healthy_after:
                 failures = 0
             failures += 1
-            if failures >= self.max_failures:
+            # a broker that refuses us (credentials, ACLs) refuses a restarted loop too
+            if failures >= self.max_failures or isinstance(problem, BrokerRefusedError):
                 self._fail(name, problem, failures)
                 return
             delay = restart_delay(failures)

@@ -147,7 +147,8 @@ class Worker:
                 topics.results: ("write",),
                 topics.status: ("read", "write"),
                 topics.dlq: ("write",),
-            }
+            },
+            group=self.group_id,
         )
         self._control = connector.consumer(None, client_id=f"{self.id}-control")
         await self._control.start()

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka import errors as kafka_exc
 from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import Array, Boolean, Int16, Int32, Schema, String
+from aiokafka.protocol.types import Array, Boolean, Bytes, Int16, Int32, Schema, String
 
 #: Kafka's AclOperation codes (the bit each sets in an authorized-operations field).
 OPERATIONS: Mapping[str, int] = {"read": 3, "write": 4, "create": 5, "describe": 8}
@@ -77,6 +77,66 @@ class AuthorizedOperations(Request[_MetadataRequestV8]):  # type: ignore[misc]
 
     def build(self, request_struct_class: type[_MetadataRequestV8]) -> _MetadataRequestV8:
         return request_struct_class(self._topics, False, False, True)
+
+
+class _DescribeGroupsResponseV3(Response):  # type: ignore[misc]
+    API_KEY = 15
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "groups",
+            Array(
+                ("error_code", Int16),
+                ("group", String("utf-8")),
+                ("state", String("utf-8")),
+                ("protocol_type", String("utf-8")),
+                ("protocol", String("utf-8")),
+                (
+                    "members",
+                    Array(
+                        ("member_id", String("utf-8")),
+                        ("client_id", String("utf-8")),
+                        ("client_host", String("utf-8")),
+                        ("member_metadata", Bytes),
+                        ("member_assignment", Bytes),
+                    ),
+                ),
+                ("authorized_operations", Int32),
+            ),
+        ),
+    )
+
+
+class _DescribeGroupsRequestV3(RequestStruct):  # type: ignore[misc]
+    API_KEY = 15
+    API_VERSION = 3
+    RESPONSE_TYPE = _DescribeGroupsResponseV3
+    SCHEMA = Schema(("groups", Array(String("utf-8"))), ("include_authorized_operations", Boolean))
+
+
+class GroupOperations(Request[_DescribeGroupsRequestV3]):  # type: ignore[misc]
+    """DescribeGroups of ``group`` with the operations the caller may do on it (aiokafka's
+    v3 request reads its answer with v2's layout, which drops that field)."""
+
+    API_KEY = 15
+
+    def __init__(self, group: str) -> None:
+        self._group = group
+
+    def build(self, request_struct_class: type[_DescribeGroupsRequestV3]) -> _DescribeGroupsRequestV3:
+        return request_struct_class([self._group], True)
+
+
+def group_missing(response: Any, group: str) -> list[str]:
+    """What a DescribeGroups (v3) answer of ``group`` says the caller may not do: it joins, so it reads."""
+    described = response.groups[0]
+    error, allowed = described[0], described[-1]
+    if error == kafka_exc.GroupAuthorizationFailedError.errno or (
+        allowed != _NOT_PROVIDED and not allowed & (1 << OPERATIONS["read"])
+    ):
+        return [f"read on group {group!r}"]
+    return []
 
 
 def missing(response: Any, needs: Mapping[str, Collection[str]]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, GroupInfo, GroupMember, TopicPartition, TopicSpec
-from qtasks.connectors.kafka.access import AuthorizedOperations, missing
+from qtasks.connectors.kafka.access import AuthorizedOperations, GroupOperations, group_missing, missing
 from qtasks.connectors.kafka.consumer import KafkaConsumer
 from qtasks.connectors.kafka.errors import kafka_errors
 from qtasks.connectors.kafka.health import Health, install_log_filter
@@ -30,6 +31,7 @@ from qtasks.exc import (
     ConnectorError,
     TopicConfigError,
 )
+from qtasks.supervise import raise_if_cancelled
 
 log = logging.getLogger("qtasks.kafka")
 
@@ -198,16 +200,31 @@ class KafkaConnector:
             },
         )
 
-    async def check_access(self, needs: Mapping[str, Collection[str]]) -> None:
-        """Ask the brokers which operations this client's principal may do on each topic (Metadata v8)."""
+    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
+        """Ask the brokers what this client's principal may do on each topic (Metadata v8) and its group."""
+        lacking: list[str] = []
         async with self._admin() as admin:
             with kafka_errors("check the ACLs", servers=self.where, health=self.health):
                 try:
-                    response = await admin._send_request(AuthorizedOperations(list(needs)))
+                    response = await _to_any_node(admin, AuthorizedOperations(list(needs)))
+                    lacking += missing(response, needs)
+                    if group is not None:
+                        try:
+                            coordinator = await admin.find_coordinator(group)
+                            described = await admin._send_request(GroupOperations(group), coordinator)
+                            lacking += group_missing(described, group)
+                        except kafka_exc.GroupAuthorizationFailedError:  # not even allowed to find it
+                            lacking.append(f"read on group {group!r}")
+                        except kafka_exc.KafkaError as exc:
+                            if not exc.retriable:
+                                raise
+                            # No coordinator yet (a new cluster makes its offsets topic on
+                            # the first lookup; a node is away): the join waits for one, and a
+                            # refusal there stops the worker at once all the same.
+                            log.debug("the group %s was not checked: %s", group, exc)
                 except (NotImplementedError, kafka_exc.IncompatibleBrokerVersion):
                     log.debug("the brokers cannot tell the operations a client may do; not checked")
                     return
-        lacking = missing(response, needs)
         if lacking:
             user = self.options.get("sasl_plain_username")
             who = f"user {user!r}" if user else "this client"
@@ -309,6 +326,19 @@ class KafkaConnector:
                     f"topic {spec.name!r} exists with cleanup.policy=compact; qtasks needs delete for it: "
                     "delete the topic or change its policy"
                 )
+
+
+async def _to_any_node(admin: AIOKafkaAdminClient, request: Any) -> Any:
+    """Send ``request`` to the brokers in random order until one answers (a node may be away)."""
+    nodes = [broker.nodeId for broker in admin._client.cluster.brokers()]
+    random.shuffle(nodes)
+    for node in nodes[:-1]:
+        try:
+            return await admin._send_request(request, node)
+        except (kafka_exc.KafkaConnectionError, kafka_exc.NodeNotReadyError, kafka_exc.RequestTimedOutError):
+            raise_if_cancelled()
+            log.debug("node %s did not answer; asking another", node)
+    return await admin._send_request(request, nodes[-1] if nodes else None)
 
 
 def _member(member: Any) -> GroupMember:

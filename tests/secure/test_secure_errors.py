@@ -24,9 +24,9 @@ from tests.helpers import FAST, unique
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def refused(url: str, **settings: Any) -> tuple[BrokerRefusedError, float]:
+async def refused(url: str, name: str | None = None) -> tuple[BrokerRefusedError, float]:
     """Start an app (worker and client) on ``url``; the refusal it ends in, and how long it took."""
-    app = QueueTasks(name=unique("sec"), broker_url=url, **{**FAST, **settings})
+    app = QueueTasks(name=name or unique("sec"), broker_url=url, **FAST)
     started = time.monotonic()
     try:
         with pytest.raises(BrokerRefusedError) as caught:
@@ -120,6 +120,24 @@ async def test_a_worker_that_may_not_write_its_results_is_refused_at_start_not_s
     finally:
         await worker.stop(timeout=2)
         await client.stop(timeout=2)
+
+
+async def test_a_worker_that_may_not_read_its_group_is_refused_at_start(secure_kafka: Any) -> None:
+    """Every topic ACL an app needs, none on its consumer group: the worker names the group."""
+    name = unique("grp")
+    await asyncio.to_thread(
+        secure_kafka.acl,
+        *("--add", "--allow-principal", "User:groupless", "--operation", "Describe", "--operation", "DescribeConfigs"),
+        *("--operation", "IdempotentWrite", "--cluster"),
+    )
+    await asyncio.to_thread(
+        secure_kafka.acl,
+        *("--add", "--allow-principal", "User:groupless", "--operation", "All"),
+        *("--resource-pattern-type", "prefixed", "--topic", f"{name}."),
+    )
+    error, took = await refused(secure_kafka.url("groupless"), name=name)
+    assert took < 10
+    assert f"does not let user 'groupless' do what this app needs: read on group '{name}-workers'" in str(error)
 
 
 def test_the_cli_worker_exits_with_one_line_on_a_wrong_password(secure_kafka: Any) -> None:

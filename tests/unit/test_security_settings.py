@@ -12,10 +12,11 @@ from aiokafka import errors as kafka_exc
 
 from qtasks.config import QueueConfig, redact_url
 from qtasks.connectors import from_url
-from qtasks.connectors.kafka.access import missing
+from qtasks.connectors.kafka.access import group_missing, missing
 from qtasks.connectors.kafka.options import client_options, parse_url
 from qtasks.connectors.kafka.refusals import refusal
-from qtasks.exc import ConfigError
+from qtasks.exc import BrokerRefusedError, ConfigError
+from qtasks.supervise import LoopFailedError, Supervisor
 
 SASL = "kafka://b:9093?security_protocol=SASL_SSL&sasl_mechanism=SCRAM-SHA-512&sasl_username=app"
 
@@ -102,3 +103,31 @@ def test_missing_operations_are_named_per_topic() -> None:
         "write on topic 'a.results'",
         "read/write on topic 'a.status' (it may not even describe it)",
     ]
+
+
+async def test_a_loop_the_broker_refuses_stops_at_once_instead_of_restarting() -> None:
+    runs = 0
+
+    async def refused() -> None:
+        nonlocal runs
+        runs += 1
+        raise BrokerRefusedError("Kafka at b:9093 denies this client access to the consumer group")
+
+    supervisor = Supervisor("test")
+    supervisor.spawn("poll", refused)
+    with pytest.raises(LoopFailedError, match="denies this client access"):
+        await supervisor.wait(asyncio.Event().wait(), timeout=10)
+    assert runs == 1
+    await supervisor.stop()
+
+
+def test_a_group_the_caller_may_not_read_is_named() -> None:
+    read, describe = 1 << 3, 1 << 8
+
+    def answer(error: int, operations: int) -> SimpleNamespace:
+        return SimpleNamespace(groups=[(error, "a-workers", "Dead", "", "", [], operations)])
+
+    assert group_missing(answer(0, read | describe), "a-workers") == []
+    assert group_missing(answer(0, describe), "a-workers") == ["read on group 'a-workers'"]
+    assert group_missing(answer(30, -(2**31)), "a-workers") == ["read on group 'a-workers'"]
+    assert group_missing(answer(0, -(2**31)), "a-workers") == []
