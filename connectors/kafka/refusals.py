@@ -17,6 +17,12 @@ from aiokafka import errors as kafka_exc
 #: The first bytes of a TLS record: content type (alert 21, handshake 22), then version 3.x.
 _TLS_RECORD_TYPES = (0x15, 0x16)
 
+#: OpenSSL's reasons for a handshake that met something other than TLS (a plain listener).
+#: Other TLS failures (a connection cut mid-handshake while a broker restarts) may pass.
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+)
+
 #: Kafka's errors for a missing ACL, and the resource each names.
 _AUTHORIZATION: dict[type[BaseException], str] = {
     kafka_exc.TopicAuthorizationFailedError: "a topic",
@@ -57,8 +63,8 @@ def refusal(exc: BaseException, where: str, options: dict[str, Any]) -> str | No
             f"TLS: the certificate of Kafka at {where} is not trusted ({getattr(exc, 'verify_message', None) or exc}): "
             "set kafka_ssl_cafile to the CA that signed it"
         )
-    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        reason = getattr(exc, "reason", None) or str(exc)
+    if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) in _NOT_TLS:
+        reason = exc.reason
         return (
             f"TLS with Kafka at {where} failed ({reason}): is its listener TLS? (kafka_security_protocol is {protocol})"
         )

@@ -75,6 +75,14 @@ def test_refusals_name_what_to_fix() -> None:
     assert refusal(kafka_exc.KafkaConnectionError("refused"), "b:9093", sasl) is None
     assert refusal(ConnectionResetError(), "b:9093", sasl) is None
     assert refusal(ssl.SSLEOFError(), "b:9093", sasl) is None
+    # a handshake that met plain Kafka is named; a TLS failure of another kind may pass
+    not_tls = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    not_tls.reason = "WRONG_VERSION_NUMBER"
+    said = refusal(not_tls, "b:9093", sasl)
+    assert said is not None and "is its listener TLS?" in said
+    bad_mac = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]")
+    bad_mac.reason = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    assert refusal(bad_mac, "b:9093", sasl) is None
 
 
 def test_a_tls_record_read_as_a_kafka_size_means_the_listener_is_tls() -> None:
