@@ -33,7 +33,7 @@ _TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
-_SECRET_IN_URL = re.compile(r"(?i)(sasl_password=)[^&#]*|(//)[^/@?#]*:[^/@?#]*(@)")
+_SECRET_IN_URL = re.compile(r"(?i)(sasl_password=)[^&]*|(//)[^/@?#]*:[^/@?#]*(@)")
 
 
 def redact_url(url: str) -> str:

@@ -128,12 +128,18 @@ class GroupOperations(Request[_DescribeGroupsRequestV3]):  # type: ignore[misc]
         return request_struct_class([self._group], True)
 
 
+def _provided(allowed: int) -> bool:
+    """Whether an authorized-operations field says anything: Kafka answers a caller that may
+    describe the resource, so a field without DESCRIBE comes from a broker that does not tell."""
+    return allowed != _NOT_PROVIDED and bool(allowed & (1 << OPERATIONS["describe"]))
+
+
 def group_missing(response: Any, group: str) -> list[str]:
     """What a DescribeGroups (v3) answer of ``group`` says the caller may not do: it joins, so it reads."""
     described = response.groups[0]
     error, allowed = described[0], described[-1]
     if error == kafka_exc.GroupAuthorizationFailedError.errno or (
-        allowed != _NOT_PROVIDED and not allowed & (1 << OPERATIONS["read"])
+        _provided(allowed) and not allowed & (1 << OPERATIONS["read"])
     ):
         return [f"read on group {group!r}"]
     return []
@@ -153,7 +159,7 @@ def missing(response: Any, needs: Mapping[str, Collection[str]]) -> list[str]:
         if error == kafka_exc.TopicAuthorizationFailedError.errno:
             lacking.append(f"{'/'.join(sorted(operations))} on topic {topic!r} (it may not even describe it)")
             continue
-        if allowed == _NOT_PROVIDED:
+        if not _provided(allowed):
             continue
         absent = sorted(op for op in operations if not allowed & (1 << OPERATIONS[op]))
         if absent:

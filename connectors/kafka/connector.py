@@ -201,7 +201,28 @@ class KafkaConnector:
         )
 
     async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
-        """Ask the brokers what this client's principal may do on each topic (Metadata v8) and its group."""
+        """Ask the brokers what this client's principal may do on each topic (Metadata v8) and its group.
+
+        Bounded by ``connect_timeout``. A check the brokers cannot answer now (a node away, no
+        coordinator yet) is skipped with a warning: a refusal met later stops the worker all
+        the same, with the same words.
+        """
+        try:
+            async with asyncio.timeout(self.timings.connect_timeout):
+                lacking = await self._lacking(needs, group)
+        except (BrokerUnavailableError, TimeoutError) as exc:
+            raise_if_cancelled()
+            log.warning("the ACLs were not checked (%s)", str(exc) or type(exc).__name__)
+            return
+        if lacking:
+            user = self.options.get("sasl_plain_username")
+            who = f"user {user!r}" if user else "this client"
+            raise BrokerRefusedError(
+                f"Kafka at {self.where} does not let {who} do what this app needs: "
+                f"{'; '.join(lacking)}. Grant it in the ACLs (docs/kafka.md lists what an app needs)"
+            )
+
+    async def _lacking(self, needs: Mapping[str, Collection[str]], group: str | None) -> list[str]:
         lacking: list[str] = []
         async with self._admin() as admin:
             with kafka_errors("check the ACLs", servers=self.where, health=self.health):
@@ -219,19 +240,11 @@ class KafkaConnector:
                             if not exc.retriable:
                                 raise
                             # No coordinator yet (a new cluster makes its offsets topic on
-                            # the first lookup; a node is away): the join waits for one, and a
-                            # refusal there stops the worker at once all the same.
+                            # the first lookup; a node is away): the join waits for one.
                             log.debug("the group %s was not checked: %s", group, exc)
                 except (NotImplementedError, kafka_exc.IncompatibleBrokerVersion):
                     log.debug("the brokers cannot tell the operations a client may do; not checked")
-                    return
-        if lacking:
-            user = self.options.get("sasl_plain_username")
-            who = f"user {user!r}" if user else "this client"
-            raise BrokerRefusedError(
-                f"Kafka at {self.where} does not let {who} do what this app needs: "
-                f"{'; '.join(lacking)}. Grant it in the ACLs (docs/deploy.md lists what an app needs)"
-            )
+        return lacking
 
     async def _read_broker_limit(self) -> int:
         async with self._admin() as admin:

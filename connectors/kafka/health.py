@@ -83,6 +83,7 @@ class Health:
         :class:`BrokerRefusedError` at once: waiting longer would not change its answer.
         """
         error: BaseException | None = None
+        refused: str | None = None
         for server in self.servers:
             host, _, port = server.rpartition(":")
             try:
@@ -96,15 +97,16 @@ class Health:
                     )
             except (kafka_exc.KafkaError, OSError, TimeoutError) as exc:
                 raise_if_cancelled()  # aiokafka's wait_for can turn our cancellation into this error
-                reason = refusal(exc, server, self._conn_options)
+                reason = refusal(exc, server, self._conn_options, handshake=True)
                 if reason is None and isinstance(exc, ConnectionError | kafka_exc.KafkaConnectionError):
                     reason = await self._answers_in_plain_text(host or server, int(port or 9092), server)
-                if reason is not None:
-                    raise BrokerRefusedError(reason) from None
+                refused = refused or reason
                 error = exc
                 continue
             conn.close()
             return
+        if refused is not None:  # no broker took us, and one said why (a rollout may reach some first)
+            raise BrokerRefusedError(refused) from None
         raise error or BrokerUnavailableError(f"no broker in {self.where}")
 
     async def _answers_in_plain_text(self, host: str, port: int, server: str) -> str | None:
@@ -239,6 +241,9 @@ class AiokafkaLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         self.seen += 1
+        if isinstance(record.args, tuple) and any(map(_is_sasl, record.args)):
+            # aiokafka logs every request at DEBUG: SASL PLAIN's carries the password
+            record.args = tuple("<SASL exchange hidden>" if _is_sasl(arg) else arg for arg in record.args)
         if record.levelno >= logging.WARNING and self.is_connection_noise(record):
             for health in list(_WATCHED):
                 health.suspect()
@@ -260,6 +265,11 @@ class AiokafkaLogFilter(logging.Filter):
         if record.levelno > logging.DEBUG:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _is_sasl(arg: object) -> bool:
+    """A SASL request or response of aiokafka's protocol (their text would show credentials)."""
+    return type(arg).__name__.startswith(("SaslAuthenticate", "SaslHandShake"))
 
 
 _FILTER = AiokafkaLogFilter()

@@ -19,9 +19,7 @@ _TLS_RECORD_TYPES = (0x15, 0x16)
 
 #: OpenSSL's reasons for a handshake that met something other than TLS (a plain listener).
 #: Other TLS failures (a connection cut mid-handshake while a broker restarts) may pass.
-_NOT_TLS = frozenset(
-    {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
-)
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
 
 #: Kafka's errors for a missing ACL, and the resource each names.
 _AUTHORIZATION: dict[type[BaseException], str] = {
@@ -32,11 +30,13 @@ _AUTHORIZATION: dict[type[BaseException], str] = {
 }
 
 
-def refusal(exc: BaseException, where: str, options: dict[str, Any]) -> str | None:
+def refusal(exc: BaseException, where: str, options: dict[str, Any], *, handshake: bool = False) -> str | None:
     """What ``exc`` says about how the brokers at ``where`` refuse us, or None if it is not a refusal.
 
     ``options`` are the aiokafka client options (protocol, mechanism, user): they name what
-    to fix.
+    to fix. ``handshake``: ``exc`` ended a fresh connection's first exchange (the probe), where
+    a TLS failure or a TLS record means the listener and the client disagree; on a connection
+    already in use they mean a stream cut short, which may pass.
     """
     protocol = str(options.get("security_protocol", "PLAINTEXT"))
     user = options.get("sasl_plain_username") or ""
@@ -53,7 +53,8 @@ def refusal(exc: BaseException, where: str, options: dict[str, Any]) -> str | No
         )
     if isinstance(exc, kafka_exc.IllegalSaslStateError):
         return (
-            f"Kafka at {where} expects SASL authentication: set kafka_security_protocol to SASL_SSL or SASL_PLAINTEXT"
+            f"Kafka at {where} does not take SASL on this listener, but kafka_security_protocol is {protocol}: "
+            "use PLAINTEXT or SSL for it"
         )
     for kind, what in _AUTHORIZATION.items():
         if isinstance(exc, kind):
@@ -63,6 +64,8 @@ def refusal(exc: BaseException, where: str, options: dict[str, Any]) -> str | No
             f"TLS: the certificate of Kafka at {where} is not trusted ({getattr(exc, 'verify_message', None) or exc}): "
             "set kafka_ssl_cafile to the CA that signed it"
         )
+    if not handshake:
+        return None
     if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) in _NOT_TLS:
         reason = exc.reason
         return (

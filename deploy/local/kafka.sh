@@ -260,6 +260,8 @@ log.cleaner.dedupe.buffer.size=33554432
 # make compaction observable in tests
 log.cleaner.backoff.ms=1000
 EOF
+    # the secure mode writes the admin's password here
+    chmod 600 "$dir/server.properties"
     if [[ -n "${QTASKS_KAFKA_EXTRA_PROPS:-}" ]]; then
         printf '\n# QTASKS_KAFKA_EXTRA_PROPS (later keys win)\n%s\n' "$QTASKS_KAFKA_EXTRA_PROPS" >>"$dir/server.properties"
     fi
@@ -316,11 +318,18 @@ secure_users() {
 # secure_material DIR: a CA, the brokers' certificate (127.0.0.1 and localhost) and a random
 # password per user, made once in DIR/secure with openssl (nothing is downloaded)
 secure_material() {
-    local dir="$1/secure" u
+    local dir="$1/secure" u users
     command -v openssl >/dev/null || die "openssl not found: the secure mode makes its certificates with it"
+    users="$(secure_users)" || exit 1
+    if [[ -f "$1/logs/meta.properties" ]]; then
+        for u in $users; do
+            [[ -s "$dir/$u.password" ]] \
+                || die "user '$u' (KAFKA_SCRAM_USERS) was not made when $1 was formatted; add it with Kafka's tools (kafka-configs --alter --add-config 'SCRAM-SHA-512=[password=...]' --entity-type users --entity-name $u)"
+        done
+    fi
     mkdir -p "$dir"
     chmod 700 "$dir"
-    if [[ ! -f "$dir/ca.crt" ]]; then
+    if [[ ! -f "$dir/ca.crt" || ! -f "$dir/broker.pem" ]]; then
         (
             umask 077
             cd "$dir"
@@ -342,7 +351,7 @@ secure_material() {
     fi
     (
         umask 077
-        for u in $(secure_users); do
+        for u in $users; do
             [[ -s "$dir/$u.password" ]] || head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$dir/$u.password"
         done
         cat >"$dir/admin.properties" <<EOF
@@ -430,9 +439,10 @@ format_storage() {
     local dir="$1" cid="${2:-}"
     [[ -f "$dir/logs/meta.properties" ]] && return 0
     [[ -n "$cid" ]] || cid="$(new_cluster_id)"
-    local scram=() u
+    local scram=() u users
     if [[ "$(security_of "$dir")" == sasl_ssl ]]; then
-        for u in $(secure_users); do
+        users="$(secure_users)" || exit 1
+        for u in $users; do
             scram+=(--add-scram "SCRAM-SHA-512=[name=$u,password=$(cat "$dir/secure/$u.password")]")
         done
     fi

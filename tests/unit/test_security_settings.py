@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from aiokafka import errors as kafka_exc
 
 from qtasks.config import QueueConfig, redact_url
 from qtasks.connectors import from_url
+from qtasks.connectors.kafka import install_log_filter
 from qtasks.connectors.kafka.access import group_missing, missing
 from qtasks.connectors.kafka.options import client_options, parse_url
 from qtasks.connectors.kafka.refusals import refusal
@@ -59,6 +61,7 @@ def test_a_missing_or_empty_password_file_is_a_config_error(tmp_path: Path, cont
 def test_secrets_stay_out_of_urls_and_the_config_s_repr() -> None:
     assert redact_url(f"{SASL}&sasl_password=hunter2&ssl_cafile=/ca") == f"{SASL}&sasl_password=***&ssl_cafile=/ca"
     assert redact_url("kafka://user:hunter2@b:9092") == "kafka://***@b:9092"
+    assert redact_url(f"{SASL}&sasl_password=hun#ter2") == f"{SASL}&sasl_password=***"
     assert "hunter2" not in repr(QueueConfig(kafka_sasl_password="hunter2"))
     with pytest.raises(ConfigError) as caught:
         from_url("kafka:/b:9092?sasl_password=hunter2", QueueConfig())
@@ -78,22 +81,23 @@ def test_refusals_name_what_to_fix() -> None:
     # a handshake that met plain Kafka is named; a TLS failure of another kind may pass
     not_tls = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
     not_tls.reason = "WRONG_VERSION_NUMBER"
-    said = refusal(not_tls, "b:9093", sasl)
+    said = refusal(not_tls, "b:9093", sasl, handshake=True)
     assert said is not None and "is its listener TLS?" in said
+    assert refusal(not_tls, "b:9093", sasl) is None  # on a connection in use: a stream cut short
     bad_mac = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]")
     bad_mac.reason = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
-    assert refusal(bad_mac, "b:9093", sasl) is None
+    assert refusal(bad_mac, "b:9093", sasl, handshake=True) is None
 
 
 def test_a_tls_record_read_as_a_kafka_size_means_the_listener_is_tls() -> None:
     """A plain-text client reads the broker's TLS alert (0x15 0x03 ...) as a response size."""
     closed = kafka_exc.KafkaConnectionError("Connection at b:9093 closed")
     closed.__cause__ = asyncio.IncompleteReadError(b"\x00\x00\x00", int.from_bytes(b"\x15\x03\x03\x00", "big"))
-    said = refusal(closed, "b:9093", {"security_protocol": "PLAINTEXT"})
+    said = refusal(closed, "b:9093", {"security_protocol": "PLAINTEXT"}, handshake=True)
     assert said is not None and "answers in TLS, but kafka_security_protocol is PLAINTEXT" in said
     # a short read of an ordinary size is a broker that went away
     closed.__cause__ = asyncio.IncompleteReadError(b"", 120)
-    assert refusal(closed, "b:9093", {"security_protocol": "PLAINTEXT"}) is None
+    assert refusal(closed, "b:9093", {"security_protocol": "PLAINTEXT"}, handshake=True) is None
 
 
 def test_missing_operations_are_named_per_topic() -> None:
@@ -104,9 +108,16 @@ def test_missing_operations_are_named_per_topic() -> None:
             (0, "a.results", False, [], read | describe),
             (29, "a.status", False, [], -(2**31)),
             (0, "a.dlq", False, [], -(2**31)),  # the broker did not say: not checked
+            (0, "a.control", False, [], 0),  # a field without DESCRIBE says nothing either
         ]
     )
-    needs = {"a.tasks": ("read", "write"), "a.results": ("write",), "a.status": ("read", "write"), "a.dlq": ("write",)}
+    needs = {
+        "a.tasks": ("read", "write"),
+        "a.results": ("write",),
+        "a.status": ("read", "write"),
+        "a.dlq": ("write",),
+        "a.control": ("write",),
+    }
     assert missing(response, needs) == [
         "write on topic 'a.results'",
         "read/write on topic 'a.status' (it may not even describe it)",
@@ -139,3 +150,22 @@ def test_a_group_the_caller_may_not_read_is_named() -> None:
     assert group_missing(answer(0, describe), "a-workers") == ["read on group 'a-workers'"]
     assert group_missing(answer(30, -(2**31)), "a-workers") == ["read on group 'a-workers'"]
     assert group_missing(answer(0, -(2**31)), "a-workers") == []
+
+
+def test_aiokafkas_debug_lines_never_show_a_sasl_exchange() -> None:
+    """aiokafka logs each request at DEBUG; SASL PLAIN's request holds the password."""
+    from aiokafka.protocol.admin import SaslAuthenticateRequest_v1
+
+    logger = logging.getLogger("aiokafka.conn")
+    record = logger.makeRecord(
+        "aiokafka.conn",
+        logging.DEBUG,
+        __file__,
+        1,
+        "Request to %s:%d %d: %s",
+        ("b", 9093, 7, SaslAuthenticateRequest_v1(b"\x00app\x00hunter2")),
+        None,
+    )
+    assert "hunter2" in record.getMessage()  # what aiokafka would write
+    install_log_filter().filter(record)
+    assert "hunter2" not in record.getMessage() and "<SASL exchange hidden>" in record.getMessage()
