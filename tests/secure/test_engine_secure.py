@@ -1,5 +1,7 @@
 """The engine suite's core cases (submit, run, stream, cancel, status) over SASL_SSL with SCRAM."""
 
+import pytest
+
 from tests.engine_suite import (
     test_a_task_handle_gives_the_result_the_stream_the_status_and_cancel,
     test_add_task_with_timeout_returns_the_finished_task,
@@ -12,6 +14,9 @@ from tests.engine_suite import (
     test_sync_function_and_sync_generator_run_in_threads,
     test_unknown_task_ends_as_error_and_the_worker_keeps_serving,
 )
+
+# the first of these waits for the session's secure broker to start (certificates, ACL grants)
+pytestmark = pytest.mark.timeout(300)
 
 __all__ = [
     "test_a_task_handle_gives_the_result_the_stream_the_status_and_cancel",

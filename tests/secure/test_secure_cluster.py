@@ -22,6 +22,7 @@ def secure_cluster() -> Iterator[Any]:
         cluster.stop()
 
 
+@pytest.mark.timeout(420)  # it waits for its secure cluster to start: three nodes, then the ACL grants
 async def test_a_generator_streams_on_the_secure_cluster_with_replicated_topics(secure_cluster: Any) -> None:
     app = QueueTasks(name=unique("sec3"), broker_url=secure_cluster.url("qtasks"), replication_factor=3, **FAST)
 
