@@ -186,11 +186,13 @@ class Connector(Protocol):
 
     async def ensure_topics(self, specs: list[TopicSpec]) -> None: ...
 
-    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
+    async def check_access(
+        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+    ) -> None:
         """Raise :class:`~qtasks.exc.BrokerRefusedError` naming what this client may not do.
 
         ``needs`` maps a topic to the operations this app does on it (``read``, ``write``);
-        ``group`` is a consumer group it joins (which takes ``read``). A connector without
+        ``group`` is a consumer group it joins (which takes ``read``), or a list of them. A connector without
         access control grants all.
         """
         ...

@@ -416,7 +416,9 @@ class FaultyConnector:
         await self.faults.enter("ensure_topics", [spec.name for spec in specs])
         await self.inner.ensure_topics(specs)
 
-    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
+    async def check_access(
+        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+    ) -> None:
         """The inner connector's answer."""
         await self.inner.check_access(needs, group)
 

@@ -366,7 +366,9 @@ class MemoryConnector:
         for spec in specs:
             self.log.create_topic(spec, self._defaults)
 
-    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
+    async def check_access(
+        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+    ) -> None:
         """The memory log has no access control: everything is allowed."""
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:

@@ -8,6 +8,8 @@ core, the worker and the results reader; none of them imports the app.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import inspect
 import logging
 import os
 import signal
@@ -24,12 +26,13 @@ from qtasks.core import Core, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
+from qtasks.periodic import Schedule
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StreamItem, Task
 from qtasks.registry import Registry, TaskSpec
 from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
-from qtasks.validate import check_priority, check_task_name, check_uuid
+from qtasks.validate import check_due, check_priority, check_task_name, check_uuid
 from qtasks.worker import Worker
 
 if TYPE_CHECKING:
@@ -120,6 +123,47 @@ class QueueTasks:
                 app=self.user_app,
             )
             self.registry.add(spec)
+            return spec
+
+        if func is not None:
+            return register(func)
+        return register
+
+    def periodic(
+        self,
+        func: Callable[..., Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        tz: str | datetime.tzinfo | None = None,
+        catch_up: str = "latest",
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **task_options: Any,
+    ) -> Any:
+        """Register a periodic task: ``@app.periodic(cron="*/5 * * * *")`` or ``@app.periodic(every=30)``.
+
+        ``cron``: five fields (minute hour day-of-month month day-of-week) or ``@hourly``,
+        ``@daily``, ...; in ``tz`` (an IANA name or a tzinfo; UTC by default). ``every``: a
+        tick every so many seconds (at least 1), at whole multiples since the Unix epoch.
+        One run per tick across all the workers of the group, submitted with ``args`` and
+        ``kwargs``. ``catch_up``: what happens to ticks missed while no worker ran:
+        ``"latest"`` (one run, for the last of them), ``"all"`` (one run each, at most the
+        last 1,000) or ``"skip"``. Every other keyword is ``@app.task``'s (``name``,
+        ``retry``, ``max_time``, ...); the task can be submitted by hand too.
+        """
+        schedule = Schedule.of(cron=cron, every=every, tz=tz, catch_up=catch_up, args=args, kwargs=kwargs)
+
+        def register(fn: Callable[..., Any]) -> TaskSpec:
+            echo = [None] if task_options.get("echo") else []
+            try:
+                inspect.signature(fn).bind(*echo, *schedule.args, **schedule.kwargs)
+            except TypeError as exc:
+                raise TypeError(
+                    f"periodic task {fn.__name__!r} cannot take args={args!r}, kwargs={kwargs!r}: {exc}"
+                ) from None
+            spec: TaskSpec = self.task(**task_options)(fn)
+            spec.schedule = schedule
             return spec
 
         if func is not None:
@@ -251,22 +295,45 @@ class QueueTasks:
 
     @overload
     async def add_task(
-        self, task_name: str, *args: Any, priority: int | None = None, timeout: None = None, **kwargs: Any
+        self,
+        task_name: str,
+        *args: Any,
+        priority: int | None = None,
+        timeout: None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        **kwargs: Any,
     ) -> AsyncTaskHandle: ...
 
     @overload
     async def add_task(
-        self, task_name: str, *args: Any, priority: int | None = None, timeout: float, **kwargs: Any
+        self,
+        task_name: str,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float,
+        countdown: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        **kwargs: Any,
     ) -> Task | None: ...
 
     async def add_task(
-        self, task_name: str, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any
+        self,
+        task_name: str,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | float | None = None,
+        **kwargs: Any,
     ) -> AsyncTaskHandle | Task | None:
         """Submit a task and return its handle (the submitted Task's fields, ``await handle.result()``,
         ``handle.stream()``, ``handle.cancel()``, ``handle.get()``); with ``timeout``, wait for it
         to end and return the finished Task (None if time runs out).
 
-        A task that is retried ends as ``retry`` and hands over to a new task
+        ``countdown`` (seconds) or ``eta`` (a ``datetime``, or Unix time) delays the start:
+        the task never starts before that time (it waits in the delays topic, holding no
+        worker's slot). A task that is retried ends as ``retry`` and hands over to a new task
         (``retry_child_uuid``); the wait follows that chain to its last task. With
         ``timeout``, a broker that cannot take the task in that time raises
         :class:`~qtasks.exc.BrokerUnavailableError`.
@@ -274,13 +341,14 @@ class QueueTasks:
         task_name = check_task_name(task_name)
         if priority is not None:
             priority = check_priority(priority)
+        due = check_due(countdown, eta)
         await self._here()
         if timeout is None:
-            return AsyncTaskHandle(self, await self._submit(task_name, args, kwargs, priority=priority))
+            return AsyncTaskHandle(self, await self._submit(task_name, args, kwargs, priority=priority, due=due))
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
-                task = await self._submit(task_name, args, kwargs, priority=priority)
+                task = await self._submit(task_name, args, kwargs, priority=priority, due=due)
         except TimeoutError:
             raise BrokerUnavailableError(f"task {task_name!r} could not be submitted within {timeout} s") from None
         try:
@@ -289,7 +357,13 @@ class QueueTasks:
             return None
 
     async def add_tasks(
-        self, task_name: str, calls: Iterable[Any], *, priority: int | None = None
+        self,
+        task_name: str,
+        calls: Iterable[Any],
+        *,
+        priority: int | None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | float | None = None,
     ) -> list[AsyncTaskHandle]:
         """Submit one task per item of ``calls`` and return their handles, in order.
 
@@ -299,18 +373,20 @@ class QueueTasks:
         wait: much faster than one ``add_task`` at a time. ``task.map(values)`` and
         ``task.starmap(tuples)`` call this. A broker error that is not retriable raises
         after the batches before it were stored (their tasks run; their handles are lost).
+        ``countdown``/``eta`` delay every one of them (as :meth:`add_task`).
         """
         task_name = check_task_name(task_name)
         if priority is None:
             spec = self.registry.get(task_name)
             priority = spec.priority if spec is not None else 0
         priority = check_priority(priority)
+        due = check_due(countdown, eta)
         await self._here()
         await self.core.connect()
         new = []
         for i, (args, kwargs) in enumerate(calls_of(calls)):
             try:
-                new.append(self.core.new_task(task_name, args, kwargs, priority=priority))
+                new.append(self.core.new_task(task_name, args, kwargs, priority=priority, not_before=due))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"add_tasks: item {i}: {exc}") from None
         for start in range(0, len(new), BATCH):
@@ -331,12 +407,12 @@ class QueueTasks:
         return merge_streams(lambda uuid: self.stream(uuid, timeout=timeout, meta=True), checked)
 
     async def _submit(
-        self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, priority: int | None
+        self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, priority: int | None, due: float = 0.0
     ) -> Task:
         if priority is None:
             spec = self.registry.get(task_name)
             priority = spec.priority if spec is not None else 0
-        return await self.core.submit(task_name, args, kwargs, priority=priority)
+        return await self.core.submit(task_name, args, kwargs, priority=priority, not_before=due)
 
     async def _follow(self, uuid: str) -> Task:
         """The task, or the last one of its retry chain that is known; TaskNotFoundError if none."""

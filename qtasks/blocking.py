@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import datetime
 import signal
 import threading
 import uuid as uuid_mod
@@ -89,6 +90,10 @@ class QueueTasks:
         """Register a task: ``@app.task`` or ``@app.task(name=..., ...)``."""
         return self._core.task(func, **options)
 
+    def periodic(self, func: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Register a periodic task: ``@app.periodic(cron="*/5 * * * *")`` or ``every=30`` (as the asyncio app)."""
+        return self._core.periodic(func, **options)
+
     def add_plugin(self, plugin: Any, trigger_names: list[str] | None = None, component: str | None = None) -> None:
         """Add a plugin for ``trigger_names`` (None: every trigger)."""
         self._core.add_plugin(plugin, trigger_names, component)
@@ -109,7 +114,8 @@ class QueueTasks:
         self, task_name: str, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any
     ) -> TaskHandle | Task | None:
         """Submit a task and return its handle (``handle.result()``, ``handle.stream()``, ...); with
-        ``timeout``, wait for it and return the finished Task (None if time runs out)."""
+        ``timeout``, wait for it and return the finished Task (None if time runs out).
+        ``countdown=``/``eta=`` delay its start (as the asyncio app's ``add_task``)."""
         if timeout is not None:
             return self._portal.call(
                 self._core.add_task(task_name, *args, priority=priority, timeout=timeout, **kwargs)
@@ -117,9 +123,19 @@ class QueueTasks:
         handle = self._portal.call(self._core.add_task(task_name, *args, priority=priority, **kwargs))
         return TaskHandle(self, handle.task)
 
-    def add_tasks(self, task_name: str, calls: Iterable[Any], *, priority: int | None = None) -> list[TaskHandle]:
+    def add_tasks(
+        self,
+        task_name: str,
+        calls: Iterable[Any],
+        *,
+        priority: int | None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | float | None = None,
+    ) -> list[TaskHandle]:
         """Submit one task per item (a tuple of positional arguments, or ``qtasks.Args``), in batches; their handles."""
-        handles = self._portal.call(self._core.add_tasks(task_name, calls, priority=priority))
+        handles = self._portal.call(
+            self._core.add_tasks(task_name, calls, priority=priority, countdown=countdown, eta=eta)
+        )
         return [TaskHandle(self, handle.task) for handle in handles]
 
     def stream_many(

@@ -116,6 +116,11 @@ class QueueConfig:
     retry_backoff_base: float = 0.5
     #: ... and at most this many seconds.
     retry_backoff_max: float = 60.0
+    #: Periodic tasks: when a worker takes the ticking over, the ticks missed within this
+    #: many seconds of the last sign of the worker that ticked before are all submitted (a
+    #: crash and its rebalance take that long); later ones, missed while no worker ran,
+    #: follow the task's ``catch_up``. 0: twice ``kafka_session_timeout_ms``, at least 60 s.
+    periodic_grace: float = 0.0
     #: Seconds ``app.stop()`` waits for running tasks before it cancels them.
     stop_timeout: float = 30.0
     #: How often the worker commits finished offsets (seconds).
@@ -235,6 +240,8 @@ class QueueConfig:
             raise ConfigError(
                 f"process_grace ({self.process_grace}) must be shorter than lease_interval ({self.lease_interval})"
             )
+        if self.periodic_grace < 0:
+            raise ConfigError(f"periodic_grace must be 0 or more seconds, got {self.periodic_grace}")
         if self.min_insync_replicas > self.replication_factor:
             raise ConfigError(
                 f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed replication_factor "

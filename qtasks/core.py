@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
+from qtasks.delays import LEVELS, delay_headers, level_for
 from qtasks.delivery import Trouble, deliver, deliver_together
 from qtasks.exc import ConnectorError
 from qtasks.partitioner import partition_for
@@ -35,7 +36,7 @@ log = logging.getLogger("qtasks.core")
 
 
 class Topics:
-    """The names of an app's topics: ``<name>.tasks``, ``.results``, ``.status``, ``.control``, ``.dlq``."""
+    """The names of an app's topics: ``<name>.tasks``, ``.results``, ``.status``, ``.control``, ``.dlq``, ``.delays``, ``.schedule``."""
 
     def __init__(self, name: str) -> None:
         self.tasks = f"{name}.tasks"
@@ -43,10 +44,12 @@ class Topics:
         self.status = f"{name}.status"
         self.control = f"{name}.control"
         self.dlq = f"{name}.dlq"
+        self.delays = f"{name}.delays"
+        self.schedule = f"{name}.schedule"
 
     def all(self) -> list[str]:
         """Every topic name of the app."""
-        return [self.tasks, self.results, self.status, self.control, self.dlq]
+        return [self.tasks, self.results, self.status, self.control, self.dlq, self.delays, self.schedule]
 
 
 class NewTask(NamedTuple):
@@ -68,6 +71,7 @@ class Core:
         self.broker: Connector = from_url(broker_url, config)
         self.tasks_partitions = config.tasks_partitions
         self.results_partitions = config.results_partitions
+        self.delays_partitions = len(LEVELS)
         self.trouble = Trouble()
         #: What this app's worker and client did (the metrics endpoint shows it).
         self.stats = Stats()
@@ -139,13 +143,17 @@ class Core:
                 spec(self.topics.status, config.status_partitions, compacted=True),
                 spec(self.topics.control, config.control_partitions),
                 spec(self.topics.dlq, 1),
+                spec(self.topics.delays, len(LEVELS)),
+                spec(self.topics.schedule, 1, compacted=True),
             ]
         )
-        # A client writes tasks, their `new` statuses and cancels, and reads statuses and results.
+        # A client writes tasks (delayed ones too), their `new` statuses and cancels, and
+        # reads statuses and results.
         topics = self.topics
         await self.broker.check_access(
             {
                 topics.tasks: ("write",),
+                topics.delays: ("write",),
                 topics.status: ("read", "write"),
                 topics.control: ("write",),
                 topics.results: ("read",),
@@ -154,6 +162,7 @@ class Core:
         # Topics that already existed keep their partition counts; use what is there.
         self.tasks_partitions = await self.broker.partitions_for(self.topics.tasks)
         self.results_partitions = await self.broker.partitions_for(self.topics.results)
+        self.delays_partitions = await self.broker.partitions_for(self.topics.delays)
         status_partitions = await self.broker.partitions_for(self.topics.status)
         await self.store.start(self.broker, status_partitions, self.record_limit(self.topics.status))
         self.supervisor.spawn("partitions", self._follow_partitions)
@@ -207,6 +216,33 @@ class Core:
 
         return send
 
+    def task_route(
+        self, uuid: str, not_before: float, headers: Headers | None = None
+    ) -> tuple[str, int, Headers | None]:
+        """Where a task record goes: (topic, partition, headers).
+
+        The tasks topic; or, for a task due a second or more from now, the level of the
+        delays topic it waits in (:mod:`qtasks.delays`), with its due time in the headers.
+        """
+        if not_before:
+            now = time.time()
+            level = level_for(not_before - now, self.delays_partitions)
+            if level is not None:
+                return self.topics.delays, level, delay_headers(not_before, now, headers or ())
+        return self.topics.tasks, partition_for(uuid, self.tasks_partitions), headers
+
+    def _task_sender(self, new: NewTask, headers: Headers | None) -> Callable[[], Any]:
+        """A call that enqueues ``new``'s task record where :meth:`task_route` says (worked out at each try)."""
+        producer = self.broker.producer
+        raw, uuid = new.raw, new.task.uuid
+        key = uuid.encode()
+
+        def send() -> Any:
+            topic, partition, with_headers = self.task_route(uuid, new.task.not_before, headers)
+            return producer.send(topic, raw, key=key, partition=partition, headers=with_headers)
+
+        return send
+
     async def send(self, topic: str, raw: bytes, key: str, partitions: int, *, what: str) -> None:
         """Deliver one record to the partition of ``key`` (retried while the failure is retriable)."""
         await deliver(self.sender(topic, raw, key, partitions), what=what, trouble=self.trouble)
@@ -250,9 +286,8 @@ class Core:
                 partition=partition_for(uuid, self.store.partitions),
                 on_commit=lambda: view.apply(status, raw_status),
             )
-            await txn.send(
-                self.topics.tasks, new.raw, key=uuid.encode(), partition=partition_for(uuid, self.tasks_partitions)
-            )
+            topic, partition, headers = self.task_route(uuid, not_before)
+            await txn.send(topic, new.raw, key=uuid.encode(), partition=partition, headers=headers)
             return new.task
         await self.submit_all([new])
         return new.task
@@ -268,9 +303,13 @@ class Core:
         retry_parent_uuid: str | None = None,
         retry_count: int = 0,
         not_before: float = 0.0,
+        uuid: str | None = None,
     ) -> NewTask:
-        """A task to submit, encoded and checked (``ValueError``/``TypeError`` for arguments that cannot be sent)."""
-        uuid = str(uuid_mod.uuid4())
+        """A task to submit, encoded and checked (``ValueError``/``TypeError`` for arguments that cannot be sent).
+
+        ``uuid``: the task's id (a periodic task's tick has its own); a new uuid4 otherwise.
+        """
+        uuid = uuid or str(uuid_mod.uuid4())
         now = time.time()
         record = TaskRecord(
             uuid=uuid,
@@ -297,6 +336,7 @@ class Core:
             retry=retry,
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
+            not_before=not_before,
         )
         return NewTask(task, raw, self.store.prepare(task))
 
@@ -320,9 +360,7 @@ class Core:
                 except Exception:  # a trace never changes what happens to the task
                     log.warning("the tracer failed on the submission of %s", uuid, exc_info=True)
             sends.append((self.store.sender(uuid, new.status[1]), f"status new of {uuid}"))
-            sends.append(
-                (self.sender(self.topics.tasks, new.raw, uuid, self.tasks_partitions, headers), f"task {uuid}")
-            )
+            sends.append((self._task_sender(new, headers), f"task {uuid}"))
         try:
             await deliver_together(sends, trouble=self.trouble)
         except BaseException as exc:
@@ -334,6 +372,10 @@ class Core:
         for new in tasks:
             view.apply(*new.status)
             stats.submit(new.task.task_name)
+
+    async def resend(self, new: NewTask) -> None:
+        """Store ``new``'s task record again, not its status (a copy of a task is one task: its uuid)."""
+        await deliver(self._task_sender(new, None), what=f"task {new.task.uuid}", trouble=self.trouble)
 
     async def send_control(self, command: ControlRecord) -> None:
         """Send a command to whichever worker runs the task."""

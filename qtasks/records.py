@@ -25,6 +25,8 @@ tasks      task uuid       :class:`TaskRecord`
 results    task uuid       :class:`ResultRecord` (one per yielded value, then an end marker)
 status     task uuid       :class:`Task` (compacted; a tombstone expires it)
 control    task uuid       :class:`ControlRecord` (cancel requests)
+delays     task uuid       a :class:`TaskRecord` waiting for its time (headers: :mod:`qtasks.delays`)
+schedule   tick:<name>     :class:`TickRecord` (compacted: each periodic task's last tick)
 dlq        original key    :class:`DeadLetter`
 =========  ==============  ===========================================
 """
@@ -61,7 +63,7 @@ class TaskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     retry_parent_uuid: str | None = None
     #: How many times the chain has been retried so far (drives the backoff).
     retry_count: int = 0
-    #: Epoch seconds before which the task must not start (a retry's backoff); 0: at once.
+    #: Epoch seconds before which the task must not start (``countdown``/``eta``, a retry's backoff); 0: at once.
     not_before: float = 0.0
 
 
@@ -134,6 +136,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     values_crc: int | None = None
     #: When this attempt started running (Unix time; 0 before it ran).
     started_at: float = 0.0
+    #: A delayed task (``countdown``/``eta``) does not start before this time (Unix time; 0: at once).
+    not_before: float = 0.0
 
     @property
     def is_finished(self) -> bool:
@@ -220,7 +224,25 @@ _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
 """Encode any record (or value) as JSON bytes."""
 
+
+class TickRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
+    """The schedule topic (compacted): a periodic task's last tick, or the ticking worker's sign of life.
+
+    ``kind="tick"`` (key ``tick:<task name>``): the tick at ``tick`` was submitted as task
+    ``uuid``. ``kind="alive"`` (key ``alive``): ``worker`` was ticking at ``at``.
+    """
+
+    v: int = 1
+    kind: Literal["tick", "alive"]
+    name: str = ""
+    tick: float = 0.0
+    uuid: str = ""
+    worker: str = ""
+    at: float
+
+
 _task_decoder = msgspec.json.Decoder(TaskRecord)
+_tick_decoder = msgspec.json.Decoder(TickRecord)
 _status_decoder = msgspec.json.Decoder(Task)
 _head_decoder = msgspec.json.Decoder(StatusHead)
 _result_decoder = msgspec.json.Decoder(ResultRecord)
@@ -352,6 +374,12 @@ def decode_result(data: bytes | None, limit: int = 1_000_000) -> ResultRecord:
 def decode_control(data: bytes | None, limit: int = 1_000_000) -> ControlRecord:
     """Decode a control-topic record."""
     result: ControlRecord = _decode(_control_decoder, data, limit, "control")
+    return result
+
+
+def decode_tick(data: bytes | None, limit: int = 1_000_000) -> TickRecord:
+    """Decode a schedule-topic record."""
+    result: TickRecord = _decode(_tick_decoder, data, limit, "schedule")
     return result
 
 

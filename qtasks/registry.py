@@ -42,6 +42,8 @@ class TaskSpec:
     middlewares_after: list[Callable[..., Any]] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     app: Any = None
+    #: A periodic task's schedule (``@app.periodic``): a :class:`qtasks.periodic.Schedule`.
+    schedule: Any = None
     kind: Kind = dataclasses.field(init=False)
     signature: inspect.Signature = dataclasses.field(init=False)
     _plain: tuple[dict[str, int], int] | None = dataclasses.field(init=False, repr=False, compare=False)
@@ -104,13 +106,15 @@ class TaskSpec:
         """Submit this task through its app (a coroutine on the asyncio app)."""
         return self.app.add_task(self.name, *args, priority=priority, timeout=timeout, **kwargs)
 
-    def map(self, values: Iterable[Any], *, priority: int | None = None) -> Any:
-        """Submit one task per value (the task's one argument), in one batch: ``app.add_tasks``."""
-        return self.app.add_tasks(self.name, [(value,) for value in values], priority=priority)
+    def map(self, values: Iterable[Any], *, priority: int | None = None, **when: Any) -> Any:
+        """Submit one task per value (the task's one argument), in one batch: ``app.add_tasks``
+        (``countdown=``/``eta=`` delay them all)."""
+        return self.app.add_tasks(self.name, [(value,) for value in values], priority=priority, **when)
 
-    def starmap(self, calls: Iterable[Iterable[Any]], *, priority: int | None = None) -> Any:
-        """Submit one task per tuple (or list) of positional arguments, in one batch: ``app.add_tasks``."""
-        return self.app.add_tasks(self.name, calls, priority=priority)
+    def starmap(self, calls: Iterable[Iterable[Any]], *, priority: int | None = None, **when: Any) -> Any:
+        """Submit one task per tuple (or list) of positional arguments, in one batch: ``app.add_tasks``
+        (``countdown=``/``eta=`` delay them all)."""
+        return self.app.add_tasks(self.name, calls, priority=priority, **when)
 
 
 class Registry:

@@ -699,6 +699,7 @@ def base_status(rec: TaskRecord, head: StatusHead | None, worker_id: str) -> Tas
         retry_count=rec.retry_count,
         attempt=head.attempt if head is not None else 0,
         worker=worker_id,
+        not_before=rec.not_before,
     )
 
 

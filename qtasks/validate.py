@@ -21,7 +21,9 @@ nesting deeper than the records' :data:`~qtasks.records.MAX_DEPTH` allows
 
 from __future__ import annotations
 
+import datetime
 import math
+import time
 import uuid as uuid_mod
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
@@ -226,6 +228,44 @@ def check_priority(priority: Any) -> int:
     if not _INT64_MIN <= priority <= _INT64_MAX:
         raise ValueError(f"priority must fit in a signed 64-bit int, got {priority}")
     return int(priority)
+
+
+#: The latest due time ``eta`` may name (Unix time: the year 5138).
+_LATEST_DUE: Final = 1e11
+
+
+def check_due(countdown: Any = None, eta: Any = None) -> float:
+    """When a task submitted with ``countdown`` (seconds from now) or ``eta`` may start: Unix time, 0.0 for at once.
+
+    ``eta`` is a ``datetime`` (a naive one is local time, as ``datetime.timestamp()`` reads
+    it) or Unix time in seconds. ``TypeError`` for both or the wrong type, ``ValueError`` for a
+    negative, infinite or NaN number.
+    """
+    if countdown is None and eta is None:
+        return 0.0
+    if countdown is not None and eta is not None:
+        raise TypeError("give countdown or eta, not both")
+    if countdown is not None:
+        seconds = _real(countdown, "countdown")
+        if not 0.0 <= seconds < _LATEST_DUE:
+            raise ValueError(f"countdown must be a number of seconds from 0 on, got {countdown!r}")
+        return time.time() + seconds if seconds else 0.0
+    if isinstance(eta, datetime.datetime):
+        due = eta.timestamp()
+    else:
+        due = _real(eta, "eta (a datetime or Unix time in seconds)")
+    if not 0.0 <= due < _LATEST_DUE:
+        raise ValueError(f"eta must be a time between 1970 and the year 5138, got {eta!r}")
+    return due
+
+
+def _real(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {_type_name(value)}")
+    number = float(value)
+    if math.isnan(number):
+        raise ValueError(f"{what} must be a number, got NaN")
+    return number
 
 
 def check_arguments(args: Any, kwargs: Any) -> None:

@@ -6,8 +6,12 @@ the worker with a clear error):
 - **poll**: fetch task records into a backlog (decoded; a bad record is dead-lettered),
   start them in priority order while slots are free, pause the partitions when full or
   while the broker is failing, and keep polling so the group never thinks it dead;
-- **delayed**: hold records whose ``not_before`` (a retry's backoff) lies ahead, with no
-  slot, and move them to the backlog when due;
+- **delayed**: hold records whose ``not_before`` lies ahead (due within a second or two:
+  longer delays wait in the delays topic), with no slot, and move them to the backlog when due;
+- **delays**: move delayed tasks through the delays topic to the tasks topic as their time
+  comes (:mod:`qtasks.scheduler`, in the group ``<group_id>.delays``);
+- **periodic**: submit the periodic tasks at their ticks, on the one worker that owns
+  partition 0 of the delays topic (:mod:`qtasks.periodic`);
 - **control**: cancel requests; **commit**: the lowest unfinished offset of each
   partition; **lease**: renew the leases of running tasks; **expire**: tombstones.
 
@@ -48,10 +52,12 @@ from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
 from qtasks.logs import current_task
 from qtasks.offsets import PartitionOffsets
+from qtasks.periodic import Ticker
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
 from qtasks.registry import Registry
 from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_running
+from qtasks.scheduler import DelayScheduler
 from qtasks.stats import UNKNOWN_TASK
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
@@ -93,6 +99,12 @@ class Worker:
         self._announcer = Announcer(core.config.process_grace)
         self.host = Host(core, self.id, plugins, events, app, user_app, self._pool, self, self._announcer)
         self.supervisor = Supervisor(f"worker {self.id}", on_fatal=self._on_fatal)
+        #: Submits the periodic tasks at their ticks, while this worker owns partition 0 of the delays topic.
+        self.ticker = Ticker(core, registry, self.id)
+        #: Moves delayed tasks on, in the group ``<group_id>.delays`` (its own loop).
+        self.delays = DelayScheduler(
+            core, f"{group_id}.delays", f"{self.id}-delays", self.id, on_first=self._on_first_delays
+        )
         self.error: BaseException | None = None
         self.tasks_done = 0
         self._consumer: Any = None
@@ -139,16 +151,19 @@ class Worker:
         await core.connect()
         connector = core.broker
         topics = core.topics
-        # A worker reads tasks and cancels, writes results, statuses and dead letters.
+        # A worker reads tasks and cancels, writes results, statuses and dead letters, and
+        # moves delayed tasks on (the delays topic, in its own group, to the tasks topic).
         await connector.check_access(
             {
-                topics.tasks: ("read",),
+                topics.tasks: ("read", "write"),
                 topics.control: ("read",),
                 topics.results: ("write",),
                 topics.status: ("read", "write"),
                 topics.dlq: ("write",),
+                topics.delays: ("read", "write"),
+                topics.schedule: ("read", "write"),
             },
-            group=self.group_id,
+            group=[self.group_id, self.delays.group_id],
         )
         self._control = connector.consumer(None, client_id=f"{self.id}-control")
         await self._control.start()
@@ -159,6 +174,11 @@ class Worker:
             self._consumer = connector.consumer(self.group_id, client_id=self.id)
             self._consumer.subscribe([core.topics.tasks], self)
             await self._consumer.start()
+            try:
+                await self.delays.start()
+            except BaseException:
+                await asyncio.shield(self._consumer.stop())
+                raise
         except BaseException:
             await asyncio.shield(self._control.stop())  # a failed start leaves nothing running
             raise
@@ -169,6 +189,8 @@ class Worker:
         spawn = self.supervisor.spawn
         spawn("poll", self._poll_loop)
         spawn("delayed", self._delay_loop)
+        spawn("delays", self.delays.run)
+        spawn("periodic", self.ticker.run)
         spawn("control", self._control_loop)
         if self.exactly_once:
             spawn("transactions", self._txn_loop)
@@ -181,6 +203,9 @@ class Worker:
             spawn("expire", self._expire_loop)
         log.info("worker %s running tasks %s (concurrency %d)", self.id, self.registry.names(), self.concurrency)
 
+    def _on_first_delays(self, owned: bool) -> None:
+        (self.ticker.lead if owned and not self._stopping else self.ticker.step_down)()
+
     def _on_fatal(self, error: BaseException) -> None:
         self.error = error
         log.critical("worker %s stops: %s", self.id, error)
@@ -191,6 +216,7 @@ class Worker:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        self.ticker.step_down()  # a stopping worker submits nothing more
         self.supervisor.wind_down()  # the poll loop returns now; the others run until stop
         timeout = self.core.config.stop_timeout if timeout is None else timeout
         if self._handlers:
@@ -212,6 +238,7 @@ class Worker:
             except ConnectorError as exc:
                 log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
         await self._consumer.stop()
+        await self.delays.stop()
         await self._close_txns(set(self._txns))  # none is opened while stopping; this is a backstop
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=60)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from aiokafka import errors as kafka_exc
@@ -200,7 +200,9 @@ class KafkaConnector:
             },
         )
 
-    async def check_access(self, needs: Mapping[str, Collection[str]], group: str | None = None) -> None:
+    async def check_access(
+        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+    ) -> None:
         """Ask the brokers what this client's principal may do on each topic (Metadata v8) and its group.
 
         Bounded by ``connect_timeout``. A check the brokers cannot answer now (a node away, no
@@ -222,14 +224,15 @@ class KafkaConnector:
                 f"{'; '.join(lacking)}. Grant it in the ACLs (docs/kafka.md lists what an app needs)"
             )
 
-    async def _lacking(self, needs: Mapping[str, Collection[str]], group: str | None) -> list[str]:
+    async def _lacking(self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None) -> list[str]:
         lacking: list[str] = []
+        groups = [group] if isinstance(group, str) else list(group or ())
         async with self._admin() as admin:
             with kafka_errors("check the ACLs", servers=self.where, health=self.health):
                 try:
                     response = await _to_any_node(admin, AuthorizedOperations(list(needs)))
                     lacking += missing(response, needs)
-                    if group is not None:
+                    for group in groups:
                         try:
                             coordinator = await admin.find_coordinator(group)
                             described = await admin._send_request(GroupOperations(group), coordinator)

@@ -86,3 +86,11 @@ async def block_once(self, seconds: float, marker: str):
         f.write(str(os.getpid()))
     time.sleep(seconds)  # noqa: ASYNC251 - a bug a user may well write: nothing on this loop runs meanwhile
     return "blocked"
+
+
+if os.environ.get("QTASKS_FAULT_PERIODIC"):
+
+    @app.periodic(every=1)
+    async def beat():
+        """A periodic task (only in the tests that ask for it): one value, so its executions can be counted."""
+        yield {"pid": os.getpid()}

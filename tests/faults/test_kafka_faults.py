@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from qtasks.periodic import tick_uuid
 from tests.faults.workers import (
     PARTITIONS,
     ROOT,
@@ -414,3 +416,80 @@ async def test_the_operator_commands_against_two_workers(make_cluster: Callable[
     assert len(changes) == 3 and {c["uuid"] for c in changes} <= submitted | {t.uuid for t in long}
     for task in long[1:]:
         await app.cancel(task.uuid)
+
+
+# -- delayed tasks ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+async def test_sigkill_of_the_worker_holding_delayed_tasks_loses_none_and_runs_none_early(
+    make_cluster: Callable[..., Workers],
+) -> None:
+    cluster = make_cluster(kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=1000)
+    victim = cluster.start_worker(concurrency=4)
+    await cluster.wait_assigned([victim])
+    await until(lambda: "moves on the delayed tasks of levels" in victim.log(), 60, "the victim to own the delays")
+    app = await cluster.client()
+    # Due in 8 s (the 4 s level) and 20 s (the 16 s level): the victim holds both when it dies.
+    soon = await app.add_tasks("gen", [(2,)] * 40, countdown=8)
+    later = await app.add_tasks("gen", [(2,)] * 40, countdown=20)
+    handles = soon + later
+    uuids = [h.uuid for h in handles]
+    await asyncio.sleep(3.0)
+    victim.popen.kill()
+    await asyncio.to_thread(victim.popen.wait, 10)
+    assert finished(app, uuids) == 0
+    survivor = cluster.start_worker(concurrency=4)
+    await cluster.wait_assigned([survivor])
+
+    finals = await wait_all(app, uuids, timeout=150)
+
+    assert Counter(t.status for t in finals.values()) == {"success": len(uuids)}
+    for handle in handles:
+        final = finals[handle.uuid]
+        assert final.started_at >= handle.task.not_before, (final, handle.task.not_before)
+        assert survivor.ran(final), final
+    scanned = await scan_results(app)
+    assert all(executions(scanned[u]) == [1] for u in uuids), {u: executions(scanned[u]) for u in uuids}
+    late = [finals[h.uuid].started_at - h.task.not_before for h in handles]
+    print(
+        f"delayed tasks after a kill -9 of their holder: {len(uuids)} ran once, none early; late by {min(late):.1f}-{max(late):.1f} s"
+    )
+
+
+# -- periodic tasks -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+async def test_sigkill_of_the_ticking_worker_loses_no_tick_and_runs_none_twice(
+    make_cluster: Callable[..., Workers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QTASKS_FAULT_PERIODIC", "1")  # the app's `beat`, every second
+    cluster = make_cluster(kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=1000)
+    workers = [cluster.start_worker(concurrency=4), cluster.start_worker(concurrency=4)]
+    await cluster.wait_assigned(workers)
+    await until(lambda: any("ticks the periodic tasks" in w.log() for w in workers), 60, "a worker to tick")
+    leader, other = workers if "ticks the periodic tasks" in workers[0].log() else workers[::-1]
+    app = await cluster.client()
+    started = time.time()
+    await asyncio.sleep(4.0)
+    leader.popen.kill()
+    await asyncio.to_thread(leader.popen.wait, 10)
+    killed = time.time()
+    await until(lambda: "ticks the periodic tasks" in other.log(), 60, "the other worker to tick")
+    took_over = time.time()
+    await asyncio.sleep(4.0)
+    ticks = [float(t) for t in range(math.ceil(started), math.floor(time.time()) - 1)]
+    uuids = [tick_uuid(cluster.name, "beat", t) for t in ticks]
+
+    finals = await wait_all(app, uuids, timeout=60)
+
+    assert Counter(t.status for t in finals.values()) == {"success": len(ticks)}
+    scanned = await scan_results(app)
+    assert all(executions(scanned[u]) == [1] for u in uuids), {
+        t: executions(scanned[u]) for t, u in zip(ticks, uuids, strict=True)
+    }
+    print(
+        f"periodic, kill -9 of the ticking worker: {len(ticks)} ticks, each run once; "
+        f"the other worker ticked {took_over - killed:.1f} s after the kill"
+    )

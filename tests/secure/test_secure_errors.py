@@ -116,7 +116,7 @@ async def test_a_worker_that_may_not_write_its_results_is_refused_at_start_not_s
         *("--operation", "Create", "--operation", "DescribeConfigs", "--resource-pattern-type", "prefixed"),
         *("--topic", f"{name}."),
     )
-    writable = [f"{name}.{suffix}" for suffix in ("tasks", "status", "control", "dlq")]
+    writable = [f"{name}.{suffix}" for suffix in ("tasks", "status", "control", "dlq", "delays")]
     await asyncio.to_thread(
         grant,
         *("--add", "--allow-principal", "User:limited", "--operation", "Write"),

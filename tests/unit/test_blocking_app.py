@@ -96,3 +96,25 @@ def test_blocking_bulk_submit_and_merged_streams(sync_app: QueueTasks) -> None:
         by_task[item.uuid].append(item.value)
     assert list(by_task.values()) == [[0], [0, 1], [0, 1, 2], [0, 10]]
     assert [h.result(timeout=10) for h in handles] == [[0], [0, 1], [0, 1, 2], [0, 10]]
+
+
+def test_blocking_delayed_and_periodic_tasks(sync_app: QueueTasks) -> None:
+    ticks: list[float] = []
+
+    @sync_app.task
+    def stamp() -> float:
+        return time.time()
+
+    @sync_app.periodic(every=1)
+    def beat() -> None:
+        ticks.append(time.time())
+
+    sync_app.start()
+    one = sync_app.add_task("stamp", countdown=1.2)
+    batch = sync_app.add_tasks("stamp", [(), ()], eta=time.time() + 1.2)
+    for handle in [one, *batch]:
+        assert handle.result(timeout=20) >= handle.task.not_before > 0
+    deadline = time.monotonic() + 20
+    while len(ticks) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(ticks) >= 2

@@ -39,3 +39,21 @@ def test_the_readme_example_runs_on_memory(tmp_path: Path) -> None:
         merged.setdefault(uuid, []).append((int(seq), int(value)))
     assert sorted(map(len, merged.values())) == [3, 4, 5]  # the three tasks of count.map, every value
     assert all(items == [(i, 2 * i) for i in range(len(items))] for items in merged.values())
+
+
+def test_the_delayed_example_runs_each_reminder_at_its_time_and_not_the_cancelled_one() -> None:
+    result = run(ROOT / "docs" / "examples" / "delayed.py")
+    assert result.returncode == 0, result.stderr
+    ran = re.findall(r"(\w+): due at \+([\d.]+) s, ran at \+([\d.]+) s \((\w+)\)", result.stdout)
+    assert sorted(who for who, *_ in ran) == ["ana", "bo", "dee", "eli"], result.stdout
+    for who, due, at, status in ran:
+        assert status == "success" and float(at) >= float(due), (who, due, at)
+    assert "cy: cancel (plans changed), never ran" in result.stdout
+
+
+def test_the_periodic_example_runs_each_tick_once_across_a_hand_over() -> None:
+    result = run(ROOT / "docs" / "examples" / "periodic.py", "6")
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"(\d+) runs for (\d+) ticks, run by \[.*\]; gaps \{1.0\}", result.stdout)
+    assert found is not None, result.stdout
+    assert found.group(1) == found.group(2) and int(found.group(1)) >= 4

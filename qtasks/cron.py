@@ -1,0 +1,179 @@
+"""Cron expressions and intervals: when a periodic task's next tick is (pure, no clock of its own).
+
+A cron expression has five fields, ``minute hour day-of-month month day-of-week``:
+
+- ``*``, a number, a range ``a-b``, a list ``a,b,c``, and steps ``*/n`` or ``a-b/n``;
+- months ``1-12`` or ``jan``-``dec``; days of the week ``0-7`` (0 and 7 are Sunday) or
+  ``sun``-``sat``;
+- ``@yearly`` (``@annually``), ``@monthly``, ``@weekly``, ``@daily`` (``@midnight``), ``@hourly``.
+
+As in Vixie cron, when both day fields are restricted a day matches either of them.
+Times are wall-clock times of the schedule's time zone (UTC unless one is given): in a
+day that skips an hour, a tick in it comes an hour on (02:30 becomes 03:30), unless that
+is a tick already; in one that repeats an hour, a tick comes once, at its first pass.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import zoneinfo
+from typing import Final
+
+_FIELDS: Final = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 7),
+)
+_MONTHS: Final = {
+    m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)
+}
+_DAYS: Final = {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
+_ALIASES: Final = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+#: How far ahead a next tick is looked for (an expression such as Feb 30 never matches).
+_HORIZON_DAYS: Final = 366 * 8
+
+
+class Cron:
+    """A parsed cron expression in a time zone; ``next_after(t)`` is the first tick after Unix time ``t``."""
+
+    def __init__(self, expression: str, tz: str | datetime.tzinfo | None = None) -> None:
+        if not isinstance(expression, str):
+            raise TypeError(f"a cron expression is a string, got {type(expression).__name__}")
+        self.expression = expression
+        text = _ALIASES.get(expression.strip().lower(), expression)
+        parts = text.split()
+        if len(parts) != 5:
+            raise ValueError(
+                f"cron expression {expression!r} has {len(parts)} fields; it takes 5: minute hour day-of-month month "
+                "day-of-week (or @hourly, @daily, ...)"
+            )
+        fields = [_field(part, *spec, expression) for part, spec in zip(parts, _FIELDS, strict=True)]
+        self.minutes, self.hours, self.days, self.months, weekdays = fields
+        self.weekdays = frozenset(d % 7 for d in weekdays)
+        self._any_day = parts[2] == "*"
+        self._any_weekday = parts[4] == "*"
+        self.tz = _zone(tz)
+        if not any(day <= _MONTH_DAYS[month] for month in self.months for day in self.days) and self._any_weekday:
+            raise ValueError(f"cron expression {expression!r} names no day that exists")
+
+    def __repr__(self) -> str:
+        return f"Cron({self.expression!r}, tz={self.tz})"
+
+    def _day_matches(self, day: datetime.date) -> bool:
+        if day.month not in self.months:
+            return False
+        in_month = day.day in self.days
+        in_week = (day.isoweekday() % 7) in self.weekdays
+        if self._any_day and self._any_weekday:
+            return True
+        if self._any_day:
+            return in_week
+        if self._any_weekday:
+            return in_month
+        return in_month or in_week
+
+    def next_after(self, t: float) -> float:
+        """The first tick strictly after Unix time ``t``."""
+        local = datetime.datetime.fromtimestamp(t, self.tz).replace(tzinfo=None, second=0, microsecond=0)
+        start = local + datetime.timedelta(minutes=1)
+        day = start.date()
+        for _ in range(_HORIZON_DAYS):
+            if self._day_matches(day):
+                first = start.time() if day == start.date() else datetime.time()
+                for hour in sorted(self.hours):
+                    if hour < first.hour:
+                        continue
+                    for minute in sorted(self.minutes):
+                        if hour == first.hour and minute < first.minute:
+                            continue
+                        tick = _instant(datetime.datetime.combine(day, datetime.time(hour, minute)), self.tz)
+                        if tick > t:
+                            return tick
+            day += datetime.timedelta(days=1)
+        raise ValueError(f"cron expression {self.expression!r} has no tick in the next {_HORIZON_DAYS // 366} years")
+
+
+class Every:
+    """A fixed interval: ticks at whole multiples of ``seconds`` since the Unix epoch (every worker agrees)."""
+
+    def __init__(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"every= takes a number of seconds, got {type(seconds).__name__}")
+        if not (math.isfinite(seconds) and seconds >= 1.0):
+            raise ValueError(f"every= takes at least 1 second, got {seconds!r}")
+        self.seconds = float(seconds)
+
+    def __repr__(self) -> str:
+        return f"Every({self.seconds})"
+
+    def next_after(self, t: float) -> float:
+        """The first tick strictly after Unix time ``t``."""
+        tick = (math.floor(t / self.seconds) + 1) * self.seconds
+        return tick if tick > t else tick + self.seconds
+
+
+_MONTH_DAYS: Final = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
+
+
+def _zone(tz: str | datetime.tzinfo | None) -> datetime.tzinfo:
+    if tz is None:
+        return datetime.UTC
+    if isinstance(tz, datetime.tzinfo):
+        return tz
+    if not isinstance(tz, str):
+        raise TypeError(f"tz= takes a time zone name or a tzinfo, got {type(tz).__name__}")
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {tz!r} (an IANA name such as 'Europe/Paris')") from None
+
+
+def _instant(wall: datetime.datetime, tz: datetime.tzinfo) -> float:
+    """Unix time of a wall-clock time in ``tz``: its first pass if repeated, an hour on if skipped (PEP 495, fold 0)."""
+    return wall.replace(tzinfo=tz, fold=0).timestamp()
+
+
+def _field(text: str, name: str, low: int, high: int, expression: str) -> frozenset[int]:
+    values: set[int] = set()
+    names = _MONTHS if name == "month" else _DAYS if name == "day of week" else {}
+    for item in text.lower().split(","):
+        part, _, step_text = item.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) < 1:
+                raise ValueError(f"cron expression {expression!r}: bad step {step_text!r} in the {name} field")
+            step = int(step_text)
+        if part == "*":
+            first, last = low, high
+        elif "-" in part:
+            a, _, b = part.partition("-")
+            first, last = _number(a, names, name, low, high, expression), _number(b, names, name, low, high, expression)
+            if first > last:
+                raise ValueError(f"cron expression {expression!r}: range {part!r} of the {name} field runs backwards")
+        else:
+            first = _number(part, names, name, low, high, expression)
+            last = high if step_text else first
+        values.update(range(first, last + 1, step))
+    return frozenset(values)
+
+
+def _number(text: str, names: dict[str, int], name: str, low: int, high: int, expression: str) -> int:
+    if text in names:
+        return names[text]
+    if not text.isdigit():
+        raise ValueError(f"cron expression {expression!r}: {text!r} is not a value of the {name} field")
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(f"cron expression {expression!r}: {value} is outside the {name} field ({low}-{high})")
+    return value

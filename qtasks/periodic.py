@@ -1,0 +1,262 @@
+"""Periodic tasks: ``@app.periodic(cron=...)`` or ``every=``, one run per tick across the whole group.
+
+One worker ticks at a time: the one that owns partition 0 of the delays topic (its
+consumer group hands that partition to exactly one member, and to another when that
+one leaves or dies). At each tick it submits the task with a uuid made from the app, the
+task and the tick, then records the tick in the compacted topic ``<app>.schedule``
+(key ``tick:<task name>``). A worker that takes the ticking over reads that topic, and
+the ticks after the last one recorded are submitted then:
+
+- a tick whose uuid is already known (submitted, not yet recorded, when the last ticker
+  died) is not submitted again; a copy submitted twice anyway (two tickers for a moment,
+  during a rebalance) is one task, which runs once;
+- ticks missed within ``periodic_grace`` of the last sign of a ticking worker (a crash
+  and its rebalance take that long) are all submitted;
+- ticks missed while no worker ran (longer gaps) follow the schedule's ``catch_up``:
+  ``"latest"`` (the default: the last of them), ``"all"`` (each, at most
+  :data:`MAX_CATCH_UP`, the latest ones) or ``"skip"`` (none).
+
+The ticking worker writes a sign of life (key ``alive``) every :data:`ALIVE_EVERY`
+seconds. A task's status has the tick it was submitted for in ``not_before``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid as uuid_mod
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from qtasks.connectors.base import TopicPartition
+from qtasks.core import Core
+from qtasks.cron import Cron, Every
+from qtasks.delivery import fetch, retried
+from qtasks.exc import RecordError
+from qtasks.records import TickRecord, decode_tick, encode
+from qtasks.validate import check_arguments
+
+if TYPE_CHECKING:
+    from qtasks.registry import Registry, TaskSpec
+
+log = logging.getLogger("qtasks.periodic")
+
+CatchUp = Literal["latest", "all", "skip"]
+#: Seconds between the ticking worker's signs of life.
+ALIVE_EVERY: Final = 2.0
+#: The most missed ticks ``catch_up="all"`` submits (the latest ones).
+MAX_CATCH_UP: Final = 1000
+#: The most ticks looked at when catching up (a fine cron after a long outage).
+_MAX_LOOKED_AT: Final = 200_000
+_NAMESPACE: Final = uuid_mod.UUID("5d1c6a3e-5b8f-4f1e-9a57-8b7f6c2e1d40")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When a periodic task runs, with which arguments, and what happens to ticks missed while no worker ran."""
+
+    when: Cron | Every
+    catch_up: CatchUp = "latest"
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        cron: str | None,
+        every: float | None,
+        tz: Any,
+        catch_up: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+    ) -> Schedule:
+        """A checked schedule: ``TypeError``/``ValueError`` naming what is wrong."""
+        if (cron is None) == (every is None):
+            raise TypeError("a periodic task takes cron= or every=, one of them")
+        if every is not None and tz is not None:
+            raise TypeError("tz= goes with cron=; every= counts seconds since the Unix epoch")
+        if catch_up not in ("latest", "all", "skip"):
+            raise ValueError(f"catch_up must be 'latest', 'all' or 'skip', got {catch_up!r}")
+        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+            raise TypeError(f"args= takes a tuple or list, got {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs= takes a dict, got {type(kwargs).__name__}")
+        check_arguments(list(args), dict(kwargs or {}))
+        when: Cron | Every = Cron(cron, tz) if cron is not None else Every(every)  # type: ignore[arg-type]
+        return cls(when, catch_up, tuple(args), dict(kwargs or {}))  # type: ignore[arg-type]
+
+
+def tick_uuid(app: str, task: str, tick: float) -> str:
+    """The uuid of the run of ``task`` for ``tick``: the same in every worker."""
+    return str(uuid_mod.uuid5(_NAMESPACE, f"{app}\x00{task}\x00{tick!r}"))
+
+
+def missed(
+    when: Cron | Every, last: float, alive: float, now: float, grace: float, catch_up: CatchUp
+) -> tuple[list[float], int]:
+    """The ticks after ``last`` up to ``now`` to submit, and how many others were passed over.
+
+    Those within ``grace`` of ``alive`` (the last sign of a ticking worker) are all kept;
+    later ones follow ``catch_up``.
+    """
+    handover = max(alive, last) + grace
+    kept: list[float] = []
+    outage: deque[float] = deque(maxlen=MAX_CATCH_UP if catch_up == "all" else 1)
+    passed = 0
+    tick = when.next_after(last)
+    for _ in range(_MAX_LOOKED_AT):
+        if tick > now:
+            break
+        if tick <= handover:
+            kept.append(tick)
+        else:
+            if len(outage) == outage.maxlen:
+                passed += 1
+            outage.append(tick)
+        tick = when.next_after(tick)
+    else:
+        passed += 1  # more than were looked at: the rest are passed over too
+    if catch_up == "skip":
+        passed += len(outage)
+        outage.clear()
+    return kept + list(outage), passed
+
+
+class Ticker:
+    """The worker's periodic loop: ticks while this worker owns partition 0 of the delays topic."""
+
+    def __init__(self, core: Core, registry: Registry, worker_id: str) -> None:
+        self.core = core
+        self.registry = registry
+        self.worker_id = worker_id
+        self._term = 0
+        self._changed = asyncio.Event()
+        self.leading = False
+        #: Ticks submitted here, and when this worker last took the ticking over (tests, debugging).
+        self.submitted = 0
+        self.led_at = 0.0
+
+    def lead(self) -> None:
+        """This worker now owns the ticking (partition 0 of the delays topic was assigned to it)."""
+        self._term += 1
+        self.leading = True
+        self._changed.set()
+
+    def step_down(self) -> None:
+        """Another worker ticks from now on (or none, until the group hands the partition out)."""
+        self._term += 1
+        self.leading = False
+        self._changed.set()
+
+    def _schedules(self) -> list[tuple[TaskSpec, Schedule]]:
+        return [(spec, spec.schedule) for spec in self.registry if spec.schedule is not None]
+
+    async def run(self) -> None:
+        """The worker's supervised loop."""
+        while True:
+            self._changed.clear()
+            term = self._term
+            if self.leading and self._schedules():
+                await self._tick(term)
+            else:
+                await self._changed.wait()
+
+    async def _tick(self, term: int) -> None:
+        core = self.core
+        schedules = self._schedules()
+        await retried(core.store.catch_up_all, what="the end of the status topic", trouble=core.trouble)
+        last, alive = await self._read()
+        now = self.led_at = time.time()
+        grace = core.config.periodic_grace or max(60.0, 2 * core.config.kafka_session_timeout_ms / 1000)
+        plan: dict[str, float] = {}
+        log.info("worker %s ticks the periodic tasks %s", self.worker_id, [spec.name for spec, _ in schedules])
+        for spec, schedule in schedules:
+            if spec.name in last:
+                ticks, passed = missed(schedule.when, last[spec.name], alive, now, grace, schedule.catch_up)
+                if passed:
+                    log.warning(
+                        "periodic task %s: %d tick(s) missed while no worker ran are passed over (catch_up=%r)",
+                        spec.name,
+                        passed,
+                        schedule.catch_up,
+                    )
+                for tick in ticks:
+                    if self._term != term:
+                        return
+                    await self._fire(spec, schedule, tick)
+            plan[spec.name] = schedule.when.next_after(now)
+        specs = {spec.name: (spec, schedule) for spec, schedule in schedules}
+        next_alive = 0.0
+        while self._term == term:
+            now = time.time()
+            if now >= next_alive:
+                await self._alive(now)
+                next_alive = now + ALIVE_EVERY
+            for name, tick in sorted(plan.items(), key=lambda item: item[1]):
+                if tick > now or self._term != term:
+                    continue
+                spec, schedule = specs[name]
+                await self._fire(spec, schedule, tick)
+                plan[name] = schedule.when.next_after(tick)
+            wake = min(min(plan.values()), next_alive)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wake - time.time())):
+                    await self._changed.wait()
+
+    async def _fire(self, spec: TaskSpec, schedule: Schedule, tick: float) -> None:
+        """Submit the run of ``spec`` for ``tick`` (unless it is known already), then record the tick."""
+        core = self.core
+        uuid = tick_uuid(core.name, spec.name, tick)
+        head = core.view.head(uuid)
+        if head is None or head.status == "new":
+            new = core.new_task(
+                spec.name, schedule.args, schedule.kwargs, priority=spec.priority, not_before=tick, uuid=uuid
+            )
+            if head is None:
+                await core.submit_all([new])
+                self.submitted += 1
+            else:
+                # Submitted by a ticker that died before its task record was surely stored:
+                # sent again (one task all the same: the worker that reads a second copy skips it).
+                await core.resend(new)
+        record = TickRecord(kind="tick", name=spec.name, tick=tick, uuid=uuid, worker=self.worker_id, at=time.time())
+        await core.send(core.topics.schedule, encode(record), f"tick:{spec.name}", 1, what=f"tick of {spec.name}")
+
+    async def _alive(self, now: float) -> None:
+        core = self.core
+        record = TickRecord(kind="alive", worker=self.worker_id, at=now)
+        await core.send(core.topics.schedule, encode(record), "alive", 1, what="the ticking worker's sign of life")
+
+    async def _read(self) -> tuple[dict[str, float], float]:
+        """The last tick of each periodic task, and the last sign of a ticking worker (0.0: none)."""
+        core = self.core
+        tp = TopicPartition(core.topics.schedule, 0)
+        consumer = core.broker.consumer(None, client_id=f"{self.worker_id}-schedule")
+        await consumer.start()
+        last: dict[str, float] = {}
+        alive = 0.0
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning([tp])
+            end = (await retried(lambda: consumer.end_offsets([tp]), what="the schedule's end"))[tp]
+            while await consumer.position(tp) < end:
+                for record in await fetch(consumer, 0.5):
+                    if record.offset >= end or record.value is None:
+                        continue
+                    try:
+                        tick = decode_tick(record.value, core.config.max_record_bytes)
+                    except RecordError as exc:
+                        log.warning("ignored a schedule record at offset %d: %s", record.offset, exc)
+                        continue
+                    if tick.kind == "alive":
+                        alive = max(alive, tick.at)
+                    elif tick.name:
+                        last[tick.name] = max(last.get(tick.name, 0.0), tick.tick)
+        finally:
+            await consumer.stop()
+        return last, alive

@@ -1,0 +1,150 @@
+"""Periodic tasks (``@app.periodic``), end to end, for every connector.
+
+``tests/unit`` runs it on ``memory://`` and ``tests/integration`` on a real Kafka broker.
+A tick's run is found by its uuid (``tick_uuid``), and its status names the tick in
+``not_before``; every run appends to a list shared by the apps of a test, so a tick run
+twice anywhere shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from qtasks.asyncio import QueueTasks
+from qtasks.periodic import tick_uuid
+from qtasks.records import Task, TickRecord, encode
+from tests.delays_suite import LATE
+
+
+def beating(app: QueueTasks, runs: list[float], every: float = 1.0, **options: Any) -> None:
+    @app.periodic(every=every, **options)
+    async def beat() -> float:
+        runs.append(time.time())
+        return runs[-1]
+
+
+async def ticks_between(app: QueueTasks, start: float, end: float, every: float = 1.0) -> dict[float, Task | None]:
+    """The status of the run of every tick from ``start`` to ``end`` (None: never submitted)."""
+    found: dict[float, Task | None] = {}
+    tick = math.floor(start / every) * every
+    while tick <= end:
+        found[tick] = await app.get(tick_uuid(app.name, "beat", tick))
+        tick += every
+    return found
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+def check_consecutive(found: dict[float, Task | None], runs: list[float]) -> list[float]:
+    """The ticks run: consecutive, each a success that started at or after its tick, each run once."""
+    ran = sorted(tick for tick, task in found.items() if task is not None)
+    assert ran, found
+    assert ran == [ran[0] + i * (ran[1] - ran[0] if len(ran) > 1 else 1) for i in range(len(ran))], ran
+    for tick in ran:
+        task = found[tick]
+        assert task is not None and task.status == "success" and task.not_before == tick, task
+        assert tick <= task.started_at < tick + LATE, (tick, task.started_at)
+    assert len(runs) == len(ran), (len(runs), ran)
+    return ran
+
+
+async def test_a_periodic_task_runs_once_per_tick(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app()
+    runs: list[float] = []
+    beating(app, runs)
+    started = time.time()
+    worker = await app.start()
+    await until(lambda: len(runs) >= 4, 30, "four ticks")
+    await app.stop()
+    found = await ticks_between(make_app(app.name), started - 1, time.time())
+    ran = check_consecutive(found, runs)
+    assert ran[0] <= started + 2 and worker.ticker.submitted == len(ran)
+
+
+async def test_one_worker_of_the_group_ticks_and_another_takes_over_without_a_gap(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    name = f"beat{time.time_ns()}"
+    runs: list[float] = []
+    first, second = make_app(name), make_app(name)
+    beating(first, runs)
+    beating(second, runs)
+    started = time.time()
+    a, b = await first.start(), await second.start()
+    await until(lambda: [a.ticker.leading, b.ticker.leading].count(True) == 1, 30, "one worker ticking")
+    await until(lambda: len(runs) >= 3, 30, "three ticks")
+    assert [a.ticker.leading, b.ticker.leading].count(True) == 1
+    leader, other = (first, second) if a.ticker.leading else (second, first)
+    count = len(runs)
+    await leader.stop()  # the other worker takes the ticking over
+    await until(lambda: other.worker is not None and other.worker.ticker.leading, 60, "the other worker to tick")
+    await until(lambda: len(runs) >= count + 3, 30, "three more ticks")
+    await other.stop()
+    found = await ticks_between(make_app(name), started - 1, time.time())
+    check_consecutive(found, runs)
+
+
+@pytest.mark.parametrize("catch_up", ["all", "latest", "skip"])
+async def test_ticks_missed_while_no_worker_ran_follow_catch_up(
+    make_app: Callable[..., QueueTasks], catch_up: str
+) -> None:
+    name = f"late{time.time_ns()}"
+    grace, every = 20.0, 5.0
+    runs: list[float] = []
+    app = make_app(name, periodic_grace=grace)
+    beating(app, runs, every=every, catch_up=catch_up)
+    # The story so far: a worker ticked until 300 s ago, then none ran.
+    await app.core.connect()
+    last = math.floor((time.time() - 300) / every) * every
+    producer = app.core.broker.producer
+    for key, record in (
+        (b"tick:beat", TickRecord(kind="tick", name="beat", tick=last, uuid=tick_uuid(name, "beat", last), at=last)),
+        (b"alive", TickRecord(kind="alive", worker="gone", at=last)),
+    ):
+        delivery = await producer.send(app.core.topics.schedule, encode(record), key=key, partition=0)
+        if delivery is not None:
+            await delivery
+    worker = await app.start()
+    await until(lambda: worker.ticker.led_at > 0, 60, "the worker to tick")
+    led = worker.ticker.led_at
+    within = [last + every * i for i in range(1, int(grace / every) + 1)]  # missed with a worker's sign in grace
+    outage = [t for t in (last + grace + every * i for i in range(1, 200)) if t <= led]
+    await until(lambda: len(runs) >= len(within) + {"all": len(outage), "latest": 1, "skip": 0}[catch_up], 60, "runs")
+    found = await ticks_between(app, last + every, led, every)
+    assert all(found[t] is not None for t in within), within
+    submitted = [t for t in outage if found[t] is not None]
+    if catch_up == "all":
+        assert submitted == outage
+    elif catch_up == "latest":
+        assert submitted == outage[-1:]
+    else:
+        assert submitted == []
+
+
+async def test_periodic_arguments_are_checked_when_the_task_is_registered(app: QueueTasks) -> None:
+    with pytest.raises(TypeError, match="cannot take args"):
+
+        @app.periodic(every=10, args=(1, 2))
+        async def one(x: int) -> int:
+            return x
+
+    @app.periodic(cron="*/5 * * * *", args=(1,), kwargs={"y": 2}, name="sum", retry=2)
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    spec = app.registry.get("sum")
+    assert spec is not None and spec.retry == 2 and spec.schedule.args == (1,)
+    await app.start()
+    done = await app.add_task("sum", 3, y=4, timeout=20)  # a periodic task is a task too
+    assert done is not None and done.returning == 7

@@ -1,0 +1,146 @@
+"""Cron expressions, intervals and the catch-up of missed ticks (pure: no clock, no broker)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from qtasks.cron import Cron, Every
+from qtasks.periodic import MAX_CATCH_UP, Schedule, missed, tick_uuid
+
+UTC = datetime.UTC
+
+
+def at(*parts: int, tz: Any = UTC) -> float:
+    return datetime.datetime(*parts, tzinfo=tz).timestamp()
+
+
+def ticks(when: Cron | Every, start: float, n: int) -> list[str]:
+    out, t = [], start
+    tz = when.tz if isinstance(when, Cron) else UTC
+    for _ in range(n):
+        t = when.next_after(t)
+        out.append(datetime.datetime.fromtimestamp(t, tz).strftime("%Y-%m-%d %H:%M %a"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("*/15 * * * *", ["2026-03-28 23:15 Sat", "2026-03-28 23:30 Sat", "2026-03-28 23:45 Sat"]),
+        ("0 9 * * mon-fri", ["2026-03-30 09:00 Mon", "2026-03-31 09:00 Tue", "2026-04-01 09:00 Wed"]),
+        ("30 8 1 * *", ["2026-04-01 08:30 Wed", "2026-05-01 08:30 Fri", "2026-06-01 08:30 Mon"]),
+        # both day fields restricted: either matches (Vixie cron)
+        ("0 0 1,15 * sun", ["2026-03-29 00:00 Sun", "2026-04-01 00:00 Wed", "2026-04-05 00:00 Sun"]),
+        ("0 0 29 2 *", ["2028-02-29 00:00 Tue", "2032-02-29 00:00 Sun", "2036-02-29 00:00 Fri"]),
+        ("@hourly", ["2026-03-29 00:00 Sun", "2026-03-29 01:00 Sun", "2026-03-29 02:00 Sun"]),
+        ("@weekly", ["2026-03-29 00:00 Sun", "2026-04-05 00:00 Sun", "2026-04-12 00:00 Sun"]),
+        ("0 12 * jan,jul 7", ["2026-07-05 12:00 Sun", "2026-07-12 12:00 Sun", "2026-07-19 12:00 Sun"]),
+        ("5-10/5 1 * * *", ["2026-03-29 01:05 Sun", "2026-03-29 01:10 Sun", "2026-03-30 01:05 Mon"]),
+        ("59 23 31 12 *", ["2026-12-31 23:59 Thu", "2027-12-31 23:59 Fri", "2028-12-31 23:59 Sun"]),
+    ],
+)
+def test_cron_gives_the_next_ticks(expression: str, expected: list[str]) -> None:
+    assert ticks(Cron(expression), at(2026, 3, 28, 23, 0), 3) == expected
+
+
+def test_a_tick_is_strictly_after_the_time_given() -> None:
+    cron = Cron("*/5 * * * *")
+    assert cron.next_after(at(2026, 1, 1, 0, 5)) == at(2026, 1, 1, 0, 10)
+    assert cron.next_after(at(2026, 1, 1, 0, 4, 59)) == at(2026, 1, 1, 0, 5)
+
+
+def test_a_time_zone_and_its_daylight_saving_changes() -> None:
+    paris = "Europe/Paris"
+    # 2026-03-29 skips 02:00-03:00 in Paris: 02:30 comes at 03:30; other days at 02:30 local.
+    assert ticks(Cron("30 2 * * *", paris), at(2026, 3, 28, 12, 0), 3) == [
+        "2026-03-29 03:30 Sun",
+        "2026-03-30 02:30 Mon",
+        "2026-03-31 02:30 Tue",
+    ]
+    # 2026-10-25 repeats 02:00-03:00: a tick at 02:30 comes once.
+    once = [Cron("30 2 * * *", paris).next_after(at(2026, 10, 24, 12, 0))]
+    once.append(Cron("30 2 * * *", paris).next_after(once[0]))
+    assert once[1] - once[0] == 25 * 3600  # the next day, 25 hours on
+    assert Cron("0 9 * * *", "America/New_York").next_after(at(2026, 6, 1, 0, 0)) == at(2026, 6, 1, 13, 0)
+
+
+@pytest.mark.parametrize(
+    ("expression", "error"),
+    [
+        ("* * * *", "has 4 fields; it takes 5"),
+        ("60 * * * *", "60 is outside the minute field (0-59)"),
+        ("* 24 * * *", "24 is outside the hour field"),
+        ("* * 0 * *", "0 is outside the day of month field"),
+        ("* * * 13 *", "13 is outside the month field"),
+        ("* * * foo *", "'foo' is not a value of the month field"),
+        ("*/0 * * * *", "bad step '0'"),
+        ("10-5 * * * *", "runs backwards"),
+        ("0 0 30 2 *", "names no day that exists"),
+    ],
+)
+def test_a_bad_cron_expression_says_what_is_wrong(expression: str, error: str) -> None:
+    with pytest.raises(ValueError, match="cron expression") as caught:
+        Cron(expression)
+    assert error in str(caught.value)
+
+
+def test_bad_time_zones_and_types() -> None:
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Base'"):
+        Cron("* * * * *", "Mars/Base")
+    with pytest.raises(TypeError):
+        Cron(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 1 second"):
+        Every(0.5)
+    with pytest.raises(TypeError):
+        Every(True)
+
+
+def test_every_ticks_at_whole_multiples_since_the_epoch() -> None:
+    every = Every(30)
+    assert every.next_after(at(2026, 1, 1, 0, 0, 10)) == at(2026, 1, 1, 0, 0, 30)
+    assert every.next_after(at(2026, 1, 1, 0, 0, 30)) == at(2026, 1, 1, 0, 1, 0)
+
+
+def test_a_schedule_is_checked_when_it_is_made() -> None:
+    with pytest.raises(TypeError, match="cron= or every="):
+        Schedule.of(cron=None, every=None, tz=None, catch_up="latest", args=(), kwargs=None)
+    with pytest.raises(TypeError, match="cron= or every="):
+        Schedule.of(cron="* * * * *", every=5, tz=None, catch_up="latest", args=(), kwargs=None)
+    with pytest.raises(ValueError, match="catch_up must be"):
+        Schedule.of(cron=None, every=5, tz=None, catch_up="some", args=(), kwargs=None)
+    with pytest.raises(TypeError, match="tz= goes with cron="):
+        Schedule.of(cron=None, every=5, tz="UTC", catch_up="all", args=(), kwargs=None)
+    with pytest.raises(TypeError, match="args= takes a tuple or list"):
+        Schedule.of(cron=None, every=5, tz=None, catch_up="all", args="ab", kwargs=None)
+    with pytest.raises((TypeError, ValueError)):
+        Schedule.of(cron=None, every=5, tz=None, catch_up="all", args=(object(),), kwargs=None)
+
+
+def test_missed_ticks_within_the_grace_always_run_and_the_rest_follow_catch_up() -> None:
+    every = Every(10)
+    last, now, grace = 1000.0, 2000.0, 100.0
+    # ticks 1010..1100 fall within the grace (after last, the later of last and alive); 1110..2000 do not.
+    within = [1000.0 + 10 * i for i in range(1, 11)]
+    after = [1100.0 + 10 * i for i in range(1, 91)]
+    assert missed(every, last, 0.0, now, grace, "skip") == (within, 90)
+    assert missed(every, last, 0.0, now, grace, "latest") == ([*within, 2000.0], 89)
+    assert missed(every, last, 0.0, now, grace, "all") == ([*within, *after], 0)
+    # a later sign of life moves the grace on
+    assert missed(every, last, 1900.0, now, grace, "skip") == ([1000.0 + 10 * i for i in range(1, 101)], 0)
+    # nothing missed
+    assert missed(every, 1995.0, 1995.0, now, grace, "all") == ([2000.0], 0)
+    assert missed(every, 2000.0, 2000.0, now, grace, "all") == ([], 0)
+
+
+def test_catch_up_all_keeps_at_most_the_latest_thousand() -> None:
+    kept, passed = missed(Every(1), 0.0, 0.0, 5000.0, 10.0, "all")
+    assert len(kept) == 10 + MAX_CATCH_UP and kept[-1] == 5000.0 and kept[10] == 5000.0 - MAX_CATCH_UP + 1
+    assert passed == 5000 - 10 - MAX_CATCH_UP
+
+
+def test_a_tick_has_the_same_uuid_in_every_worker_and_another_for_each_tick() -> None:
+    assert tick_uuid("app", "beat", 60.0) == tick_uuid("app", "beat", 60.0)
+    assert len({tick_uuid("app", "beat", 60.0), tick_uuid("app", "beat", 70.0), tick_uuid("other", "beat", 60.0)}) == 3

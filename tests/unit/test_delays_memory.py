@@ -1,0 +1,3 @@
+"""Delayed tasks on memory://."""
+
+from tests.delays_suite import *  # noqa: F403

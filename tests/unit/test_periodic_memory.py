@@ -1,0 +1,3 @@
+"""Periodic tasks on memory://."""
+
+from tests.periodic_suite import *  # noqa: F403
