@@ -11,19 +11,24 @@ from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import QTasksError, TaskCancelError, TaskPluginTriggerError
 from qtasks.logs import Logger
 from qtasks.records import StreamItem, Task
+from qtasks.router import AsyncRouter, Router, SyncRouter, shared_task
 
 __all__ = [
     "Args",
     "AsyncContext",
+    "AsyncRouter",
     "Logger",
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
+    "Router",
     "StreamItem",
     "SyncContext",
+    "SyncRouter",
     "Task",
     "TaskCancelError",
     "TaskPluginTriggerError",
+    "shared_task",
 ]
 
 __version__ = "0.1.0"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import inspect
 import logging
 import os
 import signal
@@ -26,10 +25,12 @@ from qtasks.core import Core, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
+from qtasks.middlewares import check_middleware
 from qtasks.periodic import Schedule
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StreamItem, Task
-from qtasks.registry import Registry, TaskSpec
+from qtasks.registry import Registry, TaskSpec, make_spec
+from qtasks.router import Router
 from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
 from qtasks.validate import check_due, check_priority, check_task_name, check_uuid
@@ -104,23 +105,23 @@ class QueueTasks:
         """Register a task: ``@app.task`` or ``@app.task(name=..., retry=3, ...)``."""
 
         def register(fn: Callable[..., Any]) -> TaskSpec:
-            spec = TaskSpec(
-                name=name or fn.__name__,
-                func=fn,
-                priority=priority or 0,
+            spec = make_spec(
+                fn,
+                name=name,
+                priority=priority,
                 echo=echo,
                 max_time=max_time,
                 retry=retry,
                 retry_on_exc=retry_on_exc,
                 decode=decode,
-                tags=list(tags or []),
+                tags=tags,
                 description=description,
                 generate_handler=generate_handler,
                 executor=executor,
-                middlewares_before=list(middlewares_before or []),
-                middlewares_after=list(middlewares_after or []),
-                extra=extra,
+                middlewares_before=middlewares_before,
+                middlewares_after=middlewares_after,
                 app=self.user_app,
+                **extra,
             )
             self.registry.add(spec)
             return spec
@@ -155,20 +156,41 @@ class QueueTasks:
         schedule = Schedule.of(cron=cron, every=every, tz=tz, catch_up=catch_up, args=args, kwargs=kwargs)
 
         def register(fn: Callable[..., Any]) -> TaskSpec:
-            echo = [None] if task_options.get("echo") else []
-            try:
-                inspect.signature(fn).bind(*echo, *schedule.args, **schedule.kwargs)
-            except TypeError as exc:
-                raise TypeError(
-                    f"periodic task {fn.__name__!r} cannot take args={args!r}, kwargs={kwargs!r}: {exc}"
-                ) from None
-            spec: TaskSpec = self.task(**task_options)(fn)
+            spec: TaskSpec = self.task(**task_options)(schedule.check(fn, task_options))
             spec.schedule = schedule
             return spec
 
         if func is not None:
             return register(func)
         return register
+
+    def include_router(self, *routers: Router) -> None:
+        """Register the tasks of each router (QTasks' ``include_router``); a name already taken is a ``ValueError``."""
+        for router in routers:
+            if not isinstance(router, Router):
+                raise TypeError(f"include_router takes qtasks.Router objects, got {type(router).__name__}")
+            for spec in router.specs:
+                if spec.app is None:
+                    spec.app = self.user_app
+                self.registry.include(spec)
+
+    def add_middleware(self, middleware: Any, position: str = "before", **kwargs: Any) -> None:
+        """Run ``middleware`` before (``position="after"``: after) every task of this app, ahead of the task's own.
+
+        A :class:`qtasks.middlewares.TaskMiddleware` subclass (QTasks' shape: made with the
+        task's executor for each run, then called) or a function (qtasks' shape, as in
+        ``middlewares_before``/``middlewares_after``). Other keywords are taken for QTasks'
+        sake and not used.
+        """
+        del kwargs
+        check_middleware(middleware, position)
+        registry = self.registry
+        (registry.middlewares_before if position == "before" else registry.middlewares_after).append(middleware)
+
+    def _include_shared(self) -> None:
+        for spec in _state.shared_tasks:
+            if spec.name not in self.registry:
+                self.registry.include(spec)
 
     def use_broker(self, broker_url: str) -> None:
         """Switch to another broker URL (before the app connects)."""
@@ -507,6 +529,7 @@ class QueueTasks:
         async with self._lock():
             if self.worker is not None and self.worker._started:
                 return self.worker
+            self._include_shared()  # @shared_task: every app's worker takes them (its own of a name wins)
             if self.config.metrics_port and self.metrics is None:
                 await self.serve_metrics()
             await self.events.fire("starting", app=self)

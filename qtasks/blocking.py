@@ -90,6 +90,14 @@ class QueueTasks:
         """Register a task: ``@app.task`` or ``@app.task(name=..., ...)``."""
         return self._core.task(func, **options)
 
+    def include_router(self, *routers: Any) -> None:
+        """Register the tasks of each router (as the asyncio app)."""
+        self._core.include_router(*routers)
+
+    def add_middleware(self, middleware: Any, position: str = "before", **kwargs: Any) -> None:
+        """Run ``middleware`` before (or after) every task of this app (as the asyncio app)."""
+        self._core.add_middleware(middleware, position, **kwargs)
+
     def periodic(self, func: Callable[..., Any] | None = None, **options: Any) -> Any:
         """Register a periodic task: ``@app.periodic(cron="*/5 * * * *")`` or ``every=30`` (as the asyncio app)."""
         return self._core.periodic(func, **options)

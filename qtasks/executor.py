@@ -37,7 +37,7 @@ import contextvars
 import dataclasses
 import time
 import traceback
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, Literal, Protocol
 
@@ -46,6 +46,7 @@ import msgspec
 from qtasks.bridge import Checkpoint, RaisedInThread, SinkFailed, ThreadBridge, call_in_thread, close_generator
 from qtasks.context import AsyncContext, AsyncTask, CancelToken, SyncContext, SyncTask
 from qtasks.exc import TaskCancelError, TaskPluginTriggerError, TaskTimeoutError
+from qtasks.middlewares import is_task_middleware, run_task_middleware
 from qtasks.plugins import PluginManager, _call
 from qtasks.registry import TaskSpec
 from qtasks.threads import wait_future
@@ -143,6 +144,11 @@ class TaskExecutor:
         #: The largest checkpoint (encoded bytes).
         self.checkpoint_limit = 64_000
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The app's middlewares (``app.add_middleware``): (before, after); before runs ahead of
+        #: the task's own, after behind them.
+        self.middlewares: tuple[Sequence[Any], Sequence[Any]] = ((), ())
+        #: The task's result while the after-middlewares run (a TaskMiddleware may change it).
+        self.result: Any = None
 
     # -- control -------------------------------------------------------------------
 
@@ -282,7 +288,10 @@ class TaskExecutor:
             if new and "new_args" in new:
                 self.args, self.kwargs = _args_kwargs(new["new_args"], "a plugin on task_executor_args_replace")
             await plugins.trigger("task_executor_before_execute", task_executor=self)
-        for middleware in self.spec.middlewares_before:
+        for middleware in (*self.middlewares[0], *self.spec.middlewares_before):
+            if is_task_middleware(middleware):
+                await run_task_middleware(middleware, self)  # it changes self.args and self.kwargs itself
+                continue
             replaced = await _call(middleware, self.spec.name, self.args, self.kwargs)
             if replaced is not None:
                 self.args, self.kwargs = _args_kwargs(replaced, f"before-middleware {_name(middleware)}")
@@ -299,7 +308,12 @@ class TaskExecutor:
             if new and "new_result" in new:
                 result = new["new_result"]
             await plugins.trigger("task_executor_after_execute", task_executor=self, result=result)
-        for middleware in spec.middlewares_after:
+        for middleware in (*spec.middlewares_after, *self.middlewares[1]):
+            if is_task_middleware(middleware):
+                self.result = result
+                await run_task_middleware(middleware, self)  # it reads and may change self.result
+                result = self.result
+                continue
             result = await _call(middleware, spec.name, result)
         if spec.decode is not None:
             result = await _call(spec.decode, result)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from qtasks.connectors.base import TopicPartition
@@ -89,6 +90,29 @@ class Schedule:
         check_arguments(list(args), dict(kwargs or {}))
         when: Cron | Every = Cron(cron, tz) if cron is not None else Every(every)  # type: ignore[arg-type]
         return cls(when, catch_up, tuple(args), dict(kwargs or {}))  # type: ignore[arg-type]
+
+    def check(self, fn: Callable[..., Any], task_options: dict[str, Any]) -> Callable[..., Any]:
+        """``fn`` if it takes this schedule's arguments (after the task object, with ``echo``); else ``TypeError``."""
+        echo = [None] if task_options.get("echo") else []
+        try:
+            inspect.signature(fn).bind(*echo, *self.args, **self.kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"periodic task {fn.__name__!r} cannot take args={self.args!r}, kwargs={self.kwargs!r}: {exc}"
+            ) from None
+        return fn
+
+
+def schedule_of(options: dict[str, Any]) -> Schedule:
+    """The schedule in a periodic task's keywords (taken out of ``options``; the rest are ``task``'s)."""
+    return Schedule.of(
+        cron=options.pop("cron", None),
+        every=options.pop("every", None),
+        tz=options.pop("tz", None),
+        catch_up=options.pop("catch_up", "latest"),
+        args=options.pop("args", ()),
+        kwargs=options.pop("kwargs", None),
+    )
 
 
 def tick_uuid(app: str, task: str, tick: float) -> str:

@@ -7,6 +7,8 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from qtasks import _state
+
 Kind = Literal["async", "async_gen", "sync", "sync_gen"]
 
 
@@ -104,30 +106,87 @@ class TaskSpec:
 
     def add_task(self, *args: Any, priority: int | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
         """Submit this task through its app (a coroutine on the asyncio app)."""
-        return self.app.add_task(self.name, *args, priority=priority, timeout=timeout, **kwargs)
+        return self._app().add_task(self.name, *args, priority=priority, timeout=timeout, **kwargs)
 
     def map(self, values: Iterable[Any], *, priority: int | None = None, **when: Any) -> Any:
         """Submit one task per value (the task's one argument), in one batch: ``app.add_tasks``
         (``countdown=``/``eta=`` delay them all)."""
-        return self.app.add_tasks(self.name, [(value,) for value in values], priority=priority, **when)
+        return self._app().add_tasks(self.name, [(value,) for value in values], priority=priority, **when)
 
     def starmap(self, calls: Iterable[Iterable[Any]], *, priority: int | None = None, **when: Any) -> Any:
         """Submit one task per tuple (or list) of positional arguments, in one batch: ``app.add_tasks``
         (``countdown=``/``eta=`` delay them all)."""
-        return self.app.add_tasks(self.name, calls, priority=priority, **when)
+        return self._app().add_tasks(self.name, calls, priority=priority, **when)
+
+    def _app(self) -> Any:
+        """The app this task submits through: its own, or (a shared task, a router's not yet
+        included) the last app made in this process."""
+        app = self.app if self.app is not None else _state.app_main
+        if app is None:
+            raise RuntimeError(f"task {self.name!r} belongs to no app yet: make a QueueTasks first")
+        return app
+
+
+def make_spec(
+    func: Callable[..., Any],
+    *,
+    name: str | None = None,
+    priority: int | None = None,
+    echo: bool = False,
+    max_time: float | None = None,
+    retry: int | None = None,
+    retry_on_exc: Sequence[type[BaseException]] | None = None,
+    decode: Callable[[Any], Any] | None = None,
+    tags: list[str] | None = None,
+    description: str | None = None,
+    generate_handler: Callable[[Any], Any] | None = None,
+    executor: type | None = None,
+    middlewares_before: list[Callable[..., Any]] | None = None,
+    middlewares_after: list[Callable[..., Any]] | None = None,
+    app: Any = None,
+    **extra: Any,
+) -> TaskSpec:
+    """The :class:`TaskSpec` ``@app.task(...)`` (or a router, or ``shared_task``) makes of ``func``."""
+    return TaskSpec(
+        name=name or func.__name__,
+        func=func,
+        priority=priority or 0,
+        echo=echo,
+        max_time=max_time,
+        retry=retry,
+        retry_on_exc=retry_on_exc,
+        decode=decode,
+        tags=list(tags or []),
+        description=description,
+        generate_handler=generate_handler,
+        executor=executor,
+        middlewares_before=list(middlewares_before or []),
+        middlewares_after=list(middlewares_after or []),
+        extra=extra,
+        app=app,
+    )
 
 
 class Registry:
-    """Task name -> :class:`TaskSpec`."""
+    """Task name -> :class:`TaskSpec`, and the middlewares every task of the app runs."""
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskSpec] = {}
+        #: ``app.add_middleware``: run before (and after) every task, ahead of its own.
+        self.middlewares_before: list[Any] = []
+        self.middlewares_after: list[Any] = []
 
     def add(self, spec: TaskSpec) -> None:
         """Register a task; a name already taken is a ``ValueError``."""
         if spec.name in self._tasks:
             raise ValueError(f"a task named {spec.name!r} is already registered")
         self._tasks[spec.name] = spec
+
+    def include(self, spec: TaskSpec) -> None:
+        """Register a task made elsewhere (a router's, a shared task); the same one again is a no-op."""
+        if self._tasks.get(spec.name) is spec:
+            return
+        self.add(spec)
 
     def get(self, name: str) -> TaskSpec | None:
         """The task registered under ``name``, or None."""

@@ -380,6 +380,8 @@ class TaskRun:
             thread_pool=host.pool,
             broker=core.broker,
         )
+        registry = host.worker.registry
+        self.executor.middlewares = (registry.middlewares_before, registry.middlewares_after)
         self.executor.resume_state = self.resume.state
         self.executor.on_checkpoint = self._checkpoint
         self.executor.checkpoint_limit = core.config.checkpoint_max_bytes

@@ -23,15 +23,19 @@ def test_public_api_is_pinned() -> None:
     assert set(qtasks.__all__) == {
         "Args",
         "AsyncContext",
+        "AsyncRouter",
         "Logger",
         "QTasksError",
         "QueueConfig",
         "QueueTasks",
+        "Router",
         "StreamItem",
         "SyncContext",
+        "SyncRouter",
         "Task",
         "TaskCancelError",
         "TaskPluginTriggerError",
+        "shared_task",
     }
 
 

@@ -57,3 +57,18 @@ def test_the_periodic_example_runs_each_tick_once_across_a_hand_over() -> None:
     found = re.search(r"(\d+) runs for (\d+) ticks, run by \[.*\]; gaps \{1.0\}", result.stdout)
     assert found is not None, result.stdout
     assert found.group(1) == found.group(2) and int(found.group(1)) >= 4
+
+
+def test_the_routers_example_runs_a_router_a_shared_task_and_a_middleware() -> None:
+    result = run(ROOT / "docs" / "examples" / "routers.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "total: 2100 cents (success)",
+        "picked 2 x tea",
+        "picked 1 x mug",
+        "audited order 7 paid",
+        "total -> 2100",
+        "pick -> None",  # a generator's values went out as they were yielded
+        "order 7 paid",
+        "audit -> 'audited order 7 paid'",
+    ]
