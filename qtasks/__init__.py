@@ -10,6 +10,7 @@ from qtasks.config import QueueConfig
 from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import QTasksError, TaskCancelError, TaskPluginTriggerError
 from qtasks.logs import Logger
+from qtasks.pipe import Stream, UpstreamFailedError
 from qtasks.records import StreamItem, Task
 from qtasks.router import AsyncRouter, Router, SyncRouter, shared_task
 
@@ -22,12 +23,14 @@ __all__ = [
     "QueueConfig",
     "QueueTasks",
     "Router",
+    "Stream",
     "StreamItem",
     "SyncContext",
     "SyncRouter",
     "Task",
     "TaskCancelError",
     "TaskPluginTriggerError",
+    "UpstreamFailedError",
     "shared_task",
 ]
 

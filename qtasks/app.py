@@ -33,7 +33,7 @@ from qtasks.registry import Registry, TaskSpec, make_spec
 from qtasks.router import Router
 from qtasks.status import StatusView
 from qtasks.stream import ResultsReader, stream_results
-from qtasks.validate import check_due, check_priority, check_task_name, check_uuid
+from qtasks.validate import check_due, check_key, check_priority, check_task_name, check_uuid
 from qtasks.worker import Worker
 
 if TYPE_CHECKING:
@@ -324,6 +324,7 @@ class QueueTasks:
         timeout: None = None,
         countdown: float | None = None,
         eta: datetime.datetime | float | None = None,
+        key: str | None = None,
         **kwargs: Any,
     ) -> AsyncTaskHandle: ...
 
@@ -336,6 +337,7 @@ class QueueTasks:
         timeout: float,
         countdown: float | None = None,
         eta: datetime.datetime | float | None = None,
+        key: str | None = None,
         **kwargs: Any,
     ) -> Task | None: ...
 
@@ -347,6 +349,7 @@ class QueueTasks:
         timeout: float | None = None,
         countdown: float | None = None,
         eta: datetime.datetime | float | None = None,
+        key: str | None = None,
         **kwargs: Any,
     ) -> AsyncTaskHandle | Task | None:
         """Submit a task and return its handle (the submitted Task's fields, ``await handle.result()``,
@@ -355,7 +358,8 @@ class QueueTasks:
 
         ``countdown`` (seconds) or ``eta`` (a ``datetime``, or Unix time) delays the start:
         the task never starts before that time (it waits in the delays topic, holding no
-        worker's slot). A task that is retried ends as ``retry`` and hands over to a new task
+        worker's slot). ``key``: tasks of one key run one at a time, in the order they were
+        submitted (docs/ordering.md). A task that is retried ends as ``retry`` and hands over to a new task
         (``retry_child_uuid``); the wait follows that chain to its last task. With
         ``timeout``, a broker that cannot take the task in that time raises
         :class:`~qtasks.exc.BrokerUnavailableError`.
@@ -364,13 +368,16 @@ class QueueTasks:
         if priority is not None:
             priority = check_priority(priority)
         due = check_due(countdown, eta)
+        key = check_key(key)
         await self._here()
         if timeout is None:
-            return AsyncTaskHandle(self, await self._submit(task_name, args, kwargs, priority=priority, due=due))
+            return AsyncTaskHandle(
+                self, await self._submit(task_name, args, kwargs, priority=priority, due=due, key=key)
+            )
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
-                task = await self._submit(task_name, args, kwargs, priority=priority, due=due)
+                task = await self._submit(task_name, args, kwargs, priority=priority, due=due, key=key)
         except TimeoutError:
             raise BrokerUnavailableError(f"task {task_name!r} could not be submitted within {timeout} s") from None
         try:
@@ -386,6 +393,7 @@ class QueueTasks:
         priority: int | None = None,
         countdown: float | None = None,
         eta: datetime.datetime | float | None = None,
+        key: str | None = None,
     ) -> list[AsyncTaskHandle]:
         """Submit one task per item of ``calls`` and return their handles, in order.
 
@@ -395,7 +403,8 @@ class QueueTasks:
         wait: much faster than one ``add_task`` at a time. ``task.map(values)`` and
         ``task.starmap(tuples)`` call this. A broker error that is not retriable raises
         after the batches before it were stored (their tasks run; their handles are lost).
-        ``countdown``/``eta`` delay every one of them (as :meth:`add_task`).
+        ``countdown``/``eta`` delay every one of them (as :meth:`add_task`); with ``key`` they
+        run one at a time, in the order given.
         """
         task_name = check_task_name(task_name)
         if priority is None:
@@ -403,12 +412,13 @@ class QueueTasks:
             priority = spec.priority if spec is not None else 0
         priority = check_priority(priority)
         due = check_due(countdown, eta)
+        key = check_key(key)
         await self._here()
         await self.core.connect()
         new = []
         for i, (args, kwargs) in enumerate(calls_of(calls)):
             try:
-                new.append(self.core.new_task(task_name, args, kwargs, priority=priority, not_before=due))
+                new.append(self.core.new_task(task_name, args, kwargs, priority=priority, not_before=due, key=key))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"add_tasks: item {i}: {exc}") from None
         for start in range(0, len(new), BATCH):
@@ -429,12 +439,19 @@ class QueueTasks:
         return merge_streams(lambda uuid: self.stream(uuid, timeout=timeout, meta=True), checked)
 
     async def _submit(
-        self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any], *, priority: int | None, due: float = 0.0
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        priority: int | None,
+        due: float = 0.0,
+        key: str | None = None,
     ) -> Task:
         if priority is None:
             spec = self.registry.get(task_name)
             priority = spec.priority if spec is not None else 0
-        return await self.core.submit(task_name, args, kwargs, priority=priority, not_before=due)
+        return await self.core.submit(task_name, args, kwargs, priority=priority, not_before=due, key=key)
 
     async def _follow(self, uuid: str) -> Task:
         """The task, or the last one of its retry chain that is known; TaskNotFoundError if none."""

@@ -123,7 +123,7 @@ class QueueTasks:
     ) -> TaskHandle | Task | None:
         """Submit a task and return its handle (``handle.result()``, ``handle.stream()``, ...); with
         ``timeout``, wait for it and return the finished Task (None if time runs out).
-        ``countdown=``/``eta=`` delay its start (as the asyncio app's ``add_task``)."""
+        ``countdown=``/``eta=`` delay its start, ``key=`` orders it (as the asyncio app's ``add_task``)."""
         if timeout is not None:
             return self._portal.call(
                 self._core.add_task(task_name, *args, priority=priority, timeout=timeout, **kwargs)
@@ -139,10 +139,11 @@ class QueueTasks:
         priority: int | None = None,
         countdown: float | None = None,
         eta: datetime.datetime | float | None = None,
+        key: str | None = None,
     ) -> list[TaskHandle]:
         """Submit one task per item (a tuple of positional arguments, or ``qtasks.Args``), in batches; their handles."""
         handles = self._portal.call(
-            self._core.add_tasks(task_name, calls, priority=priority, countdown=countdown, eta=eta)
+            self._core.add_tasks(task_name, calls, priority=priority, countdown=countdown, eta=eta, key=key)
         )
         return [TaskHandle(self, handle.task) for handle in handles]
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import Connector, TopicSpec, from_url
-from qtasks.delays import LEVELS, delay_headers, level_for
+from qtasks.delays import KEY, LEVELS, delay_headers, level_for
 from qtasks.delivery import Trouble, deliver, deliver_together
 from qtasks.exc import ConnectorError
 from qtasks.partitioner import partition_for
@@ -217,19 +217,21 @@ class Core:
         return send
 
     def task_route(
-        self, uuid: str, not_before: float, headers: Headers | None = None
+        self, uuid: str, not_before: float, headers: Headers | None = None, *, key: str | None = None
     ) -> tuple[str, int, Headers | None]:
         """Where a task record goes: (topic, partition, headers).
 
-        The tasks topic; or, for a task due a second or more from now, the level of the
-        delays topic it waits in (:mod:`qtasks.delays`), with its due time in the headers.
+        The tasks topic, in the partition of its ``key`` (an ordered task) or of its uuid;
+        or, for a task due a second or more from now, the level of the delays topic it waits
+        in (:mod:`qtasks.delays`), with its due time (and key) in the headers.
         """
         if not_before:
             now = time.time()
             level = level_for(not_before - now, self.delays_partitions)
             if level is not None:
-                return self.topics.delays, level, delay_headers(not_before, now, headers or ())
-        return self.topics.tasks, partition_for(uuid, self.tasks_partitions), headers
+                extra = [*(headers or ()), (KEY, key.encode())] if key is not None else headers or ()
+                return self.topics.delays, level, delay_headers(not_before, now, extra)
+        return self.topics.tasks, partition_for(key if key is not None else uuid, self.tasks_partitions), headers
 
     def _task_sender(self, new: NewTask, headers: Headers | None) -> Callable[[], Any]:
         """A call that enqueues ``new``'s task record where :meth:`task_route` says (worked out at each try)."""
@@ -238,7 +240,7 @@ class Core:
         key = uuid.encode()
 
         def send() -> Any:
-            topic, partition, with_headers = self.task_route(uuid, new.task.not_before, headers)
+            topic, partition, with_headers = self.task_route(uuid, new.task.not_before, headers, key=new.task.key)
             return producer.send(topic, raw, key=key, partition=partition, headers=with_headers)
 
         return send
@@ -258,6 +260,7 @@ class Core:
         retry_parent_uuid: str | None = None,
         retry_count: int = 0,
         not_before: float = 0.0,
+        key: str | None = None,
         txn: PartitionTxn | None = None,
     ) -> Task:
         """Write the task's ``new`` status and its task record; return once both are stored.
@@ -275,6 +278,7 @@ class Core:
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
             not_before=not_before,
+            key=key,
         )
         if txn is not None:
             uuid, view = new.task.uuid, self.store.view
@@ -286,7 +290,7 @@ class Core:
                 partition=partition_for(uuid, self.store.partitions),
                 on_commit=lambda: view.apply(status, raw_status),
             )
-            topic, partition, headers = self.task_route(uuid, not_before)
+            topic, partition, headers = self.task_route(uuid, not_before, key=key)
             await txn.send(topic, new.raw, key=uuid.encode(), partition=partition, headers=headers)
             return new.task
         await self.submit_all([new])
@@ -304,6 +308,7 @@ class Core:
         retry_count: int = 0,
         not_before: float = 0.0,
         uuid: str | None = None,
+        key: str | None = None,
     ) -> NewTask:
         """A task to submit, encoded and checked (``ValueError``/``TypeError`` for arguments that cannot be sent).
 
@@ -322,6 +327,7 @@ class Core:
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
             not_before=not_before,
+            key=key,
         )
         raw = encode_task_record(record, self.record_limit(self.topics.tasks))
         task = Task(
@@ -337,6 +343,7 @@ class Core:
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
             not_before=not_before,
+            key=key,
         )
         return NewTask(task, raw, self.store.prepare(task))
 
@@ -353,7 +360,7 @@ class Core:
             uuid = new.task.uuid
             headers = None
             if tracer is not None:
-                partition = partition_for(uuid, self.tasks_partitions)
+                partition = partition_for(new.task.key or uuid, self.tasks_partitions)
                 try:
                     traces.append(trace := tracer.submit(new.task.task_name, uuid, self.topics.tasks, partition))
                     headers = trace.headers

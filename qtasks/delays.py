@@ -27,6 +27,8 @@ LEVELS: Final = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0)
 #: Header names: the task's due time, and when the record was written to its level (Unix time, seconds).
 DUE: Final = "qtasks-due"
 AT: Final = "qtasks-at"
+#: Header name: the ordering key of a keyed task (its tasks partition is the key's, not the uuid's).
+KEY: Final = "qtasks-key"
 
 
 def level_for(remaining: float, partitions: int) -> int | None:

@@ -47,9 +47,11 @@ from qtasks.bridge import Checkpoint, RaisedInThread, SinkFailed, ThreadBridge, 
 from qtasks.context import AsyncContext, AsyncTask, CancelToken, SyncContext, SyncTask
 from qtasks.exc import TaskCancelError, TaskPluginTriggerError, TaskTimeoutError
 from qtasks.middlewares import is_task_middleware, run_task_middleware
+from qtasks.pipe import Stream
 from qtasks.plugins import PluginManager, _call
 from qtasks.registry import TaskSpec
 from qtasks.threads import wait_future
+from qtasks.validate import check_uuid
 
 #: A traceback kept in a status record is cut to this many characters (the record must stay small).
 TRACEBACK_LIMIT = 16_000
@@ -149,6 +151,8 @@ class TaskExecutor:
         self.middlewares: tuple[Sequence[Any], Sequence[Any]] = ((), ())
         #: The task's result while the after-middlewares run (a TaskMiddleware may change it).
         self.result: Any = None
+        #: The asyncio app whose streams a ``Stream`` parameter reads (the worker's).
+        self.stream_app: Any = app
 
     # -- control -------------------------------------------------------------------
 
@@ -333,7 +337,27 @@ class TaskExecutor:
         except TypeError as exc:
             shown = str(spec.signature)
             raise TypeError(f"wrong arguments for task {spec.name!r}: {exc}; it takes {shown}") from None
+        if spec.streams:
+            return self._streams(args, self.kwargs)
         return args, self.kwargs
+
+    def _streams(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Each ``Stream`` parameter's upstream uuid becomes the stream of that task's values."""
+        bound = self.spec.signature.bind(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        for name in self.spec.streams:
+            if name not in bound.arguments:
+                continue
+            uuid = bound.arguments[name]
+            try:
+                uuid = check_uuid(uuid)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"task {self.spec.name!r}: parameter {name!r} is a qtasks.Stream and takes an upstream "
+                    f"task's uuid, got {uuid!r:.80}"
+                ) from None
+            bound.arguments[name] = Stream(uuid, self.stream_app, loop)
+        return list(bound.args), dict(bound.kwargs)
 
     def context(self) -> AsyncContext | SyncContext:
         """A fresh context for this run (what ``self.ctx`` is inside the task)."""

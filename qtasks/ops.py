@@ -282,6 +282,7 @@ async def replay(app: QueueTasks, letters: Iterable[Letter]) -> list[Replayed]:
             retry=record.retry,
             retry_parent_uuid=record.uuid,
             retry_count=record.retry_count,
+            key=record.key,  # its ordering key goes with it (a delay does not: it runs now)
         )
         if old is not None:
             # Written once the new task is stored: a replay cut short here is found by its

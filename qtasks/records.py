@@ -65,6 +65,8 @@ class TaskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     retry_count: int = 0
     #: Epoch seconds before which the task must not start (``countdown``/``eta``, a retry's backoff); 0: at once.
     not_before: float = 0.0
+    #: Tasks of one key run one at a time, in the order they reach the tasks topic (its partition is the key's).
+    key: str | None = None
 
 
 class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -138,6 +140,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     started_at: float = 0.0
     #: A delayed task (``countdown``/``eta``) does not start before this time (Unix time; 0: at once).
     not_before: float = 0.0
+    #: The task's ordering key (``add_task(key=...)``): tasks of one key run one at a time, in order.
+    key: str | None = None
 
     @property
     def is_finished(self) -> bool:

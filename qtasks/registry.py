@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from qtasks import _state
+from qtasks.pipe import stream_parameters
 
 Kind = Literal["async", "async_gen", "sync", "sync_gen"]
 
@@ -50,11 +51,14 @@ class TaskSpec:
     signature: inspect.Signature = dataclasses.field(init=False)
     _plain: tuple[dict[str, int], int] | None = dataclasses.field(init=False, repr=False, compare=False)
     handler_is_async: bool = dataclasses.field(init=False)
+    #: Parameters annotated ``qtasks.Stream``: each takes an upstream task's uuid (:mod:`qtasks.pipe`).
+    streams: frozenset[str] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.kind = kind_of(self.func)
         self.signature = inspect.signature(self.func)
         self._plain = _plain_parameters(self.signature)
+        self.streams = stream_parameters(self.func)
         handler = self.generate_handler
         self.handler_is_async = handler is not None and inspect.iscoroutinefunction(inspect.unwrap(handler))
         if self.max_time is not None and self.max_time <= 0:

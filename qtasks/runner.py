@@ -382,6 +382,7 @@ class TaskRun:
         )
         registry = host.worker.registry
         self.executor.middlewares = (registry.middlewares_before, registry.middlewares_after)
+        self.executor.stream_app = host.app
         self.executor.resume_state = self.resume.state
         self.executor.on_checkpoint = self._checkpoint
         self.executor.checkpoint_limit = core.config.checkpoint_max_bytes
@@ -622,6 +623,7 @@ class TaskRun:
                 retry_parent_uuid=rec.uuid,
                 retry_count=rec.retry_count + 1,
                 not_before=time.time() + delay,
+                key=rec.key,
                 txn=self.txn,
             )
             child_uuid = child.uuid
@@ -702,6 +704,7 @@ def base_status(rec: TaskRecord, head: StatusHead | None, worker_id: str) -> Tas
         attempt=head.attempt if head is not None else 0,
         worker=worker_id,
         not_before=rec.not_before,
+        key=rec.key,
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
-from qtasks.delays import delay_headers, level_for, level_seconds, read_headers
+from qtasks.delays import KEY, delay_headers, level_for, level_seconds, read_headers
 from qtasks.delivery import deliver, deliver_together, fetch
 from qtasks.exc import BrokerRefusedError, CommitFailedError, ConnectorError, RecordError
 from qtasks.partitioner import partition_for
@@ -167,7 +167,10 @@ class DelayScheduler:
         level = level_for(due - now, core.delays_partitions)
         if level is None:
             self.due += 1
-            topic, partition, out = core.topics.tasks, partition_for(uuid, core.tasks_partitions), headers
+            # A keyed task goes to its key's partition (the header is the delays topic's only).
+            order = next((v.decode("utf-8", "replace") for n, v in headers if n == KEY), uuid)
+            headers = [(n, v) for n, v in headers if n != KEY]
+            topic, partition, out = core.topics.tasks, partition_for(order, core.tasks_partitions), headers
         else:
             self.moved += 1
             topic, partition, out = core.topics.delays, level, delay_headers(due, now, headers)

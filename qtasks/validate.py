@@ -268,6 +268,21 @@ def _real(value: Any, what: str) -> float:
     return number
 
 
+#: The longest ordering key (characters).
+MAX_KEY: Final = 256
+
+
+def check_key(key: Any) -> str | None:
+    """An ordering key: None, or a non-empty ``str`` of at most :data:`MAX_KEY` characters."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {_type_name(key)}")
+    if not key or len(key) > MAX_KEY:
+        raise ValueError(f"key must be 1 to {MAX_KEY} characters, got {len(key)}")
+    return str(key)
+
+
 def check_arguments(args: Any, kwargs: Any) -> None:
     """Check a task's positional and keyword arguments (see the module docstring for the rule)."""
     check_value(args, "args", max_depth=MAX_ARGUMENT_DEPTH + 1)

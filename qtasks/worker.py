@@ -40,7 +40,7 @@ import os
 import socket
 import time
 import uuid as uuid_mod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +142,15 @@ class Worker:
         self._txn_wake = asyncio.Event()
         #: The handlers of each partition's records (exactly-once drops them with the partition).
         self._handlers_of: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        #: Ordering keys (``add_task(key=...)``) taken by a record here (waiting, delayed or
+        #: handled) -> the records of the key that come after it, in order, with no slot.
+        self._keys: dict[str, deque[_Waiting]] = {}
+        self._queued_by_key = 0
+        #: The key each keyed handler holds (a rebalance keeps the keys of live handlers).
+        self._handler_keys: dict[asyncio.Task[None], str] = {}
+        #: A keyed run that ended as ``retry``: its uuid -> its child's; the key waits for the child.
+        self._retry_of: dict[str, str] = {}
+        self._key_retries: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -279,6 +288,10 @@ class Worker:
         # Waiting and delayed records come again; records of runs in progress here join them.
         self._backlog = []
         self._delayed = []
+        # Keys stay taken by the records being handled here; the records queued behind them come again.
+        self._keys = {key: deque() for key in self._handler_keys.values()}
+        self._queued_by_key = 0
+        self._key_retries = {}
         self._offsets = {tp: PartitionOffsets() for tp in assigned}
         if self._paused:
             self._consumer.pause(assigned)
@@ -311,7 +324,7 @@ class Worker:
     @property
     def _capacity(self) -> int:
         """Records the worker may still take: running plus waiting stay within concurrency + prefetch."""
-        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog)
+        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog) - self._queued_by_key
 
     async def _poll_loop(self) -> None:
         consumer = self._consumer
@@ -349,11 +362,75 @@ class Worker:
         self.core.stats.count("received", name if name in self.registry else UNKNOWN_TASK)
         if (joined := self._active.get(rec.uuid)) is not None:
             joined.append((offsets, record.offset))  # runs here already (a rebalance gave it back)
-        elif rec.not_before > time.time():
-            heapq.heappush(self._delayed, (rec.not_before, self._sequence, rec, record, offsets))
+        elif rec.key is not None and not self._take_key(rec):
+            self._keys[rec.key].append((rec.priority, self._sequence, rec, record, offsets))
+            self._queued_by_key += 1
+        else:
+            self._queue((rec.priority, self._sequence, rec, record, offsets))
+
+    def _queue(self, entry: _Waiting) -> None:
+        """Into the backlog, or (due later) the delayed heap."""
+        rec = entry[2]
+        assert isinstance(rec, TaskRecord)
+        if rec.not_before > time.time():
+            heapq.heappush(self._delayed, (rec.not_before, entry[1], rec, entry[3], entry[4]))
             self._delay_changed.set()
         else:
-            heapq.heappush(self._backlog, (rec.priority, self._sequence, rec, record, offsets))
+            heapq.heappush(self._backlog, entry)
+
+    # -- ordering keys ----------------------------------------------------------------
+
+    def _take_key(self, rec: TaskRecord) -> bool:
+        """Whether ``rec`` may go ahead now: its key is free (it takes it), or it is the retry the key waits for."""
+        key = rec.key
+        assert key is not None
+        if key not in self._keys:
+            self._keys[key] = deque()
+            return True
+        if self._key_retries.get(key) == rec.uuid:
+            del self._key_retries[key]  # the retry of the key's last run goes first
+            return True
+        return False
+
+    def _release_key(self, rec: TaskRecord) -> None:
+        """``rec``'s handler is done: the next record of its key goes ahead (or, after a retry, its child)."""
+        key = rec.key
+        if key is None or key not in self._keys:
+            return
+        child = self._retry_of.pop(rec.uuid, None)
+        if child is not None and not self._stopping:
+            waiting = self._keys[key]
+            for i, entry in enumerate(waiting):
+                # The child read already (queued behind the key's next ones): it goes first.
+                if isinstance(entry[2], TaskRecord) and entry[2].uuid == child:
+                    del waiting[i]
+                    self._queued_by_key -= 1
+                    self._queue(entry)
+                    return
+            self._key_retries[key] = child
+            # Bounded: a child that never comes here (its partition moved) does not hold the key for ever.
+            bound = self.core.config.retry_backoff_max + 2 * self.core.config.lease_timeout + 30.0
+            asyncio.get_running_loop().call_later(bound, self._stop_waiting_for, key, child)
+            return
+        self._next_of_key(key)
+
+    def _stop_waiting_for(self, key: str, child: str) -> None:
+        if self._key_retries.get(key) != child:
+            return
+        del self._key_retries[key]
+        log.warning(
+            "the retry %s of key %r did not come to this worker in time; the key goes on without it", child, key
+        )
+        self._next_of_key(key)
+        self._fill()
+
+    def _next_of_key(self, key: str) -> None:
+        waiting = self._keys.get(key)
+        if waiting:
+            self._queued_by_key -= 1
+            self._queue(waiting.popleft())
+        else:
+            self._keys.pop(key, None)
 
     def _fill(self) -> None:
         """Start backlog records, lowest priority number first, while there is room."""
@@ -363,6 +440,8 @@ class Worker:
             if isinstance(rec, TaskRecord):
                 if (joined := self._active.get(rec.uuid)) is not None:
                     joined.append((offsets, record.offset))
+                    if rec.key is not None:
+                        self._next_of_key(rec.key)  # it held the key; the run it joined holds it already
                     continue
                 self._active[rec.uuid] = []
             self._in_flight += 1
@@ -373,6 +452,8 @@ class Worker:
             task.add_done_callback(self._handlers.discard)
             self._unstarted[task] = rec
             task.add_done_callback(self._never_started)
+            if isinstance(rec, TaskRecord) and rec.key is not None:
+                self._handler_keys[task] = rec.key
             if self.exactly_once:
                 of_tp = self._handlers_of.setdefault(record.tp, set())
                 of_tp.add(task)
@@ -395,11 +476,13 @@ class Worker:
         """A handler cancelled before its first step (a partition dropped right after it was
         made) never ran its ``finally``: give its slot back and forget its run, or the record,
         read again, would join a run that does not exist and never run."""
+        self._handler_keys.pop(task, None)
         rec = self._unstarted.pop(task, None)
         if rec is None:
             return
         if isinstance(rec, TaskRecord):
             self._active.pop(rec.uuid, None)
+            self._release_key(rec)
         self._free_slot()
 
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
@@ -445,6 +528,8 @@ class Worker:
             finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc, txn)
         finally:
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
+            if isinstance(rec, TaskRecord) and rec.key is not None:
+                self._release_key(rec)
             if finished:
                 offsets.finish(record.offset)
                 for other, offset in joined:
@@ -534,6 +619,8 @@ class Worker:
             if uuid in self._cancelled:
                 run.executor.cancel(self._cancelled.pop(uuid) or f"{run.spec.name}.cancel")
             await run.run()
+            if run.rec.key is not None and run.task.status == "retry" and run.task.retry_child_uuid:
+                self._retry_of[uuid] = run.task.retry_child_uuid
         except BaseException:
             await run.release()
             raise

@@ -29,12 +29,14 @@ def test_public_api_is_pinned() -> None:
         "QueueConfig",
         "QueueTasks",
         "Router",
+        "Stream",
         "StreamItem",
         "SyncContext",
         "SyncRouter",
         "Task",
         "TaskCancelError",
         "TaskPluginTriggerError",
+        "UpstreamFailedError",
         "shared_task",
     }
 

@@ -72,3 +72,19 @@ def test_the_routers_example_runs_a_router_a_shared_task_and_a_middleware() -> N
         "order 7 paid",
         "audit -> 'audited order 7 paid'",
     ]
+
+
+def test_the_ordering_example_applies_each_devices_events_in_order() -> None:
+    result = run(ROOT / "docs" / "examples" / "ordering.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["pump-1", "pump-2", "valve-9"]
+    assert all(line.endswith("[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] (in order)") for line in lines), lines
+
+
+def test_the_pipeline_example_runs_three_stages_through_each_other() -> None:
+    result = run(ROOT / "docs" / "examples" / "pipeline.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("smoothed: [20.0, 20.82, 21.58") and lines[0].endswith("(30 values)")
+    assert lines[1] == "alerts: {'values': 30, 'above': 11}"

@@ -1,0 +1,3 @@
+"""Chained streams on a real Apache Kafka broker."""
+
+from tests.pipeline_suite import *  # noqa: F403

@@ -1,0 +1,151 @@
+"""Ordering keys (``add_task(key=...)``), end to end, for every connector.
+
+``tests/unit`` runs it on ``memory://`` and ``tests/integration`` on a real Kafka broker.
+Each run records when it started and ended; runs of one key must never overlap and must
+come in submission order, while runs of different keys may overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from qtasks.asyncio import QueueTasks
+from qtasks.partitioner import partition_for
+
+
+def same_partition_keys(partitions: int, n: int = 2) -> list[str]:
+    """``n`` keys whose tasks share one partition (keys run in parallel beyond partitions)."""
+    found: dict[int, list[str]] = {}
+    for i in range(1000):
+        key = f"device-{i}"
+        keys = found.setdefault(partition_for(key, partitions), [])
+        keys.append(key)
+        if len(keys) == n:
+            return keys
+    raise AssertionError("no keys found")
+
+
+def recording(app: QueueTasks, log: list[tuple[str, int, float, float]]) -> None:
+    @app.task
+    async def step(key: str, i: int, pause: float = 0.01) -> int:
+        started = time.monotonic()
+        await asyncio.sleep(pause)
+        log.append((key, i, started, time.monotonic()))
+        return i
+
+
+def check_in_order(log: list[tuple[str, int, float, float]], key: str, n: int) -> None:
+    runs = [(i, start, end) for k, i, start, end in log if k == key]
+    assert [i for i, _, _ in runs] == list(range(n)), runs
+    for (_, _, end), (_, start, _) in itertools.pairwise(runs):
+        assert start >= end, "two runs of one key overlapped"
+
+
+async def test_tasks_of_one_key_run_one_at_a_time_in_order_and_keys_run_in_parallel(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app(concurrency=8)
+    log: list[tuple[str, int, float, float]] = []
+    recording(app, log)
+    await app.start()
+    first, second = same_partition_keys(app.config.tasks_partitions)
+    rng = random.Random(7)
+    handles = []
+    for i in range(20):
+        for key in (first, second):
+            handles.append(await app.add_task("step", key, i, rng.uniform(0.0, 0.03), key=key))
+    for handle in handles:
+        assert (await app.wait(handle.uuid, timeout=60)).status == "success"
+    check_in_order(log, first, 20)
+    check_in_order(log, second, 20)
+    overlapped = any(a[2] < b[3] and b[2] < a[3] for a in log if a[0] == first for b in log if b[0] == second)
+    assert overlapped, "two keys of one partition never ran at the same time"
+    stored = await app.get(handles[0].uuid)
+    assert stored is not None and stored.key == first
+
+
+async def test_submission_order_wins_over_priority_within_a_key(app: QueueTasks) -> None:
+    log: list[tuple[str, int, float, float]] = []
+    recording(app, log)
+    gate = asyncio.Event()
+
+    @app.task
+    async def hold() -> None:
+        await gate.wait()
+
+    await app.start()
+    blocker = await app.add_task("hold", key="k")
+    handles = [await app.add_task("step", "k", i, priority=10 - i, key="k") for i in range(5)]
+    await asyncio.sleep(0.3)
+    assert log == []  # all wait for the key's first task
+    gate.set()
+    await app.wait(blocker.uuid, timeout=20)
+    for handle in handles:
+        await app.wait(handle.uuid, timeout=20)
+    check_in_order(log, "k", 5)
+
+
+async def test_a_retry_of_a_keyed_task_runs_before_the_next_task_of_its_key(app: QueueTasks) -> None:
+    order: list[str] = []
+
+    @app.task(retry=1)
+    async def flaky(name: str) -> None:
+        order.append(name)
+        if name == "first" and order.count("first") == 1:
+            raise RuntimeError("fails once")
+
+    await app.start()
+    first = await app.add_task("flaky", "first", key="k")
+    second = await app.add_task("flaky", "second", key="k")
+    assert (await app.wait(first.uuid, timeout=30)).status == "success"  # through its retry
+    assert (await app.wait(second.uuid, timeout=30)).status == "success"
+    assert order == ["first", "first", "second"]
+
+
+async def test_a_queued_keyed_task_can_be_cancelled_and_the_key_goes_on(app: QueueTasks) -> None:
+    log: list[tuple[str, int, float, float]] = []
+    recording(app, log)
+    gate = asyncio.Event()
+
+    @app.task
+    async def hold() -> None:
+        await gate.wait()
+
+    await app.start()
+    blocker = await app.add_task("hold", key="k")
+    doomed = await app.add_task("step", "k", 0, key="k")
+    after = await app.add_task("step", "k", 1, key="k")
+    assert await doomed.cancel("not needed")
+    gate.set()
+    assert (await app.wait(blocker.uuid, timeout=20)).status == "success"
+    assert (await app.wait(doomed.uuid, timeout=20)).status == "cancel"
+    assert (await app.wait(after.uuid, timeout=20)).status == "success"
+    assert [i for _, i, _, _ in log] == [1]
+
+
+async def test_a_delayed_keyed_task_takes_its_place_in_the_key_when_it_comes_due(app: QueueTasks) -> None:
+    log: list[tuple[str, int, float, float]] = []
+    recording(app, log)
+    await app.start()
+    later = await app.add_task("step", "k", 1, key="k", countdown=1.2)
+    now = await app.add_task("step", "k", 0, key="k")
+    assert (await app.wait(later.uuid, timeout=30)).status == "success"
+    assert (await app.wait(now.uuid, timeout=30)).status == "success"
+    check_in_order(log, "k", 2)
+    stored = await app.get(later.uuid)
+    assert stored is not None and stored.key == "k" and stored.started_at >= later.task.not_before
+
+
+@pytest.mark.parametrize(("key", "error"), [(5, TypeError), ("", ValueError), ("x" * 257, ValueError)])
+async def test_a_bad_key_is_refused_before_anything_is_sent(app: QueueTasks, key: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="key must be"):
+        await app.add_task("anything", key=key)
+    with pytest.raises(error, match="key must be"):
+        await app.add_tasks("anything", [()], key=key)

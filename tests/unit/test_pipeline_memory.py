@@ -1,0 +1,3 @@
+"""Chained streams on memory://."""
+
+from tests.pipeline_suite import *  # noqa: F403
