@@ -85,10 +85,14 @@ async def test_add_task_with_timeout_returns_the_finished_task(app: QueueTasks) 
 async def test_add_task_timeout_that_runs_out_returns_none(app: QueueTasks) -> None:
     @app.task
     async def slow() -> None:
-        await asyncio.sleep(5)
+        await asyncio.sleep(60)
 
     await app.start()
-    assert await app.add_task("slow", timeout=0.2) is None
+    # The timeout covers the submission too (BrokerUnavailableError if even that does not fit):
+    # 3 s is room for two durable writes on a loaded machine, and far from the task's end.
+    started = time.monotonic()
+    assert await app.add_task("slow", timeout=3.0) is None
+    assert 3.0 <= time.monotonic() - started < 10.0
 
 
 async def test_get_of_an_unknown_uuid_is_none(app: QueueTasks) -> None:

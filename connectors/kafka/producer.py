@@ -221,16 +221,20 @@ class KafkaProducer:
         sender = self._client
 
         def done(raw: asyncio.Future[Any]) -> None:
+            # `mapped` may be done already: a caller that gave up awaiting it (its timeout)
+            # cancelled it. The outcome then concerns no one, but a fatal one still counts.
             if raw.cancelled():
                 mapped.cancel()
                 return
             exc = raw.exception()
             if exc is None:
-                mapped.set_result(raw.result())
+                if not mapped.done():
+                    mapped.set_result(raw.result())
                 return
-            where = f"deliver to {topic}[{partition}]"
-            mapped.set_exception(map_error(exc, where, servers=self._connector.where, topic=topic))
-            mapped.exception()
+            if not mapped.done():
+                where = f"deliver to {topic}[{partition}]"
+                mapped.set_exception(map_error(exc, where, servers=self._connector.where, topic=topic))
+                mapped.exception()
             if is_fatal(exc) and sender is not None and sender is self._client:
                 asyncio.get_running_loop().create_task(self._rebuild_once(sender, f"a delivery failed: {exc!r}"))
 
