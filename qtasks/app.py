@@ -425,6 +425,48 @@ class QueueTasks:
             await self.core.submit_all(new[start : start + BATCH])
         return [AsyncTaskHandle(self, n.task) for n in new]
 
+    async def chord(
+        self,
+        task_name: str,
+        calls: Iterable[Any],
+        callback: str,
+        *args: Any,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> AsyncTaskHandle:
+        """Fan out, then in: one ``task_name`` task per item of ``calls`` (as :meth:`add_tasks`),
+        and ``callback(results, *args, **kwargs)`` once every one of them has ended, with
+        their results in the order of ``calls`` (Celery's chord).
+
+        Returns the callback's handle; ``handle.task.after`` lists the other tasks' uuids.
+        If one of them ends as ``error`` or ``cancel``, the callback does not run: it ends
+        as ``error`` (``ChordError``) naming that task. Nothing polls: a worker holds the
+        callback's record, without a slot, until the statuses say the others have ended.
+        """
+        task_name, callback = check_task_name(task_name), check_task_name(callback)
+        if priority is None:
+            spec = self.registry.get(task_name)
+            priority = spec.priority if spec is not None else 0
+        priority = check_priority(priority)
+        await self._here()
+        await self.core.connect()
+        new = []
+        for i, (call_args, call_kwargs) in enumerate(calls_of(calls)):
+            try:
+                new.append(self.core.new_task(task_name, call_args, call_kwargs, priority=priority))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"chord: item {i}: {exc}") from None
+        if not new:
+            raise ValueError("a chord needs at least one task before its callback")
+        spec = self.registry.get(callback)
+        last = self.core.new_task(
+            callback, args, kwargs, priority=spec.priority if spec else 0, after=[n.task.uuid for n in new]
+        )
+        for start in range(0, len(new), BATCH):
+            await self.core.submit_all(new[start : start + BATCH])
+        await self.core.submit_all([last])
+        return AsyncTaskHandle(self, last.task)
+
     def stream_many(
         self, uuids: Iterable[str | uuid_mod.UUID], *, timeout: float | None = None
     ) -> AsyncIterator[StreamItem]:

@@ -147,6 +147,19 @@ class QueueTasks:
         )
         return [TaskHandle(self, handle.task) for handle in handles]
 
+    def chord(
+        self,
+        task_name: str,
+        calls: Iterable[Any],
+        callback: str,
+        *args: Any,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> TaskHandle:
+        """One task per item of ``calls``, then ``callback(results, *args, **kwargs)`` (as the asyncio app)."""
+        handle = self._portal.call(self._core.chord(task_name, calls, callback, *args, priority=priority, **kwargs))
+        return TaskHandle(self, handle.task)
+
     def stream_many(
         self, uuids: Iterable[str | uuid_mod.UUID], *, timeout: float | None = None
     ) -> Iterator[StreamItem]:

@@ -309,6 +309,7 @@ class Core:
         not_before: float = 0.0,
         uuid: str | None = None,
         key: str | None = None,
+        after: Sequence[str] = (),
     ) -> NewTask:
         """A task to submit, encoded and checked (``ValueError``/``TypeError`` for arguments that cannot be sent).
 
@@ -328,6 +329,7 @@ class Core:
             retry_count=retry_count,
             not_before=not_before,
             key=key,
+            after=list(after),
         )
         raw = encode_task_record(record, self.record_limit(self.topics.tasks))
         task = Task(
@@ -344,6 +346,7 @@ class Core:
             retry_count=retry_count,
             not_before=not_before,
             key=key,
+            after=list(after),
         )
         return NewTask(task, raw, self.store.prepare(task))
 

@@ -41,6 +41,10 @@ class TaskNotFoundError(QTasksError, LookupError):
     """No such task: a name not registered on this worker, or a uuid with no status."""
 
 
+class ChordError(QTasksError):
+    """A chord's callback did not run: one of the tasks it waited for did not succeed."""
+
+
 class TaskCancelError(QTasksError):
     """The task was cancelled; it ends with status ``cancel`` and is never retried.
 

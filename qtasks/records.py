@@ -67,6 +67,8 @@ class TaskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     not_before: float = 0.0
     #: Tasks of one key run one at a time, in the order they reach the tasks topic (its partition is the key's).
     key: str | None = None
+    #: A chord's callback: it runs once these tasks have ended, with the list of their results first.
+    after: list[str] = []
 
 
 class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -142,6 +144,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     not_before: float = 0.0
     #: The task's ordering key (``add_task(key=...)``): tasks of one key run one at a time, in order.
     key: str | None = None
+    #: A chord's callback (``app.chord``): the tasks whose results it gets, once they have all ended.
+    after: list[str] = []
 
     @property
     def is_finished(self) -> bool:

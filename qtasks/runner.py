@@ -705,6 +705,7 @@ def base_status(rec: TaskRecord, head: StatusHead | None, worker_id: str) -> Tas
         worker=worker_id,
         not_before=rec.not_before,
         key=rec.key,
+        after=rec.after,
     )
 
 

@@ -49,7 +49,7 @@ from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
 from qtasks.delivery import deliver, fetch, retried
-from qtasks.exc import CommitFailedError, ConnectorError, RecordError, TaskNotFoundError
+from qtasks.exc import ChordError, CommitFailedError, ConnectorError, RecordError, TaskNotFoundError, error_of
 from qtasks.logs import current_task
 from qtasks.offsets import PartitionOffsets
 from qtasks.periodic import Ticker
@@ -151,6 +151,8 @@ class Worker:
         #: A keyed run that ended as ``retry``: its uuid -> its child's; the key waits for the child.
         self._retry_of: dict[str, str] = {}
         self._key_retries: dict[str, str] = {}
+        #: Chords' callbacks waiting (no slot) for the tasks they come after.
+        self._afters: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -252,6 +254,8 @@ class Worker:
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=60)
         await self._control.stop()
+        for waiter in self._afters:
+            waiter.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True, cancel_running=True)
         self._started = False
 
@@ -292,6 +296,8 @@ class Worker:
         self._keys = {key: deque() for key in self._handler_keys.values()}
         self._queued_by_key = 0
         self._key_retries = {}
+        for waiter in self._afters:  # chords' callbacks are read again too
+            waiter.cancel()
         self._offsets = {tp: PartitionOffsets() for tp in assigned}
         if self._paused:
             self._consumer.pause(assigned)
@@ -360,13 +366,55 @@ class Worker:
             return
         name = rec.task_name
         self.core.stats.count("received", name if name in self.registry else UNKNOWN_TASK)
+        entry = (rec.priority, self._sequence, rec, record, offsets)
         if (joined := self._active.get(rec.uuid)) is not None:
             joined.append((offsets, record.offset))  # runs here already (a rebalance gave it back)
-        elif rec.key is not None and not self._take_key(rec):
-            self._keys[rec.key].append((rec.priority, self._sequence, rec, record, offsets))
+        elif rec.after:
+            self._hold_after(entry)
+        else:
+            self._place(entry)
+
+    def _place(self, entry: _Waiting) -> None:
+        """Behind its key's other records, or into the backlog (or the delayed heap)."""
+        rec = entry[2]
+        assert isinstance(rec, TaskRecord)
+        if rec.key is not None and not self._take_key(rec):
+            self._keys[rec.key].append(entry)
             self._queued_by_key += 1
         else:
-            self._queue((rec.priority, self._sequence, rec, record, offsets))
+            self._queue(entry)
+
+    # -- chords -------------------------------------------------------------------------
+
+    def _hold_after(self, entry: _Waiting) -> None:
+        """A chord's callback waits, with no slot, until the tasks it comes after have ended."""
+        waiter = asyncio.get_running_loop().create_task(self._after(entry), context=self._context.copy())
+        self._afters.add(waiter)
+        waiter.add_done_callback(self._afters.discard)
+
+    async def _after(self, entry: _Waiting) -> None:
+        rec = entry[2]
+        assert isinstance(rec, TaskRecord)
+        # Each wait follows the status view (and a retry chain): no polling. An unknown task
+        # counts as ended; the callback's run then says which one.
+        await asyncio.gather(*(self.host.app.wait(uuid) for uuid in rec.after), return_exceptions=True)
+        if not self._stopping:
+            self._place(entry)
+            self._fill()
+
+    async def _results_of(self, after: list[str]) -> tuple[list[Any], str | None]:
+        """The results of the tasks a chord's callback comes after, in order; or why it cannot run."""
+        results = []
+        for uuid in after:
+            try:
+                task = await self.host.app.wait(uuid)
+            except TaskNotFoundError:
+                return [], f"qtasks.exc.ChordError: task {uuid} of the chord is not known"
+            if task.status != "success":
+                why = task.cancel_reason if task.status == "cancel" else error_of(task.traceback)[1]
+                return [], f"qtasks.exc.ChordError: task {task.uuid} of the chord ended as {task.status}: {why}"
+            results.append(task.returning)
+        return results, None
 
     def _queue(self, entry: _Waiting) -> None:
         """Into the backlog, or (due later) the delayed heap."""
@@ -598,6 +646,12 @@ class Worker:
                 attempt=decision.attempt,
             )
             await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
+        elif action == "run" and rec.after and (chord := await self._results_of(rec.after))[1] is not None:
+            task = await end_without_running(
+                self.host, rec, head, "error", txn, traceback=chord[1], attempt=decision.attempt
+            )
+            error = ChordError(chord[1].split(": ", 1)[1])
+            await self.host.events.fire("task_error", app=self.host.app, task=task, exc=error, worker=self.host.worker)
         elif action == "run":
             assert spec is not None
             if head is not None and head.status == "process" and head.worker not in (None, self.id):
@@ -608,6 +662,8 @@ class Worker:
                 # is read again from the committed offset if it stays here.
                 raise _Dropped()
             run = TaskRun(self.host, rec, spec, head, decision.attempt, txn, record)
+            if rec.after:  # a chord's callback: the results of the tasks it came after go first
+                run.executor.args = [(await self._results_of(rec.after))[0], *run.executor.args]
             run.on_ran = ran
             await self._run(run)
 

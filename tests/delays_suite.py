@@ -20,8 +20,9 @@ from qtasks.connectors import TopicPartition
 from qtasks.delays import AT, DUE, LEVELS
 from qtasks.records import TaskRecord, decode_dead_letter, encode
 
-#: How late a delayed task may start here (a loaded CI machine, a broker's round trips).
-LATE = 8.0
+#: How late a delayed task may start here: a sanity bound, far above what is measured (under
+#: a second), for a CI machine running several suites at once.
+LATE = 20.0
 
 
 def timed(app: QueueTasks) -> None:
@@ -98,8 +99,8 @@ async def test_a_long_delay_hops_down_the_levels_with_one_record_held_per_partit
 async def test_a_delayed_task_cancelled_while_it_waits_never_runs(app: QueueTasks) -> None:
     timed(app)
     await app.start()
-    handle = await app.add_task("when", countdown=1.5)
-    kept = await app.add_task("when", countdown=1.5)
+    handle = await app.add_task("when", countdown=4.0)
+    kept = await app.add_task("when", countdown=4.0)
     assert await app.cancel(handle.uuid, "changed my mind")
     done = await app.wait(kept.uuid, timeout=30)
     assert done.status == "success"

@@ -8,18 +8,25 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid as uuid_mod
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from qtasks import Stream
 from qtasks.asyncio import QueueTasks
 
 
 def stages(app: QueueTasks, seen: dict[str, list[tuple[float, Any]]]) -> None:
+    got_one = asyncio.Event()  # set by the second stage's first value
+
     @app.task
-    async def numbers(n: int, pause: float = 0.05, fail_at: int = -1):
+    async def numbers(n: int, pause: float = 0.05, fail_at: int = -1, hold: bool = False):
         for i in range(n):
             if i == fail_at:
                 raise RuntimeError(f"numbers broke at {i}")
+            if hold and i == n - 1:
+                await got_one.wait()  # the last value only once the next stage has had one: live
             await asyncio.sleep(pause)
             seen.setdefault("numbers", []).append((time.time(), i))
             yield i
@@ -28,6 +35,7 @@ def stages(app: QueueTasks, seen: dict[str, list[tuple[float, Any]]]) -> None:
     async def squares(values: Stream[int]):
         async for n in values:
             seen.setdefault("squares", []).append((time.time(), n * n))
+            got_one.set()
             yield n * n
 
     @app.task
@@ -43,7 +51,7 @@ async def test_three_stages_stream_through_each_other_live(app: QueueTasks) -> N
     seen: dict[str, list[tuple[float, Any]]] = {}
     stages(app, seen)
     await app.start()
-    first = await app.add_task("numbers", 8)
+    first = await app.add_task("numbers", 8, hold=True)
     second = await app.add_task("squares", first.uuid)
     third = await app.add_task("total", second.uuid)
     also = await app.add_task("sync_total", second.uuid)  # a stream can have several readers
@@ -51,7 +59,7 @@ async def test_three_stages_stream_through_each_other_live(app: QueueTasks) -> N
     assert done.status == "success" and done.returning == sum(i * i for i in range(8))
     assert (await app.wait(also.uuid, timeout=60)).returning == done.returning
     assert [v async for v in second.stream(timeout=20)] == [i * i for i in range(8)]
-    # live: the second stage had its first value before the first stage yielded its last
+    # live: the first stage yields its last value only after the second stage had its first
     assert seen["squares"][0][0] < seen["numbers"][-1][0]
 
 
@@ -99,3 +107,71 @@ async def test_a_stream_parameter_takes_a_known_task_uuid(app: QueueTasks) -> No
         unknown = await app.add_task("total", missing, timeout=20)
         assert unknown is not None and unknown.status == "error"
         assert f"TaskNotFoundError: no task {missing} is known" in (unknown.traceback or "")
+
+
+# -- fan-out and fan-in: chords -----------------------------------------------------------------
+
+
+def chord_tasks(app: QueueTasks, gate: asyncio.Event | None = None) -> None:
+    @app.task(retry=1)
+    async def square(x: int, fail: str = "") -> int:
+        if gate is not None and x == 0:
+            await gate.wait()
+        if fail == "always" or (fail == "once" and not getattr(square, "failed", False)):
+            square.failed = True  # type: ignore[attr-defined]
+            raise ValueError(f"square of {x} failed")
+        return x * x
+
+    @app.task
+    async def total(results: list[int], offset: int = 0) -> int:
+        return sum(results) + offset
+
+
+async def test_a_chords_callback_gets_every_result_in_order_once_the_last_ends(app: QueueTasks) -> None:
+    gate = asyncio.Event()
+    chord_tasks(app, gate)
+    await app.start()
+    callback = await app.chord("square", [(x,) for x in range(5)], "total", offset=100)
+    assert len(callback.task.after) == 5 and callback.task.status == "new"
+    other = await app.add_task("square", 7, timeout=20)  # the waiting callback holds no slot
+    assert other is not None and other.returning == 49
+    await asyncio.sleep(0.3)
+    waiting = await app.get(callback.uuid)
+    assert waiting is not None and waiting.status == "new"  # square(0) is held at the gate
+    gate.set()
+    done = await app.wait(callback.uuid, timeout=30)
+    assert done.status == "success" and done.returning == 100 + sum(x * x for x in range(5))
+    headers = [await app.get(uuid) for uuid in callback.task.after]
+    assert all(h is not None and h.status == "success" and h.updated_at <= done.started_at for h in headers)
+
+
+async def test_a_chords_callback_follows_retries_and_does_not_run_after_a_failure(app: QueueTasks) -> None:
+    chord_tasks(app)
+    await app.start()
+    retried = await app.chord("square", [(2,), (3, "once")], "total")
+    done = await app.wait(retried.uuid, timeout=30)
+    assert done.status == "success" and done.returning == 4 + 9
+    failed = await app.chord("square", [(2,), (3, "always")], "total")
+    ended = await app.wait(failed.uuid, timeout=30)
+    assert ended.status == "error" and ended.started_at == 0.0  # it never ran
+    assert "ChordError: task" in (ended.traceback or "") and "ended as error: square of 3 failed" in (
+        ended.traceback or ""
+    )
+    with pytest.raises(ValueError, match="at least one task"):
+        await app.chord("square", [], "total")
+
+
+async def test_a_chord_outlives_the_worker_that_held_its_callback(make_app: Callable[..., QueueTasks]) -> None:
+    name = f"chord{time.time_ns()}"
+    first = make_app(name)
+    gate = asyncio.Event()
+    chord_tasks(first, gate)
+    await first.start()
+    callback = await first.chord("square", [(0,), (1,)], "total")
+    await asyncio.sleep(0.5)
+    await first.stop(timeout=0.5)  # square(0) is handed back at the gate; the callback waits
+    second = make_app(name)
+    chord_tasks(second)
+    await second.start()
+    done = await second.wait(callback.uuid, timeout=60)
+    assert done.status == "success" and done.returning == 1

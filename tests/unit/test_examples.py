@@ -56,7 +56,7 @@ def test_the_periodic_example_runs_each_tick_once_across_a_hand_over() -> None:
     assert result.returncode == 0, result.stderr
     found = re.search(r"(\d+) runs for (\d+) ticks, run by \[.*\]; gaps \{1.0\}", result.stdout)
     assert found is not None, result.stdout
-    assert found.group(1) == found.group(2) and int(found.group(1)) >= 4
+    assert found.group(1) == found.group(2) and int(found.group(1)) >= 2
 
 
 def test_the_routers_example_runs_a_router_a_shared_task_and_a_middleware() -> None:
@@ -88,3 +88,4 @@ def test_the_pipeline_example_runs_three_stages_through_each_other() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("smoothed: [20.0, 20.82, 21.58") and lines[0].endswith("(30 values)")
     assert lines[1] == "alerts: {'values': 30, 'above': 11}"
+    assert lines[2] == "hottest: {'sensor': 0, 'peak': 24.98}"
