@@ -1,4 +1,4 @@
-"""A three-stage pipeline: each stage reads the one before it as it produces (qtasks.Stream).
+"""A three-stage pipeline (each stage reads the one before it as it produces, qtasks.Stream), then a chord.
 
 readings -> smooth (a moving average, streamed on) -> alerts (a summary at the end). All
 three are submitted at once and run at the same time; a value goes through all of them
@@ -48,6 +48,13 @@ async def alerts(values: Stream[float], above: float) -> dict[str, int]:
     return {"values": total, "above": count}
 
 
+@app.task
+async def hottest(series: list[list[float]]) -> dict[str, float]:
+    """A chord's callback: the peak of each sensor's readings, once all of them have ended."""
+    peaks = [max(values) for values in series]
+    return {"sensor": peaks.index(max(peaks)), "peak": max(peaks)}
+
+
 async def main() -> None:
     await app.start()
     first = await app.add_task("readings", 30)
@@ -57,6 +64,9 @@ async def main() -> None:
     summary = await third.result(timeout=30)
     print(f"smoothed: {shown[:6]} ... ({len(shown)} values)")
     print(f"alerts: {summary}")
+    # Fan out and in: three sensors' readings at once, then one callback with all of them.
+    callback = await app.chord("readings", [(10,), (20,), (15,)], "hottest")
+    print(f"hottest: {await callback.result(timeout=30)}")
     await app.stop()
 
 
