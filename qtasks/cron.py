@@ -7,7 +7,8 @@ A cron expression has five fields, ``minute hour day-of-month month day-of-week`
   ``sun``-``sat``;
 - ``@yearly`` (``@annually``), ``@monthly``, ``@weekly``, ``@daily`` (``@midnight``), ``@hourly``.
 
-As in Vixie cron, when both day fields are restricted a day matches either of them.
+As in Vixie cron, when both day fields are restricted a day matches either of them; when
+either starts with ``*`` (``*`` itself, or ``*/2``), a day must match both.
 Times are wall-clock times of the schedule's time zone (UTC unless one is given): in a
 day that skips an hour, a tick in it comes an hour on (02:30 becomes 03:30), unless that
 is a tick already; in one that repeats an hour, a tick comes once, at its first pass.
@@ -42,6 +43,8 @@ _ALIASES: Final = {
 }
 #: How far ahead a next tick is looked for (an expression such as Feb 30 never matches).
 _HORIZON_DAYS: Final = 366 * 8
+#: More than any daylight-saving shift of wall-clock time (the largest in use is 1 hour).
+_SHIFT: Final = datetime.timedelta(hours=3)
 
 
 class Cron:
@@ -61,10 +64,12 @@ class Cron:
         fields = [_field(part, *spec, expression) for part, spec in zip(parts, _FIELDS, strict=True)]
         self.minutes, self.hours, self.days, self.months, weekdays = fields
         self.weekdays = frozenset(d % 7 for d in weekdays)
-        self._any_day = parts[2] == "*"
-        self._any_weekday = parts[4] == "*"
+        # As cron does: a day field that starts with "*" (also "*/2") makes a day match both fields.
+        self._both_days = parts[2].startswith("*") or parts[4].startswith("*")
+        self._hours = sorted(self.hours)
+        self._minutes = sorted(self.minutes)
         self.tz = _zone(tz)
-        if not any(day <= _MONTH_DAYS[month] for month in self.months for day in self.days) and self._any_weekday:
+        if not any(day <= _MONTH_DAYS[month] for month in self.months for day in self.days) and self._both_days:
             raise ValueError(f"cron expression {expression!r} names no day that exists")
 
     def __repr__(self) -> str:
@@ -75,32 +80,46 @@ class Cron:
             return False
         in_month = day.day in self.days
         in_week = (day.isoweekday() % 7) in self.weekdays
-        if self._any_day and self._any_weekday:
-            return True
-        if self._any_day:
-            return in_week
-        if self._any_weekday:
-            return in_month
-        return in_month or in_week
+        return (in_month and in_week) if self._both_days else (in_month or in_week)
 
     def next_after(self, t: float) -> float:
-        """The first tick strictly after Unix time ``t``."""
-        local = datetime.datetime.fromtimestamp(t, self.tz).replace(tzinfo=None, second=0, microsecond=0)
-        start = local + datetime.timedelta(minutes=1)
+        """The first tick strictly after Unix time ``t``.
+
+        Wall-clock times are turned into instants before they are compared: a time in a
+        skipped hour lands an hour on, after later wall-clock times of that day. So the
+        earliest instant after ``t`` is looked for among the candidates from a few hours
+        of wall-clock time before ``t`` on, until one is found and no later one can beat it.
+        """
+        if not math.isfinite(t) or not 0.0 <= t < 1e11:
+            raise ValueError(f"no cron tick after {t!r}: not a time between 1970 and the year 5138")
+        tz = self.tz
+        aware = datetime.datetime.fromtimestamp(t, tz)
+        local = aware.replace(tzinfo=None, second=0, microsecond=0)
+        # Only a skipped hour just before t can hold a wall-clock time whose instant is after t.
+        shifted = datetime.datetime.fromtimestamp(max(t - _SHIFT.total_seconds(), 0.0), tz).utcoffset()
+        start = local - _SHIFT if shifted != aware.utcoffset() else local
+        best = best_wall = None
         day = start.date()
         for _ in range(_HORIZON_DAYS):
             if self._day_matches(day):
-                first = start.time() if day == start.date() else datetime.time()
-                for hour in sorted(self.hours):
-                    if hour < first.hour:
+                first = day == start.date()
+                for hour in self._hours:
+                    if first and hour < start.hour:
                         continue
-                    for minute in sorted(self.minutes):
-                        if hour == first.hour and minute < first.minute:
+                    for minute in self._minutes:
+                        if first and hour == start.hour and minute < start.minute:
                             continue
-                        tick = _instant(datetime.datetime.combine(day, datetime.time(hour, minute)), self.tz)
-                        if tick > t:
-                            return tick
+                        wall = datetime.datetime.combine(day, datetime.time(hour, minute))
+                        if best_wall is not None and wall > best_wall + _SHIFT:
+                            return best  # type: ignore[return-value]
+                        tick = _instant(wall, tz)
+                        if tick > t and (best is None or tick < best):
+                            best, best_wall = tick, wall
+                            if datetime.datetime.fromtimestamp(tick, tz).replace(tzinfo=None) == wall:
+                                return tick  # not in a skipped hour: no later wall-clock time comes sooner
             day += datetime.timedelta(days=1)
+            if best_wall is not None and datetime.datetime.combine(day, datetime.time()) > best_wall + _SHIFT:
+                return best  # type: ignore[return-value]
         raise ValueError(f"cron expression {self.expression!r} has no tick in the next {_HORIZON_DAYS // 366} years")
 
 

@@ -147,9 +147,36 @@ async def snapshot(app: QueueTasks, lag_timeout: float = 2.0) -> list[Any]:
             "Task records fetched and waiting for a slot (or for their not_before time).",
             len(worker._backlog) + len(worker._delayed),
         ),
+        (
+            "qtasks_worker_waiting_for_key",
+            "Task records waiting behind another task of their ordering key (no slot).",
+            worker._queued_by_key,
+        ),
+        (
+            "qtasks_worker_chords_waiting",
+            "Chords' callbacks waiting for their tasks to end (no slot).",
+            len(worker._afters),
+        ),
+        ("qtasks_delays_held", "Delayed tasks held in memory, one per owned delay level at most.", worker.delays.held),
+        (
+            "qtasks_periodic_ticking",
+            "1 while this worker ticks the periodic tasks of the group.",
+            worker.ticker.leading,
+        ),
     )
     for name, text, value in gauges:
-        families.append(GaugeMetricFamily(name, text, value=value))
+        families.append(GaugeMetricFamily(name, text, value=int(value)))
+    for name, text, value in (
+        ("qtasks_delays_moved", "Delayed tasks moved to a shorter delay level.", worker.delays.moved),
+        ("qtasks_delays_due", "Delayed tasks moved to the tasks topic as their time came.", worker.delays.due),
+        (
+            "qtasks_delays_dropped",
+            "Delayed tasks dropped as they came due: cancelled while they waited.",
+            worker.delays.dropped,
+        ),
+        ("qtasks_periodic_submitted", "Ticks of periodic tasks this worker submitted.", worker.ticker.submitted),
+    ):
+        families.append(CounterMetricFamily(name, text, value=value))
     lag = GaugeMetricFamily(
         "qtasks_consumer_lag",
         "Records of an owned tasks partition not yet committed by the group (log end - committed offset).",

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import time
 import uuid as uuid_mod
 from collections import deque
@@ -123,32 +124,53 @@ def tick_uuid(app: str, task: str, tick: float) -> str:
 def missed(
     when: Cron | Every, last: float, alive: float, now: float, grace: float, catch_up: CatchUp
 ) -> tuple[list[float], int]:
-    """The ticks after ``last`` up to ``now`` to submit, and how many others were passed over.
+    """The ticks after ``last`` up to ``now`` to submit, oldest first, and how many others are passed over.
 
-    Those within ``grace`` of ``alive`` (the last sign of a ticking worker) are all kept;
-    later ones follow ``catch_up``.
+    Those within ``grace`` of ``alive`` (the last sign of a ticking worker) are all kept,
+    at most the latest :data:`MAX_CATCH_UP`; later ones follow ``catch_up``. The count
+    passed over is -1 when it was not counted (a long gap of a cron schedule: only its
+    latest ticks are looked at).
     """
-    handover = max(alive, last) + grace
-    kept: list[float] = []
-    outage: deque[float] = deque(maxlen=MAX_CATCH_UP if catch_up == "all" else 1)
-    passed = 0
-    tick = when.next_after(last)
-    for _ in range(_MAX_LOOKED_AT):
-        if tick > now:
-            break
-        if tick <= handover:
-            kept.append(tick)
-        else:
-            if len(outage) == outage.maxlen:
-                passed += 1
-            outage.append(tick)
-        tick = when.next_after(tick)
-    else:
-        passed += 1  # more than were looked at: the rest are passed over too
-    if catch_up == "skip":
-        passed += len(outage)
-        outage.clear()
-    return kept + list(outage), passed
+    handover = min(max(alive, last) + grace, now)
+    kept, passed = latest_ticks(when, last, handover, MAX_CATCH_UP)
+    if handover >= now:
+        return kept, passed
+    want = {"all": MAX_CATCH_UP, "latest": 1, "skip": 0}[catch_up]
+    outage, others = latest_ticks(when, handover, now, want)
+    return kept + outage, -1 if -1 in (passed, others) else passed + others
+
+
+def latest_ticks(when: Cron | Every, after: float, upto: float, want: int) -> tuple[list[float], int]:
+    """The latest ``want`` ticks in (``after``, ``upto``], oldest first, and how many others the span holds (-1: not counted).
+
+    Only the end of a long span is looked at: a window that grows from an hour until it
+    holds enough ticks, or the whole span.
+    """
+    if upto <= after:
+        return [], 0
+    if isinstance(when, Every):
+        step = when.seconds
+        first, last = math.floor(after / step) + 1, math.floor(upto / step)
+        count = max(0, last - first + 1)
+        kept = [n * step for n in range(max(first, last - want + 1), last + 1)] if want else []
+        return kept, count - len(kept)
+    window = 3600.0
+    while True:
+        begin = max(after, upto - window)
+        found: deque[float] = deque(maxlen=want or None)
+        count = 0
+        tick = when.next_after(begin)
+        while tick <= upto and count < _MAX_LOOKED_AT:
+            count += 1
+            if want:
+                found.append(tick)
+            tick = when.next_after(tick)
+        if begin <= after and count < _MAX_LOOKED_AT:
+            kept = list(found)[-want:] if want else []
+            return kept, count - len(kept)
+        if count >= want:  # enough (or, for "skip", nothing wanted: the rest is not counted)
+            return list(found), -1
+        window *= 4
 
 
 class Ticker:
@@ -201,12 +223,16 @@ class Ticker:
         log.info("worker %s ticks the periodic tasks %s", self.worker_id, [spec.name for spec, _ in schedules])
         for spec, schedule in schedules:
             if spec.name in last:
-                ticks, passed = missed(schedule.when, last[spec.name], alive, now, grace, schedule.catch_up)
+                try:
+                    ticks, passed = missed(schedule.when, last[spec.name], alive, now, grace, schedule.catch_up)
+                except ValueError as exc:  # a schedule with no tick left (never raised for a bounded tick)
+                    log.warning("periodic task %s: no catch-up: %s", spec.name, exc)
+                    ticks, passed = [], 0
                 if passed:
                     log.warning(
-                        "periodic task %s: %d tick(s) missed while no worker ran are passed over (catch_up=%r)",
+                        "periodic task %s: %s tick(s) missed while no worker ran are passed over (catch_up=%r)",
                         spec.name,
-                        passed,
+                        passed if passed > 0 else "older",
                         schedule.catch_up,
                     )
                 for tick in ticks:
@@ -274,6 +300,8 @@ class Ticker:
                         continue
                     try:
                         tick = decode_tick(record.value, core.config.max_record_bytes)
+                        if not (0.0 <= tick.tick < 1e11 and 0.0 <= tick.at < 1e11):
+                            raise RecordError(f"its times are out of range: tick={tick.tick!r}, at={tick.at!r}")
                     except RecordError as exc:
                         log.warning("ignored a schedule record at offset %d: %s", record.offset, exc)
                         continue

@@ -18,6 +18,7 @@ the reason; a delayed task cancelled while it waited is dropped here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,8 @@ class DelayScheduler:
         self._assigned: set[TopicPartition] = set()
         #: Partition -> (when its first record is due at its level, that record's offset).
         self._held: dict[TopicPartition, tuple[float, int]] = {}
+        self._leaving = False
+        self._closing: asyncio.Future[None] | None = None
         #: Delayed tasks moved on (to a shorter level or to the tasks topic), and dropped (cancelled).
         self.moved = 0
         self.due = 0
@@ -79,10 +82,23 @@ class DelayScheduler:
         self._consumer.subscribe([self.core.topics.delays], self)
         await self._consumer.start()
 
+    def leave(self) -> None:
+        """The worker stops: the loop ends at its next pass and leaves the group, so that
+        other workers take these levels (and the ticking of periodic tasks) at once, not
+        after this worker's running tasks have finished."""
+        self._leaving = True
+
     async def stop(self) -> None:
         """Leave the group (what was moved on is committed already)."""
-        if self._consumer is not None:
-            await self._consumer.stop()
+        self._leaving = True
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._consumer is None:
+            return
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._consumer.stop())
+        await asyncio.shield(self._closing)
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self._held = {tp: held for tp, held in self._held.items() if tp not in revoked}
@@ -99,14 +115,15 @@ class DelayScheduler:
         log.info("worker %s moves on the delayed tasks of levels %s", self.worker_id, sorted(p for _, p in assigned))
 
     async def run(self) -> None:
-        """The worker's supervised loop."""
-        while True:
+        """The worker's supervised loop (it returns once the worker stops: :meth:`leave`)."""
+        while not self._leaving:
             now = time.time()
             self._release(now)
             soonest = min((due for due, _ in self._held.values()), default=now + IDLE)
             records = await fetch(self._consumer, min(max(soonest - now, 0.0), IDLE), max_records=BATCH)
-            if records:
+            if records and not self._leaving:
                 await self._take(records)
+        await self._close()
 
     def _release(self, now: float) -> None:
         due = [tp for tp, (at, _) in self._held.items() if at <= now]
@@ -132,7 +149,9 @@ class DelayScheduler:
                 bad.append((record, problem))
                 done[tp] = record.offset + 1
                 continue
-            wake = min(due, at + level_seconds(record.partition))
+            # A record written "in the future" (its writer's clock runs ahead) must not hold
+            # the partition back: it is moved on at once, stamped with this worker's clock.
+            wake = now if at > now else min(due, at + level_seconds(record.partition))
             if wake > now:
                 self._held[tp] = (wake, record.offset)
                 self._consumer.pause([tp])

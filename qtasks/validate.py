@@ -247,9 +247,12 @@ def check_due(countdown: Any = None, eta: Any = None) -> float:
         raise TypeError("give countdown or eta, not both")
     if countdown is not None:
         seconds = _real(countdown, "countdown")
-        if not 0.0 <= seconds < _LATEST_DUE:
+        if seconds < 0.0:
             raise ValueError(f"countdown must be a number of seconds from 0 on, got {countdown!r}")
-        return time.time() + seconds if seconds else 0.0
+        due = time.time() + seconds if seconds else 0.0
+        if due >= _LATEST_DUE:
+            raise ValueError(f"countdown {countdown!r} puts the task past the year 5138")
+        return due
     if isinstance(eta, datetime.datetime):
         due = eta.timestamp()
     else:
@@ -262,7 +265,10 @@ def check_due(countdown: Any = None, eta: Any = None) -> float:
 def _real(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {_type_name(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{what} is too large: {value!r:.40}") from None
     if math.isnan(number):
         raise ValueError(f"{what} must be a number, got NaN")
     return number

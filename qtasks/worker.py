@@ -227,7 +227,8 @@ class Worker:
         if not self._started or self._stopping:
             return
         self._stopping = True
-        self.ticker.step_down()  # a stopping worker submits nothing more
+        self.ticker.step_down()  # a stopping worker submits nothing more ...
+        self.delays.leave()  # ... and hands its delay levels (and the ticking) over at once
         self.supervisor.wind_down()  # the poll loop returns now; the others run until stop
         timeout = self.core.config.stop_timeout if timeout is None else timeout
         if self._handlers:

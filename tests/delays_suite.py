@@ -227,3 +227,33 @@ async def read_all(app: QueueTasks, topic: str, count: int, timeout: float = 20.
         return records
     finally:
         await consumer.stop()
+
+
+async def test_a_writer_whose_clock_runs_ahead_does_not_hold_a_level_back(app: QueueTasks) -> None:
+    timed(app)
+    await app.start()
+    core = app.core
+    ahead = time.time() + 3600  # its clock says an hour later
+    task = TaskRecord(
+        uuid="0b0f4f8e-5f8e-4a59-9d5e-000000000002", task_name="when", created_at=ahead, not_before=ahead + 2
+    )
+    headers = [(DUE, repr(ahead + 2).encode()), (AT, repr(ahead).encode())]
+    delivery = await core.broker.producer.send(
+        core.topics.delays, encode(task), key=task.uuid.encode(), partition=0, headers=headers
+    )
+    if delivery is not None:
+        await delivery
+    handle = await app.add_task("when", "on time", countdown=1.5)  # behind it in the same level
+    done = await app.wait(handle.uuid, timeout=30)
+    assert done.status == "success" and done.returning["at"] < handle.task.not_before + LATE
+
+
+async def test_a_countdown_past_the_year_5138_is_refused() -> None:
+    from qtasks.validate import check_due
+
+    with pytest.raises(ValueError, match="past the year 5138"):
+        check_due(countdown=99e9)
+    with pytest.raises(ValueError, match="too large"):
+        check_due(countdown=10**400)
+    with pytest.raises(ValueError, match="too large"):
+        check_due(eta=10**400)

@@ -148,3 +148,24 @@ async def test_periodic_arguments_are_checked_when_the_task_is_registered(app: Q
     await app.start()
     done = await app.add_task("sum", 3, y=4, timeout=20)  # a periodic task is a task too
     assert done is not None and done.returning == 7
+
+
+async def test_a_bad_schedule_record_is_passed_over_and_the_ticking_goes_on(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    name = f"odd{time.time_ns()}"
+    runs: list[float] = []
+    app = make_app(name)
+    beating(app, runs)
+    await app.core.connect()
+    producer = app.core.broker.producer
+    for key, raw in (
+        (b"tick:beat", encode(TickRecord(kind="tick", name="beat", tick=1e12, uuid="x", at=time.time()))),
+        (b"alive", b"not json"),
+    ):
+        delivery = await producer.send(app.core.topics.schedule, raw, key=key, partition=0)
+        if delivery is not None:
+            await delivery
+    worker = await app.start()
+    await until(lambda: len(runs) >= 2, 30, "two ticks")
+    assert worker.error is None and worker.ticker.leading

@@ -144,3 +144,49 @@ def test_catch_up_all_keeps_at_most_the_latest_thousand() -> None:
 def test_a_tick_has_the_same_uuid_in_every_worker_and_another_for_each_tick() -> None:
     assert tick_uuid("app", "beat", 60.0) == tick_uuid("app", "beat", 60.0)
     assert len({tick_uuid("app", "beat", 60.0), tick_uuid("app", "beat", 70.0), tick_uuid("other", "beat", 60.0)}) == 3
+
+
+def test_the_night_the_clocks_go_forward_loses_no_tick() -> None:
+    paris = "Europe/Paris"  # 2024-03-31: 02:00 -> 03:00
+    quarter = Cron("*/15 2 * * *", paris)
+    assert ticks(quarter, at(2024, 3, 30, 23, 0), 5) == [
+        "2024-03-31 03:00 Sun",  # 02:00, 02:15, 02:30, 02:45 happen an hour on
+        "2024-03-31 03:15 Sun",
+        "2024-03-31 03:30 Sun",
+        "2024-03-31 03:45 Sun",
+        "2024-04-01 02:00 Mon",
+    ]
+    # a worker that asks between 03:00 and 03:30 still gets that day's 02:30 (at 03:30)
+    half = Cron("30 2 * * *", paris)
+    after = datetime.datetime(2024, 3, 31, 3, 10, tzinfo=datetime.timezone(datetime.timedelta(hours=2))).timestamp()
+    assert half.next_after(after) == after + 20 * 60
+    # a half-hour shift (Lord Howe, 2024-10-06: 02:00 -> 02:30)
+    seven = Cron("*/7 * * * *", "Australia/Lord_Howe")
+    start = datetime.datetime(2024, 10, 6, 1, 50, tzinfo=seven.tz).timestamp()
+    got = ticks(seven, start, 6)
+    assert got[:2] == ["2024-10-06 01:56 Sun", "2024-10-06 02:30 Sun"]  # 02:03, 02:10, ... 02:24 come at 02:33 on
+    assert len(got) == len(set(got))
+
+
+def test_a_day_field_that_starts_with_a_star_makes_both_fields_count() -> None:
+    # as Vixie cron: "*/2" in day-of-month with a weekday means odd days that are Mondays
+    assert ticks(Cron("0 0 */2 * 1"), at(2026, 3, 1, 0, 0), 3) == [
+        "2026-03-09 00:00 Mon",
+        "2026-03-23 00:00 Mon",
+        "2026-04-13 00:00 Mon",
+    ]
+    with pytest.raises(ValueError, match="not a time between 1970"):
+        Cron("* * * * *").next_after(1e12)
+
+
+def test_a_long_gap_of_a_cron_schedule_catches_up_its_latest_ticks_quickly() -> None:
+    now = at(2026, 6, 1, 12, 0, 30)
+    last = now - 200 * 86400
+    started = datetime.datetime.now().timestamp()
+    kept, passed = missed(Cron("* * * * *"), last, last, now, 60.0, "latest")
+    assert kept[-1] == at(2026, 6, 1, 12, 0) and passed == -1  # the latest tick, not one 200 days old
+    assert len(kept) == 1 + 1  # the one tick within the grace of the last sign, and the latest
+    kept, _ = missed(Cron("*/5 * * * *"), last, last, now, 60.0, "all")
+    assert len(kept) == MAX_CATCH_UP and kept[-1] == at(2026, 6, 1, 12, 0)  # none within the minute of grace
+    assert kept[0] == at(2026, 6, 1, 12, 0) - 5 * 60 * (MAX_CATCH_UP - 1)
+    assert datetime.datetime.now().timestamp() - started < 5.0

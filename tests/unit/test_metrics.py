@@ -334,3 +334,35 @@ async def test_scrapes_within_a_second_share_one_snapshot_and_a_flood_of_connect
     extra_writer.close()
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"http://127.0.0.1:{server.port}/healthz")).status_code == 200
+
+
+async def test_delayed_periodic_keyed_and_chord_work_shows_in_the_metrics(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app()
+    gate = asyncio.Event()
+    ticked = asyncio.Event()
+
+    @app.task
+    async def hold() -> int:
+        await gate.wait()
+        return 1
+
+    @app.periodic(every=1)
+    async def beat() -> None:
+        ticked.set()
+
+    await app.start()
+    await serve(app)
+    await app.add_task("hold", countdown=30)  # held in a delay level
+    first = await app.add_task("hold", key="k")
+    await app.add_task("hold", key="k")  # waits behind the first of its key
+    await app.chord("hold", [()], "hold")  # its callback waits for the chord's task
+    await asyncio.wait_for(ticked.wait(), 20)
+    await app.view.wait_for(first.uuid, lambda h: h is not None and h.status == "process", 20)
+    samples = await scrape(app)
+    assert sample(samples, "qtasks_delays_held") == 1
+    assert sample(samples, "qtasks_worker_waiting_for_key") == 1
+    assert sample(samples, "qtasks_worker_chords_waiting") == 1
+    assert sample(samples, "qtasks_periodic_ticking") == 1
+    assert sample(samples, "qtasks_periodic_submitted_total") >= 1
+    assert sample(samples, "qtasks_delays_moved_total") == 0
+    gate.set()
