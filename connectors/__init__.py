@@ -3,6 +3,8 @@
 - ``memory://`` or ``memory://name``: an in-process log with Kafka's semantics
   (partitions, offsets, consumer groups, compaction). Apps in one process that use the
   same URL share one log.
+- ``file://path``: the same log kept on disk in the directory ``path``, for one process
+  (``qtasks.connectors.file_log``).
 - ``kafka://host:port[,host:port]``: Apache Kafka through aiokafka. Query parameters
   pass security settings (see ``docs/kafka.md``).
 - ``faulty+<url>``, e.g. ``faulty+memory://name``: the connector of ``<url>`` wrapped in a
@@ -51,7 +53,7 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
         from qtasks.connectors.faulty import FaultyConnector
 
         return FaultyConnector(from_url(url.removeprefix("faulty+"), config, **options))
-    if scheme == "memory":
+    if scheme in ("memory", "file"):
         from qtasks.connectors.memory import MemoryConnector
 
         return MemoryConnector(url, config=config)
@@ -59,4 +61,6 @@ def from_url(url: str, config: QueueConfig, **options: Any) -> Connector:
         from qtasks.connectors.kafka import KafkaConnector
 
         return KafkaConnector(url, config, **options)
-    raise ConfigError(f"unknown broker scheme {scheme!r} in {url!r}: use memory://, kafka:// or faulty+ either")
+    raise ConfigError(
+        f"unknown broker scheme {scheme!r} in {url!r}: use memory://, file://, kafka:// or faulty+ either"
+    )

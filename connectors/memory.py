@@ -330,8 +330,14 @@ class MemoryConnector:
         self._config = config
         self._read_committed = read_committed
         self._transaction_timeout = transaction_timeout
-        self._defaults = url_options(url)
-        self.log = get_log(url)
+        if url.startswith("file://"):
+            from qtasks.connectors.file_log import FILE_OPTIONS, get_file_log
+
+            self.log: MemoryLog = get_file_log(url)
+            self._defaults = url_options(url, skip=FILE_OPTIONS)
+        else:
+            self._defaults = url_options(url)
+            self.log = get_log(url)
         self._producer = MemoryProducer(self.log)
 
     async def start(self) -> None:

@@ -636,10 +636,12 @@ def _name(url: str) -> str:
     return url.partition("://")[2].partition("?")[0].strip("/")
 
 
-def url_options(url: str) -> dict[str, str]:
-    """The topic config a ``memory://name?...`` URL sets (see the module docstring)."""
+def url_options(url: str, skip: Sequence[str] = ()) -> dict[str, str]:
+    """The topic config a ``memory://name?...`` URL sets (see the module docstring); ``skip``: other options it may have."""
     config = {}
     for key, value in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True):
+        if key in skip:
+            continue
         if key not in _URL_OPTIONS:
             raise ConfigError(f"unknown memory:// option {key!r} in {url!r}: use {' or '.join(_URL_OPTIONS)}")
         _limit(key, value)

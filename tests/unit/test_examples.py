@@ -89,3 +89,12 @@ def test_the_pipeline_example_runs_three_stages_through_each_other() -> None:
     assert lines[0].startswith("smoothed: [20.0, 20.82, 21.58") and lines[0].endswith("(30 values)")
     assert lines[1] == "alerts: {'values': 30, 'above': 11}"
     assert lines[2] == "hottest: {'sensor': 0, 'peak': 24.98}"
+
+
+def test_the_durable_example_runs_in_a_second_process_what_the_first_queued(tmp_path: Path) -> None:
+    first = run(ROOT / "docs" / "examples" / "durable.py", str(tmp_path / "queue"))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("queued 3 tasks in")
+    second = run(ROOT / "docs" / "examples" / "durable.py", str(tmp_path / "queue"))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [f"success: {name}: save to 640px" for name in ("a.png", "b.png", "c.png")]

@@ -8,10 +8,13 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from qtasks.connectors import TopicPartition, TopicSpec
+from qtasks.connectors.file_log import close_file_log
 from qtasks.connectors.memory import DEFAULT_RETENTION, RECORD_OVERHEAD, MemoryConnector, url_options
 from qtasks.exc import CommitFailedError, ConfigError, TopicConfigError
 from tests.helpers import unique
@@ -28,11 +31,15 @@ class Recorder:
         self.events.append(("assigned", assigned))
 
 
-@pytest.fixture
-async def conn() -> MemoryConnector:
-    c = MemoryConnector(f"memory://{unique()}")
+@pytest.fixture(params=["memory", "file"])
+async def conn(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MemoryConnector]:
+    """The connector suite runs on memory:// and on file:// (the same log, kept on disk)."""
+    url = f"memory://{unique()}" if request.param == "memory" else f"file://{tmp_path}/log"
+    c = MemoryConnector(url)
     await c.ensure_topics([TopicSpec("t", 4), TopicSpec("s", 1, compacted=True, config={"delete.retention.ms": "0"})])
-    return c
+    yield c
+    if request.param == "file":
+        close_file_log(url)
 
 
 async def test_offsets_grow_per_partition_and_order_is_kept(conn: MemoryConnector) -> None:

@@ -1,0 +1,385 @@
+"""``file://path``: the memory log kept on disk, so one machine keeps its tasks across restarts.
+
+A :class:`FileLog` is a :class:`~qtasks.connectors.memory_log.MemoryLog` (the same
+semantics: partitions, offsets, groups, compaction, transactions) that writes every
+change to a journal, ``<path>/journal.qlog``, before the change is acknowledged, and
+replays the journal when the process starts again.
+
+- **What is written.** Topics, records (with their offsets and timestamps), the groups'
+  committed offsets, and transactions (their records, offsets and ends). Reading a
+  record writes nothing. Each entry is framed with its length and a CRC-32, so a
+  process killed in the middle of a write leaves a torn last entry. The replay drops
+  that entry and truncates the file there: it was never acknowledged.
+- **When it reaches the disk** (``fsync`` in the URL):
+  - ``interval`` (the default): every entry is written to the file before the call that
+    made it returns, so a killed process loses nothing. The file is synced to the disk
+    every ``fsync_interval_ms`` (default 1000 ms), so a machine that loses power loses
+    at most that much.
+  - ``always``: every entry is synced before the call returns (slow: a disk sync each).
+  - ``never``: the OS decides.
+- **Compaction of the journal.** When the journal holds more than twice the records the
+  log still keeps, plus 10,000, it is rewritten with only those records: a compacted
+  topic's last record per key, and what retention keeps. This is done while no
+  transaction is open. It writes a new file, syncs it and renames it over the old one,
+  so a crash in the middle leaves one whole journal or the other.
+- **One process.** A lock file (``<path>/lock``, ``flock``) keeps a second process from
+  opening the same log. In one process, apps with the same path share the log, as
+  ``memory://`` apps of one name do.
+- **After a restart.** Transactions that were open are aborted, as a broker does for a
+  producer that is gone. Consumer groups start empty; their committed offsets are kept.
+
+    file:///var/lib/myapp/queue?fsync=always
+    file://queue-data?fsync_interval_ms=200
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import struct
+import threading
+import time
+import urllib.parse
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+
+from qtasks.connectors.base import TopicPartition, TopicSpec
+from qtasks.connectors.memory_log import _URL_OPTIONS, MemoryLog, _Group, _limit
+from qtasks.exc import ConfigError, ConnectorError
+
+#: The journal's file name, and the frame of an entry: length and CRC-32 of the payload.
+JOURNAL = "journal.qlog"
+_FRAME = struct.Struct(">II")
+#: URL options of ``file://`` (besides the retention ones of ``memory://``).
+FILE_OPTIONS = ("fsync", "fsync_interval_ms")
+_FSYNC = ("interval", "always", "never")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def file_path(url: str) -> Path:
+    """The directory a ``file://`` URL names (``file:///abs/dir`` or ``file://relative/dir``)."""
+    path = urllib.parse.unquote(url.partition("://")[2].partition("?")[0])
+    if not path:
+        raise ConfigError(f"file:// needs a directory: file:///var/lib/app/queue or file://queue-data, got {url!r}")
+    return Path(path)
+
+
+def file_options(url: str) -> tuple[str, float]:
+    """The fsync policy and interval (seconds) of a ``file://`` URL."""
+    query = dict(urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True))
+    for key in query:
+        if key not in FILE_OPTIONS and key not in _URL_OPTIONS:
+            raise ConfigError(
+                f"unknown file:// option {key!r} in {url!r}: use {', '.join([*FILE_OPTIONS, *_URL_OPTIONS])}"
+            )
+    fsync = query.get("fsync", "interval")
+    if fsync not in _FSYNC:
+        raise ConfigError(f"fsync must be {', '.join(_FSYNC)}; got {fsync!r}")
+    interval = _limit("fsync_interval_ms", query.get("fsync_interval_ms", "1000"))
+    return fsync, interval / 1000
+
+
+class FileLog(MemoryLog):
+    """A memory log that journals every change to ``<path>/journal.qlog`` and replays it at start."""
+
+    def __init__(self, path: Path, fsync: str = "interval", fsync_interval: float = 1.0) -> None:
+        super().__init__()
+        self.path = path
+        self.fsync = fsync
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(path / "lock", "a+b")  # noqa: SIM115 - held for the log's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise ConnectorError(
+                f"{path} is in use by another process: a file:// log belongs to one process", retriable=False
+            ) from None
+        self._replaying = True
+        self._unsynced = False
+        self._closed = False
+        self.entries = 0
+        self.replayed = 0
+        self._journal = self._replay(path / JOURNAL)
+        for t in self.topics.values():  # as the log cleaner would have by now
+            if t.compacted:
+                for p in t.partitions:
+                    self._compact(t, p)
+        self._replaying = False
+        self._abort_open_transactions()
+        if fsync == "interval":
+            self._syncer = threading.Thread(target=self._sync_every, args=(fsync_interval,), daemon=True)
+            self._syncer.start()
+        atexit.register(self.close)
+
+    # -- the journal --------------------------------------------------------------------
+
+    def _write(self, *entry: Any) -> None:
+        """Journal one change (the log's lock is held): written before the change is acknowledged."""
+        if self._replaying:
+            return
+        payload = _encoder.encode(entry)
+        self._journal.write(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+        self.entries += 1
+        if self.fsync == "always":
+            os.fsync(self._journal.fileno())
+        else:
+            self._unsynced = True
+
+    def _sync_every(self, interval: float) -> None:
+        while not self._closed:
+            time.sleep(interval)
+            with self.lock:  # the sync itself runs without the lock: appends go on meanwhile
+                if not self._unsynced or self._closed:
+                    continue
+                self._unsynced = False
+                fd = self._journal.fileno()
+            try:
+                os.fsync(fd)
+            except OSError:  # swapped by a rewrite meanwhile (which synced its own file)
+                pass
+
+    def close(self) -> None:
+        """Sync the journal and let the directory go (at exit, or for tests that open it again)."""
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.fsync(self._journal.fileno())
+            self._journal.close()
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+
+    def _replay(self, journal: Path) -> BinaryIO:
+        """Apply every whole entry of the journal; cut a torn tail; return the journal open for appends."""
+        good = 0
+        if journal.exists():
+            data = journal.read_bytes()
+            while good + _FRAME.size <= len(data):
+                size, crc = _FRAME.unpack_from(data, good)
+                payload = data[good + _FRAME.size : good + _FRAME.size + size]
+                if len(payload) < size or zlib.crc32(payload) != crc:
+                    break  # a torn (never acknowledged) last entry
+                self._apply(_decoder.decode(payload))
+                good += _FRAME.size + size
+                self.replayed += 1
+            if good < len(data):
+                with open(journal, "r+b") as f:
+                    f.truncate(good)
+        self.entries = self.replayed
+        return open(journal, "ab", buffering=0)
+
+    def _apply(self, entry: list[Any]) -> None:
+        kind = entry[0]
+        if kind == "T":
+            _, name, partitions, compacted, config = entry
+            self.create_topic(TopicSpec(name, partitions, compacted=compacted, config=dict(config)))
+        elif kind == "A":
+            _, topic, partition, offset, key, value, ts, headers = entry
+            self._at(topic, partition, offset, ts)
+            MemoryLog.append(self, topic, partition, key, value, _headers(headers))
+        elif kind == "X":
+            _, txid, epoch, topic, partition, offset, key, value, ts, headers = entry
+            self._at(topic, partition, offset, ts)
+            MemoryLog.txn_append(self, txid, epoch, topic, partition, key, value, _headers(headers))
+        elif kind == "I":
+            _, txid, timeout_ms, epoch = entry
+            MemoryLog.init_txn(self, txid, timeout_ms)
+            self.txns[txid].epoch = epoch
+        elif kind == "O":
+            _, txid, epoch, group_id, offsets = entry
+            MemoryLog.txn_offsets(self, txid, epoch, group_id, {TopicPartition(t, p): o for t, p, o in offsets})
+        elif kind == "E":
+            _, txid, epoch, commit, ts = entry
+            self.clock = lambda: ts / 1000
+            MemoryLog.txn_end(self, txid, epoch, commit=commit)
+        elif kind == "C":
+            _, group_id, offsets = entry
+            self.groups.setdefault(group_id, _Group()).committed.update(
+                {TopicPartition(t, p): o for t, p, o in offsets}
+            )
+        elif kind == "N":  # a partition's next offset (after a rewrite: markers and dropped records)
+            _, topic, partition, offset = entry
+            self.topics[topic].partitions[partition].next_offset = offset
+        self.clock = time.time
+
+    def _at(self, topic: str, partition: int, offset: int, ts: int) -> None:
+        """Replay a record at its own offset and time."""
+        self.topics[topic].partitions[partition].next_offset = offset
+        self.clock = lambda: ts / 1000
+
+    def _abort_open_transactions(self) -> None:
+        with self.lock:
+            for txid, txn in self.txns.items():
+                if txn.started:
+                    self._end_txn(txn, txid, commit=False)
+                    txn.epoch += 1
+                    self._write("I", txid, txn.timeout_ms, txn.epoch)
+
+    def _maybe_rewrite(self) -> None:
+        """Rewrite the journal with only what the log keeps, once it holds much more (lock held)."""
+        if self._open_txns or self._replaying:
+            return
+        live = sum(len(p.records) for t in self.topics.values() for p in t.partitions)
+        if self.entries <= 2 * live + 10_000:
+            return
+        self.rewrite()
+
+    def rewrite(self) -> None:
+        """Write a new journal with the topics, the records kept, the offsets and the groups; swap it in."""
+        with self.lock:
+            if self._open_txns:
+                return
+            fresh = self.path / (JOURNAL + ".new")
+            entries: list[bytes] = []
+
+            def add(*entry: Any) -> None:
+                payload = _encoder.encode(entry)
+                entries.append(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+
+            for name, t in self.topics.items():
+                add("T", name, len(t.partitions), t.compacted, sorted(t.spec.config.items()))
+                for i, p in enumerate(t.partitions):
+                    for record in p.records:
+                        offset, key, value, ts = record[:4]
+                        add("A", name, i, offset, key, value, ts, list(record[4]) if len(record) > 4 else None)
+                    add("N", name, i, p.next_offset)
+            for group_id, group in self.groups.items():
+                add("C", group_id, [(tp.topic, tp.partition, o) for tp, o in group.committed.items()])
+            for txid, txn in self.txns.items():
+                add("I", txid, txn.timeout_ms, txn.epoch)
+            with open(fresh, "wb") as f:
+                for entry in entries:
+                    f.write(entry)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(fresh, self.path / JOURNAL)
+            directory = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            self._journal.close()
+            self._journal = open(self.path / JOURNAL, "ab", buffering=0)  # noqa: SIM115
+            self.entries = len(entries)
+            self._unsynced = False
+
+    # -- the changes, journaled ------------------------------------------------------------
+
+    def create_topic(self, spec: TopicSpec, defaults: dict[str, str] | None = None) -> None:
+        with self.lock:
+            new = spec.name not in self.topics
+            super().create_topic(spec, defaults)
+            if new:
+                t = self.topics[spec.name]
+                config = {**(defaults or {}), **spec.config}
+                t.spec = TopicSpec(spec.name, spec.partitions, spec.compacted, spec.replication_factor, config)
+                self._write("T", spec.name, spec.partitions, spec.compacted, sorted(config.items()))
+
+    def append(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> int:
+        with self.lock:
+            offset = super().append(topic, partition, key, value, headers)
+            record = self.topics[topic].partitions[partition].records[-1]
+            self._write("A", topic, partition, offset, key, value, record[3], list(headers) if headers else None)
+            self._maybe_rewrite()
+        return offset
+
+    def txn_append(
+        self,
+        transactional_id: str,
+        epoch: int,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> int:
+        with self.lock:
+            offset = super().txn_append(transactional_id, epoch, topic, partition, key, value, headers)
+            ts = int(self.clock() * 1000)
+            self._write(
+                "X",
+                transactional_id,
+                epoch,
+                topic,
+                partition,
+                offset,
+                key,
+                value,
+                ts,
+                list(headers) if headers else None,
+            )
+        return offset
+
+    def init_txn(self, transactional_id: str, timeout_ms: int) -> int:
+        with self.lock:
+            epoch = super().init_txn(transactional_id, timeout_ms)
+            self._write("I", transactional_id, timeout_ms, epoch)
+        return epoch
+
+    def txn_offsets(self, transactional_id: str, epoch: int, group_id: str, offsets: dict[TopicPartition, int]) -> None:
+        with self.lock:
+            super().txn_offsets(transactional_id, epoch, group_id, offsets)
+            self._write(
+                "O", transactional_id, epoch, group_id, [(tp.topic, tp.partition, o) for tp, o in offsets.items()]
+            )
+
+    def txn_end(self, transactional_id: str, epoch: int, *, commit: bool) -> None:
+        with self.lock:
+            super().txn_end(transactional_id, epoch, commit=commit)
+            self._write("E", transactional_id, epoch, commit, int(self.clock() * 1000))
+            self._maybe_rewrite()
+
+    def commit(
+        self,
+        group_id: str,
+        member_id: str,
+        generation: int,
+        offsets: dict[TopicPartition, int],
+        held: set[TopicPartition],
+    ) -> None:
+        with self.lock:
+            super().commit(group_id, member_id, generation, offsets, held)
+            self._write("C", group_id, [(tp.topic, tp.partition, o) for tp, o in offsets.items()])
+
+
+def _headers(headers: list[Any] | None) -> list[tuple[str, bytes]] | None:
+    return [(name, value) for name, value in headers] if headers else None
+
+
+_logs: dict[Path, FileLog] = {}
+_logs_lock = threading.Lock()
+
+
+def get_file_log(url: str) -> FileLog:
+    """The log behind a ``file://`` URL (one per directory, per process)."""
+    path = file_path(url).resolve()
+    fsync, interval = file_options(url)
+    with _logs_lock:
+        log = _logs.get(path)
+        if log is None or log._closed:
+            log = _logs[path] = FileLog(path, fsync, interval)
+        return log
+
+
+def close_file_log(url: str) -> None:
+    """Close the log behind a ``file://`` URL (tests: the next app opens it again from its journal)."""
+    path = file_path(url).resolve()
+    with _logs_lock:
+        log = _logs.pop(path, None)
+    if log is not None:
+        log.close()

@@ -1,0 +1,18 @@
+"""The engine suite on file:// (the memory log kept on disk)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qtasks.connectors.file_log import close_file_log
+from tests.engine_suite import *  # noqa: F403
+
+
+@pytest.fixture
+def broker_url(tmp_path: Path) -> Iterator[str]:
+    url = f"file://{tmp_path}/log"
+    yield url
+    close_file_log(url)
