@@ -10,7 +10,7 @@ from qtasks.config import QueueConfig
 from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import QTasksError, TaskCancelError, TaskPluginTriggerError
 from qtasks.logs import Logger
-from qtasks.pipe import Stream, UpstreamFailedError
+from qtasks.pipe import Stream, UpstreamFailedError, UpstreamRetriedError
 from qtasks.records import StreamItem, Task
 from qtasks.router import AsyncRouter, Router, SyncRouter, shared_task
 
@@ -31,6 +31,7 @@ __all__ = [
     "TaskCancelError",
     "TaskPluginTriggerError",
     "UpstreamFailedError",
+    "UpstreamRetriedError",
     "shared_task",
 ]
 

@@ -261,6 +261,7 @@ class Core:
         retry_count: int = 0,
         not_before: float = 0.0,
         key: str | None = None,
+        after: Sequence[str] = (),
         txn: PartitionTxn | None = None,
     ) -> Task:
         """Write the task's ``new`` status and its task record; return once both are stored.
@@ -279,6 +280,7 @@ class Core:
             retry_count=retry_count,
             not_before=not_before,
             key=key,
+            after=after,
         )
         if txn is not None:
             uuid, view = new.task.uuid, self.store.view

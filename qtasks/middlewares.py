@@ -55,6 +55,10 @@ def check_middleware(middleware: Any, position: str) -> None:
     """``TypeError``/``ValueError`` unless ``middleware`` can run at ``position`` (``before`` or ``after``)."""
     if position not in ("before", "after"):
         raise ValueError(f"a middleware's position is 'before' or 'after', got {position!r}")
+    if isinstance(middleware, TaskMiddleware):
+        raise TypeError(
+            f"pass the middleware class {type(middleware).__name__}, not an instance: it is made for each run"
+        )
     if isinstance(middleware, type) and not issubclass(middleware, TaskMiddleware):
         raise TypeError(
             f"middleware class {middleware.__name__} must subclass qtasks.middlewares.TaskMiddleware (or be a function)"

@@ -18,6 +18,9 @@ is the buffer: backpressure without holding the upstream back). When the upstrea
 - ``success``: the iteration ends;
 - ``error``: the iteration raises :class:`UpstreamFailedError` (after the values it did
   produce), so the downstream fails too unless it catches it;
+- ``retry`` (it failed and handed over to a retry): the iteration raises
+  :class:`UpstreamRetriedError` with the retry's uuid: the values read so far came from
+  a failed run, and the retry's start again from the first;
 - ``cancel``: the iteration raises :class:`~qtasks.exc.TaskCancelError`, so the
   downstream ends as ``cancel`` with the upstream's reason.
 
@@ -42,6 +45,16 @@ class UpstreamFailedError(QTasksError):
     """The task a ``Stream`` parameter reads ended as ``error``."""
 
 
+class UpstreamRetriedError(UpstreamFailedError):
+    """The task a ``Stream`` parameter reads failed and handed over to a retry, a new task
+    whose values start again from its first: the values already read came from a run that
+    failed. ``retried_as`` is the retry's uuid (``Stream(retried_as, ...)`` reads it)."""
+
+    def __init__(self, message: str, retried_as: str) -> None:
+        super().__init__(message)
+        self.retried_as = retried_as
+
+
 class Stream(Generic[T]):
     """The values of an upstream task, as it produces them: ``async for value in stream`` (``for`` in sync tasks)."""
 
@@ -55,9 +68,17 @@ class Stream(Generic[T]):
         return f"Stream({self.uuid!r})"
 
     async def __aiter__(self) -> AsyncIterator[T]:
-        async for value in self._app.stream(self.uuid):
-            yield value
-        task = await self._app.wait(self.uuid)  # its last retry, if it was retried
+        # One task's values: a retry is a new run from its first value, never spliced onto
+        # the failed one's (a stage that aggregates would count values twice).
+        async for item in self._app.stream(self.uuid, meta=True):
+            if item.retried_as is not None:
+                raise UpstreamRetriedError(
+                    f"upstream task {self.uuid} failed after {item.seq} value(s) and was retried as "
+                    f"{item.retried_as}; the values read so far came from the failed run",
+                    item.retried_as,
+                )
+            yield item.value
+        task = await self._app.wait(self.uuid)
         if task.status == "cancel":
             raise TaskCancelError(f"upstream task {task.uuid} was cancelled: {task.cancel_reason or 'no reason'}")
         if task.status != "success":

@@ -11,9 +11,9 @@ A :class:`Router` collects tasks in a module that does not import the app;
     app.include_router(router)
 
 ``@shared_task`` registers a task with every app of the process, at the start of the
-app's worker (a task of the app's own with that name wins). A router's task, or a shared task, that submits itself
-(``resize.add_task(...)``) goes through the app it was included in first, or through the
-last app made in the process.
+app's worker (a task of the app's own with that name wins). A router's task that submits
+itself (``resize.add_task(...)``) goes through the app it was included in first; a shared
+task, through the last app made in the process.
 """
 
 from __future__ import annotations

@@ -624,6 +624,7 @@ class TaskRun:
                 retry_count=rec.retry_count + 1,
                 not_before=time.time() + delay,
                 key=rec.key,
+                after=rec.after,  # a chord's callback: its retry gets the results again
                 txn=self.txn,
             )
             child_uuid = child.uuid

@@ -146,6 +146,9 @@ class Worker:
         #: handled) -> the records of the key that come after it, in order, with no slot.
         self._keys: dict[str, deque[_Waiting]] = {}
         self._queued_by_key = 0
+        #: Records queued behind keys, per partition; the partitions paused for holding too many.
+        self._queued_in: dict[TopicPartition, int] = {}
+        self._key_paused: set[TopicPartition] = set()
         #: The key each keyed handler holds (a rebalance keeps the keys of live handlers).
         self._handler_keys: dict[asyncio.Task[None], str] = {}
         #: A keyed run that ended as ``retry``: its uuid -> its child's; the key waits for the child.
@@ -296,6 +299,8 @@ class Worker:
         # Keys stay taken by the records being handled here; the records queued behind them come again.
         self._keys = {key: deque() for key in self._handler_keys.values()}
         self._queued_by_key = 0
+        self._queued_in = {}
+        self._key_paused = set()
         self._key_retries = {}
         for waiter in self._afters:  # chords' callbacks are read again too
             waiter.cancel()
@@ -331,7 +336,7 @@ class Worker:
     @property
     def _capacity(self) -> int:
         """Records the worker may still take: running plus waiting stay within concurrency + prefetch."""
-        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog) - self._queued_by_key
+        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog)
 
     async def _poll_loop(self) -> None:
         consumer = self._consumer
@@ -348,7 +353,10 @@ class Worker:
     def _set_paused(self, paused: bool) -> None:
         if paused != self._paused:
             self._paused = paused
-            (self._consumer.pause if paused else self._consumer.resume)(self._owned)
+            if paused:
+                self._consumer.pause(self._owned)
+            else:  # partitions full of one busy key's records stay paused
+                self._consumer.resume(self._owned - self._key_paused)
 
     def _take(self, record: Record) -> None:
         """Hold a fetched record (its offset counts as unfinished from now on)."""
@@ -382,8 +390,22 @@ class Worker:
         if rec.key is not None and not self._take_key(rec):
             self._keys[rec.key].append(entry)
             self._queued_by_key += 1
+            self._count_key_queue(entry[3].tp, 1)
         else:
             self._queue(entry)
+
+    def _count_key_queue(self, tp: TopicPartition, change: int) -> None:
+        """Records queued behind their keys take no slot and do not stop the fetching of other
+        partitions; a partition holding too many of them is paused alone, until they drain."""
+        queued = self._queued_in[tp] = self._queued_in.get(tp, 0) + change
+        limit = max(64, 4 * (self.concurrency + self.prefetch))
+        if queued >= limit and tp not in self._key_paused:
+            self._key_paused.add(tp)
+            self._consumer.pause([tp])
+        elif queued <= limit // 2 and tp in self._key_paused:
+            self._key_paused.discard(tp)
+            if not self._paused and tp in self._owned:
+                self._consumer.resume([tp])
 
     # -- chords -------------------------------------------------------------------------
 
@@ -444,9 +466,9 @@ class Worker:
     def _release_key(self, rec: TaskRecord) -> None:
         """``rec``'s handler is done: the next record of its key goes ahead (or, after a retry, its child)."""
         key = rec.key
+        child = self._retry_of.pop(rec.uuid, None)
         if key is None or key not in self._keys:
             return
-        child = self._retry_of.pop(rec.uuid, None)
         if child is not None and not self._stopping:
             waiting = self._keys[key]
             for i, entry in enumerate(waiting):
@@ -454,6 +476,7 @@ class Worker:
                 if isinstance(entry[2], TaskRecord) and entry[2].uuid == child:
                     del waiting[i]
                     self._queued_by_key -= 1
+                    self._count_key_queue(entry[3].tp, -1)
                     self._queue(entry)
                     return
             self._key_retries[key] = child
@@ -477,7 +500,9 @@ class Worker:
         waiting = self._keys.get(key)
         if waiting:
             self._queued_by_key -= 1
-            self._queue(waiting.popleft())
+            entry = waiting.popleft()
+            self._count_key_queue(entry[3].tp, -1)
+            self._queue(entry)
         else:
             self._keys.pop(key, None)
 
@@ -577,6 +602,8 @@ class Worker:
             finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc, txn)
         finally:
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
+            # The key is given up here, so a rebalance from now on must not count it held.
+            self._handler_keys.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if isinstance(rec, TaskRecord) and rec.key is not None:
                 self._release_key(rec)
             if finished:

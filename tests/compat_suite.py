@@ -127,6 +127,8 @@ async def test_app_middlewares_run_around_every_task_in_order(app: QueueTasks) -
         app.add_middleware(Stamp, position="around")
     with pytest.raises(TypeError, match=r"must subclass qtasks\.middlewares\.TaskMiddleware"):
         app.add_middleware(dict)
+    with pytest.raises(TypeError, match="not an instance"):
+        app.add_middleware(Stamp(None))
 
     @app.task(middlewares_before=[own_before], middlewares_after=[OwnAfter])
     async def greet(who: str, stamp: str = "") -> str:

@@ -149,3 +149,67 @@ async def test_a_bad_key_is_refused_before_anything_is_sent(app: QueueTasks, key
         await app.add_task("anything", key=key)
     with pytest.raises(error, match="key must be"):
         await app.add_tasks("anything", [()], key=key)
+
+
+async def test_a_rebalance_right_after_a_keyed_task_ends_leaves_its_key_free(
+    app: QueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's callback may run between a handler's end and its done-callbacks: the key it
+    gave up must not be counted as held again (found by review: the key then never ran)."""
+    from qtasks import worker as worker_module
+
+    release = worker_module.Worker._release_key
+
+    rebalances: list[asyncio.Future[None]] = []
+
+    def release_then_rebalance(self: Any, rec: Any) -> None:
+        release(self, rec)
+        if rec.args == ["k", 0]:
+            rebalances.append(asyncio.ensure_future(self.on_partitions_assigned(set(self._owned))))
+
+    monkeypatch.setattr(worker_module.Worker, "_release_key", release_then_rebalance)
+    log: list[tuple[str, int, float, float]] = []
+    recording(app, log)
+    await app.start()
+    first = await app.add_task("step", "k", 0, key="k")
+    assert (await app.wait(first.uuid, timeout=20)).status == "success"
+    await asyncio.sleep(0.2)
+    assert len(rebalances) == 1 and rebalances[0].done()
+    second = await app.add_task("step", "k", 1, key="k")
+    assert (await app.wait(second.uuid, timeout=20)).status == "success"
+
+
+async def test_a_busy_key_does_not_stop_other_partitions_or_the_retry_it_waits_for(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """Records queued behind a key take no slot and do not pause the other partitions (found by
+    review: with prefetch 0 they paused every partition, and a keyed retry waited its bound)."""
+    app = make_app(concurrency=2, prefetch=0)
+    order: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+
+    @app.task(retry=1)
+    async def work(key: str, i: int, hold: bool = False) -> None:
+        order.append((key, i))
+        if hold:
+            await gate.wait()
+        if key == "flaky" and i == 0 and order.count(("flaky", 0)) == 1:
+            raise RuntimeError("fails once")
+
+    await app.start()
+    hot = "hot-key"
+    busy = [await app.add_task("work", hot, i, True, key=hot) for i in range(6)]  # the first holds the key
+    partitions = app.config.tasks_partitions
+    elsewhere = next(
+        k for k in (f"other-{i}" for i in range(100)) if partition_for(k, partitions) != partition_for(hot, partitions)
+    )
+    quick = await app.add_task("work", elsewhere, 0, key=elsewhere)
+    assert (await app.wait(quick.uuid, timeout=20)).status == "success"  # while the busy key still waits
+    assert not gate.is_set()
+    flaky = [await app.add_task("work", "flaky", i, key="flaky") for i in range(4)]
+    for handle in flaky:
+        assert (await app.wait(handle.uuid, timeout=20)).status == "success"
+    assert [i for k, i in order if k == "flaky"] == [0, 0, 1, 2, 3]  # the retry first, without waiting its bound
+    gate.set()
+    for handle in busy:
+        assert (await app.wait(handle.uuid, timeout=20)).status == "success"

@@ -175,3 +175,57 @@ async def test_a_chord_outlives_the_worker_that_held_its_callback(make_app: Call
     await second.start()
     done = await second.wait(callback.uuid, timeout=60)
     assert done.status == "success" and done.returning == 1
+
+
+async def test_a_stream_does_not_splice_a_retried_upstream_onto_its_failed_run(app: QueueTasks) -> None:
+    """Found by review: the values of a failed run and of its retry came one after the other,
+    so a stage that adds them up counted some twice."""
+    from qtasks import UpstreamRetriedError
+
+    runs: list[int] = []
+
+    @app.task(retry=1)
+    async def flaky_numbers():
+        runs.append(1)
+        yield 0
+        yield 1
+        if len(runs) == 1:
+            raise RuntimeError("first run fails")
+        yield 2
+
+    @app.task
+    async def careful(values: Stream[int]) -> dict[str, Any]:
+        seen = []
+        try:
+            async for value in values:
+                seen.append(value)
+        except UpstreamRetriedError as exc:  # start again on the retry
+            seen = [v async for v in Stream(exc.retried_as, app)]
+        return {"sum": sum(seen), "values": seen}
+
+    await app.start()
+    first = await app.add_task("flaky_numbers")
+    done = await app.add_task("careful", first.uuid, timeout=30)
+    assert done is not None and done.status == "success" and done.returning == {"sum": 3, "values": [0, 1, 2]}
+
+
+async def test_a_chords_callback_that_is_retried_gets_the_results_again(app: QueueTasks) -> None:
+    """Found by review: the retry of a chord's callback lost the results (they were not in its record)."""
+    calls: list[tuple[Any, ...]] = []
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task(retry=1)
+    async def merge(results: list[int], tag: str) -> str:
+        calls.append((results, tag))
+        if len(calls) == 1:
+            raise RuntimeError("fails once")
+        return f"{tag}:{sum(results)}"
+
+    await app.start()
+    callback = await app.chord("add", [(1, 2), (5, 5)], "merge", "t")
+    done = await app.wait(callback.uuid, timeout=30)
+    assert done.status == "success" and done.returning == "t:13"
+    assert calls == [([3, 10], "t"), ([3, 10], "t")]
