@@ -49,7 +49,7 @@ from typing import Any, BinaryIO
 import msgspec
 
 from qtasks.connectors.base import TopicPartition, TopicSpec
-from qtasks.connectors.memory_log import _URL_OPTIONS, MemoryLog, _Group, _limit
+from qtasks.connectors.memory_log import _URL_OPTIONS, MemoryLog, _Group
 from qtasks.exc import ConfigError, ConnectorError
 
 #: The journal's file name, and the frame of an entry: length and CRC-32 of the payload.
@@ -82,8 +82,10 @@ def file_options(url: str) -> tuple[str, float]:
     fsync = query.get("fsync", "interval")
     if fsync not in _FSYNC:
         raise ConfigError(f"fsync must be {', '.join(_FSYNC)}; got {fsync!r}")
-    interval = _limit("fsync_interval_ms", query.get("fsync_interval_ms", "1000"))
-    return fsync, interval / 1000
+    interval = query.get("fsync_interval_ms", "1000")
+    if not interval.isdigit() or not 1 <= int(interval) <= 3_600_000:
+        raise ConfigError(f"fsync_interval_ms must be 1 to 3600000 (milliseconds), got {interval!r}")
+    return fsync, int(interval) / 1000
 
 
 class FileLog(MemoryLog):
@@ -93,6 +95,7 @@ class FileLog(MemoryLog):
         super().__init__()
         self.path = path
         self.fsync = fsync
+        self.fsync_interval = fsync_interval
         path.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(path / "lock", "a+b")  # noqa: SIM115 - held for the log's life
         try:
@@ -105,9 +108,15 @@ class FileLog(MemoryLog):
         self._replaying = True
         self._unsynced = False
         self._closed = False
+        self._stop_syncing = threading.Event()
         self.entries = 0
         self.replayed = 0
-        self._journal = self._replay(path / JOURNAL)
+        try:
+            self._journal = self._replay(path / JOURNAL)
+        except BaseException:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            raise
         for t in self.topics.values():  # as the log cleaner would have by now
             if t.compacted:
                 for p in t.partitions:
@@ -122,20 +131,37 @@ class FileLog(MemoryLog):
     # -- the journal --------------------------------------------------------------------
 
     def _write(self, *entry: Any) -> None:
-        """Journal one change (the log's lock is held): written before the change is acknowledged."""
+        """Journal one change (the log's lock is held), whole or not at all.
+
+        A write that fails (the disk is full) is cut back off the journal and raised as a
+        retriable :class:`ConnectorError`: the call that made the change fails, and a retry
+        (the engine retries deliveries while the failure is retriable) writes it again.
+        """
         if self._replaying:
             return
+        if self._closed:
+            raise ConnectorError(f"the file:// log at {self.path} is closed", retriable=False)
         payload = _encoder.encode(entry)
-        self._journal.write(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+        frame = memoryview(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+        fd = self._journal.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while frame:
+                frame = frame[os.write(fd, frame) :]
+            if self.fsync == "always":
+                os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, start)  # no half entry is left in the middle of the journal
+            except OSError:
+                pass
+            raise ConnectorError(f"could not write the file:// journal at {self.path}: {exc}", retriable=True) from exc
         self.entries += 1
-        if self.fsync == "always":
-            os.fsync(self._journal.fileno())
-        else:
+        if self.fsync != "always":
             self._unsynced = True
 
     def _sync_every(self, interval: float) -> None:
-        while not self._closed:
-            time.sleep(interval)
+        while not self._stop_syncing.wait(interval):
             with self.lock:  # the sync itself runs without the lock: appends go on meanwhile
                 if not self._unsynced or self._closed:
                     continue
@@ -152,6 +178,8 @@ class FileLog(MemoryLog):
             if self._closed:
                 return
             self._closed = True
+            self._stop_syncing.set()
+            atexit.unregister(self.close)
             os.fsync(self._journal.fileno())
             self._journal.close()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -164,11 +192,21 @@ class FileLog(MemoryLog):
             data = journal.read_bytes()
             while good + _FRAME.size <= len(data):
                 size, crc = _FRAME.unpack_from(data, good)
-                payload = data[good + _FRAME.size : good + _FRAME.size + size]
-                if len(payload) < size or zlib.crc32(payload) != crc:
-                    break  # a torn (never acknowledged) last entry
+                end = good + _FRAME.size + size
+                payload = data[good + _FRAME.size : end]
+                if len(payload) < size:
+                    break  # a torn last entry: its write was cut short, so it was never acknowledged
+                if zlib.crc32(payload) != crc:
+                    if end == len(data):
+                        break  # the last entry, torn the same way
+                    raise ConnectorError(
+                        f"the file:// journal {journal} is damaged at byte {good} of {len(data)} (a CRC-32 that does "
+                        "not match) with whole entries after it: it is left as it is. Copy it aside; cutting it at "
+                        "that byte opens the log without what came after",
+                        retriable=False,
+                    )
                 self._apply(_decoder.decode(payload))
-                good += _FRAME.size + size
+                good = end
                 self.replayed += 1
             if good < len(data):
                 with open(journal, "r+b") as f:
@@ -205,10 +243,30 @@ class FileLog(MemoryLog):
             self.groups.setdefault(group_id, _Group()).committed.update(
                 {TopicPartition(t, p): o for t, p, o in offsets}
             )
+        elif kind == "K":  # a transaction aborted past its timeout, its producer fenced
+            _, txid, epoch, ts = entry
+            txn = self.txns.get(txid)
+            if txn is not None and txn.started:
+                self.clock = lambda: ts / 1000
+                self._end_txn(txn, txid, commit=False)
+            if txn is not None:
+                txn.epoch = epoch
         elif kind == "N":  # a partition's next offset (after a rewrite: markers and dropped records)
             _, topic, partition, offset = entry
             self.topics[topic].partitions[partition].next_offset = offset
         self.clock = time.time
+
+    def _expire_txns(self) -> None:
+        """Transactions past their timeout are aborted as in memory, and the abort is journaled;
+        a replay applies the journaled ones only (never by today's clock)."""
+        if self._replaying:
+            return
+        open_before = {txid: txn.epoch for txid, txn in self.txns.items() if txn.started}
+        super()._expire_txns()
+        for txid, epoch in open_before.items():
+            txn = self.txns[txid]
+            if txn.epoch != epoch:
+                self._write("K", txid, txn.epoch, int(self.clock() * 1000))
 
     def _at(self, topic: str, partition: int, offset: int, ts: int) -> None:
         """Replay a record at its own offset and time."""
@@ -225,8 +283,8 @@ class FileLog(MemoryLog):
 
     def _maybe_rewrite(self) -> None:
         """Rewrite the journal with only what the log keeps, once it holds much more (lock held)."""
-        if self._open_txns or self._replaying:
-            return
+        if self._open_txns or self._replaying or self.entries % 1024:
+            return  # looked at every 1,024 entries: counting the records costs a pass over the partitions
         live = sum(len(p.records) for t in self.topics.values() for p in t.partitions)
         if self.entries <= 2 * live + 10_000:
             return
@@ -292,11 +350,24 @@ class FileLog(MemoryLog):
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> int:
         with self.lock:
-            offset = super().append(topic, partition, key, value, headers)
-            record = self.topics[topic].partitions[partition].records[-1]
-            self._write("A", topic, partition, offset, key, value, record[3], list(headers) if headers else None)
+            offset, ts = self._next(topic, partition)
+            self._write("A", topic, partition, offset, key, value, ts, list(headers) if headers else None)
+            clock = self.clock
+            try:
+                self.clock = lambda: ts / 1000  # the record gets the time journaled
+                offset = super().append(topic, partition, key, value, headers)
+            finally:
+                self.clock = clock
             self._maybe_rewrite()
         return offset
+
+    def _next(self, topic: str, partition: int) -> tuple[int, int]:
+        """The offset and time (ms) the next record of a partition gets (it is journaled before it is stored)."""
+        try:
+            p = self._topic(topic).partitions[partition]
+        except IndexError:
+            raise ConnectorError(f"topic {topic!r} has no partition {partition}") from None
+        return p.next_offset, int(self.clock() * 1000)
 
     def txn_append(
         self,
@@ -309,8 +380,8 @@ class FileLog(MemoryLog):
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> int:
         with self.lock:
-            offset = super().txn_append(transactional_id, epoch, topic, partition, key, value, headers)
-            ts = int(self.clock() * 1000)
+            self._txn(transactional_id, epoch)  # a fenced producer writes nothing, not even to the journal
+            offset, ts = self._next(topic, partition)
             self._write(
                 "X",
                 transactional_id,
@@ -323,6 +394,12 @@ class FileLog(MemoryLog):
                 ts,
                 list(headers) if headers else None,
             )
+            clock = self.clock
+            try:
+                self.clock = lambda: ts / 1000
+                offset = super().txn_append(transactional_id, epoch, topic, partition, key, value, headers)
+            finally:
+                self.clock = clock
         return offset
 
     def init_txn(self, transactional_id: str, timeout_ms: int) -> int:
@@ -340,8 +417,14 @@ class FileLog(MemoryLog):
 
     def txn_end(self, transactional_id: str, epoch: int, *, commit: bool) -> None:
         with self.lock:
-            super().txn_end(transactional_id, epoch, commit=commit)
-            self._write("E", transactional_id, epoch, commit, int(self.clock() * 1000))
+            clock = self.clock
+            ts = int(clock() * 1000)
+            try:
+                self.clock = lambda: ts / 1000
+                super().txn_end(transactional_id, epoch, commit=commit)
+            finally:
+                self.clock = clock
+            self._write("E", transactional_id, epoch, commit, ts)
             self._maybe_rewrite()
 
     def commit(
@@ -373,6 +456,11 @@ def get_file_log(url: str) -> FileLog:
         log = _logs.get(path)
         if log is None or log._closed:
             log = _logs[path] = FileLog(path, fsync, interval)
+        elif (log.fsync, log.fsync_interval) != (fsync, interval):
+            raise ConfigError(
+                f"{path} is open in this process with fsync={log.fsync}, fsync_interval_ms="
+                f"{round(log.fsync_interval * 1000)}: every app on one file:// log uses the same options"
+            )
         return log
 
 

@@ -17,7 +17,7 @@ from qtasks.asyncio import QueueTasks
 from qtasks.connectors import TopicPartition, TopicSpec
 from qtasks.connectors.file_log import JOURNAL, FileLog, close_file_log, get_file_log
 from qtasks.connectors.memory import MemoryConnector
-from qtasks.exc import ConfigError
+from qtasks.exc import ConfigError, ConnectorError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,3 +196,107 @@ async def test_a_kill_9_mid_run_loses_no_acknowledged_task(tmp_path: Path) -> No
     finally:
         await app.stop()
         close_file_log(url)
+
+
+# -- found by review -------------------------------------------------------------------------
+
+
+def test_an_exactly_once_journal_opens_after_its_transactions_timeout_has_passed(tmp_path: Path) -> None:
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    epoch = log.init_txn("tx", 200)  # a 0.2 s transaction timeout
+    log.txn_append("tx", epoch, "t", 0, b"k", b"v")
+    log.txn_offsets("tx", epoch, "g", {TopicPartition("t", 0): 1})
+    log.txn_end("tx", epoch, commit=True)
+    log.close()
+    time.sleep(0.3)  # the replay must not judge the transaction by today's clock
+    again = FileLog(tmp_path)
+    assert [r[2] for r in again.topics["t"].partitions[0].records] == [b"v"]
+    assert again.groups["g"].committed == {TopicPartition("t", 0): 1}
+    again.close()
+
+
+def test_a_transaction_that_timed_out_stays_aborted_after_a_restart(tmp_path: Path) -> None:
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    epoch = log.init_txn("tx", 100)
+    log.txn_append("tx", epoch, "t", 0, b"k", b"expired")
+    time.sleep(0.2)
+    log.append("t", 0, b"k", b"after")  # a read or write past the timeout aborts it
+    log.end_offset(TopicPartition("t", 0), committed=True)
+    assert [r[2] for r in log.topics["t"].partitions[0].records] == [b"after"]
+    before = [tuple(r) for r in log.topics["t"].partitions[0].records], log.txns["tx"].epoch
+    log.close()
+    again = FileLog(tmp_path)
+    assert ([tuple(r) for r in again.topics["t"].partitions[0].records], again.txns["tx"].epoch) == before
+    again.close()
+
+
+def test_a_write_the_disk_refuses_is_not_acknowledged_and_leaves_no_half_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks.connectors import file_log
+
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    log.append("t", 0, b"k", b"v0")
+    size = (tmp_path / JOURNAL).stat().st_size
+    real_write = os.write
+
+    def full_disk(fd: int, data: object) -> int:
+        real_write(fd, bytes(data)[:5])  # a short write, then the disk is full  # type: ignore[call-overload]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_log.os, "write", full_disk)
+    with pytest.raises(ConnectorError, match="No space left") as refused:
+        log.append("t", 0, b"k", b"v1")
+    assert refused.value.retriable
+    assert (tmp_path / JOURNAL).stat().st_size == size  # cut back
+    assert [r[2] for r in log.topics["t"].partitions[0].records] == [b"v0"]  # not stored either
+    monkeypatch.setattr(file_log.os, "write", real_write)
+    assert log.append("t", 0, b"k", b"v1") == 1  # the retry
+    log.close()
+    again = FileLog(tmp_path)
+    assert [r[2] for r in again.topics["t"].partitions[0].records] == [b"v0", b"v1"]
+    again.close()
+
+
+def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    for i in range(100):
+        log.append("t", 0, b"k", f"value-{i}".encode())
+    log.close()
+    journal = tmp_path / JOURNAL
+    data = bytearray(journal.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    journal.write_bytes(bytes(data))
+    with pytest.raises(ConnectorError, match="is damaged at byte"):
+        FileLog(tmp_path)
+    assert journal.read_bytes() == bytes(data)  # nothing cut off
+
+
+def test_a_closed_log_refuses_writes_and_is_freed(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    log.close()
+    with pytest.raises(ConnectorError, match="is closed"):
+        log.append("t", 0, b"k", b"v")
+    assert log.topics["t"].partitions[0].records == []
+    log._syncer.join(5)  # the sync thread ends with the log
+    gone = weakref.ref(log)
+    del log
+    gc.collect()
+    assert gone() is None  # nothing (atexit) keeps a closed log alive
+
+
+def test_one_directory_takes_one_set_of_options_in_a_process(tmp_path: Path) -> None:
+    get_file_log(f"file://{tmp_path}")
+    with pytest.raises(ConfigError, match="every app on one file:// log uses the same options"):
+        get_file_log(f"file://{tmp_path}?fsync=always")
+    with pytest.raises(ConfigError, match="fsync_interval_ms must be"):
+        get_file_log(f"file://{tmp_path}?fsync_interval_ms=-1")
+    close_file_log(f"file://{tmp_path}")
