@@ -307,6 +307,8 @@ class Worker:
         self._offsets = {tp: PartitionOffsets() for tp in assigned}
         if self._paused:
             self._consumer.pause(assigned)
+        else:  # a partition paused for its keys' queue before is read afresh now
+            self._consumer.resume(assigned)
         log.info("worker %s assigned %s", self.id, sorted(p.partition for p in assigned))
         if not self.exactly_once:
             # Records are admitted once the view read the status topic to its end: a task
@@ -478,6 +480,7 @@ class Worker:
                     self._queued_by_key -= 1
                     self._count_key_queue(entry[3].tp, -1)
                     self._queue(entry)
+                    self._fill()
                     return
             self._key_retries[key] = child
             # Bounded: a child that never comes here (its partition moved) does not hold the key for ever.
@@ -496,13 +499,15 @@ class Worker:
         self._next_of_key(key)
         self._fill()
 
-    def _next_of_key(self, key: str) -> None:
+    def _next_of_key(self, key: str, *, fill: bool = True) -> None:
         waiting = self._keys.get(key)
         if waiting:
             self._queued_by_key -= 1
             entry = waiting.popleft()
             self._count_key_queue(entry[3].tp, -1)
             self._queue(entry)
+            if fill and not self._stopping:
+                self._fill()  # at once: the slot its key's last task held may be free already
         else:
             self._keys.pop(key, None)
 
@@ -515,7 +520,7 @@ class Worker:
                 if (joined := self._active.get(rec.uuid)) is not None:
                     joined.append((offsets, record.offset))
                     if rec.key is not None:
-                        self._next_of_key(rec.key)  # it held the key; the run it joined holds it already
+                        self._next_of_key(rec.key, fill=False)  # it held the key; the run it joined holds it
                     continue
                 self._active[rec.uuid] = []
             self._in_flight += 1

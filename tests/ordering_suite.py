@@ -213,3 +213,46 @@ async def test_a_busy_key_does_not_stop_other_partitions_or_the_retry_it_waits_f
     gate.set()
     for handle in busy:
         assert (await app.wait(handle.uuid, timeout=20)).status == "success"
+
+
+async def test_a_partition_paused_for_its_keys_queue_is_read_again_after_a_rebalance(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app(concurrency=2, prefetch=0, tasks_partitions=1)
+    gate = asyncio.Event()
+    done: list[int] = []
+
+    @app.task
+    async def work(i: int) -> None:
+        if i == 0:
+            await gate.wait()
+        done.append(i)
+
+    worker = await app.start()
+    handles = [await app.add_task("work", i, key="hot") for i in range(80)]  # more than the queue's limit of 64
+    await app.view.wait_for(handles[0].uuid, lambda h: h is not None and h.status == "process", 20)
+    for _ in range(100):
+        if worker._key_paused:
+            break
+        await asyncio.sleep(0.05)
+    assert worker._key_paused  # the partition holds too many records behind the key
+    worker._consumer.rejoin()  # a rebalance gives the same partition back
+    await asyncio.sleep(0.5)
+    gate.set()
+    for handle in handles:
+        assert (await app.wait(handle.uuid, timeout=30)).status == "success"
+    assert done == list(range(80))
+
+
+async def test_a_keys_next_task_starts_at_once_on_an_idle_worker(app: QueueTasks) -> None:
+    """Found while testing the queue's pause: the next task of a key waited for the poll loop's
+    next pass (half a second) when nothing else was fetched."""
+    log: list[tuple[str, int, float, float]] = []
+    recording(app, log)
+    await app.start()
+    handles = [await app.add_task("step", "k", i, 0.0, key="k") for i in range(40)]
+    started = time.monotonic()
+    for handle in handles:
+        assert (await app.wait(handle.uuid, timeout=60)).status == "success"
+    assert time.monotonic() - started < 10.0  # 40 half-second waits would take 20 s
+    check_in_order(log, "k", 40)
