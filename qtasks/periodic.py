@@ -238,7 +238,7 @@ class Ticker:
                 for tick in ticks:
                     if self._term != term:
                         return
-                    await self._fire(spec, schedule, tick)
+                    await self._fire_or_log(spec, schedule, tick)
             plan[spec.name] = schedule.when.next_after(now)
         specs = {spec.name: (spec, schedule) for spec, schedule in schedules}
         next_alive = 0.0
@@ -251,12 +251,20 @@ class Ticker:
                 if tick > now or self._term != term:
                     continue
                 spec, schedule = specs[name]
-                await self._fire(spec, schedule, tick)
+                await self._fire_or_log(spec, schedule, tick)
                 plan[name] = schedule.when.next_after(tick)
             wake = min(min(plan.values()), next_alive)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, wake - time.time())):
                     await self._changed.wait()
+
+    async def _fire_or_log(self, spec: TaskSpec, schedule: Schedule, tick: float) -> None:
+        """:meth:`_fire`; a tick that cannot be submitted at all (its arguments do not fit a record)
+        is logged and passed over, and the ticking goes on."""
+        try:
+            await self._fire(spec, schedule, tick)
+        except (TypeError, ValueError) as exc:
+            log.error("periodic task %s: the tick at %s was not submitted: %s", spec.name, tick, exc)
 
     async def _fire(self, spec: TaskSpec, schedule: Schedule, tick: float) -> None:
         """Submit the run of ``spec`` for ``tick`` (unless it is known already), then record the tick."""

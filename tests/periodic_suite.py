@@ -169,3 +169,20 @@ async def test_a_bad_schedule_record_is_passed_over_and_the_ticking_goes_on(
     worker = await app.start()
     await until(lambda: len(runs) >= 2, 30, "two ticks")
     assert worker.error is None and worker.ticker.leading
+
+
+async def test_a_tick_that_cannot_be_submitted_is_logged_and_the_others_go_on(
+    make_app: Callable[..., QueueTasks], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(max_record_bytes=4000)
+    runs: list[float] = []
+    beating(app, runs)
+
+    @app.periodic(every=1, args=("x" * 5000,))
+    async def too_big(text: str) -> None: ...
+
+    worker = await app.start()
+    await until(lambda: len(runs) >= 3, 30, "three ticks of the other task")
+    assert worker.error is None and worker.ticker.leading
+    assert "periodic task too_big: the tick at" in caplog.text  # said, once per tick
+    assert "loop periodic failed" not in caplog.text  # and the loop never failed for it
