@@ -89,7 +89,7 @@ docs: install
 	$(BIN)/python -m qtasks.reference > docs/reference.md
 
 bench: install
-	$(BIN)/python bench/bench_memory.py
+	$(BIN)/python bench/bench_memory.py $(ARGS)
 
 bench-rss: install
 	$(BIN)/python bench/bench_rss.py

@@ -1,6 +1,9 @@
 """Hot-path benchmarks on memory:// (not tests): per-yield emit and per-task overhead.
 
-    python bench/bench_memory.py [--yields 1000000] [--tasks 100000]
+    python bench/bench_memory.py [--yields 1000000] [--tasks 100000] [--file [--fsync interval|always|never]]
+
+``--file`` runs the same on ``file://`` (the memory log with its journal on disk, in a
+fresh temporary directory per app), with the journal's ``--fsync`` policy.
 
 1. One async generator yielding N small values through executor + worker + memory
    connector (each value encoded and appended as its own result record), against a bare
@@ -17,15 +20,24 @@ import asyncio
 import gc
 import platform
 import sys
+import tempfile
 import time
 import uuid
 
 from qtasks.asyncio import QueueTasks
+from qtasks.connectors.file_log import close_file_log
 from qtasks.connectors.memory import drop_log
+
+#: ``--file``: the fsync policy of a file:// log (None: memory://).
+FSYNC: str | None = None
 
 
 def make_app() -> QueueTasks:
-    return QueueTasks(name=f"bench{uuid.uuid4().hex[:8]}", broker_url=f"memory://bench{uuid.uuid4().hex}")
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    if FSYNC is None:
+        return QueueTasks(name=name, broker_url=f"memory://bench{uuid.uuid4().hex}")
+    directory = tempfile.mkdtemp(prefix="qtasks-bench-")
+    return QueueTasks(name=name, broker_url=f"file://{directory}?fsync={FSYNC}")
 
 
 async def agen(n: int):
@@ -56,7 +68,10 @@ async def bench_yields(n: int, kind: str) -> float:
         return elapsed
     finally:
         await app.stop()
-        drop_log(app.broker_url)
+        if FSYNC is None:
+            drop_log(app.broker_url)
+        else:
+            close_file_log(app.broker_url)
         gc.collect()
 
 
@@ -109,8 +124,13 @@ async def main() -> None:
     parser.add_argument("--yields", type=int, default=1_000_000)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--file", action="store_true", help="on file:// (a journal on disk) instead of memory://")
+    parser.add_argument("--fsync", choices=("interval", "always", "never"), default="interval")
     args = parser.parse_args()
-    print(f"python {platform.python_version()} on {platform.machine()}, {sys.platform}")
+    global FSYNC
+    FSYNC = args.fsync if args.file else None
+    where = f"file:// (fsync={args.fsync})" if args.file else "memory://"
+    print(f"python {platform.python_version()} on {platform.machine()}, {sys.platform}; {where}")
     n = args.yields
     bare = await bare_loop(n)
     print(f"bare async-generator loop : {n / bare:>12,.0f} yields/s  ({bare:.2f} s for {n:,})")
