@@ -21,7 +21,7 @@ from qtasks import _state
 from qtasks.bulk import BATCH, calls_of, merge_streams
 from qtasks.config import QueueConfig, validate_app_name
 from qtasks.connectors import Connector
-from qtasks.core import Core, Topics
+from qtasks.core import Core, NewTask, Topics
 from qtasks.exc import BrokerUnavailableError, TaskNotFoundError
 from qtasks.handle import AsyncTaskHandle
 from qtasks.logs import show_logs
@@ -407,23 +407,35 @@ class QueueTasks:
         run one at a time, in the order given.
         """
         task_name = check_task_name(task_name)
-        if priority is None:
-            spec = self.registry.get(task_name)
-            priority = spec.priority if spec is not None else 0
-        priority = check_priority(priority)
+        priority = check_priority(self._priority_of(task_name, priority))
         due = check_due(countdown, eta)
         key = check_key(key)
         await self._here()
         await self.core.connect()
+        new = self._new_tasks("add_tasks", task_name, calls, priority=priority, not_before=due, key=key)
+        await self._submit_batches(new)
+        return [AsyncTaskHandle(self, n.task) for n in new]
+
+    def _priority_of(self, task_name: str, priority: int | None) -> int:
+        """``priority``, or (None) the registered task's own, else 0."""
+        if priority is not None:
+            return priority
+        spec = self.registry.get(task_name)
+        return spec.priority if spec is not None else 0
+
+    def _new_tasks(self, caller: str, task_name: str, calls: Iterable[Any], **fields: Any) -> list[NewTask]:
+        """One checked task per item of ``calls``; a bad item raises naming its index (nothing is sent)."""
         new = []
         for i, (args, kwargs) in enumerate(calls_of(calls)):
             try:
-                new.append(self.core.new_task(task_name, args, kwargs, priority=priority, not_before=due, key=key))
+                new.append(self.core.new_task(task_name, args, kwargs, **fields))
             except (TypeError, ValueError) as exc:
-                raise type(exc)(f"add_tasks: item {i}: {exc}") from None
+                raise type(exc)(f"{caller}: item {i}: {exc}") from None
+        return new
+
+    async def _submit_batches(self, new: list[NewTask]) -> None:
         for start in range(0, len(new), BATCH):
             await self.core.submit_all(new[start : start + BATCH])
-        return [AsyncTaskHandle(self, n.task) for n in new]
 
     async def chord(
         self,
@@ -444,26 +456,16 @@ class QueueTasks:
         callback's record, without a slot, until the statuses say the others have ended.
         """
         task_name, callback = check_task_name(task_name), check_task_name(callback)
-        if priority is None:
-            spec = self.registry.get(task_name)
-            priority = spec.priority if spec is not None else 0
-        priority = check_priority(priority)
+        priority = check_priority(self._priority_of(task_name, priority))
         await self._here()
         await self.core.connect()
-        new = []
-        for i, (call_args, call_kwargs) in enumerate(calls_of(calls)):
-            try:
-                new.append(self.core.new_task(task_name, call_args, call_kwargs, priority=priority))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"chord: item {i}: {exc}") from None
+        new = self._new_tasks("chord", task_name, calls, priority=priority)
         if not new:
             raise ValueError("a chord needs at least one task before its callback")
-        spec = self.registry.get(callback)
         last = self.core.new_task(
-            callback, args, kwargs, priority=spec.priority if spec else 0, after=[n.task.uuid for n in new]
+            callback, args, kwargs, priority=self._priority_of(callback, None), after=[n.task.uuid for n in new]
         )
-        for start in range(0, len(new), BATCH):
-            await self.core.submit_all(new[start : start + BATCH])
+        await self._submit_batches(new)
         await self.core.submit_all([last])
         return AsyncTaskHandle(self, last.task)
 
@@ -490,9 +492,7 @@ class QueueTasks:
         due: float = 0.0,
         key: str | None = None,
     ) -> Task:
-        if priority is None:
-            spec = self.registry.get(task_name)
-            priority = spec.priority if spec is not None else 0
+        priority = self._priority_of(task_name, priority)
         return await self.core.submit(task_name, args, kwargs, priority=priority, not_before=due, key=key)
 
     async def _follow(self, uuid: str) -> Task:
