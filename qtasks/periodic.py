@@ -16,6 +16,8 @@ the ticks after the last one recorded are submitted then:
   ``"latest"`` (the default: the last of them), ``"all"`` (each, at most
   :data:`MAX_CATCH_UP`, the latest ones) or ``"skip"`` (none).
 
+A schedule with no tick recorded yet (a new periodic task) gets a mark where its
+ticking starts, so a worker that takes over before its first tick still submits it.
 The ticking worker writes a sign of life (key ``alive``) every :data:`ALIVE_EVERY`
 seconds. A task's status has the tick it was submitted for in ``not_before``.
 """
@@ -239,6 +241,10 @@ class Ticker:
                     if self._term != term:
                         return
                     await self._fire_or_log(spec, schedule, tick)
+            else:
+                # A schedule never recorded starts now: a worker that takes over before its
+                # first tick was recorded submits the ticks after this mark.
+                await self._record(spec.name, now, "")
             plan[spec.name] = schedule.when.next_after(now)
         specs = {spec.name: (spec, schedule) for spec, schedule in schedules}
         next_alive = 0.0
@@ -282,8 +288,12 @@ class Ticker:
                 # Submitted by a ticker that died before its task record was surely stored:
                 # sent again (one task all the same: the worker that reads a second copy skips it).
                 await core.resend(new)
-        record = TickRecord(kind="tick", name=spec.name, tick=tick, uuid=uuid, worker=self.worker_id, at=time.time())
-        await core.send(core.topics.schedule, encode(record), f"tick:{spec.name}", 1, what=f"tick of {spec.name}")
+        await self._record(spec.name, tick, uuid)
+
+    async def _record(self, name: str, tick: float, uuid: str) -> None:
+        """Record ``tick`` as the last of ``name`` (``uuid`` empty: where a new schedule starts)."""
+        record = TickRecord(kind="tick", name=name, tick=tick, uuid=uuid, worker=self.worker_id, at=time.time())
+        await self.core.send(self.core.topics.schedule, encode(record), f"tick:{name}", 1, what=f"tick of {name}")
 
     async def _alive(self, now: float) -> None:
         core = self.core

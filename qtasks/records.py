@@ -237,7 +237,7 @@ class TickRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     """The schedule topic (compacted): a periodic task's last tick, or the ticking worker's sign of life.
 
     ``kind="tick"`` (key ``tick:<task name>``): the tick at ``tick`` was submitted as task
-    ``uuid``. ``kind="alive"`` (key ``alive``): ``worker`` was ticking at ``at``.
+    ``uuid`` (empty: no run, the mark where a new schedule starts). ``kind="alive"`` (key ``alive``): ``worker`` was ticking at ``at``.
     """
 
     v: int = 1

@@ -95,6 +95,27 @@ async def test_one_worker_of_the_group_ticks_and_another_takes_over_without_a_ga
     check_consecutive(found, runs)
 
 
+async def test_a_worker_that_takes_over_before_the_first_tick_was_recorded_still_submits_it(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app()
+    runs: list[float] = []
+    beating(app, runs, every=2.0)
+    worker = await app.start()
+    await until(lambda: worker.ticker.led_at > 0, 30, "the worker to tick")
+    worker.ticker.step_down()  # as a rebalance would, most likely before its first tick
+    led = worker.ticker.led_at
+    first = math.floor(led / 2.0) * 2.0 + 2.0
+    await asyncio.sleep(first + 0.5 - time.time())
+    worker.ticker.lead()  # it takes over again, past a tick nobody submitted
+    await until(lambda: worker.ticker.led_at > led, 30, "the worker to tick again")
+    await until(lambda: len(runs) >= 2, 30, "two ticks")
+    await app.stop()
+    found = await ticks_between(make_app(app.name), first, time.time(), every=2.0)
+    ran = check_consecutive(found, runs)
+    assert ran[0] == first, (first, ran)
+
+
 @pytest.mark.parametrize("catch_up", ["all", "latest", "skip"])
 async def test_ticks_missed_while_no_worker_ran_follow_catch_up(
     make_app: Callable[..., QueueTasks], catch_up: str

@@ -468,15 +468,19 @@ async def test_sigkill_of_the_ticking_worker_loses_no_tick_and_runs_none_twice(
     cluster = make_cluster(kafka_session_timeout_ms=6000, kafka_heartbeat_interval_ms=1000)
     workers = [cluster.start_worker(concurrency=4), cluster.start_worker(concurrency=4)]
     await cluster.wait_assigned(workers)
-    await until(lambda: any("ticks the periodic tasks" in w.log() for w in workers), 60, "a worker to tick")
-    leader, other = workers if "ticks the periodic tasks" in workers[0].log() else workers[::-1]
+    # The ticking worker is the one that owns level 0 once the delays group has settled (both
+    # workers may have ticked for a while: the first to join leads until the second joins).
+    await cluster.wait_levels(workers)
+    leader, other = workers if 0 in workers[0].levels()[-1] else workers[::-1]
+    await until(lambda: "ticks the periodic tasks" in leader.log().split("moves on the delayed")[-1], 60, "it to tick")
     app = await cluster.client()
     started = time.time()
     await asyncio.sleep(4.0)
+    ticked = other.log().count("ticks the periodic tasks")
     leader.popen.kill()
     await asyncio.to_thread(leader.popen.wait, 10)
     killed = time.time()
-    await until(lambda: "ticks the periodic tasks" in other.log(), 60, "the other worker to tick")
+    await until(lambda: other.log().count("ticks the periodic tasks") > ticked, 60, "the other worker to tick")
     took_over = time.time()
     await asyncio.sleep(4.0)
     ticks = [float(t) for t in range(math.ceil(started), math.floor(time.time()) - 1)]

@@ -29,6 +29,7 @@ import pytest
 
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import TopicPartition
+from qtasks.delays import LEVELS
 from qtasks.records import ResultRecord, Task, decode_result
 from tests.helpers import FAST, unique
 
@@ -42,6 +43,7 @@ BASE: dict[str, Any] = {
     "status_partitions": 3,
 }
 _ASSIGNED = re.compile(r"worker \S+ assigned \[([\d, ]*)\]")
+_LEVELS = re.compile(r"worker \S+ moves on the delayed tasks of levels \[([\d, ]*)\]")
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -72,6 +74,10 @@ class Proc:
     def assignments(self) -> list[list[int]]:
         """Every partition list this worker logged as assigned, oldest first."""
         return [[int(p) for p in m.group(1).split(",") if p.strip()] for m in _ASSIGNED.finditer(self.log())]
+
+    def levels(self) -> list[list[int]]:
+        """Every list of delays partitions this worker logged as assigned, oldest first."""
+        return [[int(p) for p in m.group(1).split(",") if p.strip()] for m in _LEVELS.finditer(self.log())]
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far."""
@@ -159,6 +165,19 @@ class Workers:
             if all(latest) and sorted(p for (parts,) in latest for p in parts) == list(range(PARTITIONS)):
                 return
             assert time.monotonic() < deadline, f"workers not assigned within {timeout} s: {latest}"
+            await asyncio.sleep(0.2)
+
+    async def wait_levels(self, workers: Iterable[Proc], timeout: float = 60) -> None:
+        """Until each worker's latest delays assignment is non-empty and together they cover every level."""
+        workers = list(workers)
+        deadline = time.monotonic() + timeout
+        while True:
+            for w in workers:
+                assert w.alive(), f"{w.label} exited early\n{w.tail()}"
+            latest = [w.levels()[-1:] for w in workers]
+            if all(latest) and sorted(p for (parts,) in latest for p in parts) == list(range(len(LEVELS))):
+                return
+            assert time.monotonic() < deadline, f"delay levels not assigned within {timeout} s: {latest}"
             await asyncio.sleep(0.2)
 
     async def client(self) -> QueueTasks:
