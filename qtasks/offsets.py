@@ -7,24 +7,28 @@ one past the highest finished when none is). A pure bookkeeping class, no I/O.
 
 from __future__ import annotations
 
-import heapq
-
 
 class PartitionOffsets:
-    """Tracks started and finished offsets of one partition."""
+    """Tracks started and finished offsets of one partition.
 
-    __slots__ = ("_committed", "_done", "_first", "_next", "_pending")
+    Only unfinished offsets are held (with how many runs of each are under way: a record
+    given back by a rebalance may run twice for a moment), so a record that stays
+    unfinished for hours (a long generator task, a chord's callback waiting for its
+    tasks) costs nothing per record finished behind it.
+    """
+
+    __slots__ = ("_committed", "_first", "_next", "_unfinished")
 
     def __init__(self) -> None:
-        self._pending: list[int] = []  # heap of started, unfinished offsets
-        self._done: set[int] = set()  # finished offsets still above the lowest unfinished
+        self._unfinished: dict[int, int] = {}  # started, unfinished offset -> runs under way
         self._next: int | None = None  # one past the highest offset seen
         self._committed: int | None = None
         self._first: int | None = None  # the lowest offset taken since the assignment
 
     def start(self, offset: int) -> None:
         """A record at ``offset`` was taken."""
-        heapq.heappush(self._pending, offset)
+        unfinished = self._unfinished
+        unfinished[offset] = unfinished.get(offset, 0) + 1
         if self._first is None or offset < self._first:
             self._first = offset
         if self._next is None or offset >= self._next:
@@ -32,21 +36,27 @@ class PartitionOffsets:
 
     def finish(self, offset: int) -> None:
         """The record at ``offset`` is done (its terminal status is written)."""
-        self._done.add(offset)
-        pending = self._pending
-        while pending and pending[0] in self._done:
-            self._done.discard(heapq.heappop(pending))
+        unfinished = self._unfinished
+        runs = unfinished.get(offset)
+        if runs is None:
+            return
+        if runs > 1:
+            unfinished[offset] = runs - 1
+        else:
+            del unfinished[offset]
 
     @property
     def in_flight(self) -> int:
         """How many taken records are not done."""
-        return len(self._pending)
+        return sum(self._unfinished.values())
 
     def committable(self) -> int | None:
         """The offset to commit now (the next one to read), or None when nothing new is done."""
         if self._next is None:
             return None
-        target = self._pending[0] if self._pending else self._next
+        # The lowest unfinished offset: few are unfinished at once (the runs, the records
+        # queued behind their keys, the chords' callbacks), and this runs once per commit.
+        target = min(self._unfinished) if self._unfinished else self._next
         if self._committed is not None and target <= self._committed:
             return None
         return target

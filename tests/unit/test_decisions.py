@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 from aiokafka.partitioner import murmur2 as kafka_murmur2
@@ -60,6 +61,28 @@ def test_a_redelivered_offset_stays_pending_until_both_runs_finish() -> None:
     assert offsets.in_flight == 1
     offsets.finish(3)
     assert offsets.in_flight == 0 and offsets.committable() == 4
+
+
+def test_records_finished_behind_one_that_stays_unfinished_are_not_held() -> None:
+    # A long generator task (or a chord's callback) at offset 0; a million short tasks
+    # finish behind it. The commit waits at 0, and nothing is kept per finished record.
+    offsets = PartitionOffsets()
+    offsets.start(0)
+    for o in range(1, 1_000_001):
+        offsets.start(o)
+        offsets.finish(o)
+    assert offsets.committable() == 0 and offsets.in_flight == 1
+    assert sys.getsizeof(offsets._unfinished) < 1_000  # type: ignore[attr-defined]
+    offsets.finish(0)
+    assert offsets.committable() == 1_000_001 and offsets.in_flight == 0
+
+
+def test_finishing_an_offset_never_started_changes_nothing() -> None:
+    offsets = PartitionOffsets()
+    offsets.start(4)
+    offsets.finish(9)
+    offsets.start(9)
+    assert offsets.in_flight == 2 and offsets.committable() == 4
 
 
 class Base(Exception):
