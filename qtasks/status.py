@@ -11,6 +11,7 @@ task wins is a pure decision, :func:`supersedes`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -20,6 +21,8 @@ from qtasks.records import StatusHead, Task, decode_status, decode_status_head, 
 
 #: A traceback kept in a status record that had to be slimmed is cut to this many characters.
 SLIM_TRACEBACK = 8000
+#: The most tasks :attr:`StatusView.stale` holds (a process that writes none back keeps no more).
+STALE_LIMIT = 10_000
 
 
 def supersedes(current: tuple[int, bool] | None, new: tuple[int, bool]) -> bool:
@@ -42,8 +45,10 @@ def next_rev(held: int, status: str) -> int:
     """The ``rev`` of a new write, given the ``rev`` this process holds for the task (-1: none).
 
     ``new`` is always rev 0 and every later write is at least 1, so a worker that has not
-    yet seen ``new`` (its view lags) still writes ``process`` above it, and the late
-    ``new`` cannot win, before or after compaction.
+    yet seen ``new`` (its view lags) still writes ``process`` above it, and a late ``new``
+    cannot win in a view. Compaction keeps a key's last record, so a late record that
+    lands after a task's ending is covered by the ending written again
+    (:meth:`qtasks.store.StatusStore.restate`).
     """
     if status == "new":
         return 0
@@ -90,6 +95,13 @@ class StatusView:
         self.unswept_drop: float | None = None
         self.newest_drop = 0.0
         self.caught_up = asyncio.Event()
+        #: Finished tasks whose held record was followed in the topic by one it supersedes (a
+        #: stale write, such as a late ``new``), with ``time.monotonic()`` when it was read:
+        #: compaction keeps a key's last record, so the held one must be written again (a
+        #: worker does: :meth:`qtasks.store.StatusStore.restate`). A task leaves it when its
+        #: held record is read again (this process's own ending, read back after an older write).
+        self.stale: dict[str, float] = {}
+        self.stale_found = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -134,11 +146,25 @@ class StatusView:
                 self._finished.pop(uuid, None)
                 self._notify(uuid)
             return
-        if key is not None:
-            row = self._rows.get(key.decode())
-            if row is not None and row[1] == value:
-                return  # the echo of this process's own write
-        self._apply(decode_status_head(value, self._limit), value)
+        if key is None:
+            self._apply(decode_status_head(value, self._limit), value)
+            return
+        uuid = key.decode()
+        row = self._rows.get(uuid)
+        if row is not None and row[1] == value:
+            self.stale.pop(uuid, None)  # the held record is the last one again (or an echo of it)
+            return
+        head = decode_status_head(value, self._limit)
+        if self._apply(head, value) or row is None or not row[0].is_finished or head.uuid != uuid:
+            return
+        if uuid not in self.stale and len(self.stale) < STALE_LIMIT:
+            self.stale[uuid] = time.monotonic()
+            self.stale_found.set()
+
+    def raw(self, uuid: str) -> bytes | None:
+        """The held record of a task as stored (None: none held)."""
+        row = self._rows.get(uuid)
+        return None if row is None else row[1]
 
     def heads(self) -> list[StatusHead]:
         """The heads of every task held (a copy: the view may change while it is used)."""

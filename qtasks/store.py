@@ -43,6 +43,8 @@ log = logging.getLogger("qtasks.status")
 CATCH_UP_TIMEOUT = 10.0
 #: How often a catch-up looks at the consumer's position itself (for offsets without records).
 _GAP_CHECK = 0.02
+#: Seconds a finished task's record must stay stale (:meth:`StatusStore.restate`) before it is written again.
+RESTATE_AFTER = 2.0
 
 
 class StatusStore:
@@ -63,6 +65,8 @@ class StatusStore:
         #: Exactly-once: uuid -> its latest status written in a transaction not committed yet
         #: (this process reads its own writes; the view holds committed records only).
         self._pending: dict[str, tuple[Task, bytes, PartitionTxn]] = {}
+        #: Endings written again after a stale record (:meth:`restate`).
+        self.restated = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -315,6 +319,36 @@ class StatusStore:
         if durable:
             self.view.apply(record, raw)
         return record
+
+    async def restate(self) -> None:
+        """A worker's supervised loop: write again the ending of each finished task that a stale
+        record followed in the status topic (:attr:`StatusView.stale`), so that compaction,
+        which keeps a key's last record, keeps the ending."""
+        while True:
+            view = self.view  # a new one after a stop
+            if not view.stale:
+                view.stale_found.clear()
+                await view.stale_found.wait()
+                continue
+            uuid, found = next(iter(view.stale.items()))  # the oldest first
+            # This process's own ending is shown before it is read back, so an older record
+            # read meanwhile looks stale until the ending's echo follows: give it time.
+            wait = found + RESTATE_AFTER - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            del view.stale[uuid]
+            head, raw = view.head(uuid), view.raw(uuid)
+            if head is None or raw is None or not head.is_finished:
+                continue
+            log.info("status %s of %s written again: an older record had landed after it", head.status, uuid)
+            await deliver(
+                self.sender(uuid, raw),
+                what=f"status {head.status} of {uuid}, again",
+                durable=False,
+                trouble=self._trouble,
+            )
+            self.restated += 1
 
     def show(self, task: Task) -> Task:
         """Show a copy of ``task`` (the next rev) in this process's view only, unwritten; return it.

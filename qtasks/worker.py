@@ -205,6 +205,7 @@ class Worker:
         spawn("delayed", self._delay_loop)
         spawn("delays", self.delays.run)
         spawn("periodic", self.ticker.run)
+        spawn("restate", core.store.restate)
         spawn("control", self._control_loop)
         if self.exactly_once:
             spawn("transactions", self._txn_loop)

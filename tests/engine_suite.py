@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
 import qtasks
@@ -21,7 +22,7 @@ from qtasks.context import AsyncContext, SyncContext
 from qtasks.exc import TaskCancelError, TaskFailedError, TaskNotFoundError
 from qtasks.logs import Logger
 from qtasks.partitioner import partition_for
-from qtasks.records import decode_status
+from qtasks.records import decode_status, encode
 
 
 async def until_running(app: QueueTasks, uuid: str) -> None:
@@ -1424,3 +1425,33 @@ async def test_stream_many_of_an_unknown_task_raises_and_stops_the_others(app: Q
         async for _ in app.stream_many([running.uuid, "00000000-0000-0000-0000-000000000000"], timeout=20):
             pass
     assert await app.cancel(running.uuid) is True
+
+
+async def test_a_stale_status_that_lands_after_an_ending_is_followed_by_the_ending_again(make_app: Any) -> None:
+    # A ticker frozen past a rebalance can write a task's `new` again after the task ended.
+    # Compaction keeps a key's last record, so a worker writes the ending once more.
+    app = make_app()
+
+    @app.task
+    async def quick() -> str:
+        return "done"
+
+    await app.start()
+    done = await app.add_task("quick", timeout=10)
+    assert done is not None and done.status == "success"
+    core = app.core
+    stale = msgspec.structs.replace(done, status="new", rev=0, returning=None)
+    partition = partition_for(done.uuid, core.store.partitions)
+    delivery = await core.broker.producer.send(
+        core.topics.status, encode(stale), key=done.uuid.encode(), partition=partition
+    )
+    if delivery is not None:
+        await delivery
+
+    deadline = time.monotonic() + 30
+    while (found := await _read_statuses(app, done.uuid))[-1] != "success":
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.2)
+    # The key's last record, the one compaction keeps, is the ending again.
+    assert found[-3:] == ["success", "new", "success"], found
+    assert core.store.restated == 1

@@ -39,6 +39,31 @@ def test_a_late_new_never_replaces_a_process_written_by_a_worker_that_had_not_se
     assert view.head("u") is not None and view.head("u").status == "process"  # type: ignore[union-attr]
 
 
+def test_a_record_read_after_a_finished_one_it_cannot_replace_marks_the_task_stale_until_the_ending_is_read() -> None:
+    view = StatusView()
+    ending = _task(status="success", rev=2)
+    view.apply_raw(b"u", encode(ending))
+    late_new = _task(status="new", rev=0)
+    view.apply_raw(b"u", encode(late_new))
+    assert list(view.stale) == ["u"] and view.stale_found.is_set()
+    assert view.head("u").status == "success"  # type: ignore[union-attr]
+    view.apply_raw(b"u", encode(ending))  # the ending written again, read back
+    assert view.stale == {}
+
+
+def test_a_workers_own_ending_shown_before_its_older_writes_are_read_back_is_not_left_stale() -> None:
+    view = StatusView()
+    process, ending = _task(status="process", rev=1), _task(status="success", rev=2)
+    view.apply(process, encode(process))
+    view.apply(ending, encode(ending))  # shown at once, before the log has them
+    view.apply_raw(b"u", encode(process))  # read back: older than what is shown
+    assert list(view.stale) == ["u"]
+    view.apply_raw(b"u", encode(ending))  # ... and the ending right after it
+    assert view.stale == {}
+    view.apply_raw(b"v", encode(_task(uuid="v", status="process", rev=1)))
+    assert view.stale == {}  # a task not finished is never stale
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "has_args", "returning"),
     [
