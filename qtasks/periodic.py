@@ -276,6 +276,9 @@ class Ticker:
         """Submit the run of ``spec`` for ``tick`` (unless it is known already), then record the tick."""
         core = self.core
         uuid = tick_uuid(core.name, spec.name, tick)
+        # The view up to now first: a ticker that was frozen past a rebalance finds a tick
+        # another one submitted meanwhile, and writes no `new` over its ending.
+        await retried(lambda: core.store.catch_up(uuid), what="the status of a tick", trouble=core.trouble)
         head = core.view.head(uuid)
         if head is None or head.status == "new":
             new = core.new_task(
