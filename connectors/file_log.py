@@ -63,6 +63,30 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
 
+def _entry_at(data: bytes, at: int) -> bytes | None:
+    """The payload of the whole entry at byte ``at`` (its frame fits and its CRC-32 matches), or None.
+
+    No entry is empty (each is a msgpack list), so a frame of zeros is not one.
+    """
+    if at + _FRAME.size > len(data):
+        return None
+    size, crc = _FRAME.unpack_from(data, at)
+    end = at + _FRAME.size + size
+    if size == 0 or end > len(data):
+        return None
+    payload = data[at + _FRAME.size : end]
+    return payload if zlib.crc32(payload) == crc else None
+
+
+def _next_entry(data: bytes, start: int) -> int | None:
+    """The first byte at or after ``start`` where a whole entry begins, or None."""
+    for at in range(start, len(data) - _FRAME.size):
+        size = int.from_bytes(data[at : at + 4], "big")
+        if 0 < size <= len(data) - at - _FRAME.size and _entry_at(data, at) is not None:
+            return at
+    return None
+
+
 def file_path(url: str) -> Path:
     """The directory a ``file://`` URL names (``file:///abs/dir`` or ``file://relative/dir``)."""
     path = urllib.parse.unquote(url.partition("://")[2].partition("?")[0])
@@ -186,27 +210,38 @@ class FileLog(MemoryLog):
             self._lock_file.close()
 
     def _replay(self, journal: Path) -> BinaryIO:
-        """Apply every whole entry of the journal; cut a torn tail; return the journal open for appends."""
+        """Apply every whole entry of the journal; cut a torn tail; return the journal open for appends.
+
+        An entry that is not whole (cut short, a CRC-32 that does not match, zeros where a
+        power loss left the file's end unwritten) is a torn tail only if no whole entry
+        follows it anywhere: then it was the last write, never acknowledged, and the file
+        is cut there. With a whole entry after it, the journal is damaged in the middle and
+        is refused as it is.
+        """
         good = 0
         if journal.exists():
             data = journal.read_bytes()
-            while good + _FRAME.size <= len(data):
-                size, crc = _FRAME.unpack_from(data, good)
-                end = good + _FRAME.size + size
-                payload = data[good + _FRAME.size : end]
-                if len(payload) < size:
+            while good < len(data):
+                payload = _entry_at(data, good)
+                if payload is None:
+                    after = _next_entry(data, good + 1)
+                    if after is not None:
+                        raise ConnectorError(
+                            f"the file:// journal {journal} is damaged at byte {good} of {len(data)} (an entry that is "
+                            f"not whole) with whole entries after it, from byte {after}: it is left as it is. Copy it "
+                            "aside; cutting it at that byte opens the log without what came after",
+                            retriable=False,
+                        )
                     break  # a torn last entry: its write was cut short, so it was never acknowledged
-                if zlib.crc32(payload) != crc:
-                    if end == len(data):
-                        break  # the last entry, torn the same way
+                try:
+                    self._apply(_decoder.decode(payload))
+                except Exception as exc:
                     raise ConnectorError(
-                        f"the file:// journal {journal} is damaged at byte {good} of {len(data)} (a CRC-32 that does "
-                        "not match) with whole entries after it: it is left as it is. Copy it aside; cutting it at "
-                        "that byte opens the log without what came after",
+                        f"the file:// journal {journal} has an entry at byte {good} that cannot be replayed "
+                        f"({type(exc).__name__}: {exc}): it is left as it is",
                         retriable=False,
-                    )
-                self._apply(_decoder.decode(payload))
-                good = end
+                    ) from exc
+                good += _FRAME.size + len(payload)
                 self.replayed += 1
             if good < len(data):
                 with open(journal, "r+b") as f:

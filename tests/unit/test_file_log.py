@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -274,6 +276,63 @@ def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_is(tmp_path: 
     with pytest.raises(ConnectorError, match="is damaged at byte"):
         FileLog(tmp_path)
     assert journal.read_bytes() == bytes(data)  # nothing cut off
+
+
+def _frames(journal: Path) -> list[int]:
+    """The byte where each entry of a journal begins."""
+    data, at, starts = journal.read_bytes(), 0, []
+    while at < len(data):
+        starts.append(at)
+        at += 8 + int.from_bytes(data[at : at + 4], "big")
+    return starts
+
+
+@pytest.mark.parametrize("bit", [31, 24, 12])
+def test_a_length_damaged_in_the_middle_is_refused_not_taken_for_a_torn_tail(tmp_path: Path, bit: int) -> None:
+    log = FileLog(tmp_path, fsync="always")
+    log.create_topic(TopicSpec("t", 1))
+    for i in range(100):
+        log.append("t", 0, b"k", f"value-{i}".encode())
+    log.close()
+    journal = tmp_path / JOURNAL
+    data = bytearray(journal.read_bytes())
+    at = _frames(journal)[10]
+    size = int.from_bytes(data[at : at + 4], "big") ^ (1 << bit)  # one bit flipped: past the end of the file
+    data[at : at + 4] = size.to_bytes(4, "big")
+    journal.write_bytes(bytes(data))
+    with pytest.raises(ConnectorError, match=f"is damaged at byte {at} "):
+        FileLog(tmp_path)
+    assert journal.read_bytes() == bytes(data)  # nothing cut off
+
+
+@pytest.mark.parametrize("tail", [bytes(8), bytes(4096), b"\x00\x00\x00\x05\x00\x00\x00\x00abc", random.Random(7).randbytes(3000)])
+def test_a_tail_a_power_loss_left_unwritten_is_cut_off(tmp_path: Path, tail: bytes) -> None:
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    for i in range(3):
+        log.append("t", 0, b"k", f"v{i}".encode())
+    log.close()
+    journal = tmp_path / JOURNAL
+    whole = journal.stat().st_size
+    with open(journal, "ab") as f:
+        f.write(tail)  # zeros, or junk, where the file's end was never written
+    again = FileLog(tmp_path)
+    assert [r[2] for r in again.topics["t"].partitions[0].records] == [b"v0", b"v1", b"v2"]
+    assert journal.stat().st_size == whole
+    again.close()
+
+
+def test_a_whole_entry_that_cannot_be_replayed_is_refused_with_where_it_is(tmp_path: Path) -> None:
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    log.append("t", 0, b"k", b"v0")
+    log.close()
+    journal = tmp_path / JOURNAL
+    whole = journal.read_bytes()
+    payload = b"\xc1"  # a CRC-32 that matches, but not msgpack
+    journal.write_bytes(whole + len(payload).to_bytes(4, "big") + zlib.crc32(payload).to_bytes(4, "big") + payload)
+    with pytest.raises(ConnectorError, match=f"has an entry at byte {len(whole)} that cannot be replayed"):
+        FileLog(tmp_path)
 
 
 def test_a_closed_log_refuses_writes_and_is_freed(tmp_path: Path) -> None:
