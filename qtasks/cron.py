@@ -41,8 +41,9 @@ _ALIASES: Final = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-#: How far ahead a next tick is looked for (an expression such as Feb 30 never matches).
-_HORIZON_DAYS: Final = 366 * 8
+#: How far ahead a next tick is looked for: 400 years, the Gregorian calendar's cycle, in
+#: which every date that exists falls on every day of the week (Feb 29 on a Sunday too).
+_HORIZON_DAYS: Final = 146_097
 #: More than any daylight-saving shift of wall-clock time (the largest in use is 1 hour).
 _SHIFT: Final = datetime.timedelta(hours=3)
 
@@ -120,7 +121,7 @@ class Cron:
             day += datetime.timedelta(days=1)
             if best_wall is not None and datetime.datetime.combine(day, datetime.time()) > best_wall + _SHIFT:
                 return best  # type: ignore[return-value]
-        raise ValueError(f"cron expression {self.expression!r} has no tick in the next {_HORIZON_DAYS // 366} years")
+        raise ValueError(f"cron expression {self.expression!r} has no tick in the next 400 years")
 
 
 class Every:
@@ -138,8 +139,21 @@ class Every:
 
     def next_after(self, t: float) -> float:
         """The first tick strictly after Unix time ``t``."""
-        tick = (math.floor(t / self.seconds) + 1) * self.seconds
-        return tick if tick > t else tick + self.seconds
+        return self.first_after(t) * self.seconds
+
+    def first_after(self, t: float) -> int:
+        """The number of the first tick strictly after ``t``: the least ``n`` with ``n * seconds > t``.
+
+        A tick is always ``n * seconds`` computed the same way (its uuid is made from it),
+        never a sum of steps: with a fractional step, ``t / seconds`` can round either way.
+        """
+        step = self.seconds
+        n = math.floor(t / step) + 1
+        while n * step <= t:
+            n += 1
+        while (n - 1) * step > t:
+            n -= 1
+        return n
 
 
 _MONTH_DAYS: Final = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
@@ -149,6 +163,11 @@ def _zone(tz: str | datetime.tzinfo | None) -> datetime.tzinfo:
     if tz is None:
         return datetime.UTC
     if isinstance(tz, datetime.tzinfo):
+        if hasattr(tz, "localize"):  # pytz: its zones need localize(), which replace(tzinfo=) skips
+            name = getattr(tz, "zone", None)
+            if not isinstance(name, str):
+                raise TypeError(f"tz= cannot use the pytz zone {tz!r}: give its IANA name, such as 'Europe/Paris'")
+            return _zone(name)
         return tz
     if not isinstance(tz, str):
         raise TypeError(f"tz= takes a time zone name or a tzinfo, got {type(tz).__name__}")

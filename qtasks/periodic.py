@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-import math
 import time
 import uuid as uuid_mod
 from collections import deque
@@ -52,6 +51,8 @@ log = logging.getLogger("qtasks.periodic")
 CatchUp = Literal["latest", "all", "skip"]
 #: Seconds between the ticking worker's signs of life.
 ALIVE_EVERY: Final = 2.0
+#: Seconds past which this ticker's own tick is late (it was frozen): another may have run it.
+LATE_TICK: Final = 5.0
 #: The most missed ticks ``catch_up="all"`` submits (the latest ones).
 MAX_CATCH_UP: Final = 1000
 #: The most ticks looked at when catching up (a fine cron after a long outage).
@@ -152,7 +153,7 @@ def latest_ticks(when: Cron | Every, after: float, upto: float, want: int) -> tu
         return [], 0
     if isinstance(when, Every):
         step = when.seconds
-        first, last = math.floor(after / step) + 1, math.floor(upto / step)
+        first, last = when.first_after(after), when.first_after(upto) - 1
         count = max(0, last - first + 1)
         kept = [n * step for n in range(max(first, last - want + 1), last + 1)] if want else []
         return kept, count - len(kept)
@@ -237,15 +238,16 @@ class Ticker:
                         passed if passed > 0 else "older",
                         schedule.catch_up,
                     )
+                handover = max(alive, last[spec.name]) + grace  # a ticker may have run the ticks up to here
                 for tick in ticks:
                     if self._term != term:
                         return
-                    await self._fire_or_log(spec, schedule, tick)
+                    await self._fire_or_log(spec, schedule, tick, careful=tick <= handover)
             else:
                 # A schedule never recorded starts now: a worker that takes over before its
                 # first tick was recorded submits the ticks after this mark.
                 await self._record(spec.name, now, "")
-            plan[spec.name] = schedule.when.next_after(now)
+            self._plan(plan, spec.name, schedule, now)
         specs = {spec.name: (spec, schedule) for spec, schedule in schedules}
         next_alive = 0.0
         while self._term == term:
@@ -257,29 +259,45 @@ class Ticker:
                 if tick > now or self._term != term:
                     continue
                 spec, schedule = specs[name]
-                await self._fire_or_log(spec, schedule, tick)
-                plan[name] = schedule.when.next_after(tick)
-            wake = min(min(plan.values()), next_alive)
+                await self._fire_or_log(spec, schedule, tick, careful=tick < now - LATE_TICK)
+                self._plan(plan, name, schedule, tick)
+            wake = min(min(plan.values(), default=next_alive), next_alive)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, wake - time.time())):
                     await self._changed.wait()
 
-    async def _fire_or_log(self, spec: TaskSpec, schedule: Schedule, tick: float) -> None:
+    @staticmethod
+    def _plan(plan: dict[str, float], name: str, schedule: Schedule, after: float) -> None:
+        """Plan the next tick of ``name`` after ``after``; a schedule with none left is dropped, logged."""
+        try:
+            plan[name] = schedule.when.next_after(after)
+        except ValueError as exc:
+            plan.pop(name, None)
+            log.error("periodic task %s is not ticked any more: %s", name, exc)
+
+    async def _fire_or_log(self, spec: TaskSpec, schedule: Schedule, tick: float, careful: bool) -> None:
         """:meth:`_fire`; a tick that cannot be submitted at all (its arguments do not fit a record)
         is logged and passed over, and the ticking goes on."""
         try:
-            await self._fire(spec, schedule, tick)
+            await self._fire(spec, schedule, tick, careful)
         except (TypeError, ValueError) as exc:
             log.error("periodic task %s: the tick at %s was not submitted: %s", spec.name, tick, exc)
 
-    async def _fire(self, spec: TaskSpec, schedule: Schedule, tick: float) -> None:
-        """Submit the run of ``spec`` for ``tick`` (unless it is known already), then record the tick."""
+    async def _fire(self, spec: TaskSpec, schedule: Schedule, tick: float, careful: bool) -> None:
+        """Submit the run of ``spec`` for ``tick`` (unless it is known already), then record the tick.
+
+        ``careful``: another ticker may have run this tick already, longer ago than the view
+        keeps finished tasks for (a read of the status topic if the view does not know it).
+        """
         core = self.core
         uuid = tick_uuid(core.name, spec.name, tick)
-        # The view up to now first: a ticker that was frozen past a rebalance finds a tick
-        # another one submitted meanwhile, and writes no `new` over its ending.
-        await retried(lambda: core.store.catch_up(uuid), what="the status of a tick", trouble=core.trouble)
-        head = core.view.head(uuid)
+        if careful:
+            # A tick another ticker may have run (a takeover's catch-up, a ticker late after a
+            # freeze): the view up to now, and a finished task it has dropped is read back.
+            head = await retried(lambda: core.store.head(uuid), what="the status of a tick", trouble=core.trouble)
+        else:
+            await retried(lambda: core.store.catch_up(uuid), what="the status of a tick", trouble=core.trouble)
+            head = core.view.head(uuid)
         if head is None or head.status == "new":
             new = core.new_task(
                 spec.name, schedule.args, schedule.kwargs, priority=spec.priority, not_before=tick, uuid=uuid

@@ -116,6 +116,36 @@ async def test_a_worker_that_takes_over_before_the_first_tick_was_recorded_still
     assert ran[0] == first, (first, ran)
 
 
+async def test_a_tick_fired_late_is_not_run_again_after_the_view_dropped_its_ending(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    # A ticker frozen past a rebalance wakes and fires a tick that the other ticker ran long
+    # ago, so long that the view keeps its ending no more: it is read back, not run again.
+    app = make_app(status_cache_size=20)
+    runs: list[float] = []
+    beating(app, runs)
+
+    @app.task
+    async def filler() -> int:
+        return 1
+
+    started = time.time()
+    worker = await app.start()
+    await until(lambda: len(runs) >= 1, 30, "a tick")
+    worker.ticker.step_down()
+    ran = [t for t, task in (await ticks_between(app, started - 1, time.time())).items() if task is not None]
+    tick = ran[0]
+    for _ in range(40):
+        await app.add_task("filler", timeout=10)
+    assert app.core.view.head(tick_uuid(app.name, "beat", tick)) is None  # dropped from the view
+    count = len(runs)
+    spec = worker.registry.get("beat")
+    assert spec is not None and spec.schedule is not None
+    await worker.ticker._fire(spec, spec.schedule, tick, careful=True)
+    await asyncio.sleep(1.0)
+    assert len(runs) == count
+
+
 @pytest.mark.parametrize("catch_up", ["all", "latest", "skip"])
 async def test_ticks_missed_while_no_worker_ran_follow_catch_up(
     make_app: Callable[..., QueueTasks], catch_up: str

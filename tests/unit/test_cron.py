@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 from typing import Any
 
 import pytest
 
 from qtasks.cron import Cron, Every
-from qtasks.periodic import MAX_CATCH_UP, Schedule, missed, tick_uuid
+from qtasks.periodic import MAX_CATCH_UP, Schedule, latest_ticks, missed, tick_uuid
 
 UTC = datetime.UTC
 
@@ -96,6 +97,54 @@ def test_bad_time_zones_and_types() -> None:
         Every(0.5)
     with pytest.raises(TypeError):
         Every(True)
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("0 0 1 3 */7", "2037-03-01T00:00:00+00:00"),  # March 1st on a Sunday: 11 years away
+        ("0 0 29 2 1", "2027-02-01T00:00:00+00:00"),  # Feb 29 or a Monday (one day field is not *)
+        ("0 0 29 2 */7", "2032-02-29T00:00:00+00:00"),  # Feb 29 on a Sunday
+    ],
+)
+def test_a_rare_day_is_found_however_far_it_is(expression: str, expected: str) -> None:
+    start = datetime.datetime(2026, 11, 27, tzinfo=datetime.UTC).timestamp()
+    tick = Cron(expression).next_after(start)
+    assert datetime.datetime.fromtimestamp(tick, datetime.UTC).isoformat() == expected
+
+
+def test_a_pytz_style_zone_is_used_by_its_name() -> None:
+    class PytzLike(datetime.tzinfo):  # what pytz gives: localize() needed, a first offset of LMT
+        zone = "Europe/Paris"
+
+        def localize(self, dt: datetime.datetime) -> datetime.datetime:
+            raise AssertionError("not used")
+
+        def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+            return datetime.timedelta(minutes=9, seconds=21)
+
+        def dst(self, dt: datetime.datetime | None) -> datetime.timedelta:
+            return datetime.timedelta(0)
+
+    start = datetime.datetime(2026, 7, 1, tzinfo=datetime.UTC).timestamp()
+    tick = Cron("0 9 * * *", PytzLike()).next_after(start)
+    assert datetime.datetime.fromtimestamp(tick, datetime.UTC).isoformat() == "2026-07-01T07:00:00+00:00"
+
+
+@pytest.mark.parametrize("step", [13.37, 1.76, 1.01, 2.3, 7.77, 29.99, 3600.5])
+def test_a_fractional_step_gives_each_tick_once_however_it_is_reached(step: float) -> None:
+    every = Every(step)
+    start = 1_764_000_000.123
+    chain = [every.next_after(start)]
+    for _ in range(2000):
+        chain.append(every.next_after(chain[-1]))
+    first = every.first_after(start)
+    assert chain == [(first + i) * step for i in range(len(chain))]  # one float per tick, never a near copy
+    assert all(b - a > step / 2 for a, b in itertools.pairwise(chain))
+    # a takeover's catch-up lists the same ticks (the same uuids) as the ticker made one by one
+    kept, passed = latest_ticks(every, start, chain[-1], MAX_CATCH_UP)
+    assert kept == chain[-MAX_CATCH_UP:] and passed == len(chain) - MAX_CATCH_UP
+    assert every.next_after(chain[5] - 1e-3) == chain[5] and every.next_after(chain[5]) == chain[6]
 
 
 def test_every_ticks_at_whole_multiples_since_the_epoch() -> None:

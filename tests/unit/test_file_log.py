@@ -305,7 +305,9 @@ def test_a_length_damaged_in_the_middle_is_refused_not_taken_for_a_torn_tail(tmp
     assert journal.read_bytes() == bytes(data)  # nothing cut off
 
 
-@pytest.mark.parametrize("tail", [bytes(8), bytes(4096), b"\x00\x00\x00\x05\x00\x00\x00\x00abc", random.Random(7).randbytes(3000)])
+@pytest.mark.parametrize(
+    "tail", [bytes(8), bytes(4096), b"\x00\x00\x00\x05\x00\x00\x00\x00abc", random.Random(7).randbytes(3000)]
+)
 def test_a_tail_a_power_loss_left_unwritten_is_cut_off(tmp_path: Path, tail: bytes) -> None:
     log = FileLog(tmp_path)
     log.create_topic(TopicSpec("t", 1))
