@@ -19,8 +19,8 @@ replays the journal when the process starts again.
   - ``never``: the OS decides.
 - **Compaction of the journal.** When the journal holds more than twice the records the
   log still keeps, plus 10,000, it is rewritten with only those records: a compacted
-  topic's last record per key, and what retention keeps. This is done while no
-  transaction is open. It writes a new file, syncs it and renames it over the old one,
+  topic's last record per key, and what retention keeps, with the open transactions'
+  records and offsets. It writes a new file, syncs it and renames it over the old one,
   so a crash in the middle leaves one whole journal or the other.
 - **One process.** A lock file (``<path>/lock``, ``flock``) keeps a second process from
   opening the same log. In one process, apps with the same path share the log, as
@@ -318,7 +318,7 @@ class FileLog(MemoryLog):
 
     def _maybe_rewrite(self) -> None:
         """Rewrite the journal with only what the log keeps, once it holds much more (lock held)."""
-        if self._open_txns or self._replaying or self.entries % 1024:
+        if self._replaying or self.entries % 1024:
             return  # looked at every 1,024 entries: counting the records costs a pass over the partitions
         live = sum(len(p.records) for t in self.topics.values() for p in t.partitions)
         if self.entries <= 2 * live + 10_000:
@@ -326,10 +326,9 @@ class FileLog(MemoryLog):
         self.rewrite()
 
     def rewrite(self) -> None:
-        """Write a new journal with the topics, the records kept, the offsets and the groups; swap it in."""
+        """Write a new journal with the topics, the records kept, the offsets, the groups and the
+        open transactions (their records, their offsets); swap it in."""
         with self.lock:
-            if self._open_txns:
-                return
             fresh = self.path / (JOURNAL + ".new")
             entries: list[bytes] = []
 
@@ -337,17 +336,32 @@ class FileLog(MemoryLog):
                 payload = _encoder.encode(entry)
                 entries.append(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
 
+            in_open: dict[tuple[str, int, int], tuple[str, int]] = {}  # a record of an open transaction: whose
+            for txid, txn in self.txns.items():
+                add("I", txid, txn.timeout_ms, txn.epoch)
+                if txn.started:
+                    for (topic, partition), offsets in txn.written.items():
+                        for offset in offsets:
+                            in_open[(topic, partition, offset)] = (txid, txn.epoch)
             for name, t in self.topics.items():
                 add("T", name, len(t.partitions), t.compacted, sorted(t.spec.config.items()))
                 for i, p in enumerate(t.partitions):
                     for record in p.records:
                         offset, key, value, ts = record[:4]
-                        add("A", name, i, offset, key, value, ts, list(record[4]) if len(record) > 4 else None)
+                        headers = list(record[4]) if len(record) > 4 else None
+                        owner = in_open.get((name, i, offset))
+                        if owner is None:
+                            add("A", name, i, offset, key, value, ts, headers)
+                        else:
+                            add("X", *owner, name, i, offset, key, value, ts, headers)
                     add("N", name, i, p.next_offset)
             for group_id, group in self.groups.items():
                 add("C", group_id, [(tp.topic, tp.partition, o) for tp, o in group.committed.items()])
             for txid, txn in self.txns.items():
-                add("I", txid, txn.timeout_ms, txn.epoch)
+                for group_id, group_offsets in txn.offsets.items() if txn.started else ():
+                    add(
+                        "O", txid, txn.epoch, group_id, [(tp.topic, tp.partition, o) for tp, o in group_offsets.items()]
+                    )
             with open(fresh, "wb") as f:
                 for entry in entries:
                     f.write(entry)
@@ -366,15 +380,20 @@ class FileLog(MemoryLog):
 
     # -- the changes, journaled ------------------------------------------------------------
 
+    # Each change is journaled before it is made: a write the disk refuses leaves the log as
+    # it was, so a retry makes the change and journals it then. (A change refused for another
+    # reason, a fenced producer or a commit of partitions not held, is checked first.)
+
     def create_topic(self, spec: TopicSpec, defaults: dict[str, str] | None = None) -> None:
         with self.lock:
-            new = spec.name not in self.topics
+            if spec.name in self.topics:
+                super().create_topic(spec, defaults)  # checks the cleanup policy; nothing to journal
+                return
+            config = {**(defaults or {}), **spec.config}
+            self._write("T", spec.name, spec.partitions, spec.compacted, sorted(config.items()))
             super().create_topic(spec, defaults)
-            if new:
-                t = self.topics[spec.name]
-                config = {**(defaults or {}), **spec.config}
-                t.spec = TopicSpec(spec.name, spec.partitions, spec.compacted, spec.replication_factor, config)
-                self._write("T", spec.name, spec.partitions, spec.compacted, sorted(config.items()))
+            t = self.topics[spec.name]
+            t.spec = TopicSpec(spec.name, spec.partitions, spec.compacted, spec.replication_factor, config)
 
     def append(
         self,
@@ -435,31 +454,39 @@ class FileLog(MemoryLog):
                 offset = super().txn_append(transactional_id, epoch, topic, partition, key, value, headers)
             finally:
                 self.clock = clock
+            self._maybe_rewrite()
         return offset
 
     def init_txn(self, transactional_id: str, timeout_ms: int) -> int:
         with self.lock:
-            epoch = super().init_txn(transactional_id, timeout_ms)
+            known = self.txns.get(transactional_id)
+            epoch = (known.epoch if known is not None else 0) + 1  # what MemoryLog.init_txn gives
             self._write("I", transactional_id, timeout_ms, epoch)
+            given = super().init_txn(transactional_id, timeout_ms)
+            assert given == epoch, (given, epoch)
+            self._maybe_rewrite()
         return epoch
 
     def txn_offsets(self, transactional_id: str, epoch: int, group_id: str, offsets: dict[TopicPartition, int]) -> None:
         with self.lock:
-            super().txn_offsets(transactional_id, epoch, group_id, offsets)
+            self._txn(transactional_id, epoch)  # a fenced producer journals nothing
             self._write(
                 "O", transactional_id, epoch, group_id, [(tp.topic, tp.partition, o) for tp, o in offsets.items()]
             )
+            super().txn_offsets(transactional_id, epoch, group_id, offsets)
+            self._maybe_rewrite()
 
     def txn_end(self, transactional_id: str, epoch: int, *, commit: bool) -> None:
         with self.lock:
+            self._txn(transactional_id, epoch)  # a fenced producer journals nothing
             clock = self.clock
             ts = int(clock() * 1000)
+            self._write("E", transactional_id, epoch, commit, ts)
             try:
                 self.clock = lambda: ts / 1000
                 super().txn_end(transactional_id, epoch, commit=commit)
             finally:
                 self.clock = clock
-            self._write("E", transactional_id, epoch, commit, ts)
             self._maybe_rewrite()
 
     def commit(
@@ -471,8 +498,17 @@ class FileLog(MemoryLog):
         held: set[TopicPartition],
     ) -> None:
         with self.lock:
-            super().commit(group_id, member_id, generation, offsets, held)
-            self._write("C", group_id, [(tp.topic, tp.partition, o) for tp, o in offsets.items()])
+            group = self.groups.get(group_id)
+            before = dict(group.committed) if group is not None else {}
+            super().commit(group_id, member_id, generation, offsets, held)  # refuses what the member may not commit
+            try:
+                self._write("C", group_id, [(tp.topic, tp.partition, o) for tp, o in offsets.items()])
+            except ConnectorError:
+                if group is not None:  # the disk refused: the commit is undone
+                    group.committed.clear()
+                    group.committed.update(before)
+                raise
+            self._maybe_rewrite()
 
 
 def _headers(headers: list[Any] | None) -> list[tuple[str, bytes]] | None:

@@ -263,6 +263,82 @@ def test_a_write_the_disk_refuses_is_not_acknowledged_and_leaves_no_half_entry(
     again.close()
 
 
+@pytest.mark.parametrize("change", ["create_topic", "init_txn", "txn_offsets", "txn_end", "commit"])
+def test_every_change_the_disk_refuses_is_not_made_and_a_retry_makes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    from qtasks.connectors import file_log
+
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    tp = TopicPartition("t", 0)
+    epoch = log.init_txn("tx", 60_000)
+    log.txn_append("tx", epoch, "t", 0, b"k", b"in the transaction")
+
+    class Member:
+        client_id, topics = "m", {"t"}
+
+        def wake(self) -> None:
+            pass
+
+    member = log.join("g", Member()) if change == "commit" else ""
+    calls = {
+        "create_topic": lambda: log.create_topic(TopicSpec("u", 2)),
+        "init_txn": lambda: log.init_txn("tx", 60_000),
+        "txn_offsets": lambda: log.txn_offsets("tx", epoch, "g", {tp: 1}),
+        "txn_end": lambda: log.txn_end("tx", epoch, commit=True),
+        "commit": lambda: log.commit("g", member, -1, {tp: 1}, {tp}),  # as a member that held tp
+    }
+    before = state(log), log.txns["tx"].epoch, dict(log.txns["tx"].offsets)
+    real_write = os.write
+
+    def full_disk(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_log.os, "write", full_disk)
+    with pytest.raises(ConnectorError, match="No space left"):
+        calls[change]()
+    assert (state(log), log.txns["tx"].epoch, dict(log.txns["tx"].offsets)) == before  # nothing changed
+    monkeypatch.setattr(file_log.os, "write", real_write)
+    calls[change]()  # the retry
+    after = state(log)
+    log.close()
+    again = FileLog(tmp_path)
+    if change == "txn_end":  # committed before the restart: kept
+        assert state(again) == after
+    elif change == "create_topic":
+        assert "u" in again.topics
+    elif change == "commit":
+        assert again.groups["g"].committed == {tp: 1}
+    again.close()
+
+
+def test_the_journal_is_rewritten_with_transactions_open_and_replays_them(tmp_path: Path) -> None:
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("s", 2, compacted=True))
+    epochs = {p: log.init_txn(f"tx{p}", 600_000) for p in (0, 1)}
+    for i in range(30_000):  # two transactions always open, as exactly-once workers keep them
+        p = i % 2
+        log.txn_append(f"tx{p}", epochs[p], "s", p, f"key{i % 10}".encode(), f"value{i}".encode())
+        if i % 200 >= 198:  # each commits every 100 of its records
+            log.txn_offsets(f"tx{p}", epochs[p], "g", {TopicPartition("s", p): i})
+            log.txn_end(f"tx{p}", epochs[p], commit=True)
+    log.txn_append("tx0", epochs[0], "s", 0, b"key0", b"open at the end")
+    log.txn_offsets("tx0", epochs[0], "g", {TopicPartition("s", 0): 99_999})
+    assert log.entries < 20_000  # rewritten, although a transaction was open every time
+    committed = [
+        [(r[1], r[2]) for r in part.records if r[2] != b"open at the end"] for part in log.topics["s"].partitions
+    ]
+    log.txn_end("tx0", epochs[0], commit=True)
+    log.close()
+    again = FileLog(tmp_path)
+    kept = [[(r[1], r[2]) for r in part.records] for part in again.topics["s"].partitions]
+    assert kept[1] == committed[1]
+    assert kept[0][-1] == (b"key0", b"open at the end")  # its commit came after the rewrite
+    assert again.groups["g"].committed[TopicPartition("s", 0)] == 99_999
+    again.close()
+
+
 def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
     log = FileLog(tmp_path)
     log.create_topic(TopicSpec("t", 1))
