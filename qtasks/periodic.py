@@ -18,8 +18,10 @@ the ticks after the last one recorded are submitted then:
 
 A schedule with no tick recorded yet (a new periodic task) gets a mark where its
 ticking starts, so a worker that takes over before its first tick still submits it.
-The ticking worker writes a sign of life (key ``alive``) every :data:`ALIVE_EVERY`
-seconds. A task's status has the tick it was submitted for in ``not_before``.
+The ticking worker writes a sign of life (key ``alive``, naming the tasks it ticks)
+every :data:`ALIVE_EVERY` seconds. A ticking worker that falls behind by more than the
+grace (frozen, or its clock jumped) treats that gap as one in which no worker ran.
+A task's status has the tick it was submitted for in ``not_before``.
 """
 
 from __future__ import annotations
@@ -219,52 +221,87 @@ class Ticker:
         core = self.core
         schedules = self._schedules()
         await retried(core.store.catch_up_all, what="the end of the status topic", trouble=core.trouble)
-        last, alive = await self._read()
+        last, alive_of, alive_all = await self._read()
         now = self.led_at = time.time()
         grace = core.config.periodic_grace or max(60.0, 2 * core.config.kafka_session_timeout_ms / 1000)
-        plan: dict[str, float] = {}
         log.info("worker %s ticks the periodic tasks %s", self.worker_id, [spec.name for spec, _ in schedules])
         for spec, schedule in schedules:
-            if spec.name in last:
-                try:
-                    ticks, passed = missed(schedule.when, last[spec.name], alive, now, grace, schedule.catch_up)
-                except ValueError as exc:  # a schedule with no tick left (never raised for a bounded tick)
-                    log.warning("periodic task %s: no catch-up: %s", spec.name, exc)
-                    ticks, passed = [], 0
-                if passed:
-                    log.warning(
-                        "periodic task %s: %s tick(s) missed while no worker ran are passed over (catch_up=%r)",
-                        spec.name,
-                        passed if passed > 0 else "older",
-                        schedule.catch_up,
-                    )
-                handover = max(alive, last[spec.name]) + grace  # a ticker may have run the ticks up to here
-                for tick in ticks:
-                    if self._term != term:
-                        return
-                    await self._fire_or_log(spec, schedule, tick, careful=tick <= handover)
+            name = spec.name
+            if name in last:
+                # The last sign of a worker ticking this task (one that ticked others only does not count).
+                alive = max(alive_of.get(name, 0.0), alive_all)
+                handover = max(alive, last[name]) + grace  # a ticker may have run the ticks up to here
+                if not await self._catch_up(
+                    term, spec, schedule, (last[name], alive, now, grace), handover, "while no worker ran"
+                ):
+                    return
             else:
                 # A schedule never recorded starts now: a worker that takes over before its
                 # first tick was recorded submits the ticks after this mark.
-                await self._record(spec.name, now, "")
-            self._plan(plan, spec.name, schedule, now)
+                await self._record(name, now, "")
+        # This worker's own ticks from here: one run each; but a gap longer than the grace (the
+        # worker was frozen, or its clock jumped ahead) is one in which no worker ticked, and
+        # its ticks follow catch_up as above.
         specs = {spec.name: (spec, schedule) for spec, schedule in schedules}
+        done = dict.fromkeys(specs, now)  # each task's ticks up to here are dealt with
+        plan: dict[str, float] = {}
+        for name, (_, schedule) in specs.items():
+            self._plan(plan, name, schedule, now)
+        own_grace = max(grace, 4 * ALIVE_EVERY)
+        awake = now
         next_alive = 0.0
         while self._term == term:
             now = time.time()
             if now >= next_alive:
-                await self._alive(now)
+                await self._alive(now, list(specs))
                 next_alive = now + ALIVE_EVERY
             for name, tick in sorted(plan.items(), key=lambda item: item[1]):
                 if tick > now or self._term != term:
                     continue
                 spec, schedule = specs[name]
-                await self._fire_or_log(spec, schedule, tick, careful=tick < now - LATE_TICK)
-                self._plan(plan, name, schedule, tick)
+                why = "while this worker was frozen or its clock jumped"
+                if not await self._catch_up(
+                    term, spec, schedule, (done[name], awake, now, own_grace), now - LATE_TICK, why
+                ):
+                    return
+                done[name] = now
+                self._plan(plan, name, schedule, now)
+            awake = now
             wake = min(min(plan.values(), default=next_alive), next_alive)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, wake - time.time())):
                     await self._changed.wait()
+
+    async def _catch_up(
+        self,
+        term: int,
+        spec: TaskSpec,
+        schedule: Schedule,
+        span: tuple[float, float, float, float],
+        careful_upto: float,
+        why: str,
+    ) -> bool:
+        """Submit the ticks :func:`missed` gives for ``span`` (last, alive, now, grace); False if the
+        ticking moved meanwhile. Ticks up to ``careful_upto`` may have run already (:meth:`_fire`)."""
+        last, alive, now, grace = span
+        try:
+            ticks, passed = missed(schedule.when, last, alive, now, grace, schedule.catch_up)
+        except ValueError as exc:  # a schedule with no tick left (never raised for a bounded tick)
+            log.warning("periodic task %s: no catch-up: %s", spec.name, exc)
+            ticks, passed = [], 0
+        if passed:
+            log.warning(
+                "periodic task %s: %s tick(s) missed %s are passed over (catch_up=%r)",
+                spec.name,
+                passed if passed > 0 else "older",
+                why,
+                schedule.catch_up,
+            )
+        for tick in ticks:
+            if self._term != term:
+                return False
+            await self._fire_or_log(spec, schedule, tick, careful=tick <= careful_upto)
+        return self._term == term
 
     @staticmethod
     def _plan(plan: dict[str, float], name: str, schedule: Schedule, after: float) -> None:
@@ -316,19 +353,21 @@ class Ticker:
         record = TickRecord(kind="tick", name=name, tick=tick, uuid=uuid, worker=self.worker_id, at=time.time())
         await self.core.send(self.core.topics.schedule, encode(record), f"tick:{name}", 1, what=f"tick of {name}")
 
-    async def _alive(self, now: float) -> None:
+    async def _alive(self, now: float, names: list[str]) -> None:
         core = self.core
-        record = TickRecord(kind="alive", worker=self.worker_id, at=now)
+        record = TickRecord(kind="alive", worker=self.worker_id, at=now, names=names)
         await core.send(core.topics.schedule, encode(record), "alive", 1, what="the ticking worker's sign of life")
 
-    async def _read(self) -> tuple[dict[str, float], float]:
-        """The last tick of each periodic task, and the last sign of a ticking worker (0.0: none)."""
+    async def _read(self) -> tuple[dict[str, float], dict[str, float], float]:
+        """The last tick of each periodic task; the last sign of a worker ticking each; and the last
+        sign of one ticking all of them, as older workers wrote it (0.0: none)."""
         core = self.core
         tp = TopicPartition(core.topics.schedule, 0)
         consumer = core.broker.consumer(None, client_id=f"{self.worker_id}-schedule")
         await consumer.start()
         last: dict[str, float] = {}
-        alive = 0.0
+        alive_of: dict[str, float] = {}
+        alive_all = 0.0
         try:
             consumer.assign([tp])
             await consumer.seek_to_beginning([tp])
@@ -345,9 +384,12 @@ class Ticker:
                         log.warning("ignored a schedule record at offset %d: %s", record.offset, exc)
                         continue
                     if tick.kind == "alive":
-                        alive = max(alive, tick.at)
+                        for name in tick.names:
+                            alive_of[name] = max(alive_of.get(name, 0.0), tick.at)
+                        if not tick.names:
+                            alive_all = max(alive_all, tick.at)
                     elif tick.name:
                         last[tick.name] = max(last.get(tick.name, 0.0), tick.tick)
         finally:
             await consumer.stop()
-        return last, alive
+        return last, alive_of, alive_all

@@ -247,6 +247,8 @@ class TickRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     uuid: str = ""
     worker: str = ""
     at: float
+    #: ``alive``: the periodic tasks the worker ticks (none named: all of them, as older workers wrote it).
+    names: list[str] = msgspec.field(default_factory=list)
 
 
 _task_decoder = msgspec.json.Decoder(TaskRecord)

@@ -183,6 +183,62 @@ async def test_ticks_missed_while_no_worker_ran_follow_catch_up(
         assert submitted == []
 
 
+async def test_a_sign_of_life_from_a_worker_that_ticked_other_tasks_does_not_stop_the_catch_up_policy(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    # `beat` was out of the code for 5 minutes while a worker ticked the app's other periodic
+    # tasks: its missed ticks are ticks no worker ran, so catch_up="skip" passes them over.
+    name = f"back{time.time_ns()}"
+    grace, every = 20.0, 5.0
+    runs: list[float] = []
+    app = make_app(name, periodic_grace=grace)
+    beating(app, runs, every=every, catch_up="skip")
+    await app.core.connect()
+    last = math.floor((time.time() - 300) / every) * every
+    producer = app.core.broker.producer
+    for key, record in (
+        (b"tick:beat", TickRecord(kind="tick", name="beat", tick=last, uuid=tick_uuid(name, "beat", last), at=last)),
+        (b"alive", TickRecord(kind="alive", worker="gone", at=time.time() - 1, names=["other"])),
+    ):
+        delivery = await producer.send(app.core.topics.schedule, encode(record), key=key, partition=0)
+        if delivery is not None:
+            await delivery
+    worker = await app.start()
+    await until(lambda: worker.ticker.led_at > 0, 60, "the worker to tick")
+    led = worker.ticker.led_at
+    within = [last + every * i for i in range(1, int(grace / every) + 1)]  # within grace of the last tick
+    await until(lambda: len(runs) >= len(within), 60, "runs")
+    found = await ticks_between(app, last + every, led, every)
+    assert sorted(t for t, task in found.items() if task is not None) == within
+
+
+async def test_a_ticker_whose_clock_jumps_ahead_follows_catch_up_for_the_gap(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks import periodic
+
+    app = make_app(periodic_grace=5.0)
+    runs: list[float] = []
+    beating(app, runs, catch_up="skip")
+    worker = await app.start()
+    await until(lambda: worker.ticker.submitted >= 2, 30, "two ticks")
+
+    class Jumped:  # the clock the ticker reads, an hour ahead (a suspended VM resumed, an NTP step)
+        def time(self) -> float:
+            return time.time() + 3600
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+    before = worker.ticker.submitted
+    monkeypatch.setattr(periodic, "time", Jumped())
+    await asyncio.sleep(2.5)
+    # the ticks within the grace of its last loop, then one a second: not 3,600 at once
+    assert worker.ticker.submitted - before <= 12, worker.ticker.submitted - before
+    monkeypatch.undo()
+    await app.stop()
+
+
 async def test_periodic_arguments_are_checked_when_the_task_is_registered(app: QueueTasks) -> None:
     with pytest.raises(TypeError, match="cannot take args"):
 
