@@ -48,6 +48,7 @@ from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
+from qtasks.delays import AT, DUE, KEY
 from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import ChordError, CommitFailedError, ConnectorError, RecordError, TaskNotFoundError, error_of
 from qtasks.logs import current_task
@@ -67,6 +68,9 @@ log = logging.getLogger("qtasks.worker")
 
 #: A fetched record waiting for a slot: (priority, arrival, decoded or error, record, its partition's offsets).
 _Waiting = tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]
+#: A task record due more than this many seconds from now is not held here: it goes to the
+#: delays topic (a client whose clock runs ahead, another producer), and its offset is done.
+FORWARD_AFTER = 5.0
 
 
 class _Dropped(Exception):
@@ -338,8 +342,9 @@ class Worker:
 
     @property
     def _capacity(self) -> int:
-        """Records the worker may still take: running plus waiting stay within concurrency + prefetch."""
-        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog)
+        """Records the worker may still take: running plus waiting (due or, for a few seconds at
+        most, not yet due) stay within concurrency + prefetch."""
+        return self.concurrency + self.prefetch - self._in_flight - len(self._backlog) - len(self._delayed)
 
     async def _poll_loop(self) -> None:
         consumer = self._consumer
@@ -446,7 +451,8 @@ class Worker:
         """Into the backlog, or (due later) the delayed heap."""
         rec = entry[2]
         assert isinstance(rec, TaskRecord)
-        if rec.not_before > time.time():
+        now = time.time()
+        if now < rec.not_before <= now + FORWARD_AFTER:
             heapq.heappush(self._delayed, (rec.not_before, entry[1], rec, entry[3], entry[4]))
             self._delay_changed.set()
         else:
@@ -639,6 +645,9 @@ class Worker:
     ) -> None:
         core = self.core
         uuid = rec.uuid
+        if record is not None and rec.not_before > time.time() + FORWARD_AFTER:
+            await self._forward(rec, record, txn)
+            return
         if self._view_ready is not None and not self._view_ready.done():
             await asyncio.shield(self._view_ready)
         while True:
@@ -700,6 +709,24 @@ class Worker:
                 run.executor.args = [(await self._results_of(rec.after))[0], *run.executor.args]
             run.on_ran = ran
             await self._run(run)
+
+    async def _forward(self, rec: TaskRecord, record: Record, txn: PartitionTxn | None) -> None:
+        """A task record due later than this worker holds one: into the delays topic, as a client
+        would have sent it (in the partition's transaction, exactly once)."""
+        core = self.core
+        headers = [(n, v) for n, v in record.headers or () if n not in (DUE, AT, KEY)]
+        topic, partition, out = core.task_route(rec.uuid, rec.not_before, headers, key=rec.key)
+        key = rec.uuid.encode()
+        log.info("task %s is due in %.0f s: it waits in the delays topic", rec.uuid, rec.not_before - time.time())
+        if txn is not None:
+            await txn.send(topic, record.value, key=key, partition=partition, headers=out)
+            return
+        producer = core.broker.producer
+        await deliver(
+            lambda: producer.send(topic, record.value, key=key, partition=partition, headers=out or None),
+            what=f"delayed task {rec.uuid}",
+            trouble=core.trouble,
+        )
 
     async def _run(self, run: TaskRun) -> None:
         uuid = run.rec.uuid

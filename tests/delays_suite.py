@@ -248,6 +248,77 @@ async def test_a_writer_whose_clock_runs_ahead_does_not_hold_a_level_back(app: Q
     assert done.status == "success" and done.returning["at"] < handle.task.not_before + LATE
 
 
+async def test_many_tasks_due_at_once_are_taken_no_faster_than_the_worker_runs_them(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app(concurrency=2, prefetch=2)
+    timed(app)
+    await app.start()
+    worker = app.worker
+    assert worker is not None
+    handles = await app.add_tasks("when", [() for _ in range(300)], countdown=1.5)  # all due in the same second
+    held = 0
+
+    async def watch() -> None:
+        nonlocal held
+        while True:
+            held = max(held, len(worker._delayed) + len(worker._backlog))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        for h in handles:
+            await app.wait(h.uuid, timeout=60)
+    finally:
+        watcher.cancel()
+    assert held <= 4, held  # concurrency + prefetch, never the 300 at once
+    for h in handles:
+        done = await app.wait(h.uuid, timeout=30)
+        assert done.status == "success" and done.returning["at"] >= h.task.not_before
+
+
+async def test_a_task_record_due_far_ahead_goes_to_the_delays_topic_not_into_the_worker(app: QueueTasks) -> None:
+    timed(app)
+    await app.start()
+    core = app.core
+    worker = app.worker
+    assert worker is not None
+    route = core.task_route
+    # A client whose clock runs an hour ahead sends a task due in 2 s by its clock straight
+    # to the tasks topic: here it is due in an hour.
+    core.task_route = lambda uuid, not_before, headers=None, *, key=None: route(uuid, 0.0, headers, key=key)  # type: ignore[method-assign]
+    try:
+        far = await app.add_task("when", "later", eta=time.time() + 3600)
+    finally:
+        core.task_route = route  # type: ignore[method-assign]
+    after = await app.add_task("when", "now", timeout=30)  # the worker goes on
+    assert after is not None and after.status == "success"
+    records = []
+    deadline = time.monotonic() + 30
+    while not any(r.key == far.uuid.encode() for r in records):
+        assert time.monotonic() < deadline, "the task never reached the delays topic"
+        records = []
+        for level in range(core.delays_partitions):
+            records += await read_all_of(app, TopicPartition(core.topics.delays, level))
+    assert worker._delayed == [] and (await app.get(far.uuid)).status == "new"  # type: ignore[union-attr]
+
+
+async def read_all_of(app: QueueTasks, tp: TopicPartition) -> list[Any]:
+    """Every record of a partition up to its end now."""
+    consumer = app.core.broker.consumer(None, client_id="test-read")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        records: list[Any] = []
+        while await consumer.position(tp) < end:
+            records += await consumer.getmany(timeout=0.5)
+        return records
+    finally:
+        await consumer.stop()
+
+
 async def test_a_countdown_past_the_year_5138_is_refused() -> None:
     from qtasks.validate import check_due
 
