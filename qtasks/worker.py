@@ -53,6 +53,7 @@ from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import ChordError, CommitFailedError, ConnectorError, RecordError, TaskNotFoundError, error_of
 from qtasks.logs import current_task
 from qtasks.offsets import PartitionOffsets
+from qtasks.partitioner import partition_for
 from qtasks.periodic import Ticker
 from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control, decode_task
@@ -158,6 +159,13 @@ class Worker:
         #: A keyed run that ended as ``retry``: its uuid -> its child's; the key waits for the child.
         self._retry_of: dict[str, str] = {}
         self._key_retries: dict[str, str] = {}
+        #: Partitions a key's retry child will come in, with how many keys wait there: never
+        #: paused for their key queues meanwhile (the child is behind them).
+        self._retry_tps: dict[TopicPartition, int] = {}
+        #: A keyed task's record whose retry the key waits for stays unfinished until the retry
+        #: is taken (child uuid -> its partition's offsets, its offset): a worker that stops or
+        #: dies first leaves it to be read again, and the next owner waits for the retry too.
+        self._retry_parents: dict[str, tuple[PartitionOffsets, int]] = {}
         #: Chords' callbacks waiting (no slot) for the tasks they come after.
         self._afters: set[asyncio.Task[None]] = set()
 
@@ -307,6 +315,8 @@ class Worker:
         self._queued_in = {}
         self._key_paused = set()
         self._key_retries = {}
+        self._retry_tps = {}
+        self._retry_parents = {}
         for waiter in self._afters:  # chords' callbacks are read again too
             waiter.cancel()
         self._offsets = {tp: PartitionOffsets() for tp in assigned}
@@ -407,7 +417,7 @@ class Worker:
         partitions; a partition holding too many of them is paused alone, until they drain."""
         queued = self._queued_in[tp] = self._queued_in.get(tp, 0) + change
         limit = max(64, 4 * (self.concurrency + self.prefetch))
-        if queued >= limit and tp not in self._key_paused:
+        if queued >= limit and tp not in self._key_paused and tp not in self._retry_tps:
             self._key_paused.add(tp)
             self._consumer.pause([tp])
         elif queued <= limit // 2 and tp in self._key_paused:
@@ -468,9 +478,36 @@ class Worker:
             self._keys[key] = deque()
             return True
         if self._key_retries.get(key) == rec.uuid:
-            del self._key_retries[key]  # the retry of the key's last run goes first
+            self._wait_for_retry(key, None)  # the retry of the key's last run goes first
             return True
         return False
+
+    def _parent_done(self, child: str) -> None:
+        """The retry ``child`` was taken (or is no longer waited for): its parent's record is done."""
+        parent = self._retry_parents.pop(child, None)
+        if parent is not None:
+            parent[0].finish(parent[1])
+
+    def _wait_for_retry(self, key: str, child: str | None) -> None:
+        """The key waits for its last run's retry ``child`` (None: no longer). The partition the
+        child comes in is read meanwhile, even past its key-queue limit: the child is behind."""
+        tp = TopicPartition(self.core.topics.tasks, partition_for(key, self.core.tasks_partitions))
+        if child is None and (waited := self._key_retries.get(key)) is not None:
+            self._parent_done(waited)
+        if child is not None:
+            self._key_retries[key] = child
+            self._retry_tps[tp] = self._retry_tps.get(tp, 0) + 1
+            if tp in self._key_paused:
+                self._key_paused.discard(tp)
+                if not self._paused and tp in self._owned:
+                    self._consumer.resume([tp])
+        elif self._key_retries.pop(key, None) is not None:
+            left = self._retry_tps.get(tp, 0) - 1
+            if left > 0:
+                self._retry_tps[tp] = left
+            else:
+                self._retry_tps.pop(tp, None)
+                self._count_key_queue(tp, 0)  # paused again if its key queues are still long
 
     def _release_key(self, rec: TaskRecord) -> None:
         """``rec``'s handler is done: the next record of its key goes ahead (or, after a retry, its child)."""
@@ -489,7 +526,7 @@ class Worker:
                     self._queue(entry)
                     self._fill()
                     return
-            self._key_retries[key] = child
+            self._wait_for_retry(key, child)
             # Bounded: a child that never comes here (its partition moved) does not hold the key for ever.
             bound = self.core.config.retry_backoff_max + 2 * self.core.config.lease_timeout + 30.0
             asyncio.get_running_loop().call_later(bound, self._stop_waiting_for, key, child)
@@ -499,7 +536,7 @@ class Worker:
     def _stop_waiting_for(self, key: str, child: str) -> None:
         if self._key_retries.get(key) != child:
             return
-        del self._key_retries[key]
+        self._wait_for_retry(key, None)
         log.warning(
             "the retry %s of key %r did not come to this worker in time; the key goes on without it", child, key
         )
@@ -616,8 +653,17 @@ class Worker:
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
             # The key is given up here, so a rebalance from now on must not count it held.
             self._handler_keys.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            if isinstance(rec, TaskRecord) and rec.key is not None:
+            key = rec.key if isinstance(rec, TaskRecord) else None
+            child = None
+            if key is not None:
+                assert isinstance(rec, TaskRecord)
+                child = self._retry_of.get(rec.uuid)
                 self._release_key(rec)
+            if finished and child is not None and (self._stopping or self._key_retries.get(key or "") == child):
+                # Its retry is not taken yet: the record stays unfinished until it is (above).
+                if not self._stopping:
+                    self._retry_parents[child] = (offsets, record.offset)
+                finished = False
             if finished:
                 offsets.finish(record.offset)
                 for other, offset in joined:
@@ -671,6 +717,16 @@ class Worker:
                 break
             await self._wait_for_lease(uuid, head)
         action = decision.action
+        if action == "skip" and rec.key is not None and head is not None and head.retry_child_uuid:
+            # A keyed task read again after it was retried (its worker stopped before the retry
+            # was taken): the key waits for the retry, unless it has started already.
+            child = await retried(
+                lambda: core.store.head(head.retry_child_uuid or "", timeout=2.0, txn=txn),
+                what="the status of a retry",
+                trouble=core.trouble,
+            )
+            if child is None or child.status == "new":
+                self._retry_of[uuid] = head.retry_child_uuid
         if action == "expired":
             log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
         elif action == "cancel":

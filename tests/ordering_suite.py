@@ -215,6 +215,72 @@ async def test_a_busy_key_does_not_stop_other_partitions_or_the_retry_it_waits_f
         assert (await app.wait(handle.uuid, timeout=20)).status == "success"
 
 
+async def test_a_keyed_retry_behind_a_partition_paused_for_its_key_queue_runs_first_and_soon(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """Found by review: the partition paused for its key queue was never read past the retry
+    child at its end, so the key waited its whole bound and the retry ran last."""
+    app = make_app(concurrency=2, prefetch=0, tasks_partitions=1)
+    order: list[int] = []
+
+    @app.task(retry=1)
+    async def step(i: int) -> int:
+        order.append(i)
+        if i == 0 and order.count(0) == 1:
+            await asyncio.sleep(0.3)  # the key's queue fills past its limit meanwhile
+            raise RuntimeError("fails once")
+        return i
+
+    await app.start()
+    started = time.monotonic()
+    handles = await app.add_tasks("step", [(i,) for i in range(100)], key="device-42")
+    for handle in handles:
+        assert (await app.wait(handle.uuid, timeout=60)).status == "success"
+    assert order == [0, *range(100)]  # the retry of 0 first, then 1, 2, ...
+    assert time.monotonic() - started < 20  # not the key's retry bound
+
+
+async def test_a_keyed_retry_made_while_its_worker_stops_runs_first_on_the_next_worker(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """Found by review: the failed task's record was committed as its worker stopped, so the
+    next worker never knew that the key waited for a retry, and ran the key's later tasks first."""
+    order: list[int] = []
+
+    def app_of(name: str | None = None) -> QueueTasks:
+        app = make_app(name, concurrency=2) if name else make_app(concurrency=2)
+
+        @app.task(retry=1)
+        async def step(i: int, fail: bool = False) -> int:
+            order.append(i)
+            if fail and order.count(i) == 1:
+                await asyncio.sleep(0.5)
+                raise RuntimeError("fails once")
+            return i
+
+        return app
+
+    first_app = app_of()
+    await first_app.start()
+    first = await first_app.add_task("step", 0, True, key="device-42")
+    rest = [await first_app.add_task("step", i, key="device-42") for i in (1, 2, 3)]
+    await until_true(lambda: order == [0])
+    await first_app.stop()  # the first task fails while its worker stops
+    assert order == [0]
+    second_app = app_of(first_app.name)
+    await second_app.start()
+    for handle in [first, *rest]:
+        await second_app.wait(handle.uuid, timeout=30)
+    assert order == [0, 0, 1, 2, 3]  # the retry of 0 before 1, 2 and 3
+
+
+async def until_true(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
 async def test_a_partition_paused_for_its_keys_queue_is_read_again_after_a_rebalance(
     make_app: Callable[..., QueueTasks],
 ) -> None:
