@@ -29,6 +29,8 @@ DUE: Final = "qtasks-due"
 AT: Final = "qtasks-at"
 #: Header name: the ordering key of a keyed task (its tasks partition is the key's, not the uuid's).
 KEY: Final = "qtasks-key"
+#: On a task record the delays topic moved to the tasks topic: when it was moved (the mover's clock).
+MOVED: Final = "qtasks-moved"
 
 
 def level_for(remaining: float, partitions: int) -> int | None:

@@ -27,7 +27,7 @@ from typing import Any
 from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
-from qtasks.delays import KEY, delay_headers, level_for, level_seconds, read_headers
+from qtasks.delays import KEY, MOVED, delay_headers, level_for, level_seconds, read_headers
 from qtasks.delivery import deliver, deliver_together, fetch
 from qtasks.exc import BrokerRefusedError, CommitFailedError, ConnectorError, RecordError
 from qtasks.partitioner import partition_for
@@ -188,7 +188,8 @@ class DelayScheduler:
             self.due += 1
             # A keyed task goes to its key's partition (the header is the delays topic's only).
             order = next((v.decode("utf-8", "replace") for n, v in headers if n == KEY), uuid)
-            headers = [(n, v) for n, v in headers if n != KEY]
+            headers = [(n, v) for n, v in headers if n not in (KEY, MOVED)]
+            headers.append((MOVED, repr(now).encode()))  # the worker that takes it holds it, never sends it back
             topic, partition, out = core.topics.tasks, partition_for(order, core.tasks_partitions), headers
         else:
             self.moved += 1

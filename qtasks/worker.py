@@ -48,7 +48,7 @@ from qtasks.connectors.base import Record, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
-from qtasks.delays import AT, DUE, KEY
+from qtasks.delays import AT, DUE, KEY, MOVED
 from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import ChordError, CommitFailedError, ConnectorError, RecordError, TaskNotFoundError, error_of
 from qtasks.logs import current_task
@@ -71,7 +71,15 @@ log = logging.getLogger("qtasks.worker")
 _Waiting = tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]
 #: A task record due more than this many seconds from now is not held here: it goes to the
 #: delays topic (a client whose clock runs ahead, another producer), and its offset is done.
+#: One the delays topic moved here (its ``qtasks-moved`` header) is held whatever its time:
+#: the worker that moved it found it due by its clock, and sending it back would bounce it
+#: between the topics for as long as the two clocks disagree.
 FORWARD_AFTER = 5.0
+
+
+def _moved(record: Record) -> bool:
+    """Whether the delays topic moved this record here (it is held, never sent back)."""
+    return any(name == MOVED for name, _ in record.headers or ())
 
 
 class _Dropped(Exception):
@@ -165,7 +173,7 @@ class Worker:
         #: A keyed task's record whose retry the key waits for stays unfinished until the retry
         #: is taken (child uuid -> its partition's offsets, its offset): a worker that stops or
         #: dies first leaves it to be read again, and the next owner waits for the retry too.
-        self._retry_parents: dict[str, tuple[PartitionOffsets, int]] = {}
+        self._retry_parents: dict[str, list[tuple[PartitionOffsets, int]]] = {}
         #: Chords' callbacks waiting (no slot) for the tasks they come after.
         self._afters: set[asyncio.Task[None]] = set()
 
@@ -462,7 +470,7 @@ class Worker:
         rec = entry[2]
         assert isinstance(rec, TaskRecord)
         now = time.time()
-        if now < rec.not_before <= now + FORWARD_AFTER:
+        if now < rec.not_before and (rec.not_before <= now + FORWARD_AFTER or _moved(entry[3])):
             heapq.heappush(self._delayed, (rec.not_before, entry[1], rec, entry[3], entry[4]))
             self._delay_changed.set()
         else:
@@ -484,9 +492,8 @@ class Worker:
 
     def _parent_done(self, child: str) -> None:
         """The retry ``child`` was taken (or is no longer waited for): its parent's record is done."""
-        parent = self._retry_parents.pop(child, None)
-        if parent is not None:
-            parent[0].finish(parent[1])
+        for offsets, offset in self._retry_parents.pop(child, ()):
+            offsets.finish(offset)
 
     def _wait_for_retry(self, key: str, child: str | None) -> None:
         """The key waits for its last run's retry ``child`` (None: no longer). The partition the
@@ -661,8 +668,8 @@ class Worker:
                 self._release_key(rec)
             if finished and child is not None and (self._stopping or self._key_retries.get(key or "") == child):
                 # Its retry is not taken yet: the record stays unfinished until it is (above).
-                if not self._stopping:
-                    self._retry_parents[child] = (offsets, record.offset)
+                if not self._stopping:  # with the copies of it read again while it ran
+                    self._retry_parents[child] = [(offsets, record.offset), *joined]
                 finished = False
             if finished:
                 offsets.finish(record.offset)
@@ -691,7 +698,7 @@ class Worker:
     ) -> None:
         core = self.core
         uuid = rec.uuid
-        if record is not None and rec.not_before > time.time() + FORWARD_AFTER:
+        if record is not None and rec.not_before > time.time() + FORWARD_AFTER and not _moved(record):
             await self._forward(rec, record, txn)
             return
         if self._view_ready is not None and not self._view_ready.done():
@@ -770,7 +777,7 @@ class Worker:
         """A task record due later than this worker holds one: into the delays topic, as a client
         would have sent it (in the partition's transaction, exactly once)."""
         core = self.core
-        headers = [(n, v) for n, v in record.headers or () if n not in (DUE, AT, KEY)]
+        headers = [(n, v) for n, v in record.headers or () if n not in (DUE, AT, KEY, MOVED)]
         topic, partition, out = core.task_route(rec.uuid, rec.not_before, headers, key=rec.key)
         key = rec.uuid.encode()
         log.info("task %s is due in %.0f s: it waits in the delays topic", rec.uuid, rec.not_before - time.time())

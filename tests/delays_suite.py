@@ -303,6 +303,29 @@ async def test_a_task_record_due_far_ahead_goes_to_the_delays_topic_not_into_the
     assert worker._delayed == [] and (await app.get(far.uuid)).status == "new"  # type: ignore[union-attr]
 
 
+async def test_a_task_the_delays_topic_moved_is_held_even_when_the_mover_s_clock_runs_ahead(
+    app: QueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker moving the delays topic runs 8 s ahead of the one taking tasks (found by
+    # review: the taker sent it back, the mover moved it again at once, thousands of times).
+    from qtasks import scheduler
+
+    class Ahead:
+        def time(self) -> float:
+            return time.time() + 8.0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+    monkeypatch.setattr(scheduler, "time", Ahead())
+    timed(app)
+    worker = await app.start()
+    handle = await app.add_task("when", countdown=10)
+    done = await app.wait(handle.uuid, timeout=60)
+    assert done.status == "success" and done.returning["at"] >= handle.task.not_before  # never early
+    assert worker.delays.due == 1  # moved to the tasks topic once, held there until due
+
+
 async def read_all_of(app: QueueTasks, tp: TopicPartition) -> list[Any]:
     """Every record of a partition up to its end now."""
     consumer = app.core.broker.consumer(None, client_id="test-read")

@@ -225,3 +225,42 @@ async def test_workers_joining_a_busy_group_run_no_short_task_twice(make_app: An
         assert (await first.wait(handle.uuid, 30)).status == "success"
     assert any(other.worker is not None and other.worker.tasks_done for other in others)  # they took part
     assert [i for i, n in runs.items() if n > 1] == [] and len(runs) == 1000
+
+
+async def test_copies_of_a_keyed_task_read_again_while_it_ran_are_done_with_it_once_its_retry_is_taken(
+    make_app: Any,
+) -> None:
+    # Found by review: a rebalance gave the running keyed task's record back (a copy joins the
+    # run); the run failed and its retry waited in the delays topic. The copy was never done,
+    # so the partition's commit stopped there for good.
+    from qtasks.connectors.base import TopicPartition
+
+    app = make_app(tasks_partitions=1, retry_backoff_base=1.5, retry_backoff_max=1.5)
+    order: list[int] = []
+    running = asyncio.Event()
+
+    @app.task(retry=1)
+    async def step(i: int) -> int:
+        order.append(i)
+        if i == 0 and order.count(0) == 1:
+            running.set()
+            await asyncio.sleep(0.5)
+            raise RuntimeError("fails once")
+        return i
+
+    worker = await app.start()
+    first = await app.add_task("step", 0, key="k")
+    await asyncio.wait_for(running.wait(), 10)
+    worker._consumer.rejoin()  # a rebalance while it runs; this worker keeps the partition
+    handles = [first, *[await app.add_task("step", i, key="k") for i in (1, 2)]]
+    handles += [await app.add_task("step", i) for i in range(3, 6)]
+    for handle in handles:
+        assert (await app.wait(handle.uuid, timeout=30)).status == "success"
+    assert [i for i in order if i < 3] == [0, 0, 1, 2]  # the key's order
+    tp = TopicPartition(app.core.topics.tasks, 0)
+    end = app.core.broker.producer.known_end(tp.topic, 0)
+    deadline = asyncio.get_running_loop().time() + 10
+    log = app.core.broker.log  # type: ignore[attr-defined]
+    while worker._offsets[tp].in_flight or log.committed(worker.group_id, tp) != end:
+        assert asyncio.get_running_loop().time() < deadline, (worker._offsets[tp].in_flight, end)
+        await asyncio.sleep(0.05)
