@@ -41,7 +41,7 @@ from qtasks.connectors.base import TopicPartition
 from qtasks.core import Core
 from qtasks.cron import Cron, Every
 from qtasks.delivery import fetch, retried
-from qtasks.exc import RecordError
+from qtasks.exc import ConnectorError, RecordError
 from qtasks.records import TickRecord, decode_tick, encode
 from qtasks.validate import check_arguments
 
@@ -328,13 +328,19 @@ class Ticker:
         """
         core = self.core
         uuid = tick_uuid(core.name, spec.name, tick)
-        if careful:
-            # A tick another ticker may have run (a takeover's catch-up, a ticker late after a
-            # freeze): the view up to now, and a finished task it has dropped is read back.
-            head = await retried(lambda: core.store.head(uuid), what="the status of a tick", trouble=core.trouble)
-        else:
-            await retried(lambda: core.store.catch_up(uuid), what="the status of a tick", trouble=core.trouble)
-            head = core.view.head(uuid)
+        await retried(lambda: core.store.catch_up(uuid), what="the status of a tick", trouble=core.trouble)
+        head = core.view.head(uuid)
+        if head is None and careful and core.view.newest_drop >= tick:
+            # Another ticker may have run it (a takeover's catch-up, a ticker late after a
+            # freeze), and the view has dropped a task that ended after this tick: this one,
+            # perhaps. Its partition is read back; if that cannot be done in time, the tick
+            # is submitted (at worst a second run, never a lost tick).
+            try:
+                head = await core.store.head(uuid)
+            except (TimeoutError, ConnectorError) as exc:
+                log.warning(
+                    "periodic task %s: could not read back the tick at %s (%r); submitting it", spec.name, tick, exc
+                )
         if head is None or head.status == "new":
             new = core.new_task(
                 spec.name, schedule.args, schedule.kwargs, priority=spec.priority, not_before=tick, uuid=uuid

@@ -146,6 +146,43 @@ async def test_a_tick_fired_late_is_not_run_again_after_the_view_dropped_its_end
     assert len(runs) == count
 
 
+async def test_a_late_tick_is_read_back_only_when_the_view_dropped_a_task_that_ended_after_it(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: every careful tick read its status partition from the start once the
+    # view had dropped anything, and a slow read stopped the ticking loop.
+    app = make_app(status_cache_size=5)
+    runs: list[float] = []
+    beating(app, runs, every=3600.0)
+
+    @app.task
+    async def filler() -> int:
+        return 1
+
+    worker = await app.start()
+    await until(lambda: worker.ticker.led_at > 0, 30, "the worker to lead")
+    worker.ticker.step_down()
+    for _ in range(10):
+        await app.add_task("filler", timeout=10)
+    assert app.core.view.evicted > 0
+    reads: list[str] = []
+
+    async def read_back(uuid: str, timeout: float = 10.0) -> None:
+        reads.append(uuid)
+        raise TimeoutError  # as a read of a long partition that runs out of time
+
+    monkeypatch.setattr(app.core.store, "_read_back", read_back)
+    spec = worker.registry.get("beat")
+    assert spec is not None and spec.schedule is not None
+    newer = app.core.view.newest_drop + 3600.0  # after every task the view dropped: not read back
+    await worker.ticker._fire(spec, spec.schedule, newer, careful=True)
+    assert reads == []
+    older = math.floor(app.core.view.newest_drop) - 1.0  # a task that ended after it was dropped
+    await worker.ticker._fire(spec, spec.schedule, older, careful=True)  # submitted, not a failure
+    assert reads == [tick_uuid(app.name, "beat", older)]
+    assert worker.ticker.submitted == 2
+
+
 @pytest.mark.parametrize("catch_up", ["all", "latest", "skip"])
 async def test_ticks_missed_while_no_worker_ran_follow_catch_up(
     make_app: Callable[..., QueueTasks], catch_up: str
