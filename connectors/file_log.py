@@ -478,12 +478,16 @@ class FileLog(MemoryLog):
 
     def txn_end(self, transactional_id: str, epoch: int, *, commit: bool) -> None:
         with self.lock:
-            self._txn(transactional_id, epoch)  # a fenced producer journals nothing
             clock = self.clock
             ts = int(clock() * 1000)
-            self._write("E", transactional_id, epoch, commit, ts)
             try:
+                # One time for the whole end, and the expiry looked at now, not skipped by its
+                # 50 ms throttle: a transaction past its timeout is aborted (and journaled)
+                # before its end is, never between the end's entry and the end itself.
                 self.clock = lambda: ts / 1000
+                self._expiry_check = 0.0
+                self._txn(transactional_id, epoch)  # a fenced producer journals nothing
+                self._write("E", transactional_id, epoch, commit, ts)
                 super().txn_end(transactional_id, epoch, commit=commit)
             finally:
                 self.clock = clock

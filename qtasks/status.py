@@ -98,10 +98,13 @@ class StatusView:
         #: Finished tasks whose held record was followed in the topic by one it supersedes (a
         #: stale write, such as a late ``new``), with ``time.monotonic()`` when it was read:
         #: compaction keeps a key's last record, so the held one must be written again (a
-        #: worker does: :meth:`qtasks.store.StatusStore.restate`). A task leaves it when its
-        #: held record is read again (this process's own ending, read back after an older write).
+        #: worker does: :meth:`qtasks.store.StatusStore.restate`). A record this process wrote
+        #: counts only once it was read back; a task leaves this when its held record is read again.
         self.stale: dict[str, float] = {}
         self.stale_found = asyncio.Event()
+        #: Tasks whose held record this process wrote (or showed) and has not read back yet:
+        #: an older record read meanwhile comes before it in the topic, so it is not stale.
+        self._unread: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -123,6 +126,8 @@ class StatusView:
             while len(finished) > self._cache_size:
                 old, _ = finished.popitem(last=False)
                 dropped = self._rows.pop(old, None)
+                self._unread.discard(old)
+                self.stale.pop(old, None)
                 self.evicted += 1
                 if dropped is not None:
                     at = dropped[0].updated_at
@@ -135,7 +140,10 @@ class StatusView:
 
     def apply(self, task: Task, raw: bytes) -> bool:
         """Take a record this process wrote; return whether it was kept."""
-        return self._apply(head_of(task), raw)
+        kept = self._apply(head_of(task), raw)
+        if kept:
+            self._unread.add(task.uuid)
+        return kept
 
     def apply_raw(self, key: bytes | None, value: bytes | None) -> None:
         """Take a record as read from the topic: a tombstone (no value) removes the task."""
@@ -144,6 +152,8 @@ class StatusView:
                 uuid = key.decode()
                 self._rows.pop(uuid, None)
                 self._finished.pop(uuid, None)
+                self._unread.discard(uuid)
+                self.stale.pop(uuid, None)
                 self._notify(uuid)
             return
         if key is None:
@@ -152,10 +162,14 @@ class StatusView:
         uuid = key.decode()
         row = self._rows.get(uuid)
         if row is not None and row[1] == value:
-            self.stale.pop(uuid, None)  # the held record is the last one again (or an echo of it)
+            self._unread.discard(uuid)  # the held record read back: what comes after it is later
+            self.stale.pop(uuid, None)  # the held record is the last one again
             return
         head = decode_status_head(value, self._limit)
-        if self._apply(head, value) or row is None or not row[0].is_finished or head.uuid != uuid:
+        if self._apply(head, value):
+            self._unread.discard(uuid)
+            return
+        if row is None or not row[0].is_finished or head.uuid != uuid or uuid in self._unread:
             return
         if uuid not in self.stale and len(self.stale) < STALE_LIMIT:
             self.stale[uuid] = time.monotonic()

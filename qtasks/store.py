@@ -331,8 +331,8 @@ class StatusStore:
                 await view.stale_found.wait()
                 continue
             uuid, found = next(iter(view.stale.items()))  # the oldest first
-            # This process's own ending is shown before it is read back, so an older record
-            # read meanwhile looks stale until the ending's echo follows: give it time.
+            # A moment first: another worker that read the same record may write the ending
+            # again sooner, and reading that clears this one.
             wait = found + RESTATE_AFTER - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)

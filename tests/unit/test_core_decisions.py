@@ -56,12 +56,15 @@ def test_a_workers_own_ending_shown_before_its_older_writes_are_read_back_is_not
     process, ending = _task(status="process", rev=1), _task(status="success", rev=2)
     view.apply(process, encode(process))
     view.apply(ending, encode(ending))  # shown at once, before the log has them
-    view.apply_raw(b"u", encode(process))  # read back: older than what is shown
-    assert list(view.stale) == ["u"]
+    view.apply_raw(b"u", encode(process))  # read back: older than what is shown, and before it in the topic
+    assert view.stale == {}
     view.apply_raw(b"u", encode(ending))  # ... and the ending right after it
     assert view.stale == {}
+    view.apply_raw(b"u", encode(_task(status="new", rev=0)))  # a record after the ending, read back
+    assert list(view.stale) == ["u"]
     view.apply_raw(b"v", encode(_task(uuid="v", status="process", rev=1)))
-    assert view.stale == {}  # a task not finished is never stale
+    view.apply_raw(b"v", encode(_task(uuid="v", status="new", rev=0)))
+    assert "v" not in view.stale  # a task not finished is never stale
 
 
 @pytest.mark.parametrize(

@@ -313,6 +313,24 @@ def test_every_change_the_disk_refuses_is_not_made_and_a_retry_makes_it(
     again.close()
 
 
+def test_a_transaction_past_its_timeout_cannot_end_committed_in_the_journal(tmp_path: Path) -> None:
+    from qtasks.exc import ProducerFencedError
+
+    log = FileLog(tmp_path)
+    log.create_topic(TopicSpec("t", 1))
+    epoch = log.init_txn("tx", 100)
+    log.txn_append("tx", epoch, "t", 0, b"k", b"too late")
+    time.sleep(0.2)
+    log._expiry_check = time.time() * 1000 + 60_000  # the expiry check is not due by its throttle
+    with pytest.raises(ProducerFencedError):
+        log.txn_end("tx", epoch, commit=True)
+    assert [r[2] for r in log.topics["t"].partitions[0].records] == []
+    log.close()
+    again = FileLog(tmp_path)
+    assert [r[2] for r in again.topics["t"].partitions[0].records] == []
+    again.close()
+
+
 def test_the_journal_is_rewritten_with_transactions_open_and_replays_them(tmp_path: Path) -> None:
     log = FileLog(tmp_path)
     log.create_topic(TopicSpec("s", 2, compacted=True))
