@@ -75,6 +75,9 @@ _Waiting = tuple[int, int, TaskRecord | RecordError, Record, PartitionOffsets]
 #: the worker that moved it found it due by its clock, and sending it back would bounce it
 #: between the topics for as long as the two clocks disagree.
 FORWARD_AFTER = 5.0
+#: While a key waits for its retry, its partition holds this many times more records queued
+#: behind keys before it is paused: the retry's record is behind them (a bound on memory all the same).
+KEY_RETRY_ROOM = 16
 
 
 def _moved(record: Record) -> bool:
@@ -420,12 +423,18 @@ class Worker:
         else:
             self._queue(entry)
 
+    def _key_queue_limit(self, tp: TopicPartition) -> int:
+        """How many records may wait behind their keys in ``tp`` before it is paused: more while
+        a key there waits for its retry (the retry's record is behind them), but bounded."""
+        limit = max(64, 4 * (self.concurrency + self.prefetch))
+        return limit * KEY_RETRY_ROOM if tp in self._retry_tps else limit
+
     def _count_key_queue(self, tp: TopicPartition, change: int) -> None:
         """Records queued behind their keys take no slot and do not stop the fetching of other
         partitions; a partition holding too many of them is paused alone, until they drain."""
         queued = self._queued_in[tp] = self._queued_in.get(tp, 0) + change
-        limit = max(64, 4 * (self.concurrency + self.prefetch))
-        if queued >= limit and tp not in self._key_paused and tp not in self._retry_tps:
+        limit = self._key_queue_limit(tp)
+        if queued >= limit and tp not in self._key_paused:
             self._key_paused.add(tp)
             self._consumer.pause([tp])
         elif queued <= limit // 2 and tp in self._key_paused:
@@ -504,7 +513,7 @@ class Worker:
         if child is not None:
             self._key_retries[key] = child
             self._retry_tps[tp] = self._retry_tps.get(tp, 0) + 1
-            if tp in self._key_paused:
+            if tp in self._key_paused and self._queued_in.get(tp, 0) < self._key_queue_limit(tp) // 2:
                 self._key_paused.discard(tp)
                 if not self._paused and tp in self._owned:
                     self._consumer.resume([tp])
