@@ -173,6 +173,8 @@ class Worker:
         #: Partitions a key's retry child will come in, with how many keys wait there: never
         #: paused for their key queues meanwhile (the child is behind them).
         self._retry_tps: dict[TopicPartition, int] = {}
+        #: When the last warning about workers' clocks that disagree was logged.
+        self._skew_warned = 0.0
         #: A keyed task's record whose retry the key waits for stays unfinished until the retry
         #: is taken (child uuid -> its partition's offsets, its offset): a worker that stops or
         #: dies first leaves it to be read again, and the next owner waits for the retry too.
@@ -480,6 +482,14 @@ class Worker:
         assert isinstance(rec, TaskRecord)
         now = time.time()
         if now < rec.not_before and (rec.not_before <= now + FORWARD_AFTER or _moved(entry[3])):
+            if rec.not_before > now + FORWARD_AFTER and now >= self._skew_warned + 60:
+                self._skew_warned = now  # held records take room: the worker fetches less meanwhile
+                log.warning(
+                    "task %s was moved from the delays topic %.0f s before it is due by this worker's clock: "
+                    "the workers' clocks disagree (is NTP running?); it waits here until then",
+                    rec.uuid,
+                    rec.not_before - now,
+                )
             heapq.heappush(self._delayed, (rec.not_before, entry[1], rec, entry[3], entry[4]))
             self._delay_changed.set()
         else:

@@ -304,7 +304,7 @@ async def test_a_task_record_due_far_ahead_goes_to_the_delays_topic_not_into_the
 
 
 async def test_a_task_the_delays_topic_moved_is_held_even_when_the_mover_s_clock_runs_ahead(
-    app: QueueTasks, monkeypatch: pytest.MonkeyPatch
+    app: QueueTasks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The worker moving the delays topic runs 8 s ahead of the one taking tasks (found by
     # review: the taker sent it back, the mover moved it again at once, thousands of times).
@@ -324,6 +324,7 @@ async def test_a_task_the_delays_topic_moved_is_held_even_when_the_mover_s_clock
     done = await app.wait(handle.uuid, timeout=60)
     assert done.status == "success" and done.returning["at"] >= handle.task.not_before  # never early
     assert worker.delays.due == 1  # moved to the tasks topic once, held there until due
+    assert "the workers' clocks disagree" in caplog.text  # the operator is told
 
 
 async def read_all_of(app: QueueTasks, tp: TopicPartition) -> list[Any]:
