@@ -170,8 +170,8 @@ class Worker:
         #: A keyed run that ended as ``retry``: its uuid -> its child's; the key waits for the child.
         self._retry_of: dict[str, str] = {}
         self._key_retries: dict[str, str] = {}
-        #: Partitions a key's retry child will come in, with how many keys wait there: never
-        #: paused for their key queues meanwhile (the child is behind them).
+        #: Partitions a key's retry child will come in, with how many keys wait there: their
+        #: key-queue limit is KEY_RETRY_ROOM times larger meanwhile (the child is behind them).
         self._retry_tps: dict[TopicPartition, int] = {}
         #: When the last warning about workers' clocks that disagree was logged.
         self._skew_warned = 0.0
@@ -516,7 +516,7 @@ class Worker:
 
     def _wait_for_retry(self, key: str, child: str | None) -> None:
         """The key waits for its last run's retry ``child`` (None: no longer). The partition the
-        child comes in is read meanwhile, even past its key-queue limit: the child is behind."""
+        child comes in is read meanwhile past its usual key-queue limit: the child is behind."""
         tp = TopicPartition(self.core.topics.tasks, partition_for(key, self.core.tasks_partitions))
         if child is None and (waited := self._key_retries.get(key)) is not None:
             self._parent_done(waited)
