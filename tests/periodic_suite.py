@@ -162,6 +162,7 @@ async def test_a_late_tick_is_read_back_only_when_the_view_dropped_a_task_that_e
     worker = await app.start()
     await until(lambda: worker.ticker.led_at > 0, 30, "the worker to lead")
     worker.ticker.step_down()
+    submitted = worker.ticker.submitted  # 0, unless an hour began just then
     for _ in range(10):
         await app.add_task("filler", timeout=10)
     assert app.core.view.evicted > 0
@@ -180,7 +181,7 @@ async def test_a_late_tick_is_read_back_only_when_the_view_dropped_a_task_that_e
     older = math.floor(app.core.view.newest_drop) - 1.0  # a task that ended after it was dropped
     await worker.ticker._fire(spec, spec.schedule, older, careful=True)  # submitted, not a failure
     assert reads == [tick_uuid(app.name, "beat", older)]
-    assert worker.ticker.submitted == 2
+    assert worker.ticker.submitted == submitted + 2
 
 
 @pytest.mark.parametrize("catch_up", ["all", "latest", "skip"])
@@ -270,8 +271,8 @@ async def test_a_ticker_whose_clock_jumps_ahead_follows_catch_up_for_the_gap(
     before = worker.ticker.submitted
     monkeypatch.setattr(periodic, "time", Jumped())
     await asyncio.sleep(2.5)
-    # the ticks within the grace of its last loop, then one a second: not 3,600 at once
-    assert worker.ticker.submitted - before <= 12, worker.ticker.submitted - before
+    # the ticks within the grace of its last loop (8 s here), then one a second: not 3,600
+    assert worker.ticker.submitted - before <= 30, worker.ticker.submitted - before
     monkeypatch.undo()
     await app.stop()
 
