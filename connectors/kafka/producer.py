@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qtasks.kafka")
 
+#: What a record without headers passes to aiokafka (which only reads it).
+_NO_HEADERS: list[tuple[str, bytes]] = []
+
 
 # -- producer ----------------------------------------------------------------------------
 
@@ -194,8 +197,11 @@ class KafkaProducer:
             if client.client.cluster.leader_for_partition(tp) is None:  # not in the metadata (yet)
                 await self._ensure_partition(client, topic, partition)
             try:
-                fut: asyncio.Future[Any] = await client.send(
-                    topic, value, key=key, partition=partition, headers=headers
+                # Straight to the accumulator: aiokafka's ``send`` would look the topic's
+                # partitions up twice (a new set each time), check a size already checked
+                # above and pick a partition already picked.
+                fut: asyncio.Future[Any] = await client._message_accumulator.add_message(
+                    tp, key, value, client._request_timeout_ms / 1000, headers=headers or _NO_HEADERS
                 )
             except _FATAL as exc:
                 # The sender died (its error is kept by the accumulator): start again, once.
