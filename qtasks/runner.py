@@ -19,6 +19,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -384,12 +385,11 @@ class TaskRun:
         self.executor.middlewares = (registry.middlewares_before, registry.middlewares_after)
         self.executor.stream_app = host.app
         self.executor.resume_state = self.resume.state
-        self.executor.on_checkpoint = self._checkpoint
+        # ``ctx.checkpoint(state)``, in order with the values yielded before it. Not a method
+        # of the run: the executor would hold the run that holds it, and every run would be
+        # left for the garbage collector to free.
+        self.executor.on_checkpoint = partial(self.sink.mark, limit=core.config.checkpoint_max_bytes)
         self.executor.checkpoint_limit = core.config.checkpoint_max_bytes
-
-    def _checkpoint(self, state: Any) -> None:
-        """``ctx.checkpoint(state)``, in order with the values yielded before it."""
-        self.sink.mark(state, self.host.core.config.checkpoint_max_bytes)
 
     async def start(self) -> None:
         """``process``: attempt n, this worker's lease, where the results start.
