@@ -1,0 +1,180 @@
+"""The share-group consumer (KIP-932) on the real broker: records handed out with locks, acknowledged one by one.
+
+The worker does not use it yet (issue #14): these tests prove the consumer itself, the
+way a worker will lean on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import AIOKafkaConnection, create_conn
+
+from qtasks.connectors.kafka.share import wire
+from qtasks.connectors.kafka.share.consumer import ShareConsumer, ShareRecord
+from tests.helpers import unique
+
+Group = Callable[..., Awaitable[ShareConsumer]]
+
+
+def _address(bootstrap: str) -> tuple[str, int]:
+    host, port = bootstrap.rsplit(":", 1)
+    return host, int(port)
+
+
+async def _connect(host: str, port: int) -> AIOKafkaConnection:
+    return await create_conn(host, port, client_id="qtasks-share-test", request_timeout_ms=60_000)
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str) -> AsyncIterator[str]:
+    name = unique("share")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, 1, 1)])
+    finally:
+        await admin.close()
+    yield name
+
+
+async def _produce(bootstrap: str, topic: str, count: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for i in range(count):
+            await producer.send(topic, f"v{i}".encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture
+async def member(kafka_bootstrap: str, topic: str) -> AsyncIterator[Group]:
+    """Members of one share group on ``topic``, which reads from the earliest offset."""
+    group = unique("group")
+    host, port = _address(kafka_bootstrap)
+    conn = await _connect(host, port)
+    try:
+        # Share groups start at the latest offset by default: a task queue wants every record.
+        answers = await conn.send(wire.alter_group_configs(group, {"share.auto.offset.reset": "earliest"}))
+    finally:
+        conn.close()
+    assert [a.error for a in answers] == [0]
+    members: list[ShareConsumer] = []
+
+    async def make() -> ShareConsumer:
+        consumer = ShareConsumer(connect=_connect, bootstrap=[(host, port)], group_id=group, topics=[topic])
+        await consumer.start()
+        members.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in members:
+        await consumer.stop()
+
+
+async def _until_assigned(consumer: ShareConsumer, timeout: float = 30) -> None:
+    assert await consumer.wait_assigned(timeout), "no partition was shared with the member"
+
+
+async def _take(consumer: ShareConsumer, want: int, timeout: float = 30, max_records: int = 50) -> list[ShareRecord]:
+    """Records until ``want`` came or ``timeout`` passed (acknowledging nothing)."""
+    got: list[ShareRecord] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got.extend(await consumer.getmany(0.5, min(max_records, want - len(got))))
+    return got
+
+
+async def test_a_member_gets_every_record_once_and_a_released_one_again_with_its_count(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    await _produce(kafka_bootstrap, topic, 100)
+    consumer = await member()
+    await _until_assigned(consumer)
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 60
+    while len({o for o, _ in seen}) < 100 or not any(o == 7 and n == 2 for o, n in seen):
+        assert time.monotonic() < deadline, f"{len(seen)} deliveries: {sorted(seen)[:20]}..."
+        for record in await consumer.getmany(0.5, 20):
+            assert record.value == f"v{record.offset}".encode()
+            seen.append((record.offset, record.delivery_count))
+            first_of_seven = record.offset == 7 and record.delivery_count == 1
+            consumer.acknowledge(record, wire.RELEASE if first_of_seven else wire.ACCEPT)
+    assert sorted(o for o, _ in seen) == sorted([*range(100), 7])
+    assert sorted(n for o, n in seen if o == 7) == [1, 2]
+    await consumer.flush_acks()
+    # Every record accepted: a new member of the group is handed nothing.
+    other = await member()
+    await _until_assigned(other)
+    assert await _take(other, 1, timeout=3) == []
+
+
+async def test_two_members_on_one_partition_split_its_records_each_once(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    await _produce(kafka_bootstrap, topic, 300)
+    consumers = [await member(), await member()]
+    for consumer in consumers:
+        await _until_assigned(consumer)
+    handled: dict[int, list[int]] = collections.defaultdict(list)
+    done = asyncio.Event()
+
+    async def work(i: int, consumer: ShareConsumer) -> None:
+        while not done.is_set():
+            records = await consumer.getmany(0.3, 5)
+            assert len(records) <= 5, "a fetch locked more records than the member asked for"
+            for record in records:
+                await asyncio.sleep(0.005)  # a task's work: the other member gets the next records meanwhile
+                handled[i].append(record.offset)
+                consumer.acknowledge(record)
+            if sum(map(len, handled.values())) >= 300:
+                done.set()
+
+    await asyncio.wait_for(asyncio.gather(*(work(i, c) for i, c in enumerate(consumers))), 90)
+    offsets = sorted(o for v in handled.values() for o in v)
+    assert offsets == list(range(300)), "a record was lost or handled twice"
+    assert all(handled[i] for i in range(2)), f"one member did all: {[len(handled[i]) for i in range(2)]}"
+
+
+async def test_a_member_whose_connections_drop_hands_its_locked_records_to_another_at_once(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    # What a worker killed with -9 does: its sockets close, it says nothing. The broker ends
+    # its share session with the connection and releases its locks then, not after 30 s.
+    await _produce(kafka_bootstrap, topic, 10)
+    lost = await member()
+    await _until_assigned(lost)
+    held = await _take(lost, 10)
+    assert sorted(r.offset for r in held) == list(range(10))
+    assert lost.lock_ms is not None and lost.lock_ms >= 15_000
+    for session in list(lost._sessions.values()):
+        session.conn.close()
+    started = time.monotonic()
+    heir = await member()
+    await _until_assigned(heir)
+    again = await _take(heir, 10)
+    assert sorted((r.offset, r.delivery_count) for r in again) == [(o, 2) for o in range(10)]
+    assert time.monotonic() - started < lost.lock_ms / 1000, "the records waited for their locks to run out"
+
+
+async def test_stop_releases_what_a_member_holds_and_has_not_acknowledged(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    await _produce(kafka_bootstrap, topic, 6)
+    first = await member()
+    await _until_assigned(first)
+    held = await _take(first, 6)
+    first.acknowledge(held[0])  # one done; five held when it stops
+    await first.stop()
+    second = await member()
+    await _until_assigned(second)
+    again = await _take(second, 5, timeout=10)
+    assert sorted((r.offset, r.delivery_count) for r in again) == [(o, 2) for o in range(1, 6)]
