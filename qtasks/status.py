@@ -140,6 +140,12 @@ class StatusView:
 
     def apply(self, task: Task, raw: bytes) -> bool:
         """Take a record this process wrote; return whether it was kept."""
+        row = self._rows.get(task.uuid)
+        if row is not None and row[1] == raw:
+            # Held already, byte for byte: the tailer read this write back before its
+            # acknowledgement was handled (or it was shown before). Waiting to read it back
+            # again would wait forever, and hide a stale record that lands after it.
+            return True
         kept = self._apply(head_of(task), raw)
         if kept:
             self._unread.add(task.uuid)

@@ -67,6 +67,18 @@ def test_a_workers_own_ending_shown_before_its_older_writes_are_read_back_is_not
     assert "v" not in view.stale  # a task not finished is never stale
 
 
+def test_a_workers_own_ending_read_back_before_its_delivery_was_seen_is_not_awaited_forever() -> None:
+    # The tailer can read a durable write back before the producer's acknowledgement of it
+    # is handled: the write's own apply then comes second, and must not wait to be read
+    # back again (it never would be), or a stale record after it is never noticed.
+    view = StatusView()
+    ending = _task(status="success", rev=2)
+    view.apply_raw(b"u", encode(ending))  # read back first
+    assert view.apply(ending, encode(ending))  # then the write's acknowledgement
+    view.apply_raw(b"u", encode(_task(status="new", rev=0)))  # a stale record after the ending
+    assert list(view.stale) == ["u"]
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "has_args", "returning"),
     [
