@@ -331,6 +331,11 @@ class KafkaProducer:
             for tp in [tp for tp in accumulator._batches if tp.topic == topic]:
                 for batch in accumulator._batches.pop(tp):
                     batch.failure(exception=error)
+                    # Its drain waiter failed too, and no sender will ever wait on it: read
+                    # its error, or asyncio logs it as never retrieved when it is collected.
+                    drain = batch._drain_waiter
+                    if drain.done() and not drain.cancelled():
+                        drain.exception()
             del self._missing_since[topic]
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:

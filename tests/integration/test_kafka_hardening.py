@@ -229,7 +229,13 @@ async def test_a_group_consumer_reads_a_partition_added_while_it_runs(kafka_boot
                 await consumer.getmany(0.1)
             async with admin_client(kafka_bootstrap) as admin:
                 await admin.create_partitions({topic: NewPartitions(total_count=2)})
-            assert await kafka.partitions_for(topic, refresh=True) == 2
+            # CreatePartitions returns once the controller took it; the broker answering
+            # Metadata learns of the partition when it has replayed the metadata log, which
+            # on a loaded machine can be a moment later.
+            deadline = time.monotonic() + 10
+            while (count := await kafka.partitions_for(topic, refresh=True)) != 2:
+                assert time.monotonic() < deadline, f"the broker still says {count} partition(s)"
+                await asyncio.sleep(0.05)
             started = time.monotonic()
             await kafka.producer.send(topic, b"new", key=b"u", partition=1)
             await kafka.producer.flush()
