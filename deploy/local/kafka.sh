@@ -243,6 +243,9 @@ transaction.state.log.replication.factor=$rf
 transaction.state.log.min.isr=$isr
 share.coordinator.state.topic.replication.factor=$rf
 share.coordinator.state.topic.min.isr=$isr
+# a share group may set locks as short as 1 s (default minimum 15 s): lets tests of lock
+# expiry and renewal run in seconds; the default lock stays 30 s
+group.share.min.record.lock.duration.ms=1000
 group.initial.rebalance.delay.ms=0
 # one partition for the internal topics: first group join / transaction is faster
 offsets.topic.num.partitions=1

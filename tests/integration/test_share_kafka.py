@@ -56,17 +56,23 @@ async def _produce(bootstrap: str, topic: str, count: int) -> None:
 
 
 @pytest.fixture
-async def member(kafka_bootstrap: str, topic: str) -> AsyncIterator[Group]:
+def group_settings() -> dict[str, str]:
+    return {}
+
+
+@pytest.fixture
+async def member(kafka_bootstrap: str, topic: str, group_settings: dict[str, str]) -> AsyncIterator[Group]:
     """Members of one share group on ``topic``, which reads from the earliest offset."""
     group = unique("group")
     host, port = _address(kafka_bootstrap)
     conn = await _connect(host, port)
     try:
         # Share groups start at the latest offset by default: a task queue wants every record.
-        answers = await conn.send(wire.alter_group_configs(group, {"share.auto.offset.reset": "earliest"}))
+        settings = {"share.auto.offset.reset": "earliest", **group_settings}
+        answers = await conn.send(wire.alter_group_configs(group, settings))
     finally:
         conn.close()
-    assert [a.error for a in answers] == [0]
+    assert [(a.error, a.message) for a in answers] == [(0, None)]
     members: list[ShareConsumer] = []
 
     async def make() -> ShareConsumer:
@@ -178,3 +184,32 @@ async def test_stop_releases_what_a_member_holds_and_has_not_acknowledged(
     await _until_assigned(second)
     again = await _take(second, 5, timeout=10)
     assert sorted((r.offset, r.delivery_count) for r in again) == [(o, 2) for o in range(1, 6)]
+
+
+@pytest.mark.parametrize("group_settings", [{"share.record.lock.duration.ms": "2000"}])
+async def test_a_renewed_lock_outlives_its_duration_and_an_unrenewed_one_goes_to_another_member(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    # A long task keeps its record by renewing the lock; the broker hands out again only
+    # what its holder stopped renewing. (The test broker lets a group set 2 s locks.)
+    await _produce(kafka_bootstrap, topic, 4)
+    holder = await member()
+    await _until_assigned(holder)
+    held = sorted(await _take(holder, 4), key=lambda r: r.offset)
+    assert [r.offset for r in held] == [0, 1, 2, 3] and holder.lock_ms == 2000
+    kept, dropped = held[:3], held[3]
+    other = await member()
+    await _until_assigned(other)
+    handed: list[ShareRecord] = []
+    renewing_until = time.monotonic() + 5  # 2.5 times the lock
+    while time.monotonic() < renewing_until:
+        assert await holder.renew(kept) == []
+        for record in await other.getmany(0.5, 10):
+            handed.append(record)
+            other.acknowledge(record)
+    assert [(r.offset, r.delivery_count) for r in handed] == [(dropped.offset, 2)], "only the one not renewed moves"
+    for record in kept:
+        holder.acknowledge(record)
+    await holder.flush_acks()
+    await other.flush_acks()
+    assert await _take(other, 1, timeout=3) == [], "an accepted record was handed out again"

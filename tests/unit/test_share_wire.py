@@ -11,7 +11,7 @@ import pytest
 from aiokafka.errors import IncompatibleBrokerVersion
 
 from qtasks.connectors.kafka.share import wire
-from qtasks.connectors.kafka.share.consumer import Acks, ShareConsumer, batches
+from qtasks.connectors.kafka.share.consumer import Acks, ShareConsumer, _Session, batches
 from qtasks.exc import ConnectorError
 
 TOPIC = uuid.UUID("d7165ecd-fdcf-450a-bd00-31a3e8fe9e93")
@@ -169,3 +169,10 @@ async def test_a_member_refused_for_good_fails_at_start_and_leaves_no_connection
     with pytest.raises(ConnectorError, match=r"heartbeat was refused .*error 30"):
         await consumer.start(timeout=5)
     assert opened and all(conn.closed for conn in opened)
+
+
+def test_a_sessions_epoch_is_taken_as_a_request_is_sent_and_wraps_to_one() -> None:
+    session = _Session(1, conn=None)  # type: ignore[arg-type]
+    assert [session.next_epoch() for _ in range(3)] == [wire.OPEN_SESSION, 1, 2]
+    session.epoch = 2**31 - 1
+    assert [session.next_epoch(), session.next_epoch()] == [2**31 - 1, 1]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.conn import AIOKafkaConnection
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaError
 from aiokafka.record.memory_records import MemoryRecords
 
 from qtasks.connectors.kafka.share import wire
@@ -66,6 +66,9 @@ _REJOIN = {UNKNOWN_MEMBER_ID, FENCED_MEMBER_EPOCH}
 _SESSION_LOST = {SHARE_SESSION_NOT_FOUND, INVALID_SHARE_SESSION_EPOCH}
 #: The partition's leader moved, or the metadata is behind: ask for it again.
 _STALE_METADATA = {NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION, UNKNOWN_TOPIC_ID}
+
+#: A share session's epoch wraps from here to 1 (0 opens a session, -1 closes one).
+_MAX_EPOCH = 2**31 - 1
 
 Key = tuple[uuid_mod.UUID, int]
 Connect = Callable[[str, int], Awaitable[AIOKafkaConnection]]
@@ -131,6 +134,16 @@ class _Session:
     conn: AIOKafkaConnection
     epoch: int = wire.OPEN_SESSION
     partitions: frozenset[Key] = frozenset()
+
+    def next_epoch(self) -> int:
+        """The epoch of a request about to be sent (a connection's requests are served in order).
+
+        Taken when the request is sent, not when it is answered, so a renewal can follow a
+        fetch still waiting on the same connection. After 2^31 - 1 it goes on at 1.
+        """
+        epoch = self.epoch
+        self.epoch = 1 if epoch >= _MAX_EPOCH else epoch + 1
+        return epoch
 
 
 class ShareConsumer:
@@ -406,11 +419,13 @@ class ShareConsumer:
         fetch: dict[Key, list[wire.AckBatch]] = {key: [] for key in keys - session.partitions}
         fetch.update(acks)
         forget = sorted(session.partitions - keys)
+        epoch = session.next_epoch()
+        session.partitions = frozenset(keys)
         answer: wire.ShareAnswer = await session.conn.send(
             wire.share_fetch(
                 self.group_id,
                 self.member_id,
-                session.epoch,
+                epoch,
                 fetch,
                 forget=forget,
                 max_wait_ms=int(timeout * 1000),
@@ -423,8 +438,6 @@ class ShareConsumer:
             return []
         if answer.error != NONE:
             raise ConnectorError(f"share fetch from node {node_id} refused (error {answer.error}: {answer.message})")
-        session.epoch += 1
-        session.partitions = frozenset(keys)
         if answer.lock_ms is not None:
             self.lock_ms = answer.lock_ms
         records: list[ShareRecord] = []
@@ -505,7 +518,7 @@ class ShareConsumer:
             acks = self._acks.take(set(session.partitions))
             if session.epoch == wire.OPEN_SESSION or (not acks and not closing):
                 continue
-            epoch = wire.CLOSE_SESSION if closing else session.epoch
+            epoch = wire.CLOSE_SESSION if closing else session.next_epoch()
             try:
                 answer: wire.ShareAnswer = await session.conn.send(
                     wire.share_acknowledge(self.group_id, self.member_id, epoch, acks)
@@ -514,8 +527,6 @@ class ShareConsumer:
                 log.warning("share acknowledgements to node %d not sent: %r", node_id, exc)
                 self._drop_session(node_id)
                 continue
-            if not closing:
-                session.epoch += 1
             for key, part in answer.partitions.items():
                 if part.error != NONE:
                     log.warning(
@@ -525,6 +536,51 @@ class ShareConsumer:
                         part.error,
                         part.message,
                     )
+
+    async def renew(self, records: list[ShareRecord]) -> list[ShareRecord]:
+        """Extend the locks of records still being worked on (RENEW, ShareAcknowledge v2, Kafka 4.2+).
+
+        Returns the records whose locks were not renewed: their session is gone, or the
+        broker refused (the lock had run out already). Those may be handed to another member.
+        """
+        refused: list[ShareRecord] = []
+        by_node: dict[int, list[ShareRecord]] = {}
+        for record in records:
+            key = (record.topic_id, record.partition)
+            node = next((n for n, s in self._sessions.items() if key in s.partitions), None)
+            if node is None or record.offset not in self._held.get(key, ()):
+                refused.append(record)
+            else:
+                by_node.setdefault(node, []).append(record)
+        for node_id, held in by_node.items():
+            session = self._sessions[node_id]
+            offsets: dict[Key, dict[int, int]] = {}
+            for record in held:
+                offsets.setdefault((record.topic_id, record.partition), {})[record.offset] = wire.RENEW
+            acks = {key: batches(kinds) for key, kinds in offsets.items()}
+            request = wire.share_acknowledge(self.group_id, self.member_id, session.next_epoch(), acks, renew=True)
+            try:
+                answer: wire.ShareAnswer = await session.conn.send(request)
+            except IncompatibleBrokerVersion as exc:
+                raise ConnectorError(
+                    f"share group {self.group_id}: renewing a lock needs Kafka 4.2 or later: {exc}"
+                ) from exc
+            except (KafkaError, OSError) as exc:
+                log.warning("share locks on node %d not renewed: %r", node_id, exc)
+                self._drop_session(node_id)
+                refused.extend(held)
+                continue
+            if answer.error != NONE:
+                log.warning("share locks on node %d not renewed (error %d: %s)", node_id, answer.error, answer.message)
+                if answer.error in _SESSION_LOST:
+                    self._drop_session(node_id)
+                refused.extend(held)
+                continue
+            if answer.lock_ms is not None:
+                self.lock_ms = answer.lock_ms
+            failed = {key for key, part in answer.partitions.items() if part.error != NONE}
+            refused.extend(r for r in held if (r.topic_id, r.partition) in failed)
+        return refused
 
     # -- stopping --------------------------------------------------------------------------
 
