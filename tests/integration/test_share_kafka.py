@@ -18,6 +18,7 @@ from aiokafka.conn import AIOKafkaConnection, create_conn
 
 from qtasks.connectors.kafka.share import wire
 from qtasks.connectors.kafka.share.consumer import ShareConsumer, ShareRecord
+from qtasks.exc import ConnectorError
 from tests.helpers import unique
 
 Group = Callable[..., Awaitable[ShareConsumer]]
@@ -33,23 +34,28 @@ async def _connect(host: str, port: int) -> AIOKafkaConnection:
 
 
 @pytest.fixture
-async def topic(kafka_bootstrap: str) -> AsyncIterator[str]:
+def partitions() -> int:
+    return 1
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str, partitions: int) -> AsyncIterator[str]:
     name = unique("share")
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name, 1, 1)])
+        await admin.create_topics([NewTopic(name, partitions, 1)])
     finally:
         await admin.close()
     yield name
 
 
-async def _produce(bootstrap: str, topic: str, count: int) -> None:
+async def _produce(bootstrap: str, topic: str, count: int, partitions: int = 1) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
         for i in range(count):
-            await producer.send(topic, f"v{i}".encode())
+            await producer.send(topic, f"v{i // partitions}".encode(), partition=i % partitions)
         await producer.flush()
     finally:
         await producer.stop()
@@ -74,9 +80,15 @@ async def member(kafka_bootstrap: str, topic: str, group_settings: dict[str, str
         conn.close()
     assert [(a.error, a.message) for a in answers] == [(0, None)]
     members: list[ShareConsumer] = []
+    opened: list[AIOKafkaConnection] = []
+
+    async def connect(host: str, port: int) -> AIOKafkaConnection:
+        conn = await _connect(host, port)
+        opened.append(conn)
+        return conn
 
     async def make() -> ShareConsumer:
-        consumer = ShareConsumer(connect=_connect, bootstrap=[(host, port)], group_id=group, topics=[topic])
+        consumer = ShareConsumer(connect=connect, bootstrap=[(host, port)], group_id=group, topics=[topic])
         await consumer.start()
         members.append(consumer)
         return consumer
@@ -84,6 +96,8 @@ async def member(kafka_bootstrap: str, topic: str, group_settings: dict[str, str
     yield make
     for consumer in members:
         await consumer.stop()
+    # A share session lives as long as its connection: one left open would hold its locks.
+    assert [c for c in opened if c.connected()] == [], "a stopped member left a connection open"
 
 
 async def _until_assigned(consumer: ShareConsumer, timeout: float = 30) -> None:
@@ -213,3 +227,94 @@ async def test_a_renewed_lock_outlives_its_duration_and_an_unrenewed_one_goes_to
     await holder.flush_acks()
     await other.flush_acks()
     assert await _take(other, 1, timeout=3) == [], "an accepted record was handed out again"
+
+
+@pytest.mark.parametrize("group_settings", [{"share.record.lock.duration.ms": "2000"}])
+async def test_acknowledgements_sent_while_a_fetch_waits_on_the_same_session_count(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    # A fetch and an acknowledgement on one connection are served in the order sent, each
+    # with its own session epoch: both count, nothing is handed out again.
+    await _produce(kafka_bootstrap, topic, 5)
+    consumer = await member()
+    await _until_assigned(consumer)
+    held = await _take(consumer, 5)
+    # Nothing left: it waits at the broker (well within the 2 s locks, which the
+    # acknowledgement queued behind it must beat).
+    waiting = asyncio.create_task(consumer.getmany(0.6, 5))
+    await asyncio.sleep(0.2)
+    for record in held:
+        consumer.acknowledge(record)
+    await consumer.flush_acks()
+    assert await waiting == []
+    other = await member()
+    await _until_assigned(other)
+    # Not counted, they would come back at once (a lost session) or after their 2 s locks.
+    assert await _take(other, 1, timeout=3) == []
+    await _produce(kafka_bootstrap, topic, 1)  # and the other member does fetch: it gets the next one
+    assert [(r.offset, r.delivery_count) for r in await _take(other, 1)] == [(5, 1)]
+
+
+async def test_a_member_stopped_while_it_polls_takes_nothing_more_and_its_poll_loop_ends(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    consumer = await member()
+    await _until_assigned(consumer)
+    taken: list[ShareRecord] = []
+
+    async def poll_loop() -> None:
+        while True:
+            taken.extend(await consumer.getmany(0.5, 5))
+
+    loop = asyncio.create_task(poll_loop())
+    await asyncio.sleep(0.8)
+    await consumer.stop()
+    await _produce(kafka_bootstrap, topic, 5)
+    with pytest.raises(ConnectorError, match="stopped"):
+        await asyncio.wait_for(loop, 5)
+    assert taken == []
+    other = await member()
+    await _until_assigned(other)
+    assert sorted((r.offset, r.delivery_count) for r in await _take(other, 5)) == [(o, 1) for o in range(5)]
+
+
+@pytest.mark.parametrize(("partitions", "group_settings"), [(4, {"share.record.lock.duration.ms": "2000"})])
+async def test_a_member_that_loses_partitions_still_acknowledges_what_it_took_from_them(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    await _produce(kafka_bootstrap, topic, 40, partitions=4)
+    first = await member()
+    await _until_assigned(first)
+    deadline = time.monotonic() + 20
+    while len(first.assignment()) < 4:
+        assert time.monotonic() < deadline, first.assignment()
+        await asyncio.sleep(0.1)
+        await first.getmany(0.1, 1) if not first.assignment() else None
+    held: list[ShareRecord] = []
+    working = True
+
+    async def keep_locks() -> None:  # still working on them: the 2 s locks are renewed
+        while working:
+            assert await first.renew(list(held)) == []
+            await asyncio.sleep(0.4)
+
+    renewing = asyncio.create_task(keep_locks())
+    deadline = time.monotonic() + 20
+    while len(held) < 40:
+        assert time.monotonic() < deadline and not renewing.done(), (len(held), renewing)
+        held.extend(await first.getmany(0.3, 40 - len(held)))
+    second = await member()
+    deadline = time.monotonic() + 20
+    while len(first.assignment()) == 4:  # the coordinator moves some partitions to the newcomer
+        assert time.monotonic() < deadline, "no partition moved to the second member"
+        assert not renewing.done(), renewing
+        await asyncio.sleep(0.2)
+    working = False
+    await renewing
+    for record in held:
+        first.acknowledge(record)
+    await first.getmany(0.2, 1)  # the acknowledgements ride on the next fetch
+    await first.flush_acks()
+    # Not acknowledged, they would come back once their 2 s locks ran out.
+    again = await _take(second, 1, timeout=4)
+    assert again == [], [(r.partition, r.offset, r.delivery_count) for r in again]

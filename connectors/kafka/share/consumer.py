@@ -67,6 +67,10 @@ _SESSION_LOST = {SHARE_SESSION_NOT_FOUND, INVALID_SHARE_SESSION_EPOCH}
 #: The partition's leader moved, or the metadata is behind: ask for it again.
 _STALE_METADATA = {NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION, UNKNOWN_TOPIC_ID}
 
+#: The longest a fetch waits at the broker: well inside any connection's request timeout
+#: (a fetch the client gives up on drops its session, and the locks with it).
+MAX_WAIT = 5.0
+
 #: A share session's epoch wraps from here to 1 (0 opens a session, -1 closes one).
 _MAX_EPOCH = 2**31 - 1
 
@@ -178,7 +182,13 @@ class ShareConsumer:
         self._held: dict[Key, set[int]] = {}
         self._heartbeats: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        #: ``stop`` began: no new fetch, and what a fetch under way brings is released.
+        self._stopping = False
         self._closing = False
+        self._polls = 0
+        self._no_polls = asyncio.Event()
+        self._no_polls.set()
+        self._opening = asyncio.Lock()
         #: How long the broker locks a record for this group (from the last fetch).
         self.lock_ms: int | None = None
 
@@ -190,6 +200,18 @@ class ShareConsumer:
         A broker that is not ready to coordinate yet (a fresh one answers FindCoordinator
         with COORDINATOR_NOT_AVAILABLE for a while) is asked again until ``timeout``.
         """
+        try:
+            await self._join(timeout)
+            if self._stopping:
+                raise ConnectorError(f"share group {self.group_id}: stopped while it joined")
+        except BaseException:
+            self._close_connections()
+            raise
+        self._heartbeats = asyncio.get_running_loop().create_task(
+            self._heartbeat_loop(), name=f"share heartbeats {self.group_id}"
+        )
+
+    async def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         tries = 0
         while self._epoch <= 0:
@@ -198,7 +220,6 @@ class ShareConsumer:
             except (ConnectorError, KafkaError, OSError, ValueError) as exc:
                 retriable = exc.retriable if isinstance(exc, ConnectorError) else True
                 if not retriable or time.monotonic() >= deadline:
-                    self._close_connections()
                     if isinstance(exc, ConnectorError):
                         raise
                     raise ConnectorError(f"share group {self.group_id}: could not join: {exc!r}") from exc
@@ -207,12 +228,8 @@ class ShareConsumer:
                 wait = min(1.0, 0.05 * 2**tries)
             if self._epoch <= 0:
                 if time.monotonic() >= deadline:
-                    self._close_connections()
                     raise ConnectorError(f"share group {self.group_id}: not joined after {timeout:g} s", retriable=True)
                 await asyncio.sleep(wait)
-        self._heartbeats = asyncio.get_running_loop().create_task(
-            self._heartbeat_loop(), name=f"share heartbeats {self.group_id}"
-        )
 
     def assignment(self) -> set[tuple[str, int]]:
         """The partitions this member shares, by name (those whose topic id is not resolved yet are left out)."""
@@ -237,15 +254,22 @@ class ShareConsumer:
     async def _coordinator_conn(self) -> AIOKafkaConnection:
         if self._coordinator is not None and self._coordinator.connected():
             return self._coordinator
-        meta = await self._any_conn()
+        async with self._opening:  # one caller opens it; the others use that one
+            if self._coordinator is not None and self._coordinator.connected():
+                return self._coordinator
+            self._drop_coordinator()
+            self._coordinator = await self._open_coordinator()
+            return self._coordinator
+
+    async def _open_coordinator(self) -> AIOKafkaConnection:
+        meta = await self._any_conn(locked=True)
         found: wire.Coordinator = await meta.send(wire.find_coordinator(self.group_id))
         if found.error != NONE:
             raise ConnectorError(
                 f"share group {self.group_id}: no coordinator yet (error {found.error}: {found.message})",
                 retriable=found.error in _COORDINATOR_MOVED,
             )
-        self._coordinator = await self._connect(found.host, found.port)
-        return self._coordinator
+        return await self._connect(found.host, found.port)
 
     async def _heartbeat(self) -> float:
         """One heartbeat; return the seconds until the next one."""
@@ -324,9 +348,15 @@ class ShareConsumer:
 
     # -- metadata ------------------------------------------------------------------------
 
-    async def _any_conn(self) -> AIOKafkaConnection:
+    async def _any_conn(self, *, locked: bool = False) -> AIOKafkaConnection:
         if self._meta_conn is not None and self._meta_conn.connected():
             return self._meta_conn
+        if not locked:
+            async with self._opening:
+                return await self._any_conn(locked=True)
+        if self._meta_conn is not None:
+            self._meta_conn.close()
+            self._meta_conn = None
         errors = []
         for host, port in [*self._brokers.values(), *self._bootstrap]:
             try:
@@ -355,7 +385,20 @@ class ShareConsumer:
         """Records handed to this member (at most ``max_records``, each locked), within about ``timeout`` seconds."""
         if self._failure is not None:
             raise self._failure
-        if not self._assigned:
+        if self._stopping:
+            # An error, not an empty answer: a loop that polls until it gets records must end.
+            raise ConnectorError(f"share group {self.group_id}: this member is stopped")
+        self._polls += 1
+        self._no_polls.clear()
+        try:
+            return await self._poll(min(timeout, MAX_WAIT), max_records)
+        finally:
+            self._polls -= 1
+            if not self._polls:
+                self._no_polls.set()
+
+    async def _poll(self, timeout: float, max_records: int) -> list[ShareRecord]:
+        if not self._assigned and not any(self._held.values()) and not len(self._acks):
             self._assigned_changed.clear()
             try:
                 await asyncio.wait_for(self._assigned_changed.wait(), timeout)
@@ -364,8 +407,11 @@ class ShareConsumer:
             return []
         if self._stale:
             await self._refresh()
+        # A partition stays in its session while this member holds records of it or has
+        # acknowledgements for it, assigned or not: they can only be acknowledged there.
+        wanted = set(self._assigned) | {k for k, held in self._held.items() if held} | set(self._acks.keys())
         by_leader: dict[int, set[Key]] = {}
-        for key in self._assigned:
+        for key in wanted:
             leader = self._leaders.get(key, -1)
             if leader >= 0:
                 by_leader.setdefault(leader, set()).add(key)
@@ -391,6 +437,10 @@ class ShareConsumer:
                 self._stale = True
                 continue
             records.extend(answer)
+        if self._stopping:  # handed out while stopping: given back with the close, never run
+            for record in records:
+                self._acks.add((record.topic_id, record.partition), record.offset, wire.RELEASE)
+            return []
         return records
 
     async def _session(self, node_id: int) -> _Session:
@@ -409,8 +459,11 @@ class ShareConsumer:
         if session is None:
             return
         session.conn.close()
+        # The broker released this session's locks with its connection: what was held there
+        # is handed out again, and acknowledgements for it can no longer count.
         for key in session.partitions:
             self._held.pop(key, None)
+        self._acks.take(set(session.partitions))
 
     async def _fetch(self, node_id: int, keys: set[Key], timeout: float, max_records: int) -> list[ShareRecord]:
         session = await self._session(node_id)
@@ -527,6 +580,18 @@ class ShareConsumer:
                 log.warning("share acknowledgements to node %d not sent: %r", node_id, exc)
                 self._drop_session(node_id)
                 continue
+            if answer.error != NONE:
+                log.warning(
+                    "share group %s: acknowledgements to node %d were refused (error %d: %s); "
+                    "those records may be handed out again",
+                    self.group_id,
+                    node_id,
+                    answer.error,
+                    answer.message,
+                )
+                if answer.error in _SESSION_LOST:
+                    self._drop_session(node_id)
+                continue
             for key, part in answer.partitions.items():
                 if part.error != NONE:
                     log.warning(
@@ -579,6 +644,15 @@ class ShareConsumer:
             if answer.lock_ms is not None:
                 self.lock_ms = answer.lock_ms
             failed = {key for key, part in answer.partitions.items() if part.error != NONE}
+            for key in failed:
+                part = answer.partitions[key]
+                log.warning(
+                    "share group %s: locks on %s not renewed (error %d: %s)",
+                    self.group_id,
+                    self._name(key),
+                    part.error,
+                    part.message,
+                )
             refused.extend(r for r in held if (r.topic_id, r.partition) in failed)
         return refused
 
@@ -586,8 +660,14 @@ class ShareConsumer:
 
     async def stop(self) -> None:
         """Release what is held and not acknowledged, close the sessions, leave the group."""
-        if self._closing:
+        if self._stopping:
             return
+        self._stopping = True
+        try:
+            # A fetch under way ends within MAX_WAIT; what it brings is released below.
+            await asyncio.wait_for(self._no_polls.wait(), MAX_WAIT + 5)
+        except TimeoutError:
+            log.warning("share group %s: a fetch was still under way at stop", self.group_id)
         for key, offsets in self._held.items():
             for offset in offsets:
                 self._acks.add(key, offset, wire.RELEASE)
@@ -601,7 +681,8 @@ class ShareConsumer:
                 self._heartbeats.cancel()
                 await asyncio.gather(self._heartbeats, return_exceptions=True)
             try:
-                await self._heartbeat()  # epoch -1: leave now, not after the session timeout
+                if self._epoch > 0:
+                    await self._heartbeat()  # epoch -1: leave now, not after the session timeout
             except (ConnectorError, KafkaError, OSError, ValueError) as exc:
                 log.info(
                     "share group %s: leaving failed (%r); the coordinator drops the member later", self.group_id, exc
