@@ -191,6 +191,10 @@ class TaskExecutor:
             return self._error(exc.exc)
         except BaseException as exc:
             return self._error(exc)
+        finally:
+            # Their errors' tracebacks hold this executor's frames: let go, or it is a cycle.
+            self._thread_future = None
+            self._bridge = None
 
     async def _execute(self) -> Outcome:
         try:

@@ -487,6 +487,8 @@ class TaskRun:
         self._announcing.add_done_callback(self._announced)
 
     def _announced(self, done: asyncio.Task[None]) -> None:
+        if self._announcing is done:
+            self._announcing = None  # a cancelled one's traceback holds this run: a cycle
         if not done.cancelled() and (exc := done.exception()) is not None:
             # The next lease renewal writes it again; the ending does not depend on it.
             log.warning("could not write the process status of %s: %s", self.rec.uuid, exc)

@@ -250,12 +250,19 @@ class TaskThreads(Executor):
                 self._abandoned.discard(me)
 
     def _run(self, run: _Run) -> None:
-        result: Any = None
-        error: BaseException | None = None
         try:
             result = run.fn(*run.args, **run.kwargs)
         except BaseException as exc:  # the future carries it, as ThreadPoolExecutor's does
-            error = exc
+            # Settled inside the except clause, whose name is cleared however the clause is
+            # left (an abandon() landing in it included): a frame that kept the error would
+            # be held by the error's own traceback, a cycle left to the garbage collector.
+            self._settle(run, None, exc)
+        else:
+            self._settle(run, result, None)
+            del result
+        del run
+
+    def _settle(self, run: _Run, result: Any, error: BaseException | None) -> None:
         with self._lock:
             if run.abandoned:
                 # abandon() may have raised in this thread after the run ended; take it back.
@@ -268,4 +275,3 @@ class TaskThreads(Executor):
             run.future.set_exception(error)
         else:
             run.future.set_result(result)
-        del run, result, error

@@ -1479,14 +1479,34 @@ async def test_a_finished_run_is_freed_at_once_not_left_to_the_garbage_collector
     async def fails() -> None:
         raise ValueError("meant to")
 
+    @app.task
+    def sync_fails() -> None:
+        raise ValueError("meant to")
+
+    @app.task
+    def sgen_fails() -> Any:
+        yield 1
+        raise ValueError("meant to")
+
+    @app.task(max_time=0.05)
+    async def overruns() -> None:
+        await asyncio.sleep(30)
+
+    @app.task(max_time=0.05)
+    def sgen_overruns() -> Any:  # abandoned in its thread
+        while True:
+            time.sleep(0.01)
+            yield 1
+
     await app.start()
-    kinds = ("agen", "sgen", "plain", "fails")
+    kinds = {"agen": 100, "sgen": 100, "plain": 100, "fails": 100, "sync_fails": 50, "sgen_fails": 50}
+    kinds |= {"overruns": 20, "sgen_overruns": 20}
     for name in kinds:  # warm up: first-use caches are not garbage
         await app.add_task(name, timeout=10)
     gc.collect()
     gc.disable()
     try:
-        handles = [h for name in kinds for h in await app.add_tasks(name, [()] * 100)]
+        handles = [h for name, n in kinds.items() for h in await app.add_tasks(name, [()] * n)]
         for handle in handles:
             assert (await app.wait(handle.uuid, 30)).status in ("success", "error")
         found = gc.collect()
