@@ -330,6 +330,10 @@ class KafkaProducer:
             error = kafka_exc.UnknownTopicOrPartitionError(f"topic {topic!r} is gone from the cluster")
             for tp in [tp for tp in accumulator._batches if tp.topic == topic]:
                 for batch in accumulator._batches.pop(tp):
+                    if batch._retry_count:
+                        # Sent once and put back for a retry: aiokafka's done callback of its
+                        # first send takes it out of the in-flight set again (KeyError otherwise).
+                        accumulator._pending_batches.add(batch)
                     batch.failure(exception=error)
                     # Its drain waiter failed too, and no sender will ever wait on it: read
                     # its error, or asyncio logs it as never retrieved when it is collected.

@@ -213,6 +213,30 @@ async def test_send_to_a_deleted_topic_is_a_clear_error_in_bounded_time(kafka_bo
         await kafka.producer.flush()
 
 
+async def test_records_queued_for_a_topic_deleted_under_them_fail_without_noise_from_the_event_loop(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sent once, refused (the topic is gone), put back for a retry, then failed by the
+    # producer: aiokafka's callback of the first send must still find the batch, and its
+    # waiters' errors must be read, or asyncio logs errors nobody can act on.
+    topic = unique("gone")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    async with connected(kafka_bootstrap, "?max_block=1") as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1)])
+        await kafka.producer.send(topic, b"x", key=b"u", partition=0)
+        await kafka.producer.flush()
+        async with admin_client(kafka_bootstrap) as admin:
+            await admin.delete_topics([topic])
+        deliveries = [await kafka.producer.send(topic, b"x" * 100, key=b"u", partition=0) for _ in range(50)]
+        with pytest.raises(ConnectorError, match=topic):
+            await kafka.producer.flush()
+        assert all(d.done() and d.exception() is not None for d in deliveries)
+    gc.collect()
+    await asyncio.sleep(0.1)
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
 # -- 5. partitions added while running ----------------------------------------------------
 
 
