@@ -40,6 +40,29 @@ class Record:
         return TopicPartition(self.topic, self.partition)
 
 
+#: What a share-group member says of a record it was handed (KIP-932's acknowledgement types).
+ACCEPT = 1  # processed: never handed out again
+RELEASE = 2  # given back: handed out again, to any member, its delivery count one more
+REJECT = 3  # cannot be processed: archived, never handed out again
+
+
+@dataclass(frozen=True, slots=True)
+class ShareRecord:
+    """A record handed to one member of a share group, locked for it until acknowledged or its lock runs out."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+    headers: tuple[tuple[str, bytes], ...]
+    #: How many times it was handed out, this time included (1 the first time).
+    delivery_count: int
+    #: Kafka's id of the topic (None on memory://).
+    topic_id: Any = None
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     """A topic the app needs: its partitions and whether it is compacted."""

@@ -39,6 +39,7 @@ from aiokafka.conn import AIOKafkaConnection
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError
 from aiokafka.record.memory_records import MemoryRecords
 
+from qtasks.connectors.base import ShareRecord
 from qtasks.connectors.kafka.share import wire
 from qtasks.exc import ConnectorError
 
@@ -76,22 +77,6 @@ _MAX_EPOCH = 2**31 - 1
 
 Key = tuple[uuid_mod.UUID, int]
 Connect = Callable[[str, int], Awaitable[AIOKafkaConnection]]
-
-
-@dataclass(frozen=True, slots=True)
-class ShareRecord:
-    """A record handed to this member, locked for it until acknowledged or its lock runs out."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: tuple[tuple[str, bytes], ...]
-    #: How many times it was handed out, this time included (1 the first time).
-    delivery_count: int
-    topic_id: uuid_mod.UUID
 
 
 class Acks:
