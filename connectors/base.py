@@ -198,6 +198,31 @@ class Consumer(Protocol):
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]: ...
 
 
+class ShareConsumer(Protocol):
+    """A member of a share group (KIP-932): records handed out one by one under a lock, acknowledged one by one."""
+
+    group_id: str
+    member_id: str
+    #: How long the broker locks a record for this group, once known.
+    lock_ms: int | None
+
+    async def start(self, timeout: float = 30.0) -> None: ...
+
+    async def wait_assigned(self, timeout: float) -> bool: ...
+
+    def assignment(self) -> set[tuple[str, int]]: ...
+
+    async def getmany(self, timeout: float, max_records: int) -> list[ShareRecord]: ...
+
+    def acknowledge(self, record: ShareRecord, kind: int = ACCEPT) -> None: ...
+
+    async def flush_acks(self, *, closing: bool = False) -> None: ...
+
+    async def renew(self, records: list[ShareRecord]) -> list[ShareRecord]: ...
+
+    async def stop(self) -> None: ...
+
+
 class Connector(Protocol):
     """A transport, picked by URL: ``memory://`` or ``kafka://host:port``."""
 
@@ -247,6 +272,14 @@ class Connector(Protocol):
 
     def consumer(self, group_id: str | None = None, *, client_id: str = "", max_wait_ms: int | None = None) -> Consumer:
         """A consumer; it reads committed records only if the app runs exactly-once."""
+        ...
+
+    def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
+        """A member of share group ``group_id`` reading ``topics`` (``start`` joins)."""
+        ...
+
+    async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
+        """Set a share group's ``share.*`` settings (Kafka: IncrementalAlterConfigs on the group)."""
         ...
 
     def transactional_producer(self, transactional_id: str) -> TxnProducer:

@@ -50,6 +50,7 @@ from qtasks.connectors.base import (
     Producer,
     RebalanceListener,
     Record,
+    ShareConsumer,
     TopicPartition,
     TopicSpec,
     TxnProducer,
@@ -436,6 +437,13 @@ class FaultyConnector:
     ) -> FaultyConsumer:
         """A new consumer of the inner connector, faulty as planned."""
         return FaultyConsumer(self.inner.consumer(group_id, client_id=client_id, max_wait_ms=max_wait_ms), self.faults)
+
+    def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
+        """A share-group member of the inner connector (no faults planned for it yet)."""
+        return self.inner.share_consumer(group_id, topics)
+
+    async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
+        await self.inner.configure_share_group(group_id, settings)
 
     def transactional_producer(self, transactional_id: str) -> FaultyTxnProducer:
         """A transactional producer of the inner connector, faulty as planned."""

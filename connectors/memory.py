@@ -23,6 +23,7 @@ from qtasks.connectors.memory_log import (
     get_log,
     url_options,
 )
+from qtasks.connectors.memory_share import MemoryShareConsumer, share_groups
 from qtasks.exc import ConnectorError, ProducerFencedError
 
 if TYPE_CHECKING:
@@ -395,6 +396,14 @@ class MemoryConnector:
     ) -> MemoryConsumer:
         """A new consumer; with ``group_id`` it can ``subscribe`` as a group member (reads never wait in memory)."""
         return MemoryConsumer(self.log, group_id, client_id, self.read_committed)
+
+    def share_consumer(self, group_id: str, topics: list[str]) -> MemoryShareConsumer:
+        """A member of a share group of this log (docs/share-groups.md)."""
+        return MemoryShareConsumer(self.log, group_id=group_id, topics=topics)
+
+    async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
+        """Set a share group's ``share.*`` settings."""
+        share_groups(self.log).configure(group_id, settings)
 
     def transactional_producer(self, transactional_id: str) -> MemoryTxnProducer:
         """A transactional producer for ``transactional_id`` (``start`` fences the older ones)."""

@@ -12,7 +12,9 @@ from typing import Any
 from aiokafka import errors as kafka_exc
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import AIOKafkaConnection, create_conn
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import KafkaError
 
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, GroupInfo, GroupMember, TopicPartition, TopicSpec
@@ -22,6 +24,8 @@ from qtasks.connectors.kafka.errors import kafka_errors
 from qtasks.connectors.kafka.health import Health, install_log_filter
 from qtasks.connectors.kafka.options import _DEFAULT_LIMIT, _TOPIC_ALREADY_EXISTS, client_options, parse_url, timings
 from qtasks.connectors.kafka.producer import KafkaProducer
+from qtasks.connectors.kafka.share import wire
+from qtasks.connectors.kafka.share.consumer import ShareConsumer
 from qtasks.connectors.kafka.sizes import value_limit
 from qtasks.connectors.kafka.starts import Starts
 from qtasks.connectors.kafka.transactions import KafkaTxnProducer
@@ -32,6 +36,9 @@ from qtasks.exc import (
     TopicConfigError,
 )
 from qtasks.supervise import raise_if_cancelled
+
+#: What a share consumer's own connections take of the clients' options: the security.
+_CONN_OPTIONS = ("security_protocol", "ssl_context", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password")
 
 log = logging.getLogger("qtasks.kafka")
 
@@ -150,6 +157,43 @@ class KafkaConnector:
         reader that seeks often wants it short.
         """
         return KafkaConsumer(self, group_id, client_id, max_wait_ms or 100)
+
+    def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
+        """A member of share group ``group_id`` (docs/share-groups.md), on connections of its own."""
+        return ShareConsumer(connect=self._share_connect, bootstrap=self._addresses(), group_id=group_id, topics=topics)
+
+    async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
+        """Set a share group's ``share.*`` settings (IncrementalAlterConfigs, resource type GROUP)."""
+        errors: list[str] = []
+        for host, port in self._addresses():
+            try:
+                conn = await self._share_connect(host, port)
+            except (KafkaError, OSError) as exc:
+                errors.append(f"{host}:{port}: {exc!r}")
+                continue
+            try:
+                answers = await conn.send(wire.alter_group_configs(group_id, settings))
+            finally:
+                conn.close()
+            refused = [f"error {a.error}: {a.message}" for a in answers if a.error]
+            if refused:
+                raise ConnectorError(f"the settings of share group {group_id} were refused: {'; '.join(refused)}")
+            return
+        raise BrokerUnavailableError(f"cannot set the share group's settings: {'; '.join(errors)}")
+
+    def _addresses(self) -> list[tuple[str, int]]:
+        return [(host, int(port)) for host, port in (server.rsplit(":", 1) for server in self.servers)]
+
+    async def _share_connect(self, host: str, port: int) -> AIOKafkaConnection:
+        """A connection of its own (a share session lives and dies with its connection), with the app's security."""
+        security = {k: v for k, v in self.options.items() if k in _CONN_OPTIONS}
+        return await create_conn(
+            host,
+            port,
+            client_id=f"{self.client_id}-share",
+            request_timeout_ms=self.config.kafka_request_timeout_ms,
+            **security,
+        )
 
     def transactional_producer(self, transactional_id: str) -> KafkaTxnProducer:
         """Exactly-once: a transactional producer for ``transactional_id`` (``start`` fences older ones)."""

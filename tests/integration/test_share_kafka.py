@@ -16,6 +16,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import AIOKafkaConnection, create_conn
 
+from qtasks.config import QueueConfig
+from qtasks.connectors.kafka import KafkaConnector
 from qtasks.connectors.kafka.share import wire
 from qtasks.connectors.kafka.share.consumer import ShareConsumer, ShareRecord
 from qtasks.exc import ConnectorError
@@ -318,3 +320,26 @@ async def test_a_member_that_loses_partitions_still_acknowledges_what_it_took_fr
     # Not acknowledged, they would come back once their 2 s locks ran out.
     again = await _take(second, 1, timeout=4)
     assert again == [], [(r.partition, r.offset, r.delivery_count) for r in again]
+
+
+async def test_the_connector_sets_a_share_groups_settings_and_makes_its_members(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    connector = KafkaConnector(f"kafka://{kafka_bootstrap}", QueueConfig())
+    await connector.start()
+    try:
+        group = unique("group")
+        await connector.configure_share_group(group, {"share.auto.offset.reset": "earliest"})
+        with pytest.raises(ConnectorError, match="refused"):
+            await connector.configure_share_group(group, {"share.record.lock.duration.ms": "10"})  # under the minimum
+        await _produce(kafka_bootstrap, topic, 3)
+        consumer = connector.share_consumer(group, [topic])
+        await consumer.start()
+        try:
+            await _until_assigned(consumer)
+            got = await _take(consumer, 3)
+            assert sorted((r.offset, r.delivery_count) for r in got) == [(0, 1), (1, 1), (2, 1)]
+        finally:
+            await consumer.stop()
+    finally:
+        await connector.stop()

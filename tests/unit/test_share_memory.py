@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
+from qtasks.config import QueueConfig
+from qtasks.connectors import from_url
 from qtasks.connectors.base import RELEASE, TopicSpec
 from qtasks.connectors.memory_log import MemoryLog
 from qtasks.connectors.memory_share import MemoryShareConsumer, share_groups
@@ -111,3 +114,17 @@ async def test_latest_starts_at_the_end_of_each_partition_when_the_group_first_r
     assert await member.getmany(0, 10) == []
     log.append("t", 0, None, b"new")
     assert [r.value for r in await member.getmany(0, 10)] == [b"new"]
+
+
+async def test_the_memory_connector_makes_share_members_of_its_log() -> None:
+    connector = from_url(f"memory://{uuid.uuid4().hex}", QueueConfig())
+    await connector.start()
+    await connector.ensure_topics([TopicSpec("t", 2)])
+    await connector.configure_share_group("g", {"share.auto.offset.reset": "earliest"})
+    await connector.producer.send("t", b"x", key=None, partition=1)
+    member = connector.share_consumer("g", ["t"])
+    await member.start()
+    assert await member.wait_assigned(1) and member.assignment() == {("t", 0), ("t", 1)}
+    assert [(r.partition, r.value) for r in await member.getmany(0, 10)] == [(1, b"x")]
+    await member.stop()
+    await connector.stop()
