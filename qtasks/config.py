@@ -160,6 +160,11 @@ class QueueConfig:
     #: commit in transactions per tasks partition; readers read committed records only; see
     #: docs/guarantees.md).
     processing_guarantee: str = "at_least_once"
+    #: ``group``: workers read the tasks topic as a consumer group (at most one worker per
+    #: partition). ``share``: as a share group (KIP-932, Kafka 4.2+; docs/share-groups.md):
+    #: any number of workers, records locked for ``lease_timeout`` and acknowledged one by
+    #: one; at least once only, no ordering keys.
+    processing_mode: str = "group"
     #: Exactly-once: a worker commits each partition's transaction this often (seconds);
     #: values become visible to readers at each commit.
     eos_commit_interval: float = 0.1
@@ -252,6 +257,11 @@ class QueueConfig:
                 f"eos_transaction_timeout ({self.eos_transaction_timeout}) must be at least ten times "
                 f"eos_commit_interval ({self.eos_commit_interval}): a transaction commits well inside its timeout"
             )
+        if self.processing_mode == "share" and self.exactly_once:
+            raise ConfigError(
+                "processing_mode='share' is at least once only: a share group's acknowledgement "
+                "cannot join a transaction (use processing_mode='group' for exactly_once)"
+            )
         # Kafka: a member must heartbeat several times within its session timeout.
         if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
             raise ConfigError(
@@ -331,6 +341,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_format": ("text", "json"),
     "kafka_security_protocol": SECURITY_PROTOCOLS,
     "processing_guarantee": ("at_least_once", "exactly_once"),
+    "processing_mode": ("group", "share"),
     "resume_mismatch": ("warn", "error"),
 }
 

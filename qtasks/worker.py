@@ -44,7 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from qtasks.connectors.base import Record, TopicPartition
+from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareConsumer, ShareRecord, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import admit
@@ -89,6 +89,31 @@ class _Dropped(Exception):
     """A record left unfinished on purpose: a rebalance came while it was being admitted."""
 
 
+class ShareOffsets(PartitionOffsets):
+    """Share mode: one record's bookkeeping. Finishing it acknowledges it (ACCEPT); nothing is committed."""
+
+    def __init__(self, share: ShareConsumer, shared: ShareRecord, live: set[ShareOffsets]) -> None:
+        super().__init__()
+        self._share = share
+        self.shared = shared
+        self._live = live
+        live.add(self)
+
+    def _end(self, kind: int) -> None:
+        if self in self._live:
+            self._live.discard(self)
+            self._share.acknowledge(self.shared, kind)
+
+    def finish(self, offset: int) -> None:
+        self._end(ACCEPT)
+
+    def reject(self) -> None:
+        self._end(REJECT)
+
+    def give_back(self) -> None:
+        self._end(RELEASE)
+
+
 class Worker:
     """Runs the app's tasks as a member of the workers' consumer group."""
 
@@ -124,6 +149,10 @@ class Worker:
         self.error: BaseException | None = None
         self.tasks_done = 0
         self._consumer: Any = None
+        #: processing_mode="share": the share-group member that hands this worker its records.
+        self._share: ShareConsumer | None = None
+        #: Share mode: the records held here and not acknowledged yet (their locks are renewed).
+        self._share_live: set[ShareOffsets] = set()
         self._control: Any = None
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._owned: set[TopicPartition] = set()
@@ -210,13 +239,16 @@ class Worker:
             control_tps = [TopicPartition(core.topics.control, p) for p in range(core.config.control_partitions)]
             self._control.assign(control_tps)
             await self._control.seek_to_end(control_tps)
-            self._consumer = connector.consumer(self.group_id, client_id=self.id)
-            self._consumer.subscribe([core.topics.tasks], self)
-            await self._consumer.start()
+            if core.config.processing_mode == "share":
+                await self._start_share()
+            else:
+                self._consumer = connector.consumer(self.group_id, client_id=self.id)
+                self._consumer.subscribe([core.topics.tasks], self)
+                await self._consumer.start()
             try:
                 await self.delays.start()
             except BaseException:
-                await asyncio.shield(self._consumer.stop())
+                await asyncio.shield(self._stop_intake())
                 raise
         except BaseException:
             await asyncio.shield(self._control.stop())  # a failed start leaves nothing running
@@ -226,7 +258,7 @@ class Worker:
         #: the one of the handler whose end made room for it (its task, its trace span).
         self._context = contextvars.copy_context()
         spawn = self.supervisor.spawn
-        spawn("poll", self._poll_loop)
+        spawn("poll", self._share_loop if self._share is not None else self._poll_loop)
         spawn("delayed", self._delay_loop)
         spawn("delays", self.delays.run)
         spawn("periodic", self.ticker.run)
@@ -237,11 +269,75 @@ class Worker:
         else:
             spawn("commit", self._commit_loop)
             spawn("lease", self._lease_loop)
+            if self._share is not None:
+                spawn("locks", self._lock_loop)
             if core.config.process_grace:
                 spawn("announce", self._announcer.run)
         if core.config.status_ttl > 0:
             spawn("expire", self._expire_loop)
         log.info("worker %s running tasks %s (concurrency %d)", self.id, self.registry.names(), self.concurrency)
+
+    @property
+    def share_group(self) -> str:
+        """The share group of the workers (processing_mode="share"): a group type of its own, so a name of its own."""
+        return f"{self.group_id}.share"
+
+    async def _start_share(self) -> None:
+        core = self.core
+        # Where the app owns the group: every record from the start (Kafka's default is the
+        # end), locked as long as a lease lasts.
+        settings = {
+            "share.auto.offset.reset": "earliest",
+            "share.record.lock.duration.ms": str(int(core.config.lease_timeout * 1000)),
+        }
+        await core.broker.configure_share_group(self.share_group, settings)
+        share = core.broker.share_consumer(self.share_group, [core.topics.tasks])
+        await share.start()
+        self._share = share
+        # Records are admitted once the view has read the status topic to its end.
+        self._view_ready = asyncio.get_running_loop().create_task(self._catch_up())
+        log.info("worker %s takes tasks from share group %s", self.id, self.share_group)
+
+    async def _stop_intake(self) -> None:
+        if self._share is not None:
+            await self._share.stop()  # what it holds and did not finish goes to the others now
+        elif self._consumer is not None:
+            await self._consumer.stop()
+
+    async def _share_loop(self) -> None:
+        """The poll loop of share mode: ask for no more records than there is room for (each is locked)."""
+        share = self._share
+        assert share is not None
+        while not self._stopping:
+            room = self._capacity
+            if room <= 0 or self.core.trouble:
+                await asyncio.sleep(0.05)  # full: nothing is fetched, so nothing is locked waiting
+                continue
+            shared = await share.getmany(0.5, room)
+            if self._stopping:
+                return
+            for item in shared:
+                record = Record(
+                    item.topic, item.partition, item.offset, item.key, item.value, item.timestamp, item.headers
+                )
+                self._take(record, ShareOffsets(share, item, self._share_live))
+            self._fill()
+
+    async def _lock_loop(self) -> None:
+        """Share mode: renew the locks of every record held here (running or waiting), a third of a lock apart."""
+        share = self._share
+        assert share is not None
+        while True:
+            await asyncio.sleep(max(0.1, (share.lock_ms or self.core.config.lease_timeout * 1000) / 3000))
+            held = [o.shared for o in self._share_live]
+            if held:
+                for lost in await share.renew(held):
+                    log.warning(
+                        "the lock of %s[%d]@%d ran out: another worker may run it too",
+                        lost.topic,
+                        lost.partition,
+                        lost.offset,
+                    )
 
     def _on_first_delays(self, owned: bool) -> None:
         (self.ticker.lead if owned and not self._stopping else self.ticker.step_down)()
@@ -278,7 +374,7 @@ class Worker:
                 await self._commit()
             except ConnectorError as exc:
                 log.warning("final commit failed (%s); the uncommitted records will be delivered again", exc)
-        await self._consumer.stop()
+        await self._stop_intake()
         await self.delays.stop()
         await self._close_txns(set(self._txns))  # none is opened while stopping; this is a backstop
         if self._closing:
@@ -389,9 +485,9 @@ class Worker:
             else:  # partitions full of one busy key's records stay paused
                 self._consumer.resume(self._owned - self._key_paused)
 
-    def _take(self, record: Record) -> None:
+    def _take(self, record: Record, shared: ShareOffsets | None = None) -> None:
         """Hold a fetched record (its offset counts as unfinished from now on)."""
-        offsets = self._offsets.setdefault(record.tp, PartitionOffsets())
+        offsets = shared or self._offsets.setdefault(record.tp, PartitionOffsets())
         offsets.start(record.offset)
         rec: TaskRecord | RecordError
         try:
@@ -690,10 +786,14 @@ class Worker:
                 if not self._stopping:  # with the copies of it read again while it ran
                     self._retry_parents[child] = [(offsets, record.offset), *joined]
                 finished = False
-            if finished:
+            if finished and isinstance(rec, RecordError) and isinstance(offsets, ShareOffsets):
+                offsets.reject()  # dead-lettered: never handed out again
+            elif finished:
                 offsets.finish(record.offset)
                 for other, offset in joined:
                     other.finish(offset)
+            if not finished and isinstance(offsets, ShareOffsets):
+                offsets.give_back()  # handed back (a stop), or not ours to finish: another worker takes it
             if holds_slot:
                 self._free_slot()
             else:

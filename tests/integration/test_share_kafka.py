@@ -343,3 +343,34 @@ async def test_the_connector_sets_a_share_groups_settings_and_makes_its_members(
             await consumer.stop()
     finally:
         await connector.stop()
+
+
+async def test_workers_in_share_mode_outnumber_the_partitions_and_run_each_task_once(kafka_bootstrap: str) -> None:
+    from qtasks.asyncio import QueueTasks
+    from tests.helpers import FAST
+
+    name = unique()
+    ran: list[int] = []
+    settings = {**FAST, "processing_mode": "share", "tasks_partitions": 1, "concurrency": 4}
+    apps = [QueueTasks(name, broker_url=f"kafka://{kafka_bootstrap}", **settings) for _ in range(4)]
+    for app in apps:
+
+        @app.task(name="work")
+        async def work(i: int) -> int:
+            await asyncio.sleep(0.01)
+            ran.append(i)
+            return i
+
+    for app in apps:
+        await app.start()
+    try:
+        handles = await apps[0].add_tasks("work", [(i,) for i in range(200)])
+        ends = [await apps[0].wait(h.uuid, 60) for h in handles]
+        assert [e.status for e in ends] == ["success"] * 200
+        assert sorted(ran) == list(range(200)), "a task ran twice or not at all"
+        per_worker = collections.Counter(e.worker for e in ends)
+        assert len(per_worker) == 4, f"one partition, four workers: {dict(per_worker)}"
+        print(f"tasks per worker: {sorted(per_worker.values())}")
+    finally:
+        for app in apps:
+            await app.stop()

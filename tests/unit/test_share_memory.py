@@ -128,3 +128,44 @@ async def test_the_memory_connector_makes_share_members_of_its_log() -> None:
     assert [(r.partition, r.value) for r in await member.getmany(0, 10)] == [(1, b"x")]
     await member.stop()
     await connector.stop()
+
+
+async def test_workers_in_share_mode_split_the_tasks_of_one_partition_and_each_runs_once() -> None:
+    from qtasks.asyncio import QueueTasks
+    from tests.helpers import FAST, unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    ran: list[str] = []
+    apps = [
+        QueueTasks(
+            name, broker_url=url, **{**FAST, "processing_mode": "share", "tasks_partitions": 1, "concurrency": 4}
+        )
+        for _ in range(3)
+    ]
+    for app in apps:
+
+        @app.task(name="work")
+        async def work(i: int) -> int:
+            await asyncio.sleep(0.005)
+            ran.append(str(i))
+            return i
+
+    for app in apps:
+        await app.start()
+    try:
+        handles = await apps[0].add_tasks("work", [(i,) for i in range(120)])
+        ends = [await apps[0].wait(h.uuid, 30) for h in handles]
+        assert [e.status for e in ends] == ["success"] * 120
+        assert sorted(ran, key=int) == [str(i) for i in range(120)], "a task ran twice or not at all"
+        workers = {e.worker for e in ends}
+        assert len(workers) == 3, f"one partition, three workers: {len(workers)} took part"
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+def test_share_mode_is_at_least_once_only() -> None:
+    from qtasks.exc import ConfigError
+
+    with pytest.raises(ConfigError, match="at least once only"):
+        QueueConfig(processing_mode="share", processing_guarantee="exactly_once")
