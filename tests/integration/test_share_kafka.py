@@ -1,7 +1,7 @@
 """The share-group consumer (KIP-932) on the real broker: records handed out with locks, acknowledged one by one.
 
-The worker does not use it yet (issue #14): these tests prove the consumer itself, the
-way a worker will lean on it.
+Most tests prove the consumer itself (issue #14), the way a worker leans on it; the last
+one runs workers in share mode (``processing_mode="share"``).
 """
 
 from __future__ import annotations
