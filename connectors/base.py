@@ -44,6 +44,7 @@ class Record:
 ACCEPT = 1  # processed: never handed out again
 RELEASE = 2  # given back: handed out again, to any member, its delivery count one more
 REJECT = 3  # cannot be processed: archived, never handed out again
+RENEW = 4  # still working on it (Kafka: ShareAcknowledge v2): the lock is extended
 
 
 @dataclass(frozen=True, slots=True)

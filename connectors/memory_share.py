@@ -28,16 +28,13 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareRecord, TopicPartition
+from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, RENEW, Record, ShareRecord, TopicPartition
 from qtasks.connectors.memory_log import MemoryLog
 from qtasks.exc import ConnectorError
 
 #: Kafka's defaults for a share group's settings.
 DEFAULT_LOCK = 30.0
 DEFAULT_DELIVERY_LIMIT = 5
-
-#: A renewal of the lock (ShareAcknowledge v2's RENEW), kept apart from the three endings.
-RENEW = 4
 
 
 @dataclass(slots=True)

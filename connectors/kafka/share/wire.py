@@ -25,6 +25,11 @@ from typing import Any, Generic, TypeVar
 
 from aiokafka.errors import IncompatibleBrokerVersion
 
+from qtasks.connectors.base import ACCEPT as ACCEPT
+from qtasks.connectors.base import REJECT as REJECT
+from qtasks.connectors.base import RELEASE as RELEASE
+from qtasks.connectors.base import RENEW as RENEW
+
 T = TypeVar("T")
 
 # API keys (https://kafka.apache.org/protocol#protocol_api_keys).
@@ -39,12 +44,9 @@ RESOURCE_GROUP = 32
 #: IncrementalAlterConfigs' operation that sets a value.
 OP_SET = 0
 
-# Acknowledgement types (KIP-932): what a member says of a record it was given.
+# Acknowledgement types (KIP-932): ACCEPT, RELEASE, REJECT and RENEW are the connector
+# seam's (connectors/base.py); a gap is the wire's alone.
 GAP = 0  # an offset with no record (compacted away, or a transaction marker)
-ACCEPT = 1  # processed: never delivered again
-RELEASE = 2  # given back: delivered again, to any member, its delivery count one more
-REJECT = 3  # not processable: archived, never delivered again
-RENEW = 4  # still working on it (ShareFetch/ShareAcknowledge v2): the lock is extended
 
 #: ShareFetch v2's acquire mode that holds to ``MaxRecords`` (v1 may exceed it to whole batches).
 ACQUIRE_RECORD_LIMIT = 1
