@@ -78,6 +78,8 @@ class ShareGroups:
                     group.lock = int(value) / 1000
                 elif name == "share.delivery.count.limit":
                     group.delivery_limit = int(value)
+                elif name in ("share.session.timeout.ms", "share.heartbeat.interval.ms"):
+                    int(value)  # in one process no member dies unseen: nothing to time
                 elif name == "share.auto.offset.reset":
                     if value not in ("earliest", "latest"):
                         raise ConnectorError(f"share.auto.offset.reset must be earliest or latest, not {value!r}")

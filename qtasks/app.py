@@ -368,7 +368,7 @@ class QueueTasks:
         if priority is not None:
             priority = check_priority(priority)
         due = check_due(countdown, eta)
-        key = check_key(key)
+        key = self._key(key)
         await self._here()
         if timeout is None:
             return AsyncTaskHandle(
@@ -409,12 +409,22 @@ class QueueTasks:
         task_name = check_task_name(task_name)
         priority = check_priority(self._priority_of(task_name, priority))
         due = check_due(countdown, eta)
-        key = check_key(key)
+        key = self._key(key)
         await self._here()
         await self.core.connect()
         new = self._new_tasks("add_tasks", task_name, calls, priority=priority, not_before=due, key=key)
         await self._submit_batches(new)
         return [AsyncTaskHandle(self, n.task) for n in new]
+
+    def _key(self, key: Any) -> str | None:
+        """A checked ordering key; refused in share mode, which keeps no order."""
+        checked = check_key(key)
+        if checked is not None and self.config.processing_mode == "share":
+            raise ValueError(
+                "ordering keys need processing_mode='group': a share group hands tasks out in no order "
+                "(processing_mode='share' is set)"
+            )
+        return checked
 
     def _priority_of(self, task_name: str, priority: int | None) -> int:
         """``priority``, or (None) the registered task's own, else 0."""

@@ -165,6 +165,13 @@ class QueueConfig:
     #: any number of workers, records locked for ``lease_timeout`` and acknowledged one by
     #: one; at least once only, no ordering keys.
     processing_mode: str = "group"
+    #: Share mode: how many times the share group hands a task record out (Kafka's
+    #: ``share.delivery.count.limit``, 2 to 10). A delivery is counted each time a worker
+    #: takes the record, so a graceful stop that hands it back counts too. The last
+    #: delivery is not run: it ends the task as ``error`` (``DeliveryLimitError``) and
+    #: dead-letters its record, so a task whose runs kill their workers runs at most
+    #: ``share_delivery_limit - 1`` times and still ends.
+    share_delivery_limit: int = 5
     #: Exactly-once: a worker commits each partition's transaction this often (seconds);
     #: values become visible to readers at each commit.
     eos_commit_interval: float = 0.1
@@ -364,6 +371,8 @@ def check_setting(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     if name in _ABOVE_ZERO and value <= 0:
         raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    if name == "share_delivery_limit" and not 2 <= value <= 10:
+        raise ConfigError(f"share_delivery_limit must be 2 to 10 (Kafka's range), got {value!r}")
     if name == "metrics_port" and value > 65535:
         raise ConfigError(f"metrics_port must be a TCP port (0 to 65535), got {value!r}")
     if name in _AT_LEAST and value < _AT_LEAST[name]:

@@ -18,7 +18,7 @@ from qtasks.executor import Outcome
 from qtasks.records import Status, StatusHead, TaskRecord, encode
 from qtasks.retry import should_retry
 
-Action = Literal["run", "skip", "expired", "wait", "cancel", "unknown"]
+Action = Literal["run", "skip", "expired", "wait", "cancel", "unknown", "limit"]
 
 #: What encoding a value can raise: not JSON, cyclic, an int out of range, NaN rules.
 ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
@@ -32,6 +32,23 @@ class Admission:
     attempt: int = 0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShareDelivery:
+    """Share mode: how the share group handed a task record to this worker."""
+
+    #: The record, as a run's ``source`` names it (``partition:offset`` of the tasks topic).
+    source: str
+    #: How many times the group has handed it out, this time included (1: the first).
+    count: int
+    #: The group's delivery limit: after this delivery the broker archives the record.
+    limit: int
+
+    @property
+    def last(self) -> bool:
+        """The broker hands this record out no more: nothing would end the task if this run died."""
+        return self.count >= self.limit
+
+
 def admit(
     head: StatusHead | None,
     rec: TaskRecord,
@@ -42,6 +59,7 @@ def admit(
     cancelled: bool,
     known: bool,
     fenced: bool = False,
+    share: ShareDelivery | None = None,
 ) -> Admission:
     """Decide about a delivered record from the task's status head.
 
@@ -49,8 +67,12 @@ def admit(
     - no status although it is older than ``status_ttl``: it ran long ago (``expired``);
     - running under another worker's live lease (a rebalance moved it): ``wait``; but not
       when ``fenced`` (exactly-once: this worker fenced the partition's previous owner, which
-      can commit nothing more, so the task is taken over at once);
+      can commit nothing more, so the task is taken over at once); nor in share mode when
+      the lease holder runs this very record: the group hands a record out again only once
+      its holder's lock is gone (dead, frozen past the lock, or disconnected);
     - cancelled while queued: ``cancel``; a name this worker does not know: ``unknown``;
+    - share mode, the record's last delivery: ``limit`` (it is not run, because a run that
+      died now would leave the task without an ending: the worker ends it as error);
     - otherwise ``run`` as attempt n + 1 (a lapsed lease is taken over).
     """
     if head is not None and head.is_finished:
@@ -63,6 +85,7 @@ def admit(
         and head.status == "process"
         and head.worker not in (None, me)
         and head.lease_until > now
+        and (share is None or head.source != share.source)
     ):
         return Admission("wait")
     attempt = (head.attempt if head is not None else 0) + 1
@@ -70,6 +93,8 @@ def admit(
         return Admission("cancel", attempt)
     if not known:
         return Admission("unknown", attempt)
+    if share is not None and share.last:
+        return Admission("limit", attempt)
     return Admission("run", attempt)
 
 

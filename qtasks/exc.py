@@ -41,6 +41,12 @@ class TaskNotFoundError(QTasksError, LookupError):
     """No such task: a name not registered on this worker, or a uuid with no status."""
 
 
+class DeliveryLimitError(QTasksError):
+    """Share mode: the share group handed a task out as many times as its delivery limit allows
+    and none of its runs finished (their workers died or lost their locks). The task ends as
+    ``error`` with this, and its record goes to the dead-letter topic."""
+
+
 class ChordError(QTasksError):
     """A chord's callback did not run: one of the tasks it waited for did not succeed."""
 
@@ -143,11 +149,13 @@ class TaskFailedError(QTasksError):
 
 
 class RecordError(QTasksError, ValueError):
-    """A record could not be decoded: too large, not JSON, or of the wrong shape.
+    """A record could not be decoded (too large, not JSON, or of the wrong shape), or cannot run
+    as it asks (share mode: an ordering key).
 
     ``kind`` names the problem in a word (the ``reason`` label of the dead-letter metric):
     ``no_value``, ``not_bytes``, ``too_large``, ``not_utf8``, ``too_deep``, ``not_json``,
-    ``wrong_shape``, ``no_key`` or ``undecodable``.
+    ``wrong_shape``, ``no_key``, ``keyed`` or ``undecodable``. (A task past the share
+    group's delivery limit is dead-lettered as ``delivery_limit``.)
     """
 
     def __init__(self, message: str, kind: str = "undecodable") -> None:

@@ -146,6 +146,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     key: str | None = None
     #: A chord's callback (``app.chord``): the tasks whose results it gets, once they have all ended.
     after: list[str] = []
+    #: Share mode: the task record this attempt runs (``partition:offset`` of the tasks
+    #: topic). That record handed to another worker means this attempt lost its lock.
+    source: str | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -164,6 +167,7 @@ class StatusHead(msgspec.Struct, gc=False, kw_only=True):
     lease_until: float = 0.0
     updated_at: float = 0.0
     retry_child_uuid: str | None = None
+    source: str | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -372,6 +376,7 @@ def head_of(task: Task) -> StatusHead:
         lease_until=task.lease_until,
         updated_at=task.updated_at,
         retry_child_uuid=task.retry_child_uuid,
+        source=task.source,
     )
 
 

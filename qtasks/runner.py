@@ -337,6 +337,7 @@ class TaskRun:
         attempt: int,
         txn: PartitionTxn | None = None,
         record: Record | None = None,
+        source: str | None = None,
     ) -> None:
         self.host = host
         self.rec = rec
@@ -349,6 +350,7 @@ class TaskRun:
         core = host.core
         self.partition = partition_for(rec.uuid, core.results_partitions)
         self.task = base_status(rec, head, host.worker_id)
+        self.task.source = source  # share mode: the record another worker would take over
         prior = core.view.get(rec.uuid) if attempt > 1 else None
         self.resume = Resume.of(prior, exactly_once=txn is not None)
         self.sink = ResultSink(core, rec.uuid, attempt, self.partition, txn=txn, resume=self.resume)

@@ -47,10 +47,18 @@ from typing import Any
 from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareConsumer, ShareRecord, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
-from qtasks.decisions import admit
+from qtasks.decisions import ShareDelivery, admit
 from qtasks.delays import AT, DUE, KEY, MOVED
 from qtasks.delivery import deliver, fetch, retried
-from qtasks.exc import ChordError, CommitFailedError, ConnectorError, RecordError, TaskNotFoundError, error_of
+from qtasks.exc import (
+    ChordError,
+    CommitFailedError,
+    ConnectorError,
+    DeliveryLimitError,
+    RecordError,
+    TaskNotFoundError,
+    error_of,
+)
 from qtasks.logs import current_task
 from qtasks.offsets import PartitionOffsets
 from qtasks.partitioner import partition_for
@@ -289,14 +297,35 @@ class Worker:
         settings = {
             "share.auto.offset.reset": "earliest",
             "share.record.lock.duration.ms": str(int(core.config.lease_timeout * 1000)),
+            "share.delivery.count.limit": str(core.config.share_delivery_limit),
         }
         await core.broker.configure_share_group(self.share_group, settings)
+        await self._share_timings()
         share = core.broker.share_consumer(self.share_group, [core.topics.tasks])
         await share.start()
         self._share = share
         # Records are admitted once the view has read the status topic to its end.
         self._view_ready = asyncio.get_running_loop().create_task(self._catch_up())
         log.info("worker %s takes tasks from share group %s", self.id, self.share_group)
+
+    async def _share_timings(self) -> None:
+        """The share group's member timings, from the worker's Kafka settings, where the brokers allow them.
+
+        Until the session timeout passes, a dead worker's partitions are given to no one:
+        workers sharing a partition with it take its records at once, but a partition it
+        had alone waits. Brokers allow 45 to 60 s by default
+        (``group.share.min.session.timeout.ms``); outside their range the group keeps its own.
+        """
+        config = self.core.config
+        for name, value in (
+            ("share.session.timeout.ms", config.kafka_session_timeout_ms),
+            ("share.heartbeat.interval.ms", config.kafka_heartbeat_interval_ms),
+        ):
+            try:
+                await self.core.broker.configure_share_group(self.share_group, {name: str(value)})
+            except ConnectorError as exc:
+                raise_if_cancelled()
+                log.info("share group %s keeps the brokers' %s: %s", self.share_group, name, exc)
 
     async def _stop_intake(self) -> None:
         if self._share is not None:
@@ -496,6 +525,13 @@ class Worker:
             rec = exc
         except Exception as exc:  # a decoder bug must not stop the loop: the record is bad input
             rec = RecordError(f"task record could not be decoded: {type(exc).__name__}: {exc}", "undecodable")
+        if shared is not None and isinstance(rec, TaskRecord) and rec.key is not None:
+            # A share group keeps no order: the task cannot run as its key promises.
+            rec = RecordError(
+                f"task {rec.uuid} ({rec.task_name}) has ordering key {rec.key!r}, which processing_mode='share' "
+                "cannot honour (a share group keeps no order): send it to workers in processing_mode='group'",
+                "keyed",
+            )
         self._sequence += 1
         if isinstance(rec, RecordError):
             heapq.heappush(self._backlog, (-(2**31), self._sequence, rec, record, offsets))
@@ -734,6 +770,7 @@ class Worker:
         # Running: from here on the finally below does the bookkeeping.
         self._unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         finished = False
+        rejected = False  # share mode: the record is dead-lettered, never handed out again
         txn = None
         holds_slot = True
 
@@ -755,8 +792,14 @@ class Worker:
                 current_task.set((rec.uuid, rec.task_name, None))
             if isinstance(rec, RecordError):
                 await dead_letter(self.core, record, str(rec), self.id, txn, kind=rec.kind)
+                rejected = True
             else:
-                await self._run_record(rec, txn, ran, record)
+                delivery = None
+                if isinstance(offsets, ShareOffsets):
+                    shared = offsets.shared
+                    limit = self.core.config.share_delivery_limit
+                    delivery = ShareDelivery(f"{shared.partition}:{shared.offset}", shared.delivery_count, limit)
+                rejected = await self._run_record(rec, txn, ran, record, delivery)
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
@@ -786,7 +829,7 @@ class Worker:
                 if not self._stopping:  # with the copies of it read again while it ran
                     self._retry_parents[child] = [(offsets, record.offset), *joined]
                 finished = False
-            if finished and isinstance(rec, RecordError) and isinstance(offsets, ShareOffsets):
+            if finished and rejected and isinstance(offsets, ShareOffsets):
                 offsets.reject()  # dead-lettered: never handed out again
             elif finished:
                 offsets.finish(record.offset)
@@ -814,12 +857,14 @@ class Worker:
         txn: PartitionTxn | None = None,
         ran: Callable[[], None] | None = None,
         record: Record | None = None,
-    ) -> None:
+        share: ShareDelivery | None = None,
+    ) -> bool:
+        """Admit and run (or end) one task record; True when its record went to the dead-letter topic."""
         core = self.core
         uuid = rec.uuid
         if record is not None and rec.not_before > time.time() + FORWARD_AFTER and not _moved(record):
             await self._forward(rec, record, txn)
-            return
+            return False
         if self._view_ready is not None and not self._view_ready.done():
             await asyncio.shield(self._view_ready)
         while True:
@@ -838,6 +883,7 @@ class Worker:
                 cancelled=uuid in self._cancelled,
                 known=spec is not None,
                 fenced=txn is not None,
+                share=share,
             )
             if decision.action != "wait":
                 break
@@ -871,6 +917,10 @@ class Worker:
                 attempt=decision.attempt,
             )
             await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
+        elif action == "limit":
+            assert share is not None
+            await self._end_at_limit(rec, head, share, decision.attempt, record)
+            return True
         elif action == "run" and rec.after and (chord := await self._results_of(rec.after))[1] is not None:
             task = await end_without_running(
                 self.host, rec, head, "error", txn, traceback=chord[1], attempt=decision.attempt
@@ -880,17 +930,48 @@ class Worker:
         elif action == "run":
             assert spec is not None
             if head is not None and head.status == "process" and head.worker not in (None, self.id):
-                why = "its producer is fenced" if txn is not None else "lease expired"
+                if txn is not None:
+                    why = "its producer is fenced"
+                elif share is not None and head.source == share.source:
+                    why = f"its lock is gone: delivery {share.count} of the record came here"
+                else:
+                    why = "lease expired"
                 log.info("taking over %s from %s (%s)", uuid, head.worker, why)
             if self._revoked:
                 # Revoked while it was being admitted: it may be another worker's by now. It
                 # is read again from the committed offset if it stays here.
                 raise _Dropped()
-            run = TaskRun(self.host, rec, spec, head, decision.attempt, txn, record)
+            source = share.source if share is not None else None
+            run = TaskRun(self.host, rec, spec, head, decision.attempt, txn, record, source)
             if rec.after:  # a chord's callback: the results of the tasks it came after go first
                 run.executor.args = [(await self._results_of(rec.after))[0], *run.executor.args]
             run.on_ran = ran
             await self._run(run)
+        return False
+
+    async def _end_at_limit(
+        self, rec: TaskRecord, head: StatusHead | None, share: ShareDelivery, attempt: int, record: Record | None
+    ) -> None:
+        """Share mode, a record's last delivery: the task ends as error and its record is dead-lettered.
+
+        It is not run: the broker hands the record out no more, so a run that died now (as
+        the earlier ones did) would leave the task without an ending.
+        """
+        runs = head.attempt if head is not None else 0
+        last = f", last on worker {head.worker}" if head is not None and head.worker else ""
+        reason = (
+            f"task {rec.uuid} ({rec.task_name}) was handed out {share.count} times by the share group "
+            f"(share_delivery_limit={share.limit}) and never finished: {runs} run(s) started{last}, and each "
+            "died, lost its lock or was handed back; the last delivery is not run"
+        )
+        log.error("%s", reason)
+        exc = DeliveryLimitError(reason)
+        task = await end_without_running(
+            self.host, rec, head, "error", traceback=f"qtasks.exc.DeliveryLimitError: {reason}", attempt=attempt
+        )
+        if record is not None:
+            await dead_letter(self.core, record, reason, self.id, kind="delivery_limit")
+        await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
 
     async def _forward(self, rec: TaskRecord, record: Record, txn: PartitionTxn | None) -> None:
         """A task record due later than this worker holds one: into the delays topic, as a client

@@ -246,6 +246,11 @@ share.coordinator.state.topic.min.isr=$isr
 # a share group may set locks as short as 1 s (default minimum 15 s): lets tests of lock
 # expiry and renewal run in seconds; the default lock stays 30 s
 group.share.min.record.lock.duration.ms=1000
+# and may notice a dead member within 6 s (default minimum 45 s, heartbeats at least 5 s
+# apart), as the classic groups' minimum allows: a worker set for it hands its partitions
+# on that soon
+group.share.min.session.timeout.ms=6000
+group.share.min.heartbeat.interval.ms=1000
 group.initial.rebalance.delay.ms=0
 # one partition for the internal topics: first group join / transaction is faster
 offsets.topic.num.partitions=1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -58,6 +59,14 @@ async def long_run(seconds: int, step: float = 0.1):
         for _ in range(per_second):
             await asyncio.sleep(step)
         yield {"i": i, "pid": pid}
+
+
+@app.task
+async def kill_my_worker(delay: float = 0.5):
+    """A poison task: it kills the process running it (SIGKILL, so nothing is handed back), after a value."""
+    yield {"pid": os.getpid()}
+    await asyncio.sleep(delay)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @app.task(echo=True)

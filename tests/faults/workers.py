@@ -30,7 +30,7 @@ import pytest
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import TopicPartition
 from qtasks.delays import LEVELS
-from qtasks.records import ResultRecord, Task, decode_result
+from qtasks.records import ResultRecord, StatusHead, Task, decode_result
 from tests.helpers import FAST, unique
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +43,7 @@ BASE: dict[str, Any] = {
     "status_partitions": 3,
 }
 _ASSIGNED = re.compile(r"worker \S+ assigned \[([\d, ]*)\]")
+_SHARES = re.compile(r"share group \S+: member \S+ shares (\d+) partition")
 _LEVELS = re.compile(r"worker \S+ moves on the delayed tasks of levels \[([\d, ]*)\]")
 
 
@@ -84,7 +85,7 @@ class Proc:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def ran(self, task: Task) -> bool:
+    def ran(self, task: Task | StatusHead) -> bool:
         """Whether this process is the worker named in the task's status."""
         return task.worker is not None and f"-{self.pid}-" in task.worker
 
@@ -165,6 +166,19 @@ class Workers:
             if all(latest) and sorted(p for (parts,) in latest for p in parts) == list(range(PARTITIONS)):
                 return
             assert time.monotonic() < deadline, f"workers not assigned within {timeout} s: {latest}"
+            await asyncio.sleep(0.2)
+
+    async def wait_sharing(self, workers: Iterable[Proc], timeout: float = 60) -> None:
+        """Share mode: until each worker's share group gave it partitions (every member shares every one)."""
+        workers = list(workers)
+        deadline = time.monotonic() + timeout
+        while True:
+            for w in workers:
+                assert w.alive(), f"{w.label} exited early\n{w.tail()}"
+            latest = [[int(n) for n in _SHARES.findall(w.log())][-1:] for w in workers]
+            if all(shares and shares[0] > 0 for shares in latest):
+                return
+            assert time.monotonic() < deadline, f"share members without partitions after {timeout} s: {latest}"
             await asyncio.sleep(0.2)
 
     async def wait_levels(self, workers: Iterable[Proc], timeout: float = 60) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -22,6 +23,9 @@ from qtasks.connectors.kafka.share import wire
 from qtasks.connectors.kafka.share.consumer import ShareConsumer, ShareRecord
 from qtasks.exc import ConnectorError
 from tests.helpers import unique
+
+if TYPE_CHECKING:
+    from qtasks.asyncio import QueueTasks
 
 Group = Callable[..., Awaitable[ShareConsumer]]
 
@@ -374,3 +378,67 @@ async def test_workers_in_share_mode_outnumber_the_partitions_and_run_each_task_
     finally:
         for app in apps:
             await app.stop()
+
+
+def _share_apps(bootstrap: str, name: str, count: int, **settings: object) -> list[QueueTasks]:
+    from qtasks.asyncio import QueueTasks
+    from tests.helpers import FAST
+
+    merged = {**FAST, "processing_mode": "share", "tasks_partitions": 1, **settings}
+    return [QueueTasks(name, broker_url=f"kafka://{bootstrap}", **merged) for _ in range(count)]  # type: ignore[arg-type]
+
+
+async def test_a_task_longer_than_its_lock_renews_it_and_runs_once(kafka_bootstrap: str) -> None:
+    # Locks of 2 s (lease_timeout): the task runs 7 s, two workers share the partition.
+    apps = _share_apps(kafka_bootstrap, unique(), 2, lease_timeout=2.0, lease_interval=0.5)
+    runs: list[float] = []
+    for app in apps:
+
+        @app.task(name="long")
+        async def long(seconds: float) -> str:
+            runs.append(seconds)
+            await asyncio.sleep(seconds)
+            return "done"
+
+    for app in apps:
+        await app.start()
+    try:
+        end = await apps[0].add_task("long", 7.0, timeout=60)
+        assert (end.status, end.returning, end.attempt) == ("success", "done", 1)
+        assert len(runs) == 1, "its lock ran out and the other worker ran it too"
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+async def test_a_graceful_stop_hands_back_the_records_it_holds_at_once(kafka_bootstrap: str) -> None:
+    # Locks of 30 s: records a stopping worker held come to the next one at once, not in 30 s.
+    name = unique()
+    first, second = _share_apps(kafka_bootstrap, name, 2, lease_timeout=30.0, lease_interval=1.0, concurrency=2)
+    ran: dict[str, list[int]] = {"first": [], "second": []}
+    two_done = asyncio.Event()
+    for label, app in (("first", first), ("second", second)):
+
+        @app.task(name="work")
+        async def work(i: int, label: str = label) -> int:
+            await asyncio.sleep(0.3)
+            ran[label].append(i)
+            if len(ran["first"]) >= 2:
+                two_done.set()
+            return i
+
+    await first.start()
+    try:
+        handles = await first.add_tasks("work", [(i,) for i in range(20)])
+        await asyncio.wait_for(two_done.wait(), 30)
+        await first.stop()  # ends what it runs; what it holds and has not started goes back
+        stopped = time.monotonic()
+        await second.start()
+        ends = [await second.wait(h.uuid, 60) for h in handles]
+        assert {e.status for e in ends} == {"success"}
+        assert time.monotonic() - stopped < 20, "the held records waited for their locks to run out"
+        assert sorted(ran["first"] + ran["second"]) == list(range(20)), "a task ran twice or not at all"
+        assert ran["second"], ran
+    finally:
+        await first.stop()
+        await second.stop()

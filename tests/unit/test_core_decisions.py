@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qtasks.decisions import admit, check_result, conclude
+from qtasks.decisions import ShareDelivery, admit, check_result, conclude
 from qtasks.executor import Outcome
 from qtasks.records import StatusHead, Task, TaskRecord, encode
 from qtasks.status import StatusView, next_rev, slim
@@ -123,6 +123,32 @@ def test_admit(
     head: StatusHead | None, rec: TaskRecord, cancelled: bool, known: bool, expected: tuple[str, int]
 ) -> None:
     decision = admit(head, rec, now=NOW, ttl=86_400, me="me", cancelled=cancelled, known=known)
+    assert (decision.action, decision.attempt) == expected
+
+
+RUNNING_ELSEWHERE = _head(status="process", worker="other", lease_until=NOW + 5, attempt=1, source="0:7")
+
+
+@pytest.mark.parametrize(
+    ("head", "delivery", "cancelled", "expected"),
+    [
+        # The record whose lock the lease holder had came here: its lock is gone, so at once.
+        (RUNNING_ELSEWHERE, ShareDelivery("0:7", 2, 5), False, ("run", 2)),
+        # Another record of the same task runs elsewhere under its own lock: wait for it.
+        (RUNNING_ELSEWHERE, ShareDelivery("1:3", 2, 5), False, ("wait", 0)),
+        # The last delivery is not run, whoever had it before ...
+        (RUNNING_ELSEWHERE, ShareDelivery("0:7", 5, 5), False, ("limit", 2)),
+        (None, ShareDelivery("0:7", 5, 5), False, ("limit", 1)),
+        # ... but a task that ended, or was cancelled, ends as it would have anyway.
+        (_head(status="success", source="0:7"), ShareDelivery("0:7", 5, 5), False, ("skip", 0)),
+        (None, ShareDelivery("0:7", 5, 5), True, ("cancel", 1)),
+        (None, ShareDelivery("0:7", 4, 5), False, ("run", 1)),
+    ],
+)
+def test_admit_in_share_mode(
+    head: StatusHead | None, delivery: ShareDelivery, cancelled: bool, expected: tuple[str, int]
+) -> None:
+    decision = admit(head, REC, now=NOW, ttl=86_400, me="me", cancelled=cancelled, known=True, share=delivery)
     assert (decision.action, decision.attempt) == expected
 
 

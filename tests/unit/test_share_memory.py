@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import from_url
-from qtasks.connectors.base import RELEASE, TopicSpec
+from qtasks.connectors.base import RELEASE, ShareRecord, TopicSpec
 from qtasks.connectors.memory_log import MemoryLog
 from qtasks.connectors.memory_share import MemoryShareConsumer, share_groups
 from qtasks.exc import ConnectorError
+
+if TYPE_CHECKING:
+    from qtasks.asyncio import QueueTasks
 
 
 class Clock:
@@ -169,3 +174,125 @@ def test_share_mode_is_at_least_once_only() -> None:
 
     with pytest.raises(ConfigError, match="at least once only"):
         QueueConfig(processing_mode="share", processing_guarantee="exactly_once")
+
+
+def _share_app(name: str, url: str, **settings: object) -> QueueTasks:
+    from qtasks.asyncio import QueueTasks
+    from tests.helpers import FAST
+
+    return QueueTasks(name, broker_url=url, **{**FAST, "processing_mode": "share", **settings})  # type: ignore[arg-type]
+
+
+async def _take_and_drop(client: QueueTasks) -> ShareRecord:
+    """A member that takes the app's first task record and goes away without acknowledging it
+    (a worker that died: its locks are released at once, as a broker does when a session's
+    connection closes)."""
+    broker = client.core.broker
+    group = f"{client.group_id}.share"
+    await broker.configure_share_group(group, {"share.auto.offset.reset": "earliest"})
+    member = broker.share_consumer(group, [client.core.topics.tasks])
+    await member.start()
+    taken = await member.getmany(1.0, 1)
+    await member.stop()
+    assert len(taken) == 1 and taken[0].delivery_count == 1
+    return taken[0]
+
+
+async def test_a_task_on_its_last_delivery_ends_as_error_and_its_record_is_dead_lettered() -> None:
+    from qtasks.ops import dead_letters
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url)
+    ran: list[int] = []
+    worker = _share_app(name, url, share_delivery_limit=2)
+
+    @worker.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        return i
+
+    try:
+        poison = await client.add_task("work", 1)
+        await _take_and_drop(client)  # delivery 1 of 2 died with its worker
+        await worker.start()
+        end = await client.wait(poison.uuid, 10)
+        assert end.status == "error" and ran == [], "the last delivery must not run: nothing would end it"
+        assert end.traceback is not None and "DeliveryLimitError" in end.traceback
+        assert "handed out 2 times" in end.traceback and "share_delivery_limit=2" in end.traceback
+        letters = [x.letter for x in await dead_letters(client)]
+        assert len(letters) == 1 and poison.uuid in letters[0].reason and "share_delivery_limit=2" in letters[0].reason
+        # The worker goes on with the next task.
+        assert (await client.add_task("work", 2, timeout=10)).returning == 2
+    finally:
+        await worker.stop()
+        await client.stop()
+
+
+async def test_a_record_redelivered_under_its_dead_runners_lease_is_taken_over_at_once() -> None:
+    from qtasks.records import Task
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url)
+    worker = _share_app(name, url)
+
+    @worker.task(name="work")
+    async def work(i: int) -> int:
+        return i
+
+    try:
+        handle = await client.add_task("work", 1)
+        taken = await _take_and_drop(client)
+        # The dead worker had announced its run, with a lease far ahead, as a long task does.
+        now = time.time()
+        running = Task(
+            uuid=handle.uuid,
+            task_name="work",
+            status="process",
+            args=[1],
+            created_at=now,
+            updated_at=now,
+            attempt=1,
+            worker="a-dead-worker",
+            lease_until=now + 600,
+            source=f"{taken.partition}:{taken.offset}",
+        )
+        await client.core.store.write(running, durable=True)
+        await worker.start()
+        end = await client.wait(handle.uuid, 10)  # not 600 s: the lock that went is the lease's proof
+        assert (end.status, end.returning, end.attempt) == ("success", 1, 2)
+    finally:
+        await worker.stop()
+        await client.stop()
+
+
+async def test_a_keyed_task_is_refused_in_share_mode_by_the_client_and_by_the_worker() -> None:
+    from qtasks.asyncio import QueueTasks
+    from qtasks.ops import dead_letters
+    from tests.helpers import FAST, unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    worker = _share_app(name, url)
+    ran: list[int] = []
+
+    @worker.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        return i
+
+    with pytest.raises(ValueError, match="ordering keys need processing_mode='group'"):
+        await worker.add_task("work", 1, key="k")
+    client = QueueTasks(name, broker_url=url, **FAST)  # type: ignore[arg-type]  # group mode: keys allowed
+    try:
+        await worker.start()
+        keyed = await client.add_task("work", 1, key="k")
+        end = await client.wait(keyed.uuid, 10)
+        assert end.status == "error" and ran == []
+        assert end.traceback is not None and "processing_mode='share' cannot honour" in end.traceback
+        letters = [x.letter for x in await dead_letters(client)]
+        assert len(letters) == 1 and "ordering key 'k'" in letters[0].reason
+        assert (await client.add_task("work", 2, timeout=10)).returning == 2
+    finally:
+        await worker.stop()
+        await client.stop()
