@@ -268,6 +268,44 @@ async def test_kill_9_of_a_node_and_back_10_s_later(cluster: Any, make_workers: 
     )
 
 
+# -- 1b. the same in share mode: the node that keeps the share groups' state ------------------
+
+
+async def leader_of(bootstrap: str, topic: str) -> int:
+    """The node that leads ``topic``'s first partition."""
+    for described in await describe(bootstrap):
+        if described["topic"] == topic:
+            return int(described["partitions"][0]["leader"])
+    raise AssertionError(f"no topic {topic}")
+
+
+@pytest.mark.timeout(420)
+async def test_kill_9_of_a_node_in_share_mode_and_back_10_s_later(
+    cluster: Any, make_workers: Callable[..., Workers]
+) -> None:
+    # Four workers on three tasks partitions: one partition is shared by two of them.
+    group = make_workers(**CLUSTER_SETTINGS, processing_mode="share", tasks_partitions=3)
+    workers = [group.start_worker(concurrency=8) for _ in range(4)]
+    await group.wait_sharing(workers)
+    app = await group.client()
+    # The share coordinator: it keeps every share partition's state (its locks and acknowledgements).
+    victim = await leader_of(cluster.bootstrap, "__share_group_state")
+
+    async def fault() -> None:
+        await asyncio.to_thread(cluster.kill_node, victim)
+        assert cluster.node_pid(victim) is None
+        await asyncio.sleep(10)
+        await asyncio.to_thread(cluster.start)
+
+    await stream_through(
+        f"share mode: kill -9 of node {victim} (the share coordinator), back after 10 s",
+        group,
+        app,
+        fault,
+        workers=workers,
+    )
+
+
 # -- 2. a rolling restart of all three -----------------------------------------------------
 
 
