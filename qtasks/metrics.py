@@ -130,10 +130,31 @@ async def snapshot(app: QueueTasks, lag_timeout: float = 2.0) -> list[Any]:
     if worker is None:
         return families
     info = GaugeMetricFamily(
-        "qtasks_worker_info", "The worker of this process (always 1).", labels=["worker", "group", "guarantee"]
+        "qtasks_worker_info",
+        "The worker of this process (always 1).",
+        labels=["worker", "group", "guarantee", "mode"],
     )
-    info.add_metric([worker.id, worker.group_id, app.config.processing_guarantee], 1)
+    info.add_metric([worker.id, worker.group_id, app.config.processing_guarantee, app.config.processing_mode], 1)
     families.append(info)
+    if worker._share is not None:
+        families += [
+            GaugeMetricFamily(
+                "qtasks_share_records_held",
+                "Share mode: task records locked for this worker (running, waiting for a slot, or ending).",
+                value=len(worker._share_live),
+            ),
+            CounterMetricFamily(
+                "qtasks_share_redelivered",
+                "Share mode: task records that came here with a delivery count above 1 (their last "
+                "holder died, lost its lock or handed them back).",
+                value=worker.share_redelivered,
+            ),
+            CounterMetricFamily(
+                "qtasks_share_locks_lost",
+                "Share mode: locks of records held here that ran out before they were renewed.",
+                value=worker.share_locks_lost,
+            ),
+        ]
     gauges = (
         ("qtasks_worker_concurrency", "Tasks the worker runs at once at most.", worker.concurrency),
         ("qtasks_tasks_running", "Runs under way on this worker.", len(running)),

@@ -161,6 +161,9 @@ class Worker:
         self._share: ShareConsumer | None = None
         #: Share mode: the records held here and not acknowledged yet (their locks are renewed).
         self._share_live: set[ShareOffsets] = set()
+        #: Share mode: records that came with a delivery count above 1, and locks that ran out here.
+        self.share_redelivered = 0
+        self.share_locks_lost = 0
         self._control: Any = None
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._owned: set[TopicPartition] = set()
@@ -346,6 +349,8 @@ class Worker:
             if self._stopping:
                 return
             for item in shared:
+                if item.delivery_count > 1:
+                    self.share_redelivered += 1
                 record = Record(
                     item.topic, item.partition, item.offset, item.key, item.value, item.timestamp, item.headers
                 )
@@ -361,6 +366,7 @@ class Worker:
             held = [o.shared for o in self._share_live]
             if held:
                 for lost in await share.renew(held):
+                    self.share_locks_lost += 1
                     log.warning(
                         "the lock of %s[%d]@%d ran out: another worker may run it too",
                         lost.topic,

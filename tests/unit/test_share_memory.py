@@ -262,6 +262,12 @@ async def test_a_record_redelivered_under_its_dead_runners_lease_is_taken_over_a
         await worker.start()
         end = await client.wait(handle.uuid, 10)  # not 600 s: the lock that went is the lease's proof
         assert (end.status, end.returning, end.attempt) == ("success", 1, 2)
+        from qtasks.metrics import snapshot
+
+        metrics = {family.name: family.samples for family in await snapshot(worker)}
+        assert metrics["qtasks_share_redelivered"][0].value == 1
+        assert metrics["qtasks_share_records_held"][0].value == 0
+        assert metrics["qtasks_worker_info"][0].labels["mode"] == "share"
     finally:
         await worker.stop()
         await client.stop()
