@@ -236,13 +236,17 @@ class Connector(Protocol):
     async def ensure_topics(self, specs: list[TopicSpec]) -> None: ...
 
     async def check_access(
-        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+        self,
+        needs: Mapping[str, Collection[str]],
+        group: str | Sequence[str] | None = None,
+        share_group: str | None = None,
     ) -> None:
         """Raise :class:`~qtasks.exc.BrokerRefusedError` naming what this client may not do.
 
         ``needs`` maps a topic to the operations this app does on it (``read``, ``write``);
-        ``group`` is a consumer group it joins (which takes ``read``), or a list of them. A connector without
-        access control grants all.
+        ``group`` is a consumer group it joins (which takes ``read``), or a list of them;
+        ``share_group`` a share group it joins and sets up (``read`` and ``alter_configs``).
+        A connector without access control grants all.
         """
         ...
 

@@ -418,10 +418,13 @@ class FaultyConnector:
         await self.inner.ensure_topics(specs)
 
     async def check_access(
-        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+        self,
+        needs: Mapping[str, Collection[str]],
+        group: str | Sequence[str] | None = None,
+        share_group: str | None = None,
     ) -> None:
         """The inner connector's answer."""
-        await self.inner.check_access(needs, group)
+        await self.inner.check_access(needs, group, share_group)
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:
         """How many partitions a topic has (``refresh`` changes nothing: the count is always current here)."""

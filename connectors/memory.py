@@ -374,7 +374,10 @@ class MemoryConnector:
             self.log.create_topic(spec, self._defaults)
 
     async def check_access(
-        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+        self,
+        needs: Mapping[str, Collection[str]],
+        group: str | Sequence[str] | None = None,
+        share_group: str | None = None,
     ) -> None:
         """The memory log has no access control: everything is allowed."""
 

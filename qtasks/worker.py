@@ -232,6 +232,8 @@ class Worker:
         topics = core.topics
         # A worker reads tasks and cancels, writes results, statuses and dead letters, and
         # moves delayed tasks on (the delays topic, in its own group, to the tasks topic).
+        # In share mode it reads the tasks in its share group, and sets that group's settings.
+        share = core.config.processing_mode == "share"
         await connector.check_access(
             {
                 topics.tasks: ("read", "write"),
@@ -242,7 +244,8 @@ class Worker:
                 topics.delays: ("read", "write"),
                 topics.schedule: ("read", "write"),
             },
-            group=[self.group_id, self.delays.group_id],
+            group=[self.delays.group_id] if share else [self.group_id, self.delays.group_id],
+            share_group=self.share_group if share else None,
         )
         self._control = connector.consumer(None, client_id=f"{self.id}-control")
         await self._control.start()
@@ -250,7 +253,7 @@ class Worker:
             control_tps = [TopicPartition(core.topics.control, p) for p in range(core.config.control_partitions)]
             self._control.assign(control_tps)
             await self._control.seek_to_end(control_tps)
-            if core.config.processing_mode == "share":
+            if share:
                 await self._start_share()
             else:
                 self._consumer = connector.consumer(self.group_id, client_id=self.id)

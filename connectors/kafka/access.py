@@ -1,20 +1,27 @@
-"""What the brokers' ACLs let this client do on its topics, asked once at start.
+"""What the brokers' ACLs let this client do on its topics and groups, asked once at start.
 
 A worker that may not write its results topic would take tasks and never end them; a
 client that may not write the tasks topic would fail on its first ``add_task``. Kafka
 answers the question up front: a Metadata request (v8+) with
 ``include_topic_authorized_operations`` returns, per topic, the operations the caller's
 principal is allowed. aiokafka builds Metadata up to v5 only, so v8 is spelled here.
+
+A share group is asked otherwise (:func:`share_group_missing`): Kafka tells the operations
+on a group only once the group exists.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from aiokafka import errors as kafka_exc
+from aiokafka.conn import AIOKafkaConnection
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Boolean, Bytes, Int16, Int32, Schema, String
+
+from qtasks.connectors.kafka.share import wire
 
 #: Kafka's AclOperation codes (the bit each sets in an authorized-operations field).
 OPERATIONS: Mapping[str, int] = {"read": 3, "write": 4, "create": 5, "describe": 8}
@@ -165,3 +172,29 @@ def missing(response: Any, needs: Mapping[str, Collection[str]]) -> list[str]:
         if absent:
             lacking.append(f"{'/'.join(absent)} on topic {topic!r}")
     return lacking
+
+
+def on_share_group(group: str, *operations: str) -> str:
+    """The phrase naming ``operations`` on share group ``group``: the check at start and a
+    refusal met later (the heartbeat, the settings) name them in the same words."""
+    return f"{'/'.join(operations)} on share group {group!r}"
+
+
+async def share_group_missing(conn: AIOKafkaConnection, group: str) -> list[str]:
+    """What the caller may not do on share group ``group`` of what a worker does: ``read`` (join
+    it, fetch) and ``alter_configs`` (set its settings).
+
+    Neither DescribeGroups (a share group is "not a classic group") nor ShareGroupDescribe
+    tells the operations on a group that does not exist yet (both answer GROUP_ID_NOT_FOUND),
+    so each operation is asked by a request that needs it and changes nothing: a ShareFetch
+    that opens a session with no partitions (READ, checked first; the session ends with
+    ``conn``, which the caller closes) and a validate-only IncrementalAlterConfigs with no
+    settings (ALTER_CONFIGS). Neither creates the group.
+    """
+    denied = kafka_exc.GroupAuthorizationFailedError.errno
+    probe = wire.share_fetch(group, str(uuid.uuid4()), wire.OPEN_SESSION, {}, max_wait_ms=0, max_records=1)
+    fetched: wire.ShareAnswer = await conn.send(probe)
+    altered: list[wire.ConfigAnswer] = await conn.send(wire.alter_group_configs(group, {}, validate_only=True))
+    lacking = ["read"] if fetched.error == denied else []
+    lacking += ["alter_configs"] if any(answer.error == denied for answer in altered) else []
+    return [on_share_group(group, *lacking)] if lacking else []

@@ -18,12 +18,20 @@ from aiokafka.errors import KafkaError
 
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, GroupInfo, GroupMember, TopicPartition, TopicSpec
-from qtasks.connectors.kafka.access import AuthorizedOperations, GroupOperations, group_missing, missing
+from qtasks.connectors.kafka.access import (
+    AuthorizedOperations,
+    GroupOperations,
+    group_missing,
+    missing,
+    on_share_group,
+    share_group_missing,
+)
 from qtasks.connectors.kafka.consumer import KafkaConsumer
 from qtasks.connectors.kafka.errors import kafka_errors
 from qtasks.connectors.kafka.health import Health, install_log_filter
 from qtasks.connectors.kafka.options import _DEFAULT_LIMIT, _TOPIC_ALREADY_EXISTS, client_options, parse_url, timings
 from qtasks.connectors.kafka.producer import KafkaProducer
+from qtasks.connectors.kafka.refusals import not_granted
 from qtasks.connectors.kafka.share import wire
 from qtasks.connectors.kafka.share.consumer import ShareConsumer
 from qtasks.connectors.kafka.sizes import value_limit
@@ -160,26 +168,41 @@ class KafkaConnector:
 
     def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
         """A member of share group ``group_id`` (docs/share-groups.md), on connections of its own."""
-        return ShareConsumer(connect=self._share_connect, bootstrap=self._addresses(), group_id=group_id, topics=topics)
+        return ShareConsumer(
+            connect=self._share_connect,
+            bootstrap=self._addresses(),
+            group_id=group_id,
+            topics=topics,
+            user=self.options.get("sasl_plain_username"),
+        )
 
     async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
-        """Set a share group's ``share.*`` settings (IncrementalAlterConfigs, resource type GROUP)."""
+        """Set a share group's ``share.*`` settings (IncrementalAlterConfigs, resource type GROUP).
+
+        BrokerRefusedError if the ACLs do not allow it (ALTER_CONFIGS on the group), in the
+        words of the check at start.
+        """
+        conn = await self._share_conn()
+        try:
+            with kafka_errors("set the share group's settings", servers=self.where, health=self.health):
+                answers = await conn.send(wire.alter_group_configs(group_id, settings))
+        finally:
+            conn.close()
+        if any(a.error == kafka_exc.GroupAuthorizationFailedError.errno for a in answers):
+            raise self._not_granted([on_share_group(group_id, "alter_configs")])
+        refused = [f"error {a.error}: {a.message}" for a in answers if a.error]
+        if refused:
+            raise ConnectorError(f"the settings of share group {group_id} were refused: {'; '.join(refused)}")
+
+    async def _share_conn(self) -> AIOKafkaConnection:
+        """A connection of its own to the first broker that takes one."""
         errors: list[str] = []
         for host, port in self._addresses():
             try:
-                conn = await self._share_connect(host, port)
+                return await self._share_connect(host, port)
             except (KafkaError, OSError) as exc:
                 errors.append(f"{host}:{port}: {exc!r}")
-                continue
-            try:
-                answers = await conn.send(wire.alter_group_configs(group_id, settings))
-            finally:
-                conn.close()
-            refused = [f"error {a.error}: {a.message}" for a in answers if a.error]
-            if refused:
-                raise ConnectorError(f"the settings of share group {group_id} were refused: {'; '.join(refused)}")
-            return
-        raise BrokerUnavailableError(f"cannot set the share group's settings: {'; '.join(errors)}")
+        raise BrokerUnavailableError(f"no broker at {self.where} takes a connection: {'; '.join(errors)}")
 
     def _addresses(self) -> list[tuple[str, int]]:
         return [(host, int(port)) for host, port in (server.rsplit(":", 1) for server in self.servers)]
@@ -245,9 +268,14 @@ class KafkaConnector:
         )
 
     async def check_access(
-        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None = None
+        self,
+        needs: Mapping[str, Collection[str]],
+        group: str | Sequence[str] | None = None,
+        share_group: str | None = None,
     ) -> None:
-        """Ask the brokers what this client's principal may do on each topic (Metadata v8) and its group.
+        """Ask the brokers what this client's principal may do on each topic (Metadata v8), its
+        consumer groups and its share group (``read`` and ``alter_configs``), and raise one
+        BrokerRefusedError naming every grant missing.
 
         Bounded by ``connect_timeout``. A check the brokers cannot answer now (a node away, no
         coordinator yet) is skipped with a warning: a refusal met later stops the worker all
@@ -255,20 +283,20 @@ class KafkaConnector:
         """
         try:
             async with asyncio.timeout(self.timings.connect_timeout):
-                lacking = await self._lacking(needs, group)
+                lacking = await self._lacking(needs, group, share_group)
         except (BrokerUnavailableError, TimeoutError) as exc:
             raise_if_cancelled()
             log.warning("the ACLs were not checked (%s)", str(exc) or type(exc).__name__)
             return
         if lacking:
-            user = self.options.get("sasl_plain_username")
-            who = f"user {user!r}" if user else "this client"
-            raise BrokerRefusedError(
-                f"Kafka at {self.where} does not let {who} do what this app needs: "
-                f"{'; '.join(lacking)}. Grant it in the ACLs (docs/kafka.md lists what an app needs)"
-            )
+            raise self._not_granted(lacking)
 
-    async def _lacking(self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None) -> list[str]:
+    def _not_granted(self, lacking: list[str]) -> BrokerRefusedError:
+        return not_granted(self.where, self.options.get("sasl_plain_username"), lacking)
+
+    async def _lacking(
+        self, needs: Mapping[str, Collection[str]], group: str | Sequence[str] | None, share_group: str | None
+    ) -> list[str]:
         lacking: list[str] = []
         groups = [group] if isinstance(group, str) else list(group or ())
         async with self._admin() as admin:
@@ -289,6 +317,12 @@ class KafkaConnector:
                             # No coordinator yet (a new cluster makes its offsets topic on
                             # the first lookup; a node is away): the join waits for one.
                             log.debug("the group %s was not checked: %s", group, exc)
+                    if share_group is not None:
+                        conn = await self._share_conn()
+                        try:
+                            lacking += await share_group_missing(conn, share_group)
+                        finally:
+                            conn.close()
                 except (NotImplementedError, kafka_exc.IncompatibleBrokerVersion):
                     log.debug("the brokers cannot tell the operations a client may do; not checked")
         return lacking

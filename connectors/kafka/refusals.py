@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import errors as kafka_exc
+
+from qtasks.exc import BrokerRefusedError
 
 #: The first bytes of a TLS record: content type (alert 21, handshake 22), then version 3.x.
 _TLS_RECORD_TYPES = (0x15, 0x16)
@@ -28,6 +31,19 @@ _AUTHORIZATION: dict[type[BaseException], str] = {
     kafka_exc.ClusterAuthorizationFailedError: "the cluster",
     kafka_exc.TransactionalIdAuthorizationFailed: "the transactional id",
 }
+
+
+def not_granted(where: str, user: str | None, lacking: Sequence[str]) -> BrokerRefusedError:
+    """The error for ACLs that do not let this client do what the app needs.
+
+    ``lacking`` are phrases such as ``"write on topic 'orders.results'"``. The check at start
+    and a refusal met later (a share group's heartbeat, its settings) say the same words.
+    """
+    who = f"user {user!r}" if user else "this client"
+    return BrokerRefusedError(
+        f"Kafka at {where} does not let {who} do what this app needs: "
+        f"{'; '.join(lacking)}. Grant it in the ACLs (docs/kafka.md lists what an app needs)"
+    )
 
 
 def refusal(exc: BaseException, where: str, options: dict[str, Any], *, handshake: bool = False) -> str | None:

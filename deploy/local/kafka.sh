@@ -417,7 +417,8 @@ acl_command() {
 }
 
 # grant_app DIR: the qtasks user may use every topic, group and transactional id and read the
-# cluster's settings, as an app's workers and clients do (once per cluster)
+# cluster's settings, as an app's workers and clients do (once per cluster). All on the groups
+# covers share mode too: READ on the share group, and ALTER_CONFIGS to set its settings.
 grant_app() {
     local dir="$1"
     [[ -f "$dir/secure/acls-granted" ]] && return 0

@@ -14,8 +14,8 @@ from tests.kafka_fixtures import _local_kafka_class, kafka_bootstrap
 
 __all__ = ["kafka_bootstrap"]
 
-#: Users made at format time next to admin and qtasks: one with no ACLs, two given some.
-USERS = ("nobody", "limited", "groupless")
+#: Users made at format time next to admin and qtasks: one with no ACLs, three given some.
+USERS = ("nobody", "limited", "groupless", "shareless")
 
 
 @pytest.fixture(scope="session")

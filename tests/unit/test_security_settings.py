@@ -14,9 +14,10 @@ from aiokafka import errors as kafka_exc
 from qtasks.config import QueueConfig, redact_url
 from qtasks.connectors import from_url
 from qtasks.connectors.kafka import install_log_filter
-from qtasks.connectors.kafka.access import group_missing, missing
+from qtasks.connectors.kafka.access import group_missing, missing, share_group_missing
 from qtasks.connectors.kafka.options import client_options, parse_url
 from qtasks.connectors.kafka.refusals import refusal
+from qtasks.connectors.kafka.share import wire
 from qtasks.exc import BrokerRefusedError, ConfigError
 from qtasks.supervise import LoopFailedError, Supervisor
 
@@ -150,6 +151,44 @@ def test_a_group_the_caller_may_not_read_is_named() -> None:
     assert group_missing(answer(0, describe), "a-workers") == ["read on group 'a-workers'"]
     assert group_missing(answer(30, -(2**31)), "a-workers") == ["read on group 'a-workers'"]
     assert group_missing(answer(0, -(2**31)), "a-workers") == []
+
+
+class _Answers:
+    """A connection whose broker answers a ShareFetch and an IncrementalAlterConfigs with these errors."""
+
+    def __init__(self, fetch_error: int, alter_error: int) -> None:
+        self.answers = {
+            wire.SHARE_FETCH: wire.ShareAnswer(fetch_error, None, None, {}, {}),
+            wire.INCREMENTAL_ALTER_CONFIGS: [wire.ConfigAnswer(alter_error, None)],
+        }
+        self.sent: list[wire.WireRequest[object]] = []
+
+    async def send(self, request: wire.WireRequest[object]) -> object:
+        self.sent.append(request)
+        return self.answers[request.API_KEY]
+
+
+@pytest.mark.parametrize(
+    ("fetch_error", "alter_error", "lacking"),
+    [
+        (0, 0, []),
+        (30, 0, ["read on share group 'a-workers.share'"]),
+        (0, 30, ["alter_configs on share group 'a-workers.share'"]),
+        (30, 30, ["read/alter_configs on share group 'a-workers.share'"]),
+        (35, 42, []),  # not an authorization error: the join and the settings tell what it is
+    ],
+)
+async def test_what_a_worker_may_not_do_on_its_share_group_is_named(
+    fetch_error: int, alter_error: int, lacking: list[str]
+) -> None:
+    conn = _Answers(fetch_error, alter_error)
+    assert await share_group_missing(conn, "a-workers.share") == lacking
+    fetch, alter = conn.sent
+    # READ asked by opening a session with no partitions; ALTER_CONFIGS by a validate-only change of nothing
+    fetch.prepare({wire.SHARE_FETCH: (1, 2)})
+    assert fetch.encode().endswith(b"\x01\x01\x00")  # no partitions, none forgotten, no tags
+    alter.prepare({wire.INCREMENTAL_ALTER_CONFIGS: (0, 1)})
+    assert alter.encode() == b"\x02\x20\x10a-workers.share\x01\x00" + b"\x01\x00"  # validate only
 
 
 def test_aiokafkas_debug_lines_never_show_a_sasl_exchange() -> None:

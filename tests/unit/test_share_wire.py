@@ -12,7 +12,7 @@ from aiokafka.errors import IncompatibleBrokerVersion
 
 from qtasks.connectors.kafka.share import wire
 from qtasks.connectors.kafka.share.consumer import Acks, ShareConsumer, _Session, batches
-from qtasks.exc import ConnectorError
+from qtasks.exc import BrokerRefusedError
 
 TOPIC = uuid.UUID("d7165ecd-fdcf-450a-bd00-31a3e8fe9e93")
 
@@ -125,6 +125,7 @@ class _FakeConn:
     def __init__(self, script: dict[int, list[object]], opened: list[_FakeConn]) -> None:
         self._script = script
         self.closed = False
+        self.sent: list[int] = []
         opened.append(self)
 
     def connected(self) -> bool:
@@ -134,6 +135,7 @@ class _FakeConn:
         self.closed = True
 
     async def send(self, request: wire.WireRequest[object]) -> object:
+        self.sent.append(request.API_KEY)
         answers = self._script[request.API_KEY]
         return answers.pop(0) if len(answers) > 1 else answers[0]
 
@@ -142,7 +144,9 @@ def _consumer(script: dict[int, list[object]], opened: list[_FakeConn]) -> Share
     async def connect(host: str, port: int) -> Any:
         return _FakeConn(script, opened)
 
-    return ShareConsumer(connect=connect, bootstrap=[("h", 1)], group_id="g", topics=["t"], join_interval=0.01)
+    return ShareConsumer(
+        connect=connect, bootstrap=[("h", 1)], group_id="g", topics=["t"], join_interval=0.01, user="app"
+    )
 
 
 async def test_a_member_waits_for_a_coordinator_that_is_not_ready_yet_then_joins() -> None:
@@ -159,16 +163,81 @@ async def test_a_member_waits_for_a_coordinator_that_is_not_ready_yet_then_joins
     assert opened and all(conn.closed for conn in opened)
 
 
-async def test_a_member_refused_for_good_fails_at_start_and_leaves_no_connection_open() -> None:
+#: What the member's refusals say: the words of the ACL check at start.
+NOT_ALLOWED = "Kafka at h:1 does not let user 'app' do what this app needs: "
+
+
+@pytest.mark.parametrize(
+    ("script", "lacking"),
+    [
+        ({wire.FIND_COORDINATOR: [wire.Coordinator(-1, "", -1, 30, None)]}, "read on share group 'g'"),
+        (
+            {
+                wire.FIND_COORDINATOR: [wire.Coordinator(1, "h", 1, 0, None)],
+                wire.SHARE_GROUP_HEARTBEAT: [wire.Heartbeat(30, None, None, 0, 0, None)],
+            },
+            "read on share group 'g'",
+        ),
+        (
+            {
+                wire.FIND_COORDINATOR: [wire.Coordinator(1, "h", 1, 0, None)],
+                wire.SHARE_GROUP_HEARTBEAT: [wire.Heartbeat(29, None, None, 0, 0, None)],
+            },
+            "read on topic 't'",
+        ),
+    ],
+    ids=["coordinator", "join", "join-topic"],
+)
+async def test_a_member_the_acls_keep_out_fails_at_start_naming_the_grant_and_leaves_no_connection_open(
+    script: dict[int, list[object]], lacking: str
+) -> None:
     opened: list[_FakeConn] = []
-    script: dict[int, list[object]] = {
-        wire.FIND_COORDINATOR: [wire.Coordinator(1, "h", 1, 0, None)],
-        wire.SHARE_GROUP_HEARTBEAT: [wire.Heartbeat(30, "not allowed", None, 0, 0, None)],  # authorization
-    }
     consumer = _consumer(script, opened)
-    with pytest.raises(ConnectorError, match=r"heartbeat was refused .*error 30"):
+    with pytest.raises(BrokerRefusedError) as refused:
         await consumer.start(timeout=5)
+    assert str(refused.value).startswith(NOT_ALLOWED + lacking + ". Grant it in the ACLs")
     assert opened and all(conn.closed for conn in opened)
+
+
+def _joined(heartbeats: list[object], fetches: list[object]) -> dict[int, list[object]]:
+    """A broker where the member joins and is given partition 0 of topic ``t``."""
+    return {
+        wire.FIND_COORDINATOR: [wire.Coordinator(1, "h", 1, 0, None)],
+        wire.SHARE_GROUP_HEARTBEAT: heartbeats,
+        wire.METADATA: [
+            wire.Metadata(
+                {1: wire.Broker(1, "h", 1)}, [wire.TopicMeta("t", TOPIC, 0, [wire.PartitionMeta(0, 1, 0, 0)])]
+            )
+        ],
+        wire.SHARE_FETCH: fetches,
+        wire.SHARE_ACKNOWLEDGE: [wire.ShareAnswer(30, None, None, {}, {})],
+    }
+
+
+async def test_a_member_whose_fetch_is_refused_stops_fetching_and_names_the_grant() -> None:
+    opened: list[_FakeConn] = []
+    refused = wire.ShareAnswer(30, None, None, {}, {})  # READ on the group revoked
+    consumer = _consumer(_joined([wire.Heartbeat(0, None, "m", 2, 60_000, {TOPIC: [0]})], [refused]), opened)
+    await consumer.start(timeout=5)
+    for _ in range(2):  # not a retry loop: the second call fails without asking again
+        with pytest.raises(BrokerRefusedError, match=NOT_ALLOWED + "read on share group 'g'"):
+            await consumer.getmany(0.1, 5)
+    assert sum(conn.sent.count(wire.SHARE_FETCH) for conn in opened) == 1
+    await consumer.stop()
+    assert all(conn.closed for conn in opened)
+
+
+async def test_a_member_whose_heartbeat_is_refused_later_fails_naming_the_grant() -> None:
+    opened: list[_FakeConn] = []
+    heartbeats: list[object] = [wire.Heartbeat(0, None, "m", 2, 10, None), wire.Heartbeat(30, None, None, 0, 0, None)]
+    consumer = _consumer(_joined(heartbeats, []), opened)
+    await consumer.start(timeout=5)
+    with pytest.raises(BrokerRefusedError, match=NOT_ALLOWED + "read on share group 'g'"):
+        await consumer.wait_assigned(5)
+    with pytest.raises(BrokerRefusedError, match=NOT_ALLOWED + "read on share group 'g'"):
+        await consumer.getmany(0.1, 5)
+    await consumer.stop()
+    assert all(conn.closed for conn in opened)
 
 
 def test_a_sessions_epoch_is_taken_as_a_request_is_sent_and_wraps_to_one() -> None:

@@ -19,6 +19,9 @@ How it talks to the brokers follows from what a share group is (``docs/share-gro
   acquired without a record (a compacted gap, a transaction marker) is acknowledged as a
   gap by itself. An acknowledgement the broker refuses (the lock expired, and the record
   went to another member) is logged: the record may run twice, which at least once allows.
+- **Refusals**: an answer saying the ACLs do not allow this member in (no READ on the
+  group or on a topic) ends it with a :class:`~qtasks.exc.BrokerRefusedError` naming the
+  grant, in the words of the check at start; retrying cannot fix it.
 - **Stopping** releases what this member holds and has not acknowledged, closes each
   session (epoch -1) and leaves the group (member epoch -1), so its records go to the
   other members at once rather than when their locks expire.
@@ -40,8 +43,10 @@ from aiokafka.errors import IncompatibleBrokerVersion, KafkaError
 from aiokafka.record.memory_records import MemoryRecords
 
 from qtasks.connectors.base import ShareRecord
+from qtasks.connectors.kafka.access import on_share_group
+from qtasks.connectors.kafka.refusals import not_granted
 from qtasks.connectors.kafka.share import wire
-from qtasks.exc import ConnectorError
+from qtasks.exc import BrokerRefusedError, ConnectorError
 
 log = logging.getLogger("qtasks.kafka.share")
 
@@ -53,6 +58,8 @@ COORDINATOR_LOAD_IN_PROGRESS = 14
 COORDINATOR_NOT_AVAILABLE = 15
 NOT_COORDINATOR = 16
 UNKNOWN_MEMBER_ID = 25
+TOPIC_AUTHORIZATION_FAILED = 29
+GROUP_AUTHORIZATION_FAILED = 30
 UNKNOWN_TOPIC_ID = 100
 FENCED_MEMBER_EPOCH = 110
 INVALID_RECORD_STATE = 121
@@ -146,9 +153,12 @@ class ShareConsumer:
         group_id: str,
         topics: list[str],
         join_interval: float = 0.5,
+        user: str | None = None,
     ) -> None:
         self._connect = connect
         self._bootstrap = bootstrap
+        #: Who the brokers take this member for (the SASL user), named when they refuse it.
+        self._user = user
         self.group_id = group_id
         self.topics = list(topics)
         self.member_id = str(uuid_mod.uuid4())
@@ -249,6 +259,8 @@ class ShareConsumer:
     async def _open_coordinator(self) -> AIOKafkaConnection:
         meta = await self._any_conn(locked=True)
         found: wire.Coordinator = await meta.send(wire.find_coordinator(self.group_id))
+        if found.error == GROUP_AUTHORIZATION_FAILED:  # not even DESCRIBE, which READ includes
+            raise self._not_granted(on_share_group(self.group_id, "read"))
         if found.error != NONE:
             raise ConnectorError(
                 f"share group {self.group_id}: no coordinator yet (error {found.error}: {found.message})",
@@ -272,6 +284,10 @@ class ShareConsumer:
             self._epoch = 0
             self._set_assignment(frozenset())
             return 0.0
+        if answer.error == GROUP_AUTHORIZATION_FAILED:
+            raise self._not_granted(on_share_group(self.group_id, "read"))
+        if answer.error == TOPIC_AUTHORIZATION_FAILED:
+            raise self._not_granted(*(f"read on topic {topic!r}" for topic in self.topics))
         if answer.error != NONE:
             raise ConnectorError(
                 f"share group {self.group_id}: the heartbeat was refused (error {answer.error}: {answer.message})"
@@ -283,6 +299,10 @@ class ShareConsumer:
             self._set_assignment(frozenset((t, p) for t, parts in answer.assignment.items() for p in parts))
         interval = answer.interval_ms / 1000
         return min(interval, self._join_interval) if not self._assigned else interval
+
+    def _not_granted(self, *lacking: str) -> BrokerRefusedError:
+        where = ",".join(f"{host}:{port}" for host, port in self._bootstrap)
+        return not_granted(where, self._user, lacking)
 
     def _drop_coordinator(self) -> None:
         if self._coordinator is not None:
@@ -417,6 +437,9 @@ class ShareConsumer:
             if isinstance(answer, BaseException):
                 if isinstance(answer, asyncio.CancelledError):
                     raise answer
+                if isinstance(answer, BrokerRefusedError):  # fetching again is refused again
+                    self._failure = answer
+                    raise answer
                 log.warning("share fetch from node %d failed: %r", node_id, answer)
                 self._drop_session(node_id)
                 self._stale = True
@@ -474,6 +497,8 @@ class ShareConsumer:
             log.info("share session with node %d lost (error %d): opening a new one", node_id, answer.error)
             self._drop_session(node_id)
             return []
+        if answer.error == GROUP_AUTHORIZATION_FAILED:
+            raise self._not_granted(on_share_group(self.group_id, "read"))
         if answer.error != NONE:
             raise ConnectorError(f"share fetch from node {node_id} refused (error {answer.error}: {answer.message})")
         if answer.lock_ms is not None:
@@ -491,6 +516,8 @@ class ShareConsumer:
                 )
             if part.error in _STALE_METADATA:
                 self._stale = True
+            elif part.error == TOPIC_AUTHORIZATION_FAILED:
+                raise self._not_granted(f"read on topic {self._names.get(key[0], str(key[0]))!r}")
             elif part.error != NONE:
                 log.warning("share fetch on %s: error %d (%s)", self._name(key), part.error, part.message)
             records.extend(self._records(key, part))

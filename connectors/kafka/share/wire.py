@@ -385,8 +385,14 @@ class ConfigAnswer:
     message: str | None
 
 
-def alter_group_configs(group_id: str, settings: dict[str, str]) -> WireRequest[list[ConfigAnswer]]:
-    """Set a group's configs (``share.auto.offset.reset``, the lock duration, the delivery limit)."""
+def alter_group_configs(
+    group_id: str, settings: dict[str, str], *, validate_only: bool = False
+) -> WireRequest[list[ConfigAnswer]]:
+    """Set a group's configs (``share.auto.offset.reset``, the lock duration, the delivery limit).
+
+    ``validate_only``: the broker checks the request (ALTER_CONFIGS on the group first, then
+    the values) and changes nothing.
+    """
 
     def body(version: int) -> bytes:
         w = Writer()
@@ -398,7 +404,7 @@ def alter_group_configs(group_id: str, settings: dict[str, str]) -> WireRequest[
             w.int8(RESOURCE_GROUP).string(group_id).array(sorted(settings.items()), config).tags()
 
         w.array([None], resource)
-        return w.bool(False).tags().getvalue()
+        return w.bool(validate_only).tags().getvalue()
 
     def read(r: Reader, version: int) -> list[ConfigAnswer]:
         r.int32()
