@@ -26,9 +26,9 @@ from tests.helpers import FAST, unique
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def refused(url: str, name: str | None = None) -> tuple[BrokerRefusedError, float]:
+async def refused(url: str, name: str | None = None, **settings: Any) -> tuple[BrokerRefusedError, float]:
     """Start an app (worker and client) on ``url``; the refusal it ends in, and how long it took."""
-    app = QueueTasks(name=name or unique("sec"), broker_url=url, **FAST)
+    app = QueueTasks(name=name or unique("sec"), broker_url=url, **{**FAST, **settings})
     started = time.monotonic()
     try:
         with pytest.raises(BrokerRefusedError) as caught:
