@@ -51,6 +51,7 @@ from qtasks.decisions import ShareDelivery, admit
 from qtasks.delays import AT, DUE, KEY, MOVED
 from qtasks.delivery import deliver, fetch, retried
 from qtasks.exc import (
+    BrokerRefusedError,
     ChordError,
     CommitFailedError,
     ConnectorError,
@@ -329,6 +330,8 @@ class Worker:
         ):
             try:
                 await self.core.broker.configure_share_group(self.share_group, {name: str(value)})
+            except BrokerRefusedError:
+                raise  # an ACL is missing: the worker cannot run as asked
             except ConnectorError as exc:
                 raise_if_cancelled()
                 log.info("share group %s keeps the brokers' %s: %s", self.share_group, name, exc)
