@@ -8,6 +8,7 @@ user meets it. The processes and what is read back are in :mod:`tests.faults.wor
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -151,3 +152,41 @@ async def test_a_task_that_kills_every_worker_it_runs_on_stops_at_the_delivery_l
     assert [poison.uuid in letter.reason for letter in letters] == [True], letters
     # The worker left goes on with the next task.
     assert (await app.add_task("gen", 2, timeout=60)).status == "success"
+
+
+@pytest.mark.timeout(240)
+async def test_a_worker_frozen_past_its_locks_loses_them_and_wakes_to_go_on(
+    make_cluster: Callable[..., Workers],
+) -> None:
+    # Locks and leases of 3 s; the worker is frozen (SIGSTOP) for 8 s while it runs tasks.
+    cluster = make_cluster(**{**SHARE, "tasks_partitions": 1}, lease_timeout=3.0, lease_interval=0.5, process_grace=0.2)
+    frozen = cluster.start_worker(concurrency=4)
+    await cluster.wait_sharing([frozen])
+    app = await cluster.client()
+    n_tasks, n_values = 4, 30
+    tasks = await app.add_tasks("gen", [(n_values, 0.2)] * n_tasks)
+    uuids = [t.uuid for t in tasks]
+    await until(lambda: len(running_on(app, uuids, frozen)) == n_tasks, 60, "the tasks running on one worker")
+    other = cluster.start_worker(concurrency=4)
+    await cluster.wait_sharing([other])
+    frozen.popen.send_signal(signal.SIGSTOP)
+    try:
+        # Its locks run out: the other worker gets the records and takes the tasks over.
+        await until(lambda: all(other.ran(h) for u in uuids if (h := app.view.head(u))), 30, "taken over")
+    finally:
+        frozen.popen.send_signal(signal.SIGCONT)
+    finals = await wait_all(app, uuids, timeout=120)
+    assert Counter(t.status for t in finals.values()) == {"success": n_tasks}
+    # Both attempts may end (at least once: the woken worker's runs go on), and the stream
+    # drops the values streamed twice.
+    scanned = await scan_results(app)
+    assert all(executions(scanned[u]) == [1, 2] for u in uuids), {u: executions(scanned[u]) for u in uuids}
+    streams = await read_streams(app, uuids)
+    for u in uuids:
+        check_values(streams[u], n_values)
+    # Awake, it learns its locks are gone, and it goes on with new tasks.
+    await until(lambda: "ran out: another worker may run it too" in frozen.log(), 30, "the lost locks logged")
+    assert frozen.alive(), frozen.tail()
+    more = await app.add_tasks("gen", [(2, 0.0)] * 8)
+    ends = await wait_all(app, [t.uuid for t in more], timeout=60)
+    assert {t.status for t in ends.values()} == {"success"}
