@@ -11,10 +11,11 @@ KAFKA_BROKERS ?=
 # made at its first start) and an authorizer; `run` then connects as its qtasks user.
 KAFKA_SECURITY ?=
 N ?= 20
-# Extra flags for bench-peers, e.g. ARGS="--tasks-gen 100 --k 10 --tasks-short 300".
+# Extra flags for bench, bench-peers and bench-share (see each script's --help), e.g. for bench-peers
+# ARGS="--tasks-gen 100 --k 10 --tasks-short 300".
 ARGS ?=
 
-.PHONY: install browser-deps deploy-check test-deploy run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers kafka-up kafka-down clean
+.PHONY: install browser-deps deploy-check test-deploy run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers bench-share kafka-up kafka-down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -96,6 +97,11 @@ bench-rss: install
 
 bench-kafka: install
 	$(BIN)/python bench/bench_kafka.py
+
+# Share mode against group mode, every worker a process of its own; ARGS="--bootstrap HOST:PORT"
+# uses a running broker (e.g. one from kafka-up) instead of starting one.
+bench-share: install
+	$(BIN)/python bench/bench_share.py $(ARGS)
 
 # The bench extra (the peer engines, pinned) on top of dev, in the same venv.
 $(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
