@@ -149,18 +149,26 @@ class ShareGroups:
             for tp, kinds in acks.items():
                 part = self._partition(group, tp)
                 self._expire(group, part, now)
+                # All or nothing per partition, as Kafka applies them: one refused offset
+                # refuses every acknowledgement of its partition in the request.
+                wrong = []
                 for offset, kind in kinds.items():
                     held = part.inflight.get(offset)
                     if held is None or held.member != member:
-                        refused.append(f"{tp.topic}[{tp.partition}]@{offset} is not held by this member")
-                    elif kind in (ACCEPT, REJECT):
+                        wrong.append(f"{tp.topic}[{tp.partition}]@{offset} is not held by this member")
+                    elif kind not in (ACCEPT, REJECT, RELEASE, RENEW):
+                        wrong.append(f"{tp.topic}[{tp.partition}]@{offset}: unknown acknowledgement {kind}")
+                if wrong:
+                    refused.extend(wrong)
+                    continue
+                for offset, kind in kinds.items():
+                    held = part.inflight[offset]
+                    if kind in (ACCEPT, REJECT):
                         del part.inflight[offset]
                     elif kind == RELEASE:
                         self._free(group, part, offset, held)
-                    elif kind == RENEW:
-                        held.until = now + group.lock
                     else:
-                        refused.append(f"{tp.topic}[{tp.partition}]@{offset}: unknown acknowledgement {kind}")
+                        held.until = now + group.lock
         return refused
 
     def leave(self, group_id: str, member: str) -> None:
@@ -260,7 +268,10 @@ class MemoryShareConsumer:
 
     def acknowledge(self, record: ShareRecord, kind: int = ACCEPT) -> None:
         tp = TopicPartition(record.topic, record.partition)
-        self._held.get(tp, set()).discard(record.offset)
+        held = self._held.get(tp)
+        if held is None or record.offset not in held:
+            return  # not held here (lost, or acknowledged already): it would take its partition's others down
+        held.discard(record.offset)
         self._acks.setdefault(tp, {})[record.offset] = kind
 
     async def flush_acks(self, *, closing: bool = False) -> None:
@@ -269,13 +280,30 @@ class MemoryShareConsumer:
             self._groups.acknowledge(self.group_id, self.member_id, acks)
 
     async def renew(self, records: list[ShareRecord]) -> list[ShareRecord]:
-        """Extend the locks of ``records``; return those this member no longer holds."""
-        refused: list[ShareRecord] = []
+        """Extend the locks of ``records``; return those this member no longer holds (forgotten here).
+
+        One request per partition, as Kafka's consumer sends them; a partition refused as a
+        whole (all or nothing) is renewed again record by record.
+        """
+        lost: list[ShareRecord] = []
+        by_tp: dict[TopicPartition, list[ShareRecord]] = {}
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
-            if self._groups.acknowledge(self.group_id, self.member_id, {tp: {record.offset: RENEW}}):
-                refused.append(record)
-        return refused
+            if record.offset in self._held.get(tp, ()):
+                by_tp.setdefault(tp, []).append(record)
+            else:
+                lost.append(record)
+        for tp, of_tp in by_tp.items():
+            if not self._groups.acknowledge(self.group_id, self.member_id, {tp: {r.offset: RENEW for r in of_tp}}):
+                continue
+            for record in of_tp:
+                if len(of_tp) == 1 or self._groups.acknowledge(
+                    self.group_id, self.member_id, {tp: {record.offset: RENEW}}
+                ):
+                    lost.append(record)
+        for record in lost:
+            self._held.get(TopicPartition(record.topic, record.partition), set()).discard(record.offset)
+        return lost
 
     async def stop(self) -> None:
         """Release what is held and not acknowledged, and leave the group."""

@@ -442,3 +442,38 @@ async def test_a_graceful_stop_hands_back_the_records_it_holds_at_once(kafka_boo
     finally:
         await first.stop()
         await second.stop()
+
+
+@pytest.mark.parametrize("group_settings", [{"share.record.lock.duration.ms": "2000"}])
+async def test_one_lost_lock_does_not_keep_the_other_locks_of_its_partition_from_being_renewed(
+    kafka_bootstrap: str, topic: str, member: Group
+) -> None:
+    # The broker applies a partition's acknowledgements all or nothing: a renewal that names
+    # one record whose lock ran out (a worker that froze past it) is refused as a whole. A
+    # worker renews everything it holds, the lost one included, every third of a lock: the
+    # records it still holds must keep their locks all the same.
+    await _produce(kafka_bootstrap, topic, 4)
+    holder = await member()
+    await _until_assigned(holder)
+    held = sorted(await _take(holder, 4), key=lambda r: r.offset)
+    assert [r.offset for r in held] == [0, 1, 2, 3] and holder.lock_ms == 2000
+    kept, lost = held[:3], held[3]
+    other = await member()
+    await _until_assigned(other)
+    deadline = time.monotonic() + 10
+    taken: list[ShareRecord] = []
+    while not taken and time.monotonic() < deadline:
+        assert await holder.renew(kept) == []
+        taken = await other.getmany(0.5, 10)
+    assert [(r.offset, r.delivery_count) for r in taken] == [(lost.offset, 2)]
+    other.acknowledge(taken[0])
+    await other.flush_acks()
+    handed: list[ShareRecord] = []
+    renewing_until = time.monotonic() + 5  # 2.5 times the lock
+    while time.monotonic() < renewing_until:
+        assert await holder.renew([*kept, lost]) == [lost], "only the lost lock is refused"
+        handed.extend(await other.getmany(0.5, 10))
+    assert handed == [], "a lock the holder renewed all along went to another member"
+    for record in kept:
+        holder.acknowledge(record)
+    await holder.flush_acks()

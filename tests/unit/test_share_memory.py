@@ -11,7 +11,7 @@ import pytest
 
 from qtasks.config import QueueConfig
 from qtasks.connectors import from_url
-from qtasks.connectors.base import RELEASE, ShareRecord, TopicSpec
+from qtasks.connectors.base import ACCEPT, RELEASE, ShareRecord, TopicPartition, TopicSpec
 from qtasks.connectors.memory_log import MemoryLog
 from qtasks.connectors.memory_share import MemoryShareConsumer, share_groups
 from qtasks.exc import ConnectorError
@@ -78,6 +78,34 @@ async def test_a_lock_that_runs_out_hands_the_record_to_another_member_and_a_ren
     await holder.flush_acks()
     clock.now += 5
     assert await holder.renew([kept]) == [kept]  # its lock ran out meanwhile
+
+
+async def test_a_partitions_acknowledgements_are_all_or_nothing_and_one_lost_lock_keeps_no_renewal_back() -> None:
+    # As on Kafka: one offset the member does not hold refuses every acknowledgement of its
+    # partition in the request; the consumer renews such a partition again record by record.
+    log, clock = _log(4, **{"share.record.lock.duration.ms": "2000"})
+    holder, other = await _member(log), await _member(log)
+    held = await holder.getmany(0, 4)
+    kept, lost = held[:3], held[3]
+    clock.now += 1.5
+    assert await holder.renew(kept) == []
+    clock.now += 1.0  # the lost one's lock ran out
+    taken = await other.getmany(0, 10)
+    assert [(r.offset, r.delivery_count) for r in taken] == [(lost.offset, 2)]
+    tp = TopicPartition("t", 0)
+    groups = share_groups(log)
+    assert groups.acknowledge("g", holder.member_id, {tp: {kept[0].offset: ACCEPT, lost.offset: ACCEPT}})
+    assert await holder.renew(held) == [lost], "only the lost lock is refused"
+    clock.now += 1.5
+    assert await other.getmany(0, 10) == [], "a lock renewed all along went to another member"
+    holder.acknowledge(lost)  # not held here any more: not sent, so the others still count
+    for record in kept:
+        holder.acknowledge(record)
+    await holder.flush_acks()
+    other.acknowledge(taken[0])
+    await other.flush_acks()
+    clock.now += 5
+    assert await other.getmany(0, 10) == [], "an accepted record was handed out again"
 
 
 async def test_a_record_handed_out_as_often_as_the_delivery_limit_is_archived() -> None:

@@ -573,8 +573,18 @@ class ShareConsumer:
         """Say what became of a record (sent with the next fetch, or by :meth:`flush_acks`)."""
         key = (record.topic_id, record.partition)
         held = self._held.get(key)
-        if held is not None:
-            held.discard(record.offset)
+        if held is None or record.offset not in held:
+            # Not held here (its lock ran out, its session is gone, or it was acknowledged
+            # already): the broker would refuse it, and every acknowledgement of its
+            # partition sent with it (all or nothing).
+            log.debug(
+                "share group %s: %s@%d is not held here: not acknowledged",
+                self.group_id,
+                self._name(key),
+                record.offset,
+            )
+            return
+        held.discard(record.offset)
         self._acks.add(key, record.offset, kind)
 
     async def flush_acks(self, *, closing: bool = False) -> None:
@@ -617,56 +627,83 @@ class ShareConsumer:
     async def renew(self, records: list[ShareRecord]) -> list[ShareRecord]:
         """Extend the locks of records still being worked on (RENEW, ShareAcknowledge v2, Kafka 4.2+).
 
-        Returns the records whose locks were not renewed: their session is gone, or the
-        broker refused (the lock had run out already). Those may be handed to another member.
+        Returns the records this member no longer holds: their session is gone, or the
+        broker refused them (the lock had run out already, and they may be with another
+        member). Those are forgotten here: never renewed, acknowledged or released again.
+        A renewal the broker fails as a whole (an error not about a lock) is tried again at
+        the next one, a third of a lock later.
+
+        The broker applies a partition's acknowledgements all or nothing: one record whose
+        lock ran out fails the renewal of every record of its partition. So a partition
+        refused with more than one record is renewed again record by record, and only the
+        records refused alone are lost.
         """
-        refused: list[ShareRecord] = []
+        lost: list[ShareRecord] = []
         by_node: dict[int, list[ShareRecord]] = {}
         for record in records:
             key = (record.topic_id, record.partition)
             node = next((n for n, s in self._sessions.items() if key in s.partitions), None)
             if node is None or record.offset not in self._held.get(key, ()):
-                refused.append(record)
+                lost.append(record)
             else:
                 by_node.setdefault(node, []).append(record)
         for node_id, held in by_node.items():
-            session = self._sessions[node_id]
-            offsets: dict[Key, dict[int, int]] = {}
-            for record in held:
-                offsets.setdefault((record.topic_id, record.partition), {})[record.offset] = wire.RENEW
-            acks = {key: batches(kinds) for key, kinds in offsets.items()}
-            request = wire.share_acknowledge(self.group_id, self.member_id, session.next_epoch(), acks, renew=True)
-            try:
-                answer: wire.ShareAnswer = await session.conn.send(request)
-            except IncompatibleBrokerVersion as exc:
-                raise ConnectorError(
-                    f"share group {self.group_id}: renewing a lock needs Kafka 4.2 or later: {exc}"
-                ) from exc
-            except (KafkaError, OSError) as exc:
-                log.warning("share locks on node %d not renewed: %r", node_id, exc)
-                self._drop_session(node_id)
-                refused.extend(held)
+            failed = await self._renew_on(node_id, held)
+            if failed is None:  # the session is gone, and the broker released its locks with it
+                lost.extend(held)
                 continue
-            if answer.error != NONE:
-                log.warning("share locks on node %d not renewed (error %d: %s)", node_id, answer.error, answer.message)
-                if answer.error in _SESSION_LOST:
-                    self._drop_session(node_id)
-                refused.extend(held)
-                continue
-            if answer.lock_ms is not None:
-                self.lock_ms = answer.lock_ms
-            failed = {key for key, part in answer.partitions.items() if part.error != NONE}
             for key in failed:
-                part = answer.partitions[key]
-                log.warning(
-                    "share group %s: locks on %s not renewed (error %d: %s)",
-                    self.group_id,
-                    self._name(key),
-                    part.error,
-                    part.message,
-                )
-            refused.extend(r for r in held if (r.topic_id, r.partition) in failed)
-        return refused
+                of_key = [r for r in held if (r.topic_id, r.partition) == key]
+                for record in of_key:
+                    alone = {key} if len(of_key) == 1 else None
+                    if alone is None and node_id in self._sessions:
+                        alone = await self._renew_on(node_id, [record])
+                    if alone is None or alone:
+                        lost.append(record)
+                    if alone:  # refused: forgotten now (a later fetch may hand it here again)
+                        self._held.get(key, set()).discard(record.offset)
+        return lost
+
+    async def _renew_on(self, node_id: int, records: list[ShareRecord]) -> set[Key] | None:
+        """One renewal on a session: the partitions the broker refused (None: the session is gone)."""
+        session = self._sessions[node_id]
+        offsets: dict[Key, dict[int, int]] = {}
+        for record in records:
+            offsets.setdefault((record.topic_id, record.partition), {})[record.offset] = wire.RENEW
+        acks = {key: batches(kinds) for key, kinds in offsets.items()}
+        request = wire.share_acknowledge(self.group_id, self.member_id, session.next_epoch(), acks, renew=True)
+        try:
+            answer: wire.ShareAnswer = await session.conn.send(request)
+        except IncompatibleBrokerVersion as exc:
+            raise ConnectorError(
+                f"share group {self.group_id}: renewing a lock needs Kafka 4.2 or later: {exc}"
+            ) from exc
+        except (KafkaError, OSError) as exc:
+            log.warning("share locks on node %d not renewed: %r", node_id, exc)
+            self._drop_session(node_id)
+            return None
+        if answer.error in _SESSION_LOST:
+            log.warning("share locks on node %d not renewed (error %d: %s)", node_id, answer.error, answer.message)
+            self._drop_session(node_id)
+            return None
+        if answer.error != NONE:
+            log.warning(
+                "share locks on node %d not renewed this time (error %d: %s)", node_id, answer.error, answer.message
+            )
+            return set()
+        if answer.lock_ms is not None:
+            self.lock_ms = answer.lock_ms
+        failed = {key for key, part in answer.partitions.items() if part.error != NONE}
+        for key in failed:
+            part = answer.partitions[key]
+            log.info(
+                "share group %s: locks on %s not renewed (error %d: %s)",
+                self.group_id,
+                self._name(key),
+                part.error,
+                part.message,
+            )
+        return failed
 
     # -- stopping --------------------------------------------------------------------------
 
