@@ -94,8 +94,12 @@ def _moved(record: Record) -> bool:
     return any(name == MOVED for name, _ in record.headers or ())
 
 
+def _as_record(item: ShareRecord) -> Record:
+    return Record(item.topic, item.partition, item.offset, item.key, item.value, item.timestamp, item.headers)
+
+
 class _Dropped(Exception):
-    """A record left unfinished on purpose: a rebalance came while it was being admitted."""
+    """A record left unfinished on purpose: a rebalance came while it was being admitted, or (share mode) its lock ran out."""
 
 
 class ShareOffsets(PartitionOffsets):
@@ -106,7 +110,14 @@ class ShareOffsets(PartitionOffsets):
         self._share = share
         self.shared = shared
         self._live = live
+        #: Its lock ran out and the group may have handed it to another member: it is not
+        #: started here, renewed or acknowledged (a run under way goes on: at least once).
+        self.lost = False
         live.add(self)
+
+    def lose(self) -> None:
+        self.lost = True
+        self._live.discard(self)
 
     def _end(self, kind: int) -> None:
         if self in self._live:
@@ -357,10 +368,7 @@ class Worker:
             for item in shared:
                 if item.delivery_count > 1:
                     self.share_redelivered += 1
-                record = Record(
-                    item.topic, item.partition, item.offset, item.key, item.value, item.timestamp, item.headers
-                )
-                self._take(record, ShareOffsets(share, item, self._share_live))
+                self._take(_as_record(item), ShareOffsets(share, item, self._share_live))
             self._fill()
 
     async def _lock_loop(self) -> None:
@@ -369,16 +377,35 @@ class Worker:
         assert share is not None
         while True:
             await asyncio.sleep(max(0.1, (share.lock_ms or self.core.config.lease_timeout * 1000) / 3000))
-            held = [o.shared for o in self._share_live]
-            if held:
-                for lost in await share.renew(held):
-                    self.share_locks_lost += 1
-                    log.warning(
-                        "the lock of %s[%d]@%d ran out: another worker may run it too",
-                        lost.topic,
-                        lost.partition,
-                        lost.offset,
-                    )
+            live = list(self._share_live)
+            if live:
+                gone = {id(record) for record in await share.renew([o.shared for o in live])}
+                self._locks_lost([o for o in live if id(o.shared) in gone and o in self._share_live])
+
+    def _locks_lost(self, offsets: list[ShareOffsets]) -> None:
+        """Records whose locks ran out: counted once, never renewed or acknowledged again, and
+        those waiting here are not started (the group may have handed them to another worker)."""
+        for held in offsets:
+            held.lose()
+            self.share_locks_lost += 1
+            shared = held.shared
+            log.warning(
+                "the lock of %s[%d]@%d ran out: another worker may run it too",
+                shared.topic,
+                shared.partition,
+                shared.offset,
+            )
+        if offsets:
+            self._backlog = [e for e in self._backlog if not (isinstance(e[4], ShareOffsets) and e[4].lost)]
+            heapq.heapify(self._backlog)
+            self._delayed = [e for e in self._delayed if not (isinstance(e[4], ShareOffsets) and e[4].lost)]
+            heapq.heapify(self._delayed)
+
+    async def _still_held(self, held: ShareOffsets) -> bool:
+        """Whether this worker still holds the record's lock (asked of the group: renewed now)."""
+        if not held.lost and self._share is not None and await self._share.renew([held.shared]):
+            self._locks_lost([held])
+        return not held.lost
 
     def _on_first_delays(self, owned: bool) -> None:
         (self.ticker.lead if owned and not self._stopping else self.ticker.step_down)()
@@ -811,7 +838,9 @@ class Worker:
                     shared = offsets.shared
                     limit = self.core.config.share_delivery_limit
                     delivery = ShareDelivery(f"{shared.partition}:{shared.offset}", shared.delivery_count, limit)
-                rejected = await self._run_record(rec, txn, ran, record, delivery)
+                rejected = await self._run_record(
+                    rec, txn, ran, record, delivery, offsets if isinstance(offsets, ShareOffsets) else None
+                )
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
@@ -870,10 +899,20 @@ class Worker:
         ran: Callable[[], None] | None = None,
         record: Record | None = None,
         share: ShareDelivery | None = None,
+        held: ShareOffsets | None = None,
     ) -> bool:
-        """Admit and run (or end) one task record; True when its record went to the dead-letter topic."""
+        """Admit and run (or end) one task record; True when its record went to the dead-letter topic.
+
+        Share mode, ``held`` is the record's lock here: a record whose lock ran out is not
+        started (the group may have handed it to another worker), and one whose task another
+        worker runs from this very record is taken over only once the group confirms this
+        worker holds it (a copy of it that waited here after its lock ran out must not take
+        over the worker the group handed it to next).
+        """
         core = self.core
         uuid = rec.uuid
+        if held is not None and held.lost:
+            raise _Dropped()
         if record is not None and rec.not_before > time.time() + FORWARD_AFTER and not _moved(record):
             await self._forward(rec, record, txn)
             return False
@@ -901,6 +940,15 @@ class Worker:
                 break
             await self._wait_for_lease(uuid, head)
         action = decision.action
+        if held is not None:
+            takes_over = (
+                head is not None
+                and head.status == "process"
+                and head.worker not in (None, self.id)
+                and head.lease_until > time.time()
+            )
+            if held.lost or (takes_over and not await self._still_held(held)):
+                raise _Dropped()
         if action == "skip" and rec.key is not None and head is not None and head.retry_child_uuid:
             # A keyed task read again after it was retried (its worker stopped before the retry
             # was taken): the key waits for the retry, unless it has started already.

@@ -330,3 +330,72 @@ async def test_a_keyed_task_is_refused_in_share_mode_by_the_client_and_by_the_wo
     finally:
         await worker.stop()
         await client.stop()
+
+
+async def test_a_record_whose_lock_ran_out_while_it_waited_here_does_not_take_over_the_worker_it_went_to() -> None:
+    from qtasks.records import Task
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url, tasks_partitions=1)
+    app = _share_app(name, url, tasks_partitions=1, concurrency=1, prefetch=1)
+    gate = asyncio.Event()
+    ran: list[int] = []
+
+    @app.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        if i == 1:
+            await gate.wait()
+        return i
+
+    await client.core.connect()
+    log = client.core.broker.log
+    clock = Clock()
+    share_groups(log).clock = clock  # the group's locks run out when the test says
+    thief = MemoryShareConsumer(log, group_id=f"{client.group_id}.share", topics=[client.core.topics.tasks])
+    try:
+        await app.start()
+        worker = app.worker
+        assert worker is not None
+        first = await client.add_task("work", 1)
+        second = await client.add_task("work", 2)
+        deadline = time.monotonic() + 5
+        while (ran != [1] or len(worker._backlog) != 1) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert ran == [1] and len(worker._backlog) == 1, "the second task waits here for the slot"
+        clock.now += 60  # the worker froze past its locks: the group hands its records out again
+        await thief.start()
+        taken = {r.offset: r for r in await thief.getmany(0, 10)}
+        assert sorted((o, r.delivery_count) for o, r in taken.items()) == [(0, 2), (1, 2)]
+        # The worker the second record went to runs it (announced, its lease far ahead).
+        now = time.time()
+        running = Task(
+            uuid=second.uuid,
+            task_name="work",
+            status="process",
+            args=[2],
+            created_at=now,
+            updated_at=now,
+            attempt=1,
+            worker="the-worker-it-went-to",
+            lease_until=now + 600,
+            source="0:1",
+        )
+        await client.core.store.write(running, durable=True)
+        while (head := worker.core.view.head(second.uuid)) is None or head.status != "process":
+            await asyncio.sleep(0.01)
+        gate.set()  # the slot frees: the copy that waited here must not run
+        assert (await client.wait(first.uuid, 5)).status == "success"
+        await asyncio.sleep(1.0)
+        head = worker.core.view.head(second.uuid)
+        assert ran == [1], "a copy whose lock ran out took the task over from the worker the group gave it to"
+        assert head is not None and (head.status, head.worker) == ("process", "the-worker-it-went-to")
+        lost = worker.share_locks_lost
+        assert lost >= 1
+        await asyncio.sleep(1.5)  # past a renewal or more
+        assert worker.share_locks_lost == lost, "each lost lock counts once"
+    finally:
+        await app.stop()
+        await thief.stop()
+        await client.stop()
