@@ -878,6 +878,13 @@ class Worker:
                     other.finish(offset)
             if not finished and isinstance(offsets, ShareOffsets):
                 offsets.give_back()  # handed back (a stop), or not ours to finish: another worker takes it
+                for other, _ in joined:
+                    if not isinstance(other, ShareOffsets):
+                        continue
+                    if self._stopping or other.lost:
+                        other.give_back()
+                    else:  # records of the task that joined it are still held here: taken afresh
+                        self._take(_as_record(other.shared), other)
             if holds_slot:
                 self._free_slot()
             else:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
 from qtasks.config import QueueConfig
@@ -38,6 +40,13 @@ def _log(records: int, partitions: int = 1, **settings: str) -> tuple[MemoryLog,
     groups.clock = clock
     groups.configure("g", {"share.auto.offset.reset": "earliest", **settings})
     return log, clock
+
+
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 async def _member(log: MemoryLog) -> MemoryShareConsumer:
@@ -360,10 +369,7 @@ async def test_a_record_whose_lock_ran_out_while_it_waited_here_does_not_take_ov
         assert worker is not None
         first = await client.add_task("work", 1)
         second = await client.add_task("work", 2)
-        deadline = time.monotonic() + 5
-        while (ran != [1] or len(worker._backlog) != 1) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert ran == [1] and len(worker._backlog) == 1, "the second task waits here for the slot"
+        await _until(lambda: ran == [1] and len(worker._backlog) == 1, "the second task waiting here for the slot")
         clock.now += 60  # the worker froze past its locks: the group hands its records out again
         await thief.start()
         taken = {r.offset: r for r in await thief.getmany(0, 10)}
@@ -383,8 +389,7 @@ async def test_a_record_whose_lock_ran_out_while_it_waited_here_does_not_take_ov
             source="0:1",
         )
         await client.core.store.write(running, durable=True)
-        while (head := worker.core.view.head(second.uuid)) is None or head.status != "process":
-            await asyncio.sleep(0.01)
+        await _until(lambda: getattr(worker.core.view.head(second.uuid), "status", None) == "process", "the status")
         gate.set()  # the slot frees: the copy that waited here must not run
         assert (await client.wait(first.uuid, 5)).status == "success"
         await asyncio.sleep(1.0)
@@ -396,6 +401,78 @@ async def test_a_record_whose_lock_ran_out_while_it_waited_here_does_not_take_ov
         await asyncio.sleep(1.5)  # past a renewal or more
         assert worker.share_locks_lost == lost, "each lost lock counts once"
     finally:
+        await app.stop()
+        await thief.stop()
+        await client.stop()
+
+
+async def test_a_copy_of_a_task_that_joined_a_record_dropped_here_is_taken_afresh_not_held_for_ever() -> None:
+    from qtasks.connectors.base import TopicPartition as TP
+    from qtasks.records import Task
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url, tasks_partitions=1)
+    app = _share_app(name, url, tasks_partitions=1, concurrency=2)
+    ran: list[int] = []
+
+    @app.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        return i
+
+    await client.core.connect()
+    log = client.core.broker.log
+    tasks = client.core.topics.tasks
+    thief = MemoryShareConsumer(log, group_id=f"{client.group_id}.share", topics=[tasks])
+    await thief.start()
+    keeping: asyncio.Task[None] | None = None
+    try:
+        # Another worker runs the task (not from this record): its first record waits for that lease.
+        handle = await client.add_task("work", 1)
+        now = time.time()
+        running = Task(
+            uuid=handle.uuid,
+            task_name="work",
+            status="process",
+            args=[1],
+            created_at=now,
+            updated_at=now,
+            attempt=1,
+            worker="another-worker",
+            lease_until=now + 600,
+            source="0:99",
+        )
+        await client.core.store.write(running, durable=True)
+        await app.start()
+        worker = app.worker
+        assert worker is not None
+        await _until(lambda: handle.uuid in worker._active, "the first record being admitted")
+        # A second record of the same task (a producer's retry, the delays topic moving it
+        # twice) joins the first one here.
+        first = log.fetch(TP(tasks, 0), 0, 1)[0]
+        log.append(tasks, 0, first.key, first.value, list(first.headers))
+        await _until(lambda: len(worker._active.get(handle.uuid, ())) == 1, "the copy joining the first record")
+        # The first record's lock runs out (the group gives it elsewhere), then the lease it waited for ends.
+        inflight = share_groups(log)._groups[f"{client.group_id}.share"].partitions[TP(tasks, 0)].inflight
+        inflight[0].until = 0.0
+        stolen = await thief.getmany(0, 1)
+        assert [(r.offset, r.delivery_count) for r in stolen] == [(0, 2)]
+
+        async def keep() -> None:  # the member it went to holds it (its lock renewed)
+            while True:
+                await thief.renew(stolen)
+                await asyncio.sleep(0.5)
+
+        keeping = asyncio.create_task(keep())
+        await _until(lambda: worker.share_locks_lost == 1, "the lost lock")
+        await client.core.store.write(msgspec.structs.replace(running, lease_until=0.0, updated_at=time.time()))
+        end = await client.wait(handle.uuid, 5)
+        assert (end.status, end.returning, ran) == ("success", 1, [1]), "the copy held here must run the task"
+        await _until(lambda: not worker._share_live, "the copy acknowledged")
+    finally:
+        if keeping is not None:
+            keeping.cancel()
         await app.stop()
         await thief.stop()
         await client.stop()
