@@ -360,7 +360,10 @@ class Worker:
         while not self._stopping:
             room = self._capacity
             if room <= 0 or self.core.trouble:
-                await asyncio.sleep(0.05)  # full: nothing is fetched, so nothing is locked waiting
+                # Full: nothing is fetched, so nothing is locked waiting. The acknowledgements of
+                # what ended meanwhile ride on no fetch: they go now, before their locks run out.
+                await share.flush_acks()
+                await asyncio.sleep(0.05)
                 continue
             shared = await share.getmany(0.5, room)
             if self._stopping:
@@ -377,6 +380,8 @@ class Worker:
         assert share is not None
         while True:
             await asyncio.sleep(max(0.1, (share.lock_ms or self.core.config.lease_timeout * 1000) / 3000))
+            # Also while a stop waits for the runs (the poll loop has ended): what ended goes now.
+            await share.flush_acks()
             live = list(self._share_live)
             if live:
                 gone = {id(record) for record in await share.renew([o.shared for o in live])}

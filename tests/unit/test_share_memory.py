@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
@@ -475,4 +475,45 @@ async def test_a_copy_of_a_task_that_joined_a_record_dropped_here_is_taken_afres
             keeping.cancel()
         await app.stop()
         await thief.stop()
+        await client.stop()
+
+
+async def test_an_ended_task_is_acknowledged_while_the_worker_stays_full() -> None:
+    from qtasks.connectors.base import TopicPartition as TP
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url, tasks_partitions=1)
+    app = _share_app(name, url, tasks_partitions=1, concurrency=2, prefetch=0)
+    release = asyncio.Event()
+
+    @app.task(name="work")
+    async def work(i: int) -> int:
+        if i:
+            await release.wait()
+        return i
+
+    @app.events.on.task_success()
+    async def slow_hook(task: Any) -> None:  # a webhook, say: the record is finished once it returns
+        if task.returning == 0:
+            await asyncio.sleep(0.3)
+
+    await client.core.connect()
+    log = client.core.broker.log
+    tasks = client.core.topics.tasks
+    try:
+        await app.start()
+        long_one = await client.add_task("work", 1)
+        quick = await client.add_task("work", 0)
+        await client.add_task("work", 2)  # takes the slot the quick one frees: the worker stays full
+        assert (await client.wait(quick.uuid, 5)).status == "success"
+        inflight = share_groups(log)._groups[f"{client.group_id}.share"].partitions[TP(tasks, 0)].inflight
+        await _until(lambda: 2 in inflight, "the third record taken")
+        await asyncio.sleep(1.0)
+        assert 1 not in inflight, "the quick task's record is still locked: its acknowledgement waits for a fetch"
+        release.set()
+        assert (await client.wait(long_one.uuid, 5)).status == "success"
+    finally:
+        release.set()
+        await app.stop()
         await client.stop()
