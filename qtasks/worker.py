@@ -877,6 +877,8 @@ class Worker:
                 finished = False
             if finished and rejected and isinstance(offsets, ShareOffsets):
                 offsets.reject()  # dead-lettered: never handed out again
+                for other, offset in joined:  # the task has ended: its other records are done
+                    other.finish(offset)
             elif finished:
                 offsets.finish(record.offset)
                 for other, offset in joined:

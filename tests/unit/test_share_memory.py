@@ -517,3 +517,41 @@ async def test_an_ended_task_is_acknowledged_while_the_worker_stays_full() -> No
         release.set()
         await app.stop()
         await client.stop()
+
+
+async def test_a_copy_of_a_task_that_joined_its_last_delivery_is_acknowledged_with_it() -> None:
+    from qtasks.connectors.base import TopicPartition as TP
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url, tasks_partitions=1)
+    app = _share_app(name, url, tasks_partitions=1, share_delivery_limit=2)
+    ending = asyncio.Event()
+
+    @app.task(name="work")
+    async def work(i: int) -> int:
+        return i
+
+    @app.events.on.task_error()
+    async def slow_hook(task: Any) -> None:  # the last delivery's ending is under way meanwhile
+        ending.set()
+        await asyncio.sleep(0.5)
+
+    await client.core.connect()
+    log = client.core.broker.log
+    tasks = client.core.topics.tasks
+    try:
+        poison = await client.add_task("work", 1)
+        await _take_and_drop(client)  # delivery 1 of 2 died with its worker
+        await app.start()
+        worker = app.worker
+        assert worker is not None
+        await asyncio.wait_for(ending.wait(), 5)
+        first = log.fetch(TP(tasks, 0), 0, 1)[0]
+        log.append(tasks, 0, first.key, first.value, list(first.headers))  # a copy of the task's record
+        await _until(lambda: len(worker._active.get(poison.uuid, ())) == 1, "the copy joining the last delivery")
+        assert (await client.wait(poison.uuid, 5)).status == "error"
+        await _until(lambda: not worker._share_live, "the copy acknowledged with the task's ending")
+    finally:
+        await app.stop()
+        await client.stop()
