@@ -365,7 +365,9 @@ class Worker:
                 await share.flush_acks()
                 await asyncio.sleep(0.05)
                 continue
-            shared = await share.getmany(0.5, room)
+            # A broker away (a retriable error) is waited out here, as in group mode: the
+            # supervisor would end the worker after a few restarts of the loop in a row.
+            shared = await fetch(share, 0.5, max_records=room)
             if self._stopping:
                 return
             for item in shared:

@@ -601,3 +601,39 @@ async def test_a_chord_callback_held_through_graceful_stops_still_runs() -> None
         gate.set()
         for app in (second, first, runner):
             await app.stop()
+
+
+async def test_a_share_worker_outlives_a_broker_away_for_longer_than_its_loops_restarts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import qtasks.supervise
+    from tests.helpers import unique
+
+    # A failing loop restarts at once here: its 8 restarts (about 11 s otherwise) fit in the outage.
+    monkeypatch.setattr(qtasks.supervise, "restart_delay", lambda failures: 0.01)
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    app = _share_app(name, url)
+
+    @app.task(name="work")
+    async def work(i: int) -> int:
+        return i
+
+    try:
+        await app.start()
+        worker = app.worker
+        assert worker is not None and worker._share is not None
+        member = worker._share
+        polls = member.getmany
+        away = time.monotonic() + 1.5  # past the 8 restarts the supervisor allows a loop
+
+        async def broker_away(timeout: float, max_records: int) -> list[ShareRecord]:
+            if time.monotonic() < away:  # what Kafka's member raises while no broker answers
+                raise ConnectorError("no broker answers: 127.0.0.1:9092: connection refused", retriable=True)
+            return await polls(timeout, max_records)
+
+        member.getmany = broker_away  # type: ignore[method-assign]
+        await asyncio.sleep(away - time.monotonic() + 0.5)
+        assert worker.error is None, f"the worker stopped while the broker was away: {worker.error}"
+        assert (await app.add_task("work", 7, timeout=10)).returning == 7
+    finally:
+        await app.stop()

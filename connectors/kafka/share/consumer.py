@@ -411,7 +411,13 @@ class ShareConsumer:
                 pass
             return []
         if self._stale:
-            await self._refresh()
+            try:
+                await self._refresh()
+            except (KafkaError, OSError) as exc:  # the broker asked went away: ask another next time
+                if self._meta_conn is not None:
+                    self._meta_conn.close()
+                self._meta_conn = None
+                raise ConnectorError(f"share group {self.group_id}: no metadata: {exc!r}", retriable=True) from exc
         # A partition stays in its session while this member holds records of it or has
         # acknowledgements for it, assigned or not: they can only be acknowledged there.
         wanted = set(self._assigned) | {k for k, held in self._held.items() if held} | set(self._acks.keys())
