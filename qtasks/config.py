@@ -166,11 +166,11 @@ class QueueConfig:
     #: one; at least once only, no ordering keys.
     processing_mode: str = "group"
     #: Share mode: how many times the share group hands a task record out (Kafka's
-    #: ``share.delivery.count.limit``, 2 to 10). A delivery is counted each time a worker
-    #: takes the record, so a graceful stop that hands it back counts too. The last
-    #: delivery is not run: it ends the task as ``error`` (``DeliveryLimitError``) and
-    #: dead-letters its record, so a task whose runs kill their workers runs at most
-    #: ``share_delivery_limit - 1`` times and still ends.
+    #: ``share.delivery.count.limit``, 2 to 10), and the poison limit: a task whose started
+    #: runs reach ``share_delivery_limit - 1`` without an ending (their workers died or lost
+    #: their locks) ends as ``error`` (``DeliveryLimitError``) and its record is
+    #: dead-lettered. A record's last delivery is never run: it is sent afresh, so
+    #: hand-backs (graceful stops) never end a task.
     share_delivery_limit: int = 5
     #: Exactly-once: a worker commits each partition's transaction this often (seconds);
     #: values become visible to readers at each commit.

@@ -18,7 +18,7 @@ from qtasks.executor import Outcome
 from qtasks.records import Status, StatusHead, TaskRecord, encode
 from qtasks.retry import should_retry
 
-Action = Literal["run", "skip", "expired", "wait", "cancel", "unknown", "limit"]
+Action = Literal["run", "skip", "expired", "wait", "cancel", "unknown", "limit", "again"]
 
 #: What encoding a value can raise: not JSON, cyclic, an int out of range, NaN rules.
 ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
@@ -42,11 +42,19 @@ class ShareDelivery:
     count: int
     #: The group's delivery limit: after this delivery the broker archives the record.
     limit: int
+    #: The record was sent afresh at the last delivery of an earlier one (its header says so).
+    again: bool = False
 
     @property
     def last(self) -> bool:
         """The broker hands this record out no more: nothing would end the task if this run died."""
         return self.count >= self.limit
+
+    @property
+    def announce_at_start(self) -> bool:
+        """A record handed out before (or sent afresh) is run with its ``process`` status stored
+        first, so each run that starts is counted (``attempt``) even if its worker dies at once."""
+        return self.count > 1 or self.again
 
 
 def admit(
@@ -71,8 +79,11 @@ def admit(
       the lease holder runs this very record: the group hands a record out again only once
       its holder's lock is gone (dead, frozen past the lock, or disconnected);
     - cancelled while queued: ``cancel``; a name this worker does not know: ``unknown``;
-    - share mode, the record's last delivery: ``limit`` (it is not run, because a run that
-      died now would leave the task without an ending: the worker ends it as error);
+    - share mode, a task whose started runs (``attempt``) reached ``limit - 1`` without an
+      ending: ``limit`` (it is poison: the worker ends it as error); else the record's last
+      delivery: ``again`` (it is not run, because a run that died now would leave the task
+      without an ending, and the deliveries before may have been hand-backs: the worker sends
+      the record afresh, whose deliveries count from 1, and acknowledges this one);
     - otherwise ``run`` as attempt n + 1 (a lapsed lease is taken over).
     """
     if head is not None and head.is_finished:
@@ -93,8 +104,11 @@ def admit(
         return Admission("cancel", attempt)
     if not known:
         return Admission("unknown", attempt)
-    if share is not None and share.last:
-        return Admission("limit", attempt)
+    if share is not None:
+        if head is not None and head.attempt >= share.limit - 1:
+            return Admission("limit", attempt)
+        if share.last:
+            return Admission("again", attempt)
     return Admission("run", attempt)
 
 

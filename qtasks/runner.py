@@ -364,6 +364,9 @@ class TaskRun:
             txn.runs.add(self)
         #: Set once the ``process`` status is written (at least once it may be held back: :meth:`start`).
         self.announced = False
+        #: Store the ``process`` status before the task starts, whatever ``process_grace`` says
+        #: (share mode, a record handed out before: each run that starts is counted).
+        self.announce_at_start = False
         self._announcing: asyncio.Task[None] | None = None
         #: Called once the task's own code is done and only its ending is left (the worker frees its slot).
         self.on_ran: Callable[[], None] | None = None
@@ -429,8 +432,8 @@ class TaskRun:
                 "task %s resumes at value %d (checkpoint at %d)", self.rec.uuid, self.resume.committed, self.resume.seq
             )
         grace = core.config.process_grace
-        if self.txn is not None or not grace:
-            self.task = await core.store.write(self.task, txn=self.txn)
+        if self.txn is not None or not grace or self.announce_at_start:
+            self.task = await core.store.write(self.task, txn=self.txn, durable=self.announce_at_start)
             self.announced = True
             return
         self.task = core.store.show(self.task)

@@ -42,7 +42,7 @@ import time
 import uuid as uuid_mod
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareConsumer, ShareRecord, TopicPartition
 from qtasks.core import Core
@@ -87,6 +87,10 @@ FORWARD_AFTER = 5.0
 #: While a key waits for its retry, its partition holds this many times more records queued
 #: behind keys before it is paused: the retry's record is behind them (a bound on memory all the same).
 KEY_RETRY_ROOM = 16
+
+
+#: Share mode: on a task record sent afresh at the last delivery of an earlier record of the task.
+AGAIN: Final = "qtasks-again"
 
 
 def _moved(record: Record) -> bool:
@@ -844,7 +848,8 @@ class Worker:
                 if isinstance(offsets, ShareOffsets):
                     shared = offsets.shared
                     limit = self.core.config.share_delivery_limit
-                    delivery = ShareDelivery(f"{shared.partition}:{shared.offset}", shared.delivery_count, limit)
+                    again = any(name == AGAIN for name, _ in record.headers or ())
+                    delivery = ShareDelivery(f"{shared.partition}:{shared.offset}", shared.delivery_count, limit, again)
                 rejected = await self._run_record(
                     rec, txn, ran, record, delivery, offsets if isinstance(offsets, ShareOffsets) else None
                 )
@@ -997,6 +1002,9 @@ class Worker:
             assert share is not None
             await self._end_at_limit(rec, head, share, decision.attempt, record)
             return True
+        elif action == "again":
+            assert share is not None and record is not None
+            await self._send_again(rec, head, share, record)
         elif action == "run" and rec.after and (chord := await self._results_of(rec.after))[1] is not None:
             task = await end_without_running(
                 self.host, rec, head, "error", txn, traceback=chord[1], attempt=decision.attempt
@@ -1019,6 +1027,8 @@ class Worker:
                 raise _Dropped()
             source = share.source if share is not None else None
             run = TaskRun(self.host, rec, spec, head, decision.attempt, txn, record, source)
+            # Share mode: a run of a record handed out before is counted before it starts.
+            run.announce_at_start = share is not None and share.announce_at_start
             if rec.after:  # a chord's callback: the results of the tasks it came after go first
                 run.executor.args = [(await self._results_of(rec.after))[0], *run.executor.args]
             run.on_ran = ran
@@ -1028,17 +1038,14 @@ class Worker:
     async def _end_at_limit(
         self, rec: TaskRecord, head: StatusHead | None, share: ShareDelivery, attempt: int, record: Record | None
     ) -> None:
-        """Share mode, a record's last delivery: the task ends as error and its record is dead-lettered.
-
-        It is not run: the broker hands the record out no more, so a run that died now (as
-        the earlier ones did) would leave the task without an ending.
-        """
+        """Share mode, a poison task: its started runs reached ``share_delivery_limit - 1`` and
+        none ended. It ends as error, its record is dead-lettered, and it is not run again."""
         runs = head.attempt if head is not None else 0
-        last = f", last on worker {head.worker}" if head is not None and head.worker else ""
+        last = f", the last on worker {head.worker}" if head is not None and head.worker else ""
         reason = (
-            f"task {rec.uuid} ({rec.task_name}) was handed out {share.count} times by the share group "
-            f"(share_delivery_limit={share.limit}) and never finished: {runs} run(s) started{last}, and each "
-            "died, lost its lock or was handed back; the last delivery is not run"
+            f"task {rec.uuid} ({rec.task_name}) started {runs} run(s) that never ended{last}: each worker "
+            f"died or lost its lock while running it, as many times as share_delivery_limit={share.limit} "
+            f"allows (delivery {share.count} of its record is not run)"
         )
         log.error("%s", reason)
         exc = DeliveryLimitError(reason)
@@ -1048,6 +1055,33 @@ class Worker:
         if record is not None:
             await dead_letter(self.core, record, reason, self.id, kind="delivery_limit")
         await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
+
+    async def _send_again(self, rec: TaskRecord, head: StatusHead | None, share: ShareDelivery, record: Record) -> None:
+        """Share mode, a record's last delivery, the task not poison: it is sent afresh (its
+        deliveries count from 1 again) and this one is acknowledged once that is stored.
+
+        The deliveries before were hand-backs (graceful stops, a chord callback waiting for
+        its tasks) or runs that died, fewer than the limit allows: running this one could
+        leave the task without an ending, as the broker would not hand it out again.
+        """
+        core = self.core
+        runs = head.attempt if head is not None else 0
+        log.info(
+            "task %s: delivery %d of %d of its record, %d run(s) started: sent afresh",
+            rec.uuid,
+            share.count,
+            share.limit,
+            runs,
+        )
+        headers = [(n, v) for n, v in record.headers or () if n not in (DUE, AT, KEY, MOVED, AGAIN)]
+        topic, partition, out = core.task_route(rec.uuid, rec.not_before, [*headers, (AGAIN, b"1")], key=rec.key)
+        key = rec.uuid.encode()
+        producer = core.broker.producer
+        await deliver(
+            lambda: producer.send(topic, record.value, key=key, partition=partition, headers=out or None),
+            what=f"task {rec.uuid} sent afresh",
+            trouble=core.trouble,
+        )
 
     async def _forward(self, rec: TaskRecord, record: Record, txn: PartitionTxn | None) -> None:
         """A task record due later than this worker holds one: into the delays topic, as a client

@@ -126,6 +126,12 @@ def test_admit(
     assert (decision.action, decision.attempt) == expected
 
 
+def test_a_share_delivery_counts_its_run_before_it_starts_once_the_record_went_out_before() -> None:
+    assert not ShareDelivery("0:1", 1, 5).announce_at_start
+    assert ShareDelivery("0:1", 2, 5).announce_at_start
+    assert ShareDelivery("0:1", 1, 5, again=True).announce_at_start
+
+
 RUNNING_ELSEWHERE = _head(status="process", worker="other", lease_until=NOW + 5, attempt=1, source="0:7")
 
 
@@ -136,9 +142,22 @@ RUNNING_ELSEWHERE = _head(status="process", worker="other", lease_until=NOW + 5,
         (RUNNING_ELSEWHERE, ShareDelivery("0:7", 2, 5), False, ("run", 2)),
         # Another record of the same task runs elsewhere under its own lock: wait for it.
         (RUNNING_ELSEWHERE, ShareDelivery("1:3", 2, 5), False, ("wait", 0)),
-        # The last delivery is not run, whoever had it before ...
-        (RUNNING_ELSEWHERE, ShareDelivery("0:7", 5, 5), False, ("limit", 2)),
-        (None, ShareDelivery("0:7", 5, 5), False, ("limit", 1)),
+        # The last delivery is not run: it goes out afresh, as fewer runs started than allowed ...
+        (RUNNING_ELSEWHERE, ShareDelivery("0:7", 5, 5), False, ("again", 2)),
+        (None, ShareDelivery("0:7", 5, 5), False, ("again", 1)),
+        # ... but a task whose started runs reached limit - 1 is poison, at any delivery.
+        (
+            _head(status="process", worker="other", lease_until=NOW - 1, attempt=4),
+            ShareDelivery("0:7", 2, 5),
+            False,
+            ("limit", 5),
+        ),
+        (
+            _head(status="process", worker="other", lease_until=NOW - 1, attempt=3),
+            ShareDelivery("0:7", 4, 5),
+            False,
+            ("run", 4),
+        ),
         # ... but a task that ended, or was cancelled, ends as it would have anyway.
         (_head(status="success", source="0:7"), ShareDelivery("0:7", 5, 5), False, ("skip", 0)),
         (None, ShareDelivery("0:7", 5, 5), True, ("cancel", 1)),
