@@ -109,11 +109,13 @@ class _Dropped(Exception):
 class ShareOffsets(PartitionOffsets):
     """Share mode: one record's bookkeeping. Finishing it acknowledges it (ACCEPT); nothing is committed."""
 
-    def __init__(self, share: ShareConsumer, shared: ShareRecord, live: set[ShareOffsets]) -> None:
+    def __init__(self, share: ShareConsumer, shared: ShareRecord, live: set[ShareOffsets], wake: asyncio.Event) -> None:
         super().__init__()
         self._share = share
         self.shared = shared
         self._live = live
+        #: Set once its acknowledgement is taken: a full worker's poll loop sends it at once.
+        self._wake = wake
         #: Its lock ran out and the group may have handed it to another member: it is not
         #: started here, renewed or acknowledged (a run under way goes on: at least once).
         self.lost = False
@@ -127,6 +129,7 @@ class ShareOffsets(PartitionOffsets):
         if self in self._live:
             self._live.discard(self)
             self._share.acknowledge(self.shared, kind)
+            self._wake.set()
 
     def finish(self, offset: int) -> None:
         self._end(ACCEPT)
@@ -180,6 +183,8 @@ class Worker:
         #: Share mode: records that came with a delivery count above 1, and locks that ran out here.
         self.share_redelivered = 0
         self.share_locks_lost = 0
+        #: Share mode: set when a slot frees or an acknowledgement is taken (a full poll loop waits for it).
+        self._share_wake = asyncio.Event()
         self._control: Any = None
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._owned: set[TopicPartition] = set()
@@ -366,8 +371,13 @@ class Worker:
             if room <= 0 or self.core.trouble:
                 # Full: nothing is fetched, so nothing is locked waiting. The acknowledgements of
                 # what ended meanwhile ride on no fetch: they go now, before their locks run out.
+                # Then it waits for a slot or an acknowledgement (or half a second: the broker's
+                # trouble ends unannounced), as group mode's fetch wakes when a slot frees.
+                self._share_wake.clear()
                 await share.flush_acks()
-                await asyncio.sleep(0.05)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self._share_wake.wait()
                 continue
             # A broker away (a retriable error) is waited out here, as in group mode: the
             # supervisor would end the worker after a few restarts of the loop in a row.
@@ -377,7 +387,7 @@ class Worker:
             for item in shared:
                 if item.delivery_count > 1:
                     self.share_redelivered += 1
-                self._take(_as_record(item), ShareOffsets(share, item, self._share_live))
+                self._take(_as_record(item), ShareOffsets(share, item, self._share_live, self._share_wake))
             self._fill()
 
     async def _lock_loop(self) -> None:
@@ -910,6 +920,7 @@ class Worker:
             self._fill()
             if self._paused and self._capacity > 0 and not self.core.trouble:
                 self._set_paused(False)  # resuming wakes the poll loop's fetch at once
+            self._share_wake.set()  # share mode: the same, for a poll loop waiting while full
 
     # -- one record ------------------------------------------------------------------
 

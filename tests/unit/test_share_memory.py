@@ -679,3 +679,27 @@ async def test_a_share_worker_outlives_a_broker_away_for_longer_than_its_loops_r
         assert (await app.add_task("work", 7, timeout=10)).returning == 7
     finally:
         await app.stop()
+
+
+async def test_a_full_share_worker_fetches_again_as_soon_as_a_slot_frees() -> None:
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    # One slot and no prefetch: the worker is full after every fetch. It used to look again
+    # 50 ms later (200 tasks: 10 s at least); a freed slot now wakes it.
+    app = _share_app(name, url, concurrency=1, prefetch=0)
+
+    @app.task(name="work")
+    async def work(i: int) -> int:
+        return i
+
+    await app.start()
+    try:
+        handles = await app.add_tasks("work", [(i,) for i in range(200)])
+        began = time.monotonic()
+        ends = [await app.wait(h.uuid, 30) for h in handles]
+        took = time.monotonic() - began
+        assert {e.status for e in ends} == {"success"}
+        assert took < 5, f"200 one-slot tasks took {took:.1f} s: the poll loop waited for a timer, not the slot"
+    finally:
+        await app.stop()
