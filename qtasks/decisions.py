@@ -79,8 +79,8 @@ def admit(
       the lease holder runs this very record: the group hands a record out again only once
       its holder's lock is gone (dead, frozen past the lock, or disconnected);
     - cancelled while queued: ``cancel``; a name this worker does not know: ``unknown``;
-    - share mode, a task whose started runs (``attempt``) reached ``limit - 1`` without an
-      ending: ``limit`` (it is poison: the worker ends it as error); else the record's last
+    - share mode, a task whose started runs (``attempt``, less those a stopping worker
+      handed back) reached ``limit - 1`` without an ending: ``limit`` (it is poison: the worker ends it as error); else the record's last
       delivery: ``again`` (it is not run, because a run that died now would leave the task
       without an ending, and the deliveries before may have been hand-backs: the worker sends
       the record afresh, whose deliveries count from 1, and acknowledges this one);
@@ -105,7 +105,7 @@ def admit(
     if not known:
         return Admission("unknown", attempt)
     if share is not None:
-        if head is not None and head.attempt >= share.limit - 1:
+        if head is not None and head.attempt - head.released >= share.limit - 1:
             return Admission("limit", attempt)
         if share.last:
             return Admission("again", attempt)

@@ -149,6 +149,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Share mode: the task record this attempt runs (``partition:offset`` of the tasks
     #: topic). That record handed to another worker means this attempt lost its lock.
     source: str | None = None
+    #: Runs handed back by a stopping worker (past ``stop_timeout``): of the ``attempt``
+    #: runs, these did not die, so share mode's poison limit does not count them.
+    released: int = 0
 
     @property
     def is_finished(self) -> bool:
@@ -168,6 +171,7 @@ class StatusHead(msgspec.Struct, gc=False, kw_only=True):
     updated_at: float = 0.0
     retry_child_uuid: str | None = None
     source: str | None = None
+    released: int = 0
 
     @property
     def is_finished(self) -> bool:
@@ -377,6 +381,7 @@ def head_of(task: Task) -> StatusHead:
         updated_at=task.updated_at,
         retry_child_uuid=task.retry_child_uuid,
         source=task.source,
+        released=task.released,
     )
 
 

@@ -685,7 +685,10 @@ class TaskRun:
         if head is None or head.is_finished:
             return
         try:
-            await core.store.write(msgspec.structs.replace(self.task, lease_until=0.0, updated_at=time.time()))
+            released = self.task.released + 1  # a hand-back, not a death: no poison count
+            await core.store.write(
+                msgspec.structs.replace(self.task, lease_until=0.0, released=released, updated_at=time.time())
+            )
             await core.broker.producer.flush()
         except ConnectorError as exc:
             log.warning("could not release %s: %s", self.rec.uuid, exc)
@@ -710,6 +713,7 @@ def base_status(rec: TaskRecord, head: StatusHead | None, worker_id: str) -> Tas
         retry_parent_uuid=rec.retry_parent_uuid,
         retry_count=rec.retry_count,
         attempt=head.attempt if head is not None else 0,
+        released=head.released if head is not None else 0,
         worker=worker_id,
         not_before=rec.not_before,
         key=rec.key,

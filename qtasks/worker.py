@@ -1051,7 +1051,7 @@ class Worker:
     ) -> None:
         """Share mode, a poison task: its started runs reached ``share_delivery_limit - 1`` and
         none ended. It ends as error, its record is dead-lettered, and it is not run again."""
-        runs = head.attempt if head is not None else 0
+        runs = head.attempt - head.released if head is not None else 0
         last = f", the last on worker {head.worker}" if head is not None and head.worker else ""
         reason = (
             f"task {rec.uuid} ({rec.task_name}) started {runs} run(s) that never ended{last}: each worker "

@@ -158,6 +158,8 @@ RUNNING_ELSEWHERE = _head(status="process", worker="other", lease_until=NOW + 5,
             False,
             ("run", 4),
         ),
+        # Runs a stopping worker handed back did not die: they are not counted.
+        (_head(status="process", attempt=6, released=3), ShareDelivery("0:7", 2, 5), False, ("run", 7)),
         # ... but a task that ended, or was cancelled, ends as it would have anyway.
         (_head(status="success", source="0:7"), ShareDelivery("0:7", 5, 5), False, ("skip", 0)),
         (None, ShareDelivery("0:7", 5, 5), True, ("cancel", 1)),

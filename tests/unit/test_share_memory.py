@@ -703,3 +703,38 @@ async def test_a_full_share_worker_fetches_again_as_soon_as_a_slot_frees() -> No
         assert took < 5, f"200 one-slot tasks took {took:.1f} s: the poll loop waited for a timer, not the slot"
     finally:
         await app.stop()
+
+
+async def test_a_run_handed_back_by_a_stopping_worker_is_not_counted_as_a_poison_run() -> None:
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    gate = asyncio.Event()
+
+    def worker() -> QueueTasks:
+        # A limit of 2: one run that died would make the task poison; a hand-back must not.
+        app = _share_app(name, url, share_delivery_limit=2, stop_timeout=0.2)
+
+        @app.task(name="slow")
+        async def slow(i: int) -> int:
+            await gate.wait()
+            return i
+
+        return app
+
+    first, second, client = worker(), worker(), _share_app(name, url)
+    await first.start()
+    try:
+        handle = await first.add_task("slow", 7)
+        await _until(lambda: (h := first.view.head(handle.uuid)) is not None and h.status == "process", "running")
+        await first.stop()  # past stop_timeout: the run is handed back
+        released = await client.get(handle.uuid)
+        assert released is not None and (released.attempt, released.released) == (1, 1), released
+        gate.set()
+        await second.start()
+        end = await second.wait(handle.uuid, 10)
+        assert (end.status, end.returning) == ("success", 7), end.traceback
+    finally:
+        await first.stop()
+        await second.stop()
+        await client.stop()
