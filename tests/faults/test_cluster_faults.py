@@ -306,6 +306,58 @@ async def test_kill_9_of_a_node_in_share_mode_and_back_10_s_later(
     )
 
 
+@pytest.mark.timeout(240)
+async def test_a_share_member_with_room_for_one_record_locks_one_though_three_nodes_lead(cluster: Any) -> None:
+    """A fetch locks at least one record per leader asked: with less room than leaders, only
+    as many leaders are asked (in turn), so nothing is locked that the worker cannot start."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import NewTopic
+
+    from qtasks.config import QueueConfig
+    from qtasks.connectors.kafka import KafkaConnector
+
+    topic, group = unique("lead"), unique("group")
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 3, 3)])
+    finally:
+        await admin.close()
+    leaders = {
+        int(p["leader"]) for t in await describe(cluster.bootstrap) if t["topic"] == topic for p in t["partitions"]
+    }
+    assert len(leaders) >= 2, f"the partitions' leaders are not spread: {leaders}"
+    producer = AIOKafkaProducer(bootstrap_servers=cluster.bootstrap)
+    await producer.start()
+    try:
+        for i in range(30):
+            await producer.send(topic, b"v", partition=i % 3)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    connector = KafkaConnector(f"kafka://{cluster.bootstrap}", QueueConfig())
+    await connector.start()
+    try:
+        await connector.configure_share_group(group, {"share.auto.offset.reset": "earliest"})
+        member = connector.share_consumer(group, [topic])
+        await member.start()
+        try:
+            assert await member.wait_assigned(30)
+            handled, largest = 0, 0
+            deadline = time.monotonic() + 60
+            while handled < 30 and time.monotonic() < deadline:
+                got = await member.getmany(1.0, 1)
+                largest = max(largest, len(got))
+                for record in got:
+                    member.acknowledge(record)
+                handled += len(got)
+            assert handled == 30 and largest == 1, (handled, largest)
+        finally:
+            await member.stop()
+    finally:
+        await connector.stop()
+
+
 # -- 2. a rolling restart of all three -----------------------------------------------------
 
 

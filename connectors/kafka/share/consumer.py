@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 import uuid as uuid_mod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -181,6 +181,8 @@ class ShareConsumer:
         self._stopping = False
         self._closing = False
         self._polls = 0
+        #: Whose turn it is to be fetched from first, when there is less room than leaders.
+        self._turn = 0
         self._no_polls = asyncio.Event()
         self._no_polls.set()
         self._opening = asyncio.Lock()
@@ -433,9 +435,23 @@ class ShareConsumer:
             self._stale = True
             await asyncio.sleep(min(timeout, self._join_interval))
             return []
-        share = max(1, max_records // len(by_leader))
+        leaders = sorted(by_leader)
+        wanted_records = max(1, max_records)
+        if wanted_records < len(leaders):
+            # Less room than leaders: a fetch locks at least one record, so only as many
+            # leaders are asked as there is room for, in turn. The others' acknowledgements
+            # go without a fetch.
+            first = self._turn % len(leaders)
+            self._turn += 1
+            asked = {leaders[(first + i) % len(leaders)] for i in range(wanted_records)}
+            await self.flush_acks(nodes=set(leaders) - asked)
+            by_leader = {node_id: keys for node_id, keys in by_leader.items() if node_id in asked}
+        share, extra = divmod(wanted_records, len(by_leader))
         answers = await asyncio.gather(
-            *(self._fetch(node_id, keys, timeout, share) for node_id, keys in by_leader.items()),
+            *(
+                self._fetch(node_id, keys, timeout, share + (i < extra))
+                for i, (node_id, keys) in enumerate(by_leader.items())
+            ),
             return_exceptions=True,
         )
         records: list[ShareRecord] = []
@@ -593,9 +609,12 @@ class ShareConsumer:
         held.discard(record.offset)
         self._acks.add(key, record.offset, kind)
 
-    async def flush_acks(self, *, closing: bool = False) -> None:
-        """Send the acknowledgements not sent yet, to each leader (``closing``: and close its session)."""
+    async def flush_acks(self, *, closing: bool = False, nodes: Collection[int] | None = None) -> None:
+        """Send the acknowledgements not sent yet, to each leader (``nodes``: to those only;
+        ``closing``: and close its session)."""
         for node_id, session in list(self._sessions.items()):
+            if nodes is not None and node_id not in nodes:
+                continue
             acks = self._acks.take(set(session.partitions))
             if session.epoch == wire.OPEN_SESSION or (not acks and not closing):
                 continue
