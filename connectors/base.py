@@ -94,6 +94,9 @@ class GroupInfo:
     state: str
     members: tuple[GroupMember, ...]
     committed: dict[TopicPartition, int] = field(default_factory=dict)
+    #: A share group: the records from its start offset on (``committed``) not acknowledged
+    #: yet, per partition, as the broker counts them (absent where it does not say).
+    lag: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 class RebalanceListener(Protocol):
@@ -279,8 +282,14 @@ class Connector(Protocol):
         """A consumer; it reads committed records only if the app runs exactly-once."""
         ...
 
-    def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
-        """A member of share group ``group_id`` reading ``topics`` (``start`` joins)."""
+    def share_consumer(self, group_id: str, topics: list[str], client_id: str | None = None) -> ShareConsumer:
+        """A member of share group ``group_id`` reading ``topics`` (``start`` joins); a worker's
+        ``client_id`` is its worker id, as in its consumer group."""
+        ...
+
+    async def describe_share_group(self, group_id: str, topic: str) -> GroupInfo:
+        """A share group's members and their partitions, and on each partition of ``topic``
+        its start offset (``committed``) and lag. A group that does not exist is ``Dead``."""
         ...
 
     async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:

@@ -441,9 +441,14 @@ class FaultyConnector:
         """A new consumer of the inner connector, faulty as planned."""
         return FaultyConsumer(self.inner.consumer(group_id, client_id=client_id, max_wait_ms=max_wait_ms), self.faults)
 
-    def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
+    def share_consumer(self, group_id: str, topics: list[str], client_id: str | None = None) -> ShareConsumer:
         """A share-group member of the inner connector (no faults planned for it yet)."""
-        return self.inner.share_consumer(group_id, topics)
+        return self.inner.share_consumer(group_id, topics, client_id)
+
+    async def describe_share_group(self, group_id: str, topic: str) -> GroupInfo:
+        """The inner connector's view of the share group (op ``describe_group``)."""
+        await self.faults.enter("describe_group")
+        return await self.inner.describe_share_group(group_id, topic)
 
     async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
         await self.inner.configure_share_group(group_id, settings)

@@ -400,9 +400,13 @@ class MemoryConnector:
         """A new consumer; with ``group_id`` it can ``subscribe`` as a group member (reads never wait in memory)."""
         return MemoryConsumer(self.log, group_id, client_id, self.read_committed)
 
-    def share_consumer(self, group_id: str, topics: list[str]) -> MemoryShareConsumer:
+    def share_consumer(self, group_id: str, topics: list[str], client_id: str | None = None) -> MemoryShareConsumer:
         """A member of a share group of this log (docs/share-groups.md)."""
-        return MemoryShareConsumer(self.log, group_id=group_id, topics=topics)
+        return MemoryShareConsumer(self.log, group_id=group_id, topics=topics, client_id=client_id)
+
+    async def describe_share_group(self, group_id: str, topic: str) -> GroupInfo:
+        """The share group's members (in this process), start offsets and lag on ``topic``."""
+        return share_groups(self.log).describe(group_id, topic)
 
     async def configure_share_group(self, group_id: str, settings: dict[str, str]) -> None:
         """Set a share group's ``share.*`` settings."""

@@ -28,7 +28,17 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, RENEW, Record, ShareRecord, TopicPartition
+from qtasks.connectors.base import (
+    ACCEPT,
+    REJECT,
+    RELEASE,
+    RENEW,
+    GroupInfo,
+    GroupMember,
+    Record,
+    ShareRecord,
+    TopicPartition,
+)
 from qtasks.connectors.memory_log import MemoryLog
 from qtasks.exc import ConnectorError
 
@@ -59,6 +69,8 @@ class _Group:
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     earliest: bool = False
     partitions: dict[TopicPartition, _Partition] = field(default_factory=dict)
+    #: The members in the group now: member id -> (client id, topics).
+    members: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
 
 class ShareGroups:
@@ -171,12 +183,44 @@ class ShareGroups:
                         held.until = now + group.lock
         return refused
 
+    def join(self, group_id: str, member: str, client_id: str, topics: list[str]) -> None:
+        """A member joined: :meth:`describe` lists it until it leaves."""
+        with self._log.lock:
+            self._groups.setdefault(group_id, _Group()).members[member] = (client_id, list(topics))
+
+    def describe(self, group_id: str, topic: str) -> GroupInfo:
+        """The group's members (each shares every partition here), and on each partition of
+        ``topic`` it has read: the start offset (below it every record is done) and the lag
+        (records from there on not acknowledged or rejected yet)."""
+        with self._log.lock:
+            group = self._groups.get(group_id)
+            if group is None:
+                return GroupInfo(group_id, "Dead", ())
+            members = tuple(
+                GroupMember(
+                    member,
+                    client_id,
+                    "memory",
+                    tuple(TopicPartition(t, p) for t in sorted(topics) for p in range(self._log.partitions_for(t))),
+                )
+                for member, (client_id, topics) in sorted(group.members.items())
+            )
+            starts: dict[TopicPartition, int] = {}
+            lag: dict[TopicPartition, int] = {}
+            for tp, part in group.partitions.items():
+                if tp.topic != topic:
+                    continue
+                starts[tp] = min([part.next, *part.inflight])
+                lag[tp] = len(part.inflight) + max(0, self._log.end_offset(tp) - part.next)
+            return GroupInfo(group_id, "Stable" if members else "Empty", members, starts, lag)
+
     def leave(self, group_id: str, member: str) -> None:
         """A member left (or its connection dropped): everything it holds is available again at once."""
         with self._log.lock:
             group = self._groups.get(group_id)
             if group is None:
                 return
+            group.members.pop(member, None)
             for part in group.partitions.values():
                 for offset, held in list(part.inflight.items()):
                     if held.member == member:
@@ -213,12 +257,13 @@ _members = itertools.count(1)
 class MemoryShareConsumer:
     """A member of a share group on the memory log, with the Kafka share consumer's methods."""
 
-    def __init__(self, log: MemoryLog, *, group_id: str, topics: list[str]) -> None:
+    def __init__(self, log: MemoryLog, *, group_id: str, topics: list[str], client_id: str | None = None) -> None:
         self._log = log
         self._groups = share_groups(log)
         self.group_id = group_id
         self.topics = list(topics)
         self.member_id = f"memory-share-{next(_members)}"
+        self.client_id = client_id or self.member_id
         self._acks: dict[TopicPartition, dict[int, int]] = {}
         self._held: dict[TopicPartition, set[int]] = {}
         self._started = False
@@ -226,6 +271,7 @@ class MemoryShareConsumer:
         self.lock_ms: int | None = None
 
     async def start(self, timeout: float = 30.0) -> None:
+        self._groups.join(self.group_id, self.member_id, self.client_id, self.topics)
         self._started = True
 
     async def wait_assigned(self, timeout: float) -> bool:

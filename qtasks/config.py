@@ -353,6 +353,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def share_group_of(group_id: str) -> str:
+    """The share group of the workers of ``group_id`` (processing_mode="share"): a group type
+    of its own, so a name of its own."""
+    return f"{group_id}.share"
+
+
 def check_setting(name: str, value: Any) -> None:
     """Raise :class:`ConfigError` if ``value`` is of the wrong type or out of range for setting ``name``."""
     kind = _FIELDS.get(name)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from qtasks.config import share_group_of
 from qtasks.connectors.base import GroupMember, TopicPartition
 from qtasks.exc import BrokerUnavailableError, RecordError
 from qtasks.records import DeadLetter, Task, decode_status, decode_task
@@ -103,24 +104,33 @@ async def inspect_group(app: QueueTasks) -> GroupReport:
     """The workers' group: members, their partitions, the tasks each runs, lag per tasks partition."""
     await app._connect()
     core = app.core
-    info = await core.broker.describe_group(app.group_id)
+    if app.config.processing_mode == "share":
+        # The workers share the tasks partitions: the committed offsets are the share
+        # group's start offsets, and the lag is the broker's count of records not done.
+        group_id = share_group_of(app.group_id)
+        info = await core.broker.describe_share_group(group_id, core.topics.tasks)
+    else:
+        group_id = app.group_id
+        info = await core.broker.describe_group(group_id)
     ends = await end_offsets(app, core.topics.tasks)
     await core.store.catch_up_all()
     running: dict[str, list[Task]] = {}
     for task in _tasks(app, status="process"):
         running.setdefault(task.worker or "", []).append(task)
-    owner: dict[TopicPartition, str] = {}
+    owners: dict[TopicPartition, list[str]] = {}
     workers = []
     for member in sorted(info.members, key=lambda m: m.client_id):
         tasks_partitions = [tp.partition for tp in member.partitions if tp.topic == core.topics.tasks]
         for tp in member.partitions:
-            owner[tp] = member.client_id
+            owners.setdefault(tp, []).append(member.client_id)
         workers.append(_worker(member, tasks_partitions, running.get(member.client_id, [])))
     partitions = []
     for tp, end in sorted(ends.items()):
         committed = info.committed.get(tp)
-        partitions.append(PartitionLag(tp.partition, end, committed, max(end - (committed or 0), 0), owner.get(tp)))
-    return GroupReport(app.group_id, info.state, workers, partitions)
+        lag = info.lag.get(tp, max(end - (committed or 0), 0))
+        owner = ",".join(owners[tp]) if tp in owners else None
+        partitions.append(PartitionLag(tp.partition, end, committed, lag, owner))
+    return GroupReport(group_id, info.state, workers, partitions)
 
 
 def _worker(member: GroupMember, partitions: list[int], running: list[Task]) -> WorkerReport:

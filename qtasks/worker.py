@@ -44,6 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final
 
+from qtasks.config import share_group_of
 from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareConsumer, ShareRecord, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
@@ -314,8 +315,8 @@ class Worker:
 
     @property
     def share_group(self) -> str:
-        """The share group of the workers (processing_mode="share"): a group type of its own, so a name of its own."""
-        return f"{self.group_id}.share"
+        """The share group of the workers (processing_mode="share")."""
+        return share_group_of(self.group_id)
 
     async def _start_share(self) -> None:
         core = self.core
@@ -328,7 +329,7 @@ class Worker:
         }
         await core.broker.configure_share_group(self.share_group, settings)
         await self._share_timings()
-        share = core.broker.share_consumer(self.share_group, [core.topics.tasks])
+        share = core.broker.share_consumer(self.share_group, [core.topics.tasks], client_id=self.id)
         await share.start()
         self._share = share
         # Records are admitted once the view has read the status topic to its end.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Collection, Mapping, Sequence
@@ -166,10 +167,11 @@ class KafkaConnector:
         """
         return KafkaConsumer(self, group_id, client_id, max_wait_ms or 100)
 
-    def share_consumer(self, group_id: str, topics: list[str]) -> ShareConsumer:
-        """A member of share group ``group_id`` (docs/share-groups.md), on connections of its own."""
+    def share_consumer(self, group_id: str, topics: list[str], client_id: str | None = None) -> ShareConsumer:
+        """A member of share group ``group_id`` (docs/share-groups.md), on connections of its own
+        (``client_id``: theirs, which ShareGroupDescribe shows)."""
         return ShareConsumer(
-            connect=self._share_connect,
+            connect=functools.partial(self._share_connect, client_id=client_id),
             bootstrap=self._addresses(),
             group_id=group_id,
             topics=topics,
@@ -207,13 +209,55 @@ class KafkaConnector:
     def _addresses(self) -> list[tuple[str, int]]:
         return [(host, int(port)) for host, port in (server.rsplit(":", 1) for server in self.servers)]
 
-    async def _share_connect(self, host: str, port: int) -> AIOKafkaConnection:
+    async def describe_share_group(self, group_id: str, topic: str) -> GroupInfo:
+        """ShareGroupDescribe and DescribeShareGroupOffsets of ``group_id``, at its coordinator."""
+        conn = await self._share_conn()
+        try:
+            with kafka_errors("describe the share group", servers=self.where, health=self.health):
+                found: wire.Coordinator = await conn.send(wire.find_coordinator(group_id))
+                if found.error:
+                    raise kafka_exc.for_code(found.error)(found.message or "no coordinator")
+                coordinator = await self._share_connect(found.host, found.port)
+                try:
+                    described: wire.ShareGroupDescription = await coordinator.send(wire.share_group_describe(group_id))
+                    offsets: wire.ShareGroupOffsets = await coordinator.send(
+                        wire.describe_share_group_offsets(group_id, topic)
+                    )
+                finally:
+                    coordinator.close()
+        finally:
+            conn.close()
+        if described.error == kafka_exc.GroupIdNotFound.errno:
+            return GroupInfo(group_id, "Dead", ())
+        if described.error:
+            raise ConnectorError(
+                f"cannot describe share group {group_id}: error {described.error}: {described.message}"
+            )
+        members = tuple(
+            GroupMember(
+                m.member_id,
+                m.client_id,
+                m.host,
+                tuple(TopicPartition(t, p) for t, parts in sorted(m.assignment.items()) for p in sorted(parts)),
+            )
+            for m in described.members
+        )
+        found_offsets = [p for p in offsets.partitions if not p.error]
+        return GroupInfo(
+            group_id,
+            described.state,
+            members,
+            {TopicPartition(topic, p.partition): p.start_offset for p in found_offsets if p.start_offset >= 0},
+            {TopicPartition(topic, p.partition): p.lag for p in found_offsets if p.lag >= 0},
+        )
+
+    async def _share_connect(self, host: str, port: int, client_id: str | None = None) -> AIOKafkaConnection:
         """A connection of its own (a share session lives and dies with its connection), with the app's security."""
         security = {k: v for k, v in self.options.items() if k in _CONN_OPTIONS}
         return await create_conn(
             host,
             port,
-            client_id=f"{self.client_id}-share",
+            client_id=client_id or f"{self.client_id}-share",
             request_timeout_ms=self.config.kafka_request_timeout_ms,
             **security,
         )

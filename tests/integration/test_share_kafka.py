@@ -477,3 +477,43 @@ async def test_one_lost_lock_does_not_keep_the_other_locks_of_its_partition_from
     for record in kept:
         holder.acknowledge(record)
     await holder.flush_acks()
+
+
+async def test_inspect_describes_the_share_group_its_members_and_its_lag(kafka_bootstrap: str) -> None:
+    from qtasks import ops
+
+    name = unique()
+    gate = asyncio.Event()
+    workers = _share_apps(kafka_bootstrap, name, 2, concurrency=1, prefetch=0, process_grace=0)
+    for app in workers:
+
+        @app.task(name="wait")
+        async def wait(i: int) -> int:
+            await gate.wait()
+            return i
+
+    (client,) = _share_apps(kafka_bootstrap, name, 1)
+    for app in workers:
+        await app.start()
+    try:
+        await client.add_tasks("wait", [(i,) for i in range(5)])
+        ids = sorted(app.worker.id for app in workers if app.worker is not None)
+        deadline = time.monotonic() + 30
+        while True:  # until both members hold a task, as the broker sees them
+            report = await ops.inspect_group(client)
+            if sorted(w.worker for w in report.workers) == ids and all(w.running for w in report.workers):
+                break
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.2)
+        assert report.group == f"{name}-workers.share" and report.state == "Stable"
+        assert all(w.partitions == [0] for w in report.workers)
+        (partition,) = report.partitions
+        assert partition.end == 5 and partition.lag == 5 and partition.worker == ",".join(ids), partition
+        gate.set()
+        while (await ops.inspect_group(client)).lag:
+            assert time.monotonic() < deadline + 30, "the lag never went down to 0"
+            await asyncio.sleep(0.2)
+    finally:
+        for app in workers:
+            await app.stop()
+        await client.stop()

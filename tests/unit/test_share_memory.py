@@ -738,3 +738,41 @@ async def test_a_run_handed_back_by_a_stopping_worker_is_not_counted_as_a_poison
         await first.stop()
         await second.stop()
         await client.stop()
+
+
+async def test_inspect_shows_the_share_groups_workers_and_what_waits() -> None:
+    from qtasks import ops
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    gate = asyncio.Event()
+    workers = [_share_app(name, url, tasks_partitions=2, concurrency=1, prefetch=0, process_grace=0) for _ in range(2)]
+    for app in workers:
+
+        @app.task(name="wait")
+        async def wait(i: int) -> int:
+            await gate.wait()
+            return i
+
+    client = _share_app(name, url, tasks_partitions=2)
+    for app in workers:
+        await app.start()
+    try:
+        await client.add_tasks("wait", [(i,) for i in range(6)])
+        await _until(lambda: all(app.worker is not None and app.worker._running for app in workers), "both running")
+        report = await ops.inspect_group(client)
+        assert report.group.endswith("-workers.share") and report.state == "Stable"
+        ids = sorted(app.worker.id for app in workers if app.worker is not None)
+        assert sorted(w.worker for w in report.workers) == ids
+        assert all(w.partitions == [0, 1] and len(w.running) == 1 for w in report.workers), report.workers
+        # 6 tasks, 2 running: every record of both partitions is still to be done.
+        assert sum(p.lag for p in report.partitions) == 6 and report.lag == 6
+        assert all(p.worker == ",".join(ids) for p in report.partitions)
+        gate.set()
+        await _until(lambda: sum(app.worker.tasks_done for app in workers if app.worker) == 6, "all done")
+        await _until(lambda: not any(app.worker and app.worker._share_live for app in workers), "acknowledged")
+        assert (await ops.inspect_group(client)).lag == 0
+    finally:
+        for app in workers:
+            await app.stop()
+        await client.stop()

@@ -38,6 +38,8 @@ INCREMENTAL_ALTER_CONFIGS = 44
 SHARE_GROUP_HEARTBEAT = 76
 SHARE_FETCH = 78
 SHARE_ACKNOWLEDGE = 79
+SHARE_GROUP_DESCRIBE = 77
+DESCRIBE_SHARE_GROUP_OFFSETS = 90
 
 #: The resource type of a group in (Incremental)AlterConfigs (KIP-848, KIP-932).
 RESOURCE_GROUP = 32
@@ -669,3 +671,132 @@ def find_coordinator(group_id: str) -> WireRequest[Coordinator]:
         return found[0]
 
     return WireRequest(FIND_COORDINATOR, (6, 5, 4), body, read)
+
+
+# -- ShareGroupDescribe v1 and DescribeShareGroupOffsets v0/v1 (for `qtasks inspect`) -------
+
+
+@dataclass
+class ShareMember:
+    member_id: str
+    #: The client id its heartbeat connection gave (a qtasks worker gives its worker id).
+    client_id: str
+    host: str
+    #: Its partitions by topic name.
+    assignment: dict[str, list[int]]
+
+
+@dataclass
+class ShareGroupDescription:
+    error: int
+    message: str | None
+    state: str
+    members: list[ShareMember]
+
+
+def share_group_describe(group_id: str) -> WireRequest[ShareGroupDescription]:
+    """A share group's state and members with their partitions (sent to its coordinator)."""
+
+    def body(version: int) -> bytes:
+        return Writer().array([group_id], Writer.string).bool(False).tags().getvalue()
+
+    def read(r: Reader, version: int) -> ShareGroupDescription:
+        r.int32()  # throttle
+
+        def topic(r: Reader) -> tuple[str, list[int]]:
+            r.uuid()
+            name, partitions = r.string() or "", r.array(Reader.int32)
+            r.tags()
+            return name, partitions
+
+        def member(r: Reader) -> ShareMember:
+            member_id = r.string() or ""
+            r.string()  # rack
+            r.int32()  # member epoch
+            client_id, host = r.string() or "", r.string() or ""
+            r.array(Reader.string)  # subscribed topics
+            assignment = dict(r.array(topic))
+            r.tags()  # the assignment struct's
+            r.tags()
+            return ShareMember(member_id, client_id, host, assignment)
+
+        def group(r: Reader) -> ShareGroupDescription:
+            error, message = r.int16(), r.string()
+            r.string()  # the group id
+            state = r.string() or ""
+            r.int32()  # group epoch
+            r.int32()  # assignment epoch
+            r.string()  # assignor
+            members = r.array(member)
+            r.int32()  # authorized operations
+            r.tags()
+            return ShareGroupDescription(error, message, state, members)
+
+        groups = r.array(group)
+        r.tags()
+        if len(groups) != 1:
+            raise ValueError(f"ShareGroupDescribe answered {len(groups)} groups for one")
+        return groups[0]
+
+    return WireRequest(SHARE_GROUP_DESCRIBE, (1,), body, read)
+
+
+@dataclass
+class SharePartitionOffsets:
+    partition: int
+    #: The share-partition start offset: every record below it is delivered and acknowledged.
+    start_offset: int
+    #: Records from the start offset on not acknowledged yet (-1: the broker does not say; v0).
+    lag: int
+    error: int
+
+
+@dataclass
+class ShareGroupOffsets:
+    error: int
+    message: str | None
+    partitions: list[SharePartitionOffsets]
+
+
+def describe_share_group_offsets(group_id: str, topic: str) -> WireRequest[ShareGroupOffsets]:
+    """A share group's start offset (and lag, v1) on every partition of ``topic`` it has read."""
+
+    def body(version: int) -> bytes:
+        def request_group(w: Writer, _: None) -> None:
+            w.string(group_id).array(None, Writer.string).tags()  # topics null: every topic it reads
+
+        return Writer().array([None], request_group).tags().getvalue()
+
+    def read(r: Reader, version: int) -> ShareGroupOffsets:
+        r.int32()  # throttle
+
+        def partition(r: Reader) -> SharePartitionOffsets:
+            index, start = r.int32(), r.int64()
+            r.int32()  # leader epoch
+            lag = r.int64() if version >= 1 else -1
+            error = r.int16()
+            r.string()
+            r.tags()
+            return SharePartitionOffsets(index, start, lag, error)
+
+        def answer_topic(r: Reader) -> tuple[str, list[SharePartitionOffsets]]:
+            name = r.string() or ""
+            r.uuid()
+            partitions = r.array(partition)
+            r.tags()
+            return name, partitions
+
+        def group(r: Reader) -> ShareGroupOffsets:
+            r.string()
+            topics = r.array(answer_topic)
+            error, message = r.int16(), r.string()
+            r.tags()
+            return ShareGroupOffsets(error, message, [p for name, parts in topics if name == topic for p in parts])
+
+        groups = r.array(group)
+        r.tags()
+        if len(groups) != 1:
+            raise ValueError(f"DescribeShareGroupOffsets answered {len(groups)} groups for one")
+        return groups[0]
+
+    return WireRequest(DESCRIBE_SHARE_GROUP_OFFSETS, (1, 0), body, read)
