@@ -42,7 +42,7 @@ import time
 import uuid as uuid_mod
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from qtasks.config import share_group_of
 from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareConsumer, ShareRecord, TopicPartition
@@ -832,6 +832,7 @@ class Worker:
         self._unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         finished = False
         rejected = False  # share mode: the record is dead-lettered, never handed out again
+        sent_again = False  # share mode: the record was sent afresh; the task has not ended
         txn = None
         holds_slot = True
 
@@ -861,9 +862,10 @@ class Worker:
                     limit = self.core.config.share_delivery_limit
                     again = any(name == AGAIN for name, _ in record.headers or ())
                     delivery = ShareDelivery(f"{shared.partition}:{shared.offset}", shared.delivery_count, limit, again)
-                rejected = await self._run_record(
+                done = await self._run_record(
                     rec, txn, ran, record, delivery, offsets if isinstance(offsets, ShareOffsets) else None
                 )
+                rejected, sent_again = done == "rejected", done == "again"
             finished = True
         except asyncio.CancelledError:
             raise  # handed back: the worker stops past its deadline
@@ -897,6 +899,11 @@ class Worker:
                 offsets.reject()  # dead-lettered: never handed out again
                 for other, offset in joined:  # the task has ended: its other records are done
                     other.finish(offset)
+            elif finished and sent_again and isinstance(offsets, ShareOffsets):
+                offsets.finish(record.offset)  # its fresh copy is stored
+                for other, _ in joined:  # the task has not ended: its copies (the fresh one among them) go on
+                    if isinstance(other, ShareOffsets) and not other.lost:
+                        self._take(_as_record(other.shared), other)
             elif finished:
                 offsets.finish(record.offset)
                 for other, offset in joined:
@@ -933,8 +940,9 @@ class Worker:
         record: Record | None = None,
         share: ShareDelivery | None = None,
         held: ShareOffsets | None = None,
-    ) -> bool:
-        """Admit and run (or end) one task record; True when its record went to the dead-letter topic.
+    ) -> Literal["rejected", "again"] | None:
+        """Admit and run (or end) one task record: ``rejected`` when its record went to the
+        dead-letter topic, ``again`` when it was sent afresh (share mode: the task has not ended).
 
         Share mode, ``held`` is the record's lock here: a record whose lock ran out is not
         started (the group may have handed it to another worker), and one whose task another
@@ -948,7 +956,7 @@ class Worker:
             raise _Dropped()
         if record is not None and rec.not_before > time.time() + FORWARD_AFTER and not _moved(record):
             await self._forward(rec, record, txn)
-            return False
+            return None
         if self._view_ready is not None and not self._view_ready.done():
             await asyncio.shield(self._view_ready)
         while True:
@@ -1013,10 +1021,11 @@ class Worker:
         elif action == "limit":
             assert share is not None
             await self._end_at_limit(rec, head, share, decision.attempt, record)
-            return True
+            return "rejected"
         elif action == "again":
             assert share is not None and record is not None
             await self._send_again(rec, head, share, record)
+            return "again"
         elif action == "run" and rec.after and (chord := await self._results_of(rec.after))[1] is not None:
             task = await end_without_running(
                 self.host, rec, head, "error", txn, traceback=chord[1], attempt=decision.attempt
@@ -1045,7 +1054,7 @@ class Worker:
                 run.executor.args = [(await self._results_of(rec.after))[0], *run.executor.args]
             run.on_ran = ran
             await self._run(run)
-        return False
+        return None
 
     async def _end_at_limit(
         self, rec: TaskRecord, head: StatusHead | None, share: ShareDelivery, attempt: int, record: Record | None

@@ -775,4 +775,40 @@ async def test_inspect_shows_the_share_groups_workers_and_what_waits() -> None:
     finally:
         for app in workers:
             await app.stop()
+
+
+async def test_a_record_sent_afresh_and_fetched_before_its_send_returns_still_runs() -> None:
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url)
+    ran: list[int] = []
+    worker = _share_app(name, url, share_delivery_limit=2)
+
+    @worker.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        return i
+
+    try:
+        handle = await client.add_task("work", 1)
+        await _take_and_drop(client)  # delivery 1 of 2 went back without a run starting
+        await worker.core.connect()
+        producer = worker.core.broker.producer
+        sends = producer.send
+
+        async def acked_late(topic: str, value: Any, **kwargs: Any) -> Any:
+            # As on Kafka: the record is readable (and may be fetched) before its sender
+            # hears it was stored.
+            await sends(topic, value, **kwargs)
+            if topic != worker.core.topics.tasks:
+                return None
+            return asyncio.ensure_future(asyncio.sleep(0.3))
+
+        producer.send = acked_late  # type: ignore[method-assign]
+        await worker.start()
+        end = await client.wait(handle.uuid, 5)
+        assert (end.status, end.returning, ran) == ("success", 1, [1])
+    finally:
+        await worker.stop()
         await client.stop()
