@@ -959,12 +959,20 @@ class Worker:
             return None
         if self._view_ready is not None and not self._view_ready.done():
             await asyncio.shield(self._view_ready)
+        # Share mode, a record handed out before: its task's runs (``attempt``, ``released``)
+        # decide whether it is poison, so the view first reads what its last worker wrote
+        # before handing it back (a hand-back not read yet would count as a death).
+        caught_up = share is None or not (share.count > 1 or share.again)
         while True:
             # The view may lag behind the submit, or have dropped an old finished task. While
             # the broker is away the lookup waits for it: a task is never decided on a guess.
             head = await retried(
                 lambda: core.store.head(uuid, timeout=2.0, txn=txn), what=f"the status of {uuid}", trouble=core.trouble
             )
+            if not caught_up and head is not None and head.status == "process":
+                caught_up = True
+                await retried(lambda: core.store.catch_up(uuid), what=f"the status of {uuid}", trouble=core.trouble)
+                continue
             spec = self.registry.get(rec.task_name)
             decision = admit(
                 head,

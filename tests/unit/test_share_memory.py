@@ -812,3 +812,67 @@ async def test_a_record_sent_afresh_and_fetched_before_its_send_returns_still_ru
     finally:
         await worker.stop()
         await client.stop()
+
+
+async def test_a_hand_back_the_status_view_has_not_read_yet_does_not_make_a_task_poison() -> None:
+    from qtasks.records import Task
+    from tests.helpers import unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    client = _share_app(name, url)
+    ran: list[int] = []
+    worker = _share_app(name, url, share_delivery_limit=2)
+
+    @worker.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        return i
+
+    member = None
+    try:
+        handle = await client.add_task("work", 1)
+        broker = client.core.broker
+        group = f"{client.group_id}.share"
+        await broker.configure_share_group(group, {"share.auto.offset.reset": "earliest"})
+        member = broker.share_consumer(group, [client.core.topics.tasks])
+        await member.start()
+        held = await member.getmany(1.0, 1)  # a worker runs it (delivery 1) ...
+        assert len(held) == 1
+        now = time.time()
+        running = Task(
+            uuid=handle.uuid,
+            task_name="work",
+            status="process",
+            args=[1],
+            created_at=now,
+            updated_at=now,
+            attempt=1,
+            worker="a-stopping-worker",
+            lease_until=now + 30,
+            source=f"{held[0].partition}:{held[0].offset}",
+        )
+        await client.core.store.write(running, durable=True)
+        await worker.start()
+        await _until(lambda: (h := worker.view.head(handle.uuid)) is not None and h.attempt == 1, "the run seen")
+        # The worker's status view falls behind (a slow fetch): what is written now reaches it late.
+        tail = worker.core.store._consumer
+        gets = tail.getmany
+
+        async def late(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(1.0)
+            return await gets(*args, **kwargs)
+
+        tail.getmany = late
+        await asyncio.sleep(0.6)  # the fetch under way when it fell behind is over
+        # ... and stops past stop_timeout: the run is handed back (released), then its record.
+        released = msgspec.structs.replace(running, lease_until=0.0, released=1, updated_at=time.time())
+        await client.core.store.write(released, durable=True)
+        await member.stop()
+        member = None
+        end = await client.wait(handle.uuid, 10)
+        assert (end.status, end.returning, ran) == ("success", 1, [1]), end.traceback
+    finally:
+        if member is not None:
+            await member.stop()
+        await worker.stop()
+        await client.stop()
