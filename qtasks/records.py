@@ -149,8 +149,8 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Share mode: the task record this attempt runs (``partition:offset`` of the tasks
     #: topic). That record handed to another worker means this attempt lost its lock.
     source: str | None = None
-    #: Runs handed back by a stopping worker (past ``stop_timeout``): of the ``attempt``
-    #: runs, these did not die, so share mode's poison limit does not count them.
+    #: Share mode: runs handed back by a stopping worker (past ``stop_timeout``): of the
+    #: ``attempt`` runs, these did not die, so the poison limit does not count them.
     released: int = 0
 
     @property

@@ -685,7 +685,8 @@ class TaskRun:
         if head is None or head.is_finished:
             return
         try:
-            released = self.task.released + 1  # a hand-back, not a death: no poison count
+            # Share mode: a hand-back, not a death, so share_delivery_limit does not count it.
+            released = self.task.released + (1 if core.config.processing_mode == "share" else 0)
             await core.store.write(
                 msgspec.structs.replace(self.task, lease_until=0.0, released=released, updated_at=time.time())
             )

@@ -876,3 +876,30 @@ async def test_a_hand_back_the_status_view_has_not_read_yet_does_not_make_a_task
             await member.stop()
         await worker.stop()
         await client.stop()
+
+
+async def test_group_mode_counts_no_released_runs() -> None:
+    from qtasks.asyncio import QueueTasks
+    from tests.helpers import FAST, unique
+
+    url, name = f"memory://{uuid.uuid4().hex}", unique()
+    gate = asyncio.Event()
+    app = QueueTasks(name, broker_url=url, **{**FAST, "stop_timeout": 0.2})  # type: ignore[arg-type]
+    client = QueueTasks(name, broker_url=url, **FAST)  # type: ignore[arg-type]
+
+    @app.task(name="slow")
+    async def slow(i: int) -> int:
+        await gate.wait()
+        return i
+
+    await app.start()
+    try:
+        handle = await app.add_task("slow", 7)
+        await _until(lambda: (h := app.view.head(handle.uuid)) is not None and h.status == "process", "running")
+        await app.stop()  # past stop_timeout: the run is handed back, as before share mode
+        status = await client.get(handle.uuid)
+        assert status is not None and (status.lease_until, status.released) == (0.0, 0), status
+    finally:
+        gate.set()
+        await app.stop()
+        await client.stop()
