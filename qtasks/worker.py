@@ -422,6 +422,7 @@ class Worker:
             heapq.heapify(self._backlog)
             self._delayed = [e for e in self._delayed if not (isinstance(e[4], ShareOffsets) and e[4].lost)]
             heapq.heapify(self._delayed)
+            self._share_wake.set()  # room freed: a full poll loop fetches again
 
     async def _still_held(self, held: ShareOffsets) -> bool:
         """Whether this worker still holds the record's lock (asked of the group: renewed now)."""
