@@ -42,10 +42,10 @@ import time
 import uuid as uuid_mod
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from qtasks.config import share_group_of
-from qtasks.connectors.base import ACCEPT, REJECT, RELEASE, Record, ShareConsumer, ShareRecord, TopicPartition
+from qtasks.connectors.base import Record, ShareConsumer, TopicPartition
 from qtasks.core import Core
 from qtasks.deadletter import dead_letter
 from qtasks.decisions import ShareDelivery, admit
@@ -56,7 +56,6 @@ from qtasks.exc import (
     ChordError,
     CommitFailedError,
     ConnectorError,
-    DeliveryLimitError,
     RecordError,
     TaskNotFoundError,
     error_of,
@@ -70,6 +69,7 @@ from qtasks.records import ControlRecord, StatusHead, TaskRecord, decode_control
 from qtasks.registry import Registry
 from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_running
 from qtasks.scheduler import DelayScheduler
+from qtasks.share_mode import ShareOffsets, as_record, end_at_limit, send_again
 from qtasks.stats import UNKNOWN_TASK
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
@@ -90,56 +90,13 @@ FORWARD_AFTER = 5.0
 KEY_RETRY_ROOM = 16
 
 
-#: Share mode: on a task record sent afresh at the last delivery of an earlier record of the task.
-AGAIN: Final = "qtasks-again"
-
-
 def _moved(record: Record) -> bool:
     """Whether the delays topic moved this record here (it is held, never sent back)."""
     return any(name == MOVED for name, _ in record.headers or ())
 
 
-def _as_record(item: ShareRecord) -> Record:
-    return Record(item.topic, item.partition, item.offset, item.key, item.value, item.timestamp, item.headers)
-
-
 class _Dropped(Exception):
     """A record left unfinished on purpose: a rebalance came while it was being admitted, or (share mode) its lock ran out."""
-
-
-class ShareOffsets(PartitionOffsets):
-    """Share mode: one record's bookkeeping. Finishing it acknowledges it (ACCEPT); nothing is committed."""
-
-    def __init__(self, share: ShareConsumer, shared: ShareRecord, live: set[ShareOffsets], wake: asyncio.Event) -> None:
-        super().__init__()
-        self._share = share
-        self.shared = shared
-        self._live = live
-        #: Set once its acknowledgement is taken: a full worker's poll loop sends it at once.
-        self._wake = wake
-        #: Its lock ran out and the group may have handed it to another member: it is not
-        #: started here, renewed or acknowledged (a run under way goes on: at least once).
-        self.lost = False
-        live.add(self)
-
-    def lose(self) -> None:
-        self.lost = True
-        self._live.discard(self)
-
-    def _end(self, kind: int) -> None:
-        if self in self._live:
-            self._live.discard(self)
-            self._share.acknowledge(self.shared, kind)
-            self._wake.set()
-
-    def finish(self, offset: int) -> None:
-        self._end(ACCEPT)
-
-    def reject(self) -> None:
-        self._end(REJECT)
-
-    def give_back(self) -> None:
-        self._end(RELEASE)
 
 
 class Worker:
@@ -388,7 +345,7 @@ class Worker:
             for item in shared:
                 if item.delivery_count > 1:
                     self.share_redelivered += 1
-                self._take(_as_record(item), ShareOffsets(share, item, self._share_live, self._share_wake))
+                self._take(as_record(item), ShareOffsets(share, item, self._share_live, self._share_wake))
             self._fill()
 
     async def _lock_loop(self) -> None:
@@ -859,10 +816,7 @@ class Worker:
             else:
                 delivery = None
                 if isinstance(offsets, ShareOffsets):
-                    shared = offsets.shared
-                    limit = self.core.config.share_delivery_limit
-                    again = any(name == AGAIN for name, _ in record.headers or ())
-                    delivery = ShareDelivery(f"{shared.partition}:{shared.offset}", shared.delivery_count, limit, again)
+                    delivery = offsets.delivery(record, self.core.config.share_delivery_limit)
                 done = await self._run_record(
                     rec, txn, ran, record, delivery, offsets if isinstance(offsets, ShareOffsets) else None
                 )
@@ -904,7 +858,7 @@ class Worker:
                 offsets.finish(record.offset)  # its fresh copy is stored
                 for other, _ in joined:  # the task has not ended: its copies (the fresh one among them) go on
                     if isinstance(other, ShareOffsets) and not other.lost:
-                        self._take(_as_record(other.shared), other)
+                        self._take(as_record(other.shared), other)
             elif finished:
                 offsets.finish(record.offset)
                 for other, offset in joined:
@@ -917,7 +871,7 @@ class Worker:
                     if self._stopping or other.lost:
                         other.give_back()
                     else:  # records of the task that joined it are still held here: taken afresh
-                        self._take(_as_record(other.shared), other)
+                        self._take(as_record(other.shared), other)
             if holds_slot:
                 self._free_slot()
             else:
@@ -1029,11 +983,11 @@ class Worker:
             await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
         elif action == "limit":
             assert share is not None
-            await self._end_at_limit(rec, head, share, decision.attempt, record)
+            await end_at_limit(self.host, rec, head, share, decision.attempt, record)
             return "rejected"
         elif action == "again":
             assert share is not None and record is not None
-            await self._send_again(rec, head, share, record)
+            await send_again(self.core, rec, head, share, record)
             return "again"
         elif action == "run" and rec.after and (chord := await self._results_of(rec.after))[1] is not None:
             task = await end_without_running(
@@ -1064,54 +1018,6 @@ class Worker:
             run.on_ran = ran
             await self._run(run)
         return None
-
-    async def _end_at_limit(
-        self, rec: TaskRecord, head: StatusHead | None, share: ShareDelivery, attempt: int, record: Record | None
-    ) -> None:
-        """Share mode, a poison task: its started runs reached ``share_delivery_limit - 1`` and
-        none ended. It ends as error, its record is dead-lettered, and it is not run again."""
-        runs = head.attempt - head.released if head is not None else 0
-        last = f", the last on worker {head.worker}" if head is not None and head.worker else ""
-        reason = (
-            f"task {rec.uuid} ({rec.task_name}) started {runs} run(s) that never ended{last}: each worker "
-            f"died or lost its lock while running it, as many times as share_delivery_limit={share.limit} "
-            f"allows (delivery {share.count} of its record is not run)"
-        )
-        log.error("%s", reason)
-        exc = DeliveryLimitError(reason)
-        task = await end_without_running(
-            self.host, rec, head, "error", traceback=f"qtasks.exc.DeliveryLimitError: {reason}", attempt=attempt
-        )
-        if record is not None:
-            await dead_letter(self.core, record, reason, self.id, kind="delivery_limit")
-        await self.host.events.fire("task_error", app=self.host.app, task=task, exc=exc, worker=self.host.worker)
-
-    async def _send_again(self, rec: TaskRecord, head: StatusHead | None, share: ShareDelivery, record: Record) -> None:
-        """Share mode, a record's last delivery, the task not poison: it is sent afresh (its
-        deliveries count from 1 again) and this one is acknowledged once that is stored.
-
-        The deliveries before were hand-backs (graceful stops, a chord callback waiting for
-        its tasks) or runs that died, fewer than the limit allows: running this one could
-        leave the task without an ending, as the broker would not hand it out again.
-        """
-        core = self.core
-        runs = head.attempt if head is not None else 0
-        log.info(
-            "task %s: delivery %d of %d of its record, %d run(s) started: sent afresh",
-            rec.uuid,
-            share.count,
-            share.limit,
-            runs,
-        )
-        headers = [(n, v) for n, v in record.headers or () if n not in (DUE, AT, KEY, MOVED, AGAIN)]
-        topic, partition, out = core.task_route(rec.uuid, rec.not_before, [*headers, (AGAIN, b"1")], key=rec.key)
-        key = rec.uuid.encode()
-        producer = core.broker.producer
-        await deliver(
-            lambda: producer.send(topic, record.value, key=key, partition=partition, headers=out or None),
-            what=f"task {rec.uuid} sent afresh",
-            trouble=core.trouble,
-        )
 
     async def _forward(self, rec: TaskRecord, record: Record, txn: PartitionTxn | None) -> None:
         """A task record due later than this worker holds one: into the delays topic, as a client
