@@ -499,14 +499,17 @@ async def test_inspect_describes_the_share_group_its_members_and_its_lag(kafka_b
         await client.add_tasks("wait", [(i,) for i in range(5)])
         ids = sorted(app.worker.id for app in workers if app.worker is not None)
         deadline = time.monotonic() + 30
-        while True:  # until both members hold a task, as the broker sees them
+        # Until both members share the partition and run a task, as the broker tells it: the
+        # coordinator hands a joining member its partition a heartbeat or two later, and the
+        # other member's assignment can be empty for a moment meanwhile.
+        while True:
             report = await ops.inspect_group(client)
-            if sorted(w.worker for w in report.workers) == ids and all(w.running for w in report.workers):
+            members = sorted(w.worker for w in report.workers)
+            if members == ids and all(w.running and w.partitions == [0] for w in report.workers):
                 break
             assert time.monotonic() < deadline, report
             await asyncio.sleep(0.2)
         assert report.group == f"{name}-workers.share" and report.state == "Stable"
-        assert all(w.partitions == [0] for w in report.workers)
         (partition,) = report.partitions
         assert partition.end == 5 and partition.lag == 5 and partition.worker == ",".join(ids), partition
         gate.set()
