@@ -220,6 +220,19 @@ def _share_app(name: str, url: str, **settings: object) -> QueueTasks:
     return QueueTasks(name, broker_url=url, **{**FAST, "processing_mode": "share", **settings})  # type: ignore[arg-type]
 
 
+def _recording_worker(name: str, url: str, **settings: object) -> tuple[QueueTasks, list[int]]:
+    """A share-mode app whose task ``work(i)`` returns ``i``, and the list of the ``i`` it ran."""
+    worker = _share_app(name, url, **settings)
+    ran: list[int] = []
+
+    @worker.task(name="work")
+    async def work(i: int) -> int:
+        ran.append(i)
+        return i
+
+    return worker, ran
+
+
 async def _take_and_drop(client: QueueTasks) -> ShareRecord:
     """A member that takes the app's first task record and goes away without acknowledging it
     (a worker that died: its locks are released at once, as a broker does when a session's
@@ -260,13 +273,7 @@ async def test_a_task_whose_runs_died_as_often_as_the_limit_allows_ends_as_error
 
     url, name = f"memory://{uuid.uuid4().hex}", unique()
     client = _share_app(name, url)
-    ran: list[int] = []
-    worker = _share_app(name, url, share_delivery_limit=3)
-
-    @worker.task(name="work")
-    async def work(i: int) -> int:
-        ran.append(i)
-        return i
+    worker, ran = _recording_worker(name, url, share_delivery_limit=3)
 
     try:
         poison = await client.add_task("work", 1)
@@ -290,13 +297,7 @@ async def test_a_record_handed_back_until_its_last_delivery_is_sent_afresh_and_r
 
     url, name = f"memory://{uuid.uuid4().hex}", unique()
     client = _share_app(name, url)
-    ran: list[int] = []
-    worker = _share_app(name, url, share_delivery_limit=2)
-
-    @worker.task(name="work")
-    async def work(i: int) -> int:
-        ran.append(i)
-        return i
+    worker, ran = _recording_worker(name, url, share_delivery_limit=2)
 
     try:
         handle = await client.add_task("work", 1)
@@ -364,13 +365,7 @@ async def test_a_keyed_task_is_refused_in_share_mode_by_the_client_and_by_the_wo
     from tests.helpers import FAST, unique
 
     url, name = f"memory://{uuid.uuid4().hex}", unique()
-    worker = _share_app(name, url)
-    ran: list[int] = []
-
-    @worker.task(name="work")
-    async def work(i: int) -> int:
-        ran.append(i)
-        return i
+    worker, ran = _recording_worker(name, url)
 
     with pytest.raises(ValueError, match="ordering keys need processing_mode='group'"):
         await worker.add_task("work", 1, key="k")
@@ -461,13 +456,7 @@ async def test_a_copy_of_a_task_that_joined_a_record_dropped_here_is_taken_afres
 
     url, name = f"memory://{uuid.uuid4().hex}", unique()
     client = _share_app(name, url, tasks_partitions=1)
-    app = _share_app(name, url, tasks_partitions=1, concurrency=2)
-    ran: list[int] = []
-
-    @app.task(name="work")
-    async def work(i: int) -> int:
-        ran.append(i)
-        return i
+    app, ran = _recording_worker(name, url, tasks_partitions=1, concurrency=2)
 
     await client.core.connect()
     log = client.core.broker.log
@@ -782,13 +771,7 @@ async def test_a_record_sent_afresh_and_fetched_before_its_send_returns_still_ru
 
     url, name = f"memory://{uuid.uuid4().hex}", unique()
     client = _share_app(name, url)
-    ran: list[int] = []
-    worker = _share_app(name, url, share_delivery_limit=2)
-
-    @worker.task(name="work")
-    async def work(i: int) -> int:
-        ran.append(i)
-        return i
+    worker, ran = _recording_worker(name, url, share_delivery_limit=2)
 
     try:
         handle = await client.add_task("work", 1)
@@ -820,13 +803,7 @@ async def test_a_hand_back_the_status_view_has_not_read_yet_does_not_make_a_task
 
     url, name = f"memory://{uuid.uuid4().hex}", unique()
     client = _share_app(name, url)
-    ran: list[int] = []
-    worker = _share_app(name, url, share_delivery_limit=2)
-
-    @worker.task(name="work")
-    async def work(i: int) -> int:
-        ran.append(i)
-        return i
+    worker, ran = _recording_worker(name, url, share_delivery_limit=2)
 
     member = None
     try:
