@@ -206,20 +206,28 @@ async def test_stop_releases_what_a_member_holds_and_has_not_acknowledged(
     assert sorted((r.offset, r.delivery_count) for r in again) == [(o, 2) for o in range(1, 6)]
 
 
+async def _four_held_and_another_member(
+    bootstrap: str, topic: str, member: Group
+) -> tuple[ShareConsumer, list[ShareRecord], ShareConsumer]:
+    """4 records, all locked by one member (2 s locks), and a second member of the group."""
+    await _produce(bootstrap, topic, 4)
+    holder = await member()
+    await _until_assigned(holder)
+    held = sorted(await _take(holder, 4), key=lambda r: r.offset)
+    assert [r.offset for r in held] == [0, 1, 2, 3] and holder.lock_ms == 2000
+    other = await member()
+    await _until_assigned(other)
+    return holder, held, other
+
+
 @pytest.mark.parametrize("group_settings", [{"share.record.lock.duration.ms": "2000"}])
 async def test_a_renewed_lock_outlives_its_duration_and_an_unrenewed_one_goes_to_another_member(
     kafka_bootstrap: str, topic: str, member: Group
 ) -> None:
     # A long task keeps its record by renewing the lock; the broker hands out again only
     # what its holder stopped renewing. (The test broker lets a group set 2 s locks.)
-    await _produce(kafka_bootstrap, topic, 4)
-    holder = await member()
-    await _until_assigned(holder)
-    held = sorted(await _take(holder, 4), key=lambda r: r.offset)
-    assert [r.offset for r in held] == [0, 1, 2, 3] and holder.lock_ms == 2000
+    holder, held, other = await _four_held_and_another_member(kafka_bootstrap, topic, member)
     kept, dropped = held[:3], held[3]
-    other = await member()
-    await _until_assigned(other)
     handed: list[ShareRecord] = []
     renewing_until = time.monotonic() + 5  # 2.5 times the lock
     while time.monotonic() < renewing_until:
@@ -452,14 +460,8 @@ async def test_one_lost_lock_does_not_keep_the_other_locks_of_its_partition_from
     # one record whose lock ran out (a worker that froze past it) is refused as a whole. A
     # worker renews everything it holds, the lost one included, every third of a lock: the
     # records it still holds must keep their locks all the same.
-    await _produce(kafka_bootstrap, topic, 4)
-    holder = await member()
-    await _until_assigned(holder)
-    held = sorted(await _take(holder, 4), key=lambda r: r.offset)
-    assert [r.offset for r in held] == [0, 1, 2, 3] and holder.lock_ms == 2000
+    holder, held, other = await _four_held_and_another_member(kafka_bootstrap, topic, member)
     kept, lost = held[:3], held[3]
-    other = await member()
-    await _until_assigned(other)
     deadline = time.monotonic() + 10
     taken: list[ShareRecord] = []
     while not taken and time.monotonic() < deadline:
