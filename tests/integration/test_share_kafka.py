@@ -376,6 +376,12 @@ async def test_workers_in_share_mode_outnumber_the_partitions_and_run_each_task_
     for app in apps:
         await app.start()
     try:
+        # A member is told its share of the partition a heartbeat or two after it joins: up to
+        # about 1.5 s on a loaded machine, longer than the 200 tasks take. The tasks go once
+        # every worker can fetch them.
+        for app in apps:
+            assert app.worker is not None and app.worker._share is not None
+            assert await app.worker._share.wait_assigned(30), f"{app.worker.id} was given no partition"
         handles = await apps[0].add_tasks("work", [(i,) for i in range(200)])
         ends = [await apps[0].wait(h.uuid, 60) for h in handles]
         assert [e.status for e in ends] == ["success"] * 200
