@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 import msgspec
 
@@ -25,19 +25,23 @@ SLIM_TRACEBACK = 8000
 STALE_LIMIT = 10_000
 
 
-def supersedes(current: tuple[int, bool] | None, new: tuple[int, bool]) -> bool:
-    """Whether a record ``(rev, terminal)`` replaces the one held.
+def supersedes(current: tuple[int, int, bool] | None, new: tuple[int, int, bool]) -> bool:
+    """Whether a record ``(attempt, rev, terminal)`` replaces the one held.
 
     A terminal status is never replaced by a non-terminal one (a late ``process`` write
-    or the echo of an older write cannot undo ``success``); otherwise the higher or
-    equal ``rev`` wins.
+    or the echo of an older write cannot undo ``success``). Between two runs in progress,
+    the later attempt wins: a worker that wakes past its lease and renews it before it
+    reads that another worker took the task over cannot undo the takeover. Otherwise the
+    higher or equal ``rev`` wins.
     """
     if current is None:
         return True
-    cur_rev, cur_terminal = current
-    new_rev, new_terminal = new
+    cur_attempt, cur_rev, cur_terminal = current
+    new_attempt, new_rev, new_terminal = new
     if cur_terminal and not new_terminal:
         return False
+    if not cur_terminal and not new_terminal and new_attempt != cur_attempt:
+        return new_attempt > cur_attempt
     return new_rev >= cur_rev
 
 
@@ -105,6 +109,13 @@ class StatusView:
         #: Tasks whose held record this process wrote (or showed) and has not read back yet:
         #: an older record read meanwhile comes before it in the topic, so it is not stale.
         self._unread: set[str] = set()
+        #: Tasks whose every new head is told to ``_on_watched`` (a worker's runs: :meth:`watch`).
+        self._watched: Container[str] = ()
+        self._on_watched: Callable[[StatusHead], None] | None = None
+
+    def watch(self, watched: Container[str], on_head: Callable[[StatusHead], None]) -> None:
+        """Call ``on_head`` with each new head of a task in ``watched`` (checked as it is read)."""
+        self._watched, self._on_watched = watched, on_head
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -116,7 +127,7 @@ class StatusView:
         row = self._rows.get(head.uuid)
         if row is not None:
             held = row[0]
-            if not supersedes((held.rev, held.is_finished), (head.rev, head.is_finished)):
+            if not supersedes((held.attempt, held.rev, held.is_finished), (head.attempt, head.rev, head.is_finished)):
                 return False
         self._rows[head.uuid] = (head, raw)
         if head.is_finished:
@@ -136,6 +147,8 @@ class StatusView:
                         self.unswept_drop = at
         if head.uuid in self._waiters:
             self._notify(head.uuid)
+        if head.uuid in self._watched and self._on_watched is not None:
+            self._on_watched(head)
         return True
 
     def apply(self, task: Task, raw: bytes) -> bool:

@@ -123,17 +123,24 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(n: int, low: floa
 @pytest.mark.parametrize(
     ("current", "new", "expected"),
     [
-        (None, (0, False), True),
-        ((0, False), (1, False), True),
-        ((2, False), (1, False), False),
-        ((2, True), (3, False), False),
-        ((2, False), (3, True), True),
-        ((2, True), (3, True), True),
-        ((3, True), (2, True), False),
-        ((1, False), (1, False), True),
+        (None, (0, 0, False), True),
+        ((1, 0, False), (1, 1, False), True),
+        ((1, 2, False), (1, 1, False), False),
+        ((1, 2, True), (1, 3, False), False),
+        ((1, 2, False), (1, 3, True), True),
+        ((1, 2, True), (1, 3, True), True),
+        ((1, 3, True), (1, 2, True), False),
+        ((1, 1, False), (1, 1, False), True),
+        # attempt 2 took the task over (rev 4); attempt 1's worker woke and renewed (rev 4, then 5)
+        ((2, 4, False), (1, 4, False), False),
+        ((2, 4, False), (1, 5, False), False),
+        ((1, 5, False), (2, 4, False), True),
+        # an ending is never undone by a run, and an earlier attempt's ending still ends the task
+        ((1, 5, True), (2, 6, False), False),
+        ((2, 4, False), (1, 5, True), True),
     ],
 )
-def test_status_precedence(current: tuple[int, bool] | None, new: tuple[int, bool], expected: bool) -> None:
+def test_status_precedence(current: tuple[int, int, bool] | None, new: tuple[int, int, bool], expected: bool) -> None:
     assert supersedes(current, new) is expected
 
 
