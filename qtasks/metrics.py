@@ -196,6 +196,12 @@ async def snapshot(app: QueueTasks, lag_timeout: float = 2.0) -> list[Any]:
             worker.delays.dropped,
         ),
         ("qtasks_periodic_submitted", "Ticks of periodic tasks this worker submitted.", worker.ticker.submitted),
+        (
+            "qtasks_runs_superseded",
+            "Runs stopped here because another worker took their task over (this worker was frozen "
+            "or cut off past its lease).",
+            worker.runs_superseded,
+        ),
     ):
         families.append(CounterMetricFamily(name, text, value=value))
     lag = GaugeMetricFamily(

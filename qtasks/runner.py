@@ -360,6 +360,9 @@ class TaskRun:
         self.ended = False
         #: Set by the worker once the run is over here (ended, or handed back).
         self.finished = False
+        #: Set by the worker when another worker took the task over (this one was frozen or
+        #: cut off past its lease): the run stops and writes nothing more, not even a release.
+        self.superseded = False
         if txn is not None:
             txn.runs.add(self)
         #: Set once the ``process`` status is written (at least once it may be held back: :meth:`start`).
@@ -682,8 +685,8 @@ class TaskRun:
             return
         core = self.host.core
         head = core.view.head(self.rec.uuid)
-        if head is None or head.is_finished:
-            return
+        if head is None or head.is_finished or head.attempt > self.attempt:
+            return  # ended, or another worker's newer run: its lease is not this run's to end
         try:
             # Share mode: a hand-back, not a death, so share_delivery_limit does not count it.
             released = self.task.released + (1 if core.config.processing_mode == "share" else 0)

@@ -162,8 +162,13 @@ class Worker:
         self._view_ready: asyncio.Task[None] | None = None
         #: At least once: between a revoke and the next assignment (no run starts).
         self._revoked = False
-        #: uuid -> offsets of records that joined the run of that uuid here.
-        self._active: dict[str, list[tuple[PartitionOffsets, int]]] = {}
+        #: uuid -> the records (with their offsets) that joined the run of that uuid here.
+        self._active: dict[str, list[tuple[PartitionOffsets, Record]]] = {}
+        #: The handler of each run here, and those whose run another worker took over (they stop).
+        self._run_handlers: dict[str, asyncio.Task[None]] = {}
+        self._superseded: set[asyncio.Task[None]] = set()
+        #: Runs stopped here because another worker took their task over.
+        self.runs_superseded = 0
         self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
         self._started = False
@@ -247,6 +252,8 @@ class Worker:
             await asyncio.shield(self._control.stop())  # a failed start leaves nothing running
             raise
         self._started = True
+        if not self.exactly_once:  # exactly-once, a run taken over is fenced instead
+            core.view.watch(self._running, self._on_head)
         #: What each record's handler starts from: the context the worker started in, never
         #: the one of the handler whose end made room for it (its task, its trace span).
         self._context = contextvars.copy_context()
@@ -559,7 +566,7 @@ class Worker:
         self.core.stats.count("received", name if name in self.registry else UNKNOWN_TASK)
         entry = (rec.priority, self._sequence, rec, record, offsets)
         if (joined := self._active.get(rec.uuid)) is not None:
-            joined.append((offsets, record.offset))  # runs here already (a rebalance gave it back)
+            joined.append((offsets, record))  # runs here already (a rebalance gave it back)
         elif rec.after:
             self._hold_after(entry)
         else:
@@ -739,7 +746,7 @@ class Worker:
             _, _, rec, record, offsets = heapq.heappop(backlog)
             if isinstance(rec, TaskRecord):
                 if (joined := self._active.get(rec.uuid)) is not None:
-                    joined.append((offsets, record.offset))
+                    joined.append((offsets, record))
                     if rec.key is not None:
                         self._next_of_key(rec.key, fill=False)  # it held the key; the run it joined holds it
                     continue
@@ -787,7 +794,9 @@ class Worker:
 
     async def _handle(self, rec: TaskRecord | RecordError, record: Record, offsets: PartitionOffsets) -> None:
         # Running: from here on the finally below does the bookkeeping.
-        self._unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        me = asyncio.current_task()
+        assert me is not None
+        self._unstarted.pop(me, None)
         finished = False
         rejected = False  # share mode: the record is dead-lettered, never handed out again
         sent_again = False  # share mode: the record was sent afresh; the task has not ended
@@ -823,7 +832,9 @@ class Worker:
                 rejected, sent_again = done == "rejected", done == "again"
             finished = True
         except asyncio.CancelledError:
-            raise  # handed back: the worker stops past its deadline
+            if me not in self._superseded or self._stopping:
+                raise  # handed back: the worker stops past its deadline
+            me.uncancel()  # taken over by another worker: the run stopped, the handler ends here
         except _Dropped:
             return  # not finished here: the record is read again after the rebalance
         except Exception as exc:
@@ -836,6 +847,8 @@ class Worker:
             log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
             finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc, txn)
         finally:
+            superseded = me in self._superseded
+            self._superseded.discard(me)
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
             # The key is given up here, so a rebalance from now on must not count it held.
             self._handler_keys.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
@@ -848,12 +861,12 @@ class Worker:
             if finished and child is not None and (self._stopping or self._key_retries.get(key or "") == child):
                 # Its retry is not taken yet: the record stays unfinished until it is (above).
                 if not self._stopping:  # with the copies of it read again while it ran
-                    self._retry_parents[child] = [(offsets, record.offset), *joined]
+                    self._retry_parents[child] = [(offsets, record.offset), *((o, r.offset) for o, r in joined)]
                 finished = False
             if finished and rejected and isinstance(offsets, ShareOffsets):
                 offsets.reject()  # dead-lettered: never handed out again
-                for other, offset in joined:  # the task has ended: its other records are done
-                    other.finish(offset)
+                for other, copy in joined:  # the task has ended: its other records are done
+                    other.finish(copy.offset)
             elif finished and sent_again and isinstance(offsets, ShareOffsets):
                 offsets.finish(record.offset)  # its fresh copy is stored
                 for other, _ in joined:  # the task has not ended: its copies (the fresh one among them) go on
@@ -861,8 +874,16 @@ class Worker:
                         self._take(as_record(other.shared), other)
             elif finished:
                 offsets.finish(record.offset)
-                for other, offset in joined:
-                    other.finish(offset)
+                for other, copy in joined:
+                    other.finish(copy.offset)
+            if superseded and not finished and not isinstance(offsets, ShareOffsets):
+                # Group mode: while the partition is read here, the task's records are admitted
+                # again. They wait for the other worker's run, and finish once it ends (or take
+                # the task over if that worker dies too). A partition gone elsewhere is read
+                # again by its owner.
+                for other, copy in (offsets, record), *joined:
+                    if not self._stopping and other is self._offsets.get(copy.tp):
+                        self._retake(copy, other)
             if not finished and isinstance(offsets, ShareOffsets):
                 offsets.give_back()  # handed back (a stop), or not ours to finish: another worker takes it
                 for other, _ in joined:
@@ -876,6 +897,11 @@ class Worker:
                 self._free_slot()
             else:
                 self._ending -= 1
+
+    def _retake(self, record: Record, offsets: PartitionOffsets) -> None:
+        """Group mode: admit a record taken before once more (its offset stays unfinished all along)."""
+        self._take(record)  # into its partition's offsets, ``offsets`` (the caller checked)
+        offsets.finish(record.offset)
 
     def _free_slot(self) -> None:
         self._in_flight -= 1
@@ -1041,6 +1067,9 @@ class Worker:
         uuid = run.rec.uuid
         # Registered until the terminal status is written: the lease is renewed, a cancel reaches it.
         self._running[uuid] = run
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._run_handlers[uuid] = handler
         try:
             if uuid in self._cancelled:
                 run.executor.cancel(self._cancelled.pop(uuid) or f"{run.spec.name}.cancel")
@@ -1048,12 +1077,41 @@ class Worker:
             if run.rec.key is not None and run.task.status == "retry" and run.task.retry_child_uuid:
                 self._retry_of[uuid] = run.task.retry_child_uuid
         except BaseException:
-            await run.release()
+            if not run.superseded:
+                await run.release()
             raise
         finally:
             run.finish()
             self._running.pop(uuid, None)
+            self._run_handlers.pop(uuid, None)
         self.tasks_done += 1
+
+    def _on_head(self, head: StatusHead) -> None:
+        """A new status of a task running here was read. If another worker took the task over
+        (a newer run, or its ending) while this one went on, this worker was frozen or cut off
+        past its lease: its run stops, writing nothing more, instead of streaming its values
+        and its ending a second time."""
+        run = self._running.get(head.uuid)
+        if run is None or run.concluding or run.superseded or head.worker in (None, self.id):
+            return
+        if head.attempt <= run.attempt and not head.is_finished:
+            return
+        handler = self._run_handlers.get(head.uuid)
+        if handler is None or handler.done():
+            return
+        run.superseded = True
+        self.runs_superseded += 1
+        self._superseded.add(handler)
+        log.warning(
+            "task %s (%s) was taken over by worker %s (attempt %d, %s): its run here (attempt %d) stops",
+            head.uuid,
+            run.spec.name,
+            head.worker,
+            head.attempt,
+            head.status,
+            run.attempt,
+        )
+        handler.cancel()
 
     async def _wait_for_lease(self, uuid: str, head: StatusHead | None) -> None:
         """Wait until another worker's run ends or its lease changes or runs out."""

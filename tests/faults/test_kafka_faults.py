@@ -210,6 +210,62 @@ async def test_sigkill_of_a_worker_mid_generator_is_taken_over(make_cluster: Cal
             assert len(set(pids)) == 1, pids
 
 
+@pytest.mark.timeout(240)
+async def test_a_worker_frozen_past_its_lease_stops_the_runs_taken_over_when_it_wakes(
+    make_cluster: Callable[..., Workers],
+) -> None:
+    # Leases of 3 s, a 6 s group session: the worker is frozen (SIGSTOP) for 10 s, long enough
+    # for the other worker to be given its partitions and take its tasks over.
+    cluster = make_cluster(
+        lease_timeout=3.0,
+        lease_interval=0.5,
+        process_grace=0.2,
+        kafka_session_timeout_ms=6000,
+        kafka_heartbeat_interval_ms=1000,
+    )
+    frozen, other = cluster.start_worker(concurrency=8), cluster.start_worker(concurrency=8)
+    await cluster.wait_assigned([frozen, other])
+    app = await cluster.client()
+    n_tasks, n_values = 12, 40
+    tasks = await app.add_tasks("gen", [(n_values, 0.2)] * n_tasks)
+    uuids = [t.uuid for t in tasks]
+    await until(lambda: len(running_on(app, uuids, frozen)) >= 3, 60, "3 tasks running on the worker to freeze")
+    frozen.popen.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        await asyncio.sleep(1.0)
+        stranded = running_on(app, uuids, frozen)  # as its last writes left them
+        await until(lambda: not running_on(app, uuids, frozen), 60, "its tasks taken over")
+        await asyncio.sleep(max(0.0, stopped + 10.0 - time.monotonic()))
+    finally:
+        frozen.popen.send_signal(signal.SIGCONT)
+    finals = await wait_all(app, uuids, timeout=120)
+    assert Counter(t.status for t in finals.values()) == {"success": n_tasks}
+    assert len(stranded) >= 3, stranded
+    # Awake, it reads that its runs were taken over and stops them: only the other worker's
+    # attempt ends (before, both attempts streamed to their end and ended the task twice).
+    await until(lambda: frozen.log().count("was taken over by worker") >= len(stranded), 30, "its runs stopped")
+    scanned = await scan_results(app)
+    streamed_by_first = {u: sum(1 for r in scanned[u] if r.attempt == 1 and not r.end) for u in stranded}
+    await asyncio.sleep(2.0)  # ten values' time: a run that went on would have streamed more
+    scanned = await scan_results(app)
+    assert {u: sum(1 for r in scanned[u] if r.attempt == 1 and not r.end) for u in stranded} == streamed_by_first
+    assert all(n < n_values for n in streamed_by_first.values()), streamed_by_first
+    for u in stranded:
+        assert finals[u].attempt == 2 and other.ran(finals[u]), finals[u]
+        assert executions(scanned[u]) == [1, 2], (u, executions(scanned[u]))
+        assert end_markers(scanned[u]) == [(2, "success")], (u, end_markers(scanned[u]))
+    streams = await read_streams(app, uuids)
+    for u in uuids:
+        check_values(streams[u], n_values)
+    duplicates = sum(len([r for r in scanned[u] if not r.end]) - n_values for u in uuids)
+    print(f"frozen worker: {len(stranded)} runs taken over and stopped, {duplicates} raw duplicate values")
+    assert frozen.alive(), frozen.tail()
+    more = await app.add_tasks("gen", [(2, 0.0)] * 8)
+    ends = await wait_all(app, [t.uuid for t in more], timeout=60)
+    assert {t.status for t in ends.values()} == {"success"}
+
+
 # -- 4. a task longer than max.poll.interval.ms -----------------------------------------------
 
 

@@ -20,6 +20,7 @@ from qtasks.ops import dead_letters
 from tests.faults.workers import (
     Workers,
     check_values,
+    end_markers,
     executions,
     read_streams,
     running_on,
@@ -156,7 +157,7 @@ async def test_a_task_that_kills_every_worker_it_runs_on_stops_at_the_delivery_l
 
 
 @pytest.mark.timeout(240)
-async def test_a_worker_frozen_past_its_locks_loses_them_and_wakes_to_go_on(
+async def test_a_worker_frozen_past_its_locks_stops_the_runs_taken_over_when_it_wakes(
     make_cluster: Callable[..., Workers],
 ) -> None:
     # Locks and leases of 3 s; the worker is frozen (SIGSTOP) for 8 s while it runs tasks.
@@ -178,15 +179,18 @@ async def test_a_worker_frozen_past_its_locks_loses_them_and_wakes_to_go_on(
         frozen.popen.send_signal(signal.SIGCONT)
     finals = await wait_all(app, uuids, timeout=120)
     assert Counter(t.status for t in finals.values()) == {"success": n_tasks}
-    # Both attempts may end (at least once: the woken worker's runs go on), and the stream
-    # drops the values streamed twice.
+    # Both attempts ran (at least once), but the woken worker's runs stopped as soon as it read
+    # that they were taken over: only the other worker's attempt ends. The stream drops the
+    # values streamed twice.
     scanned = await scan_results(app)
     assert all(executions(scanned[u]) == [1, 2] for u in uuids), {u: executions(scanned[u]) for u in uuids}
+    assert all(end_markers(scanned[u]) == [(2, "success")] for u in uuids), {u: end_markers(scanned[u]) for u in uuids}
     streams = await read_streams(app, uuids)
     for u in uuids:
         check_values(streams[u], n_values)
-    # Awake, it learns its locks are gone, and it goes on with new tasks.
-    await until(lambda: "ran out: another worker may run it too" in frozen.log(), 30, "the lost locks logged")
+    # Awake, it learns its runs were taken over (from the status topic, or from its lost locks
+    # first), stops them, and goes on with new tasks.
+    await until(lambda: frozen.log().count("was taken over by worker") == n_tasks, 30, "its runs stopped")
     assert frozen.alive(), frozen.tail()
     more = await app.add_tasks("gen", [(2, 0.0)] * 8)
     ends = await wait_all(app, [t.uuid for t in more], timeout=60)

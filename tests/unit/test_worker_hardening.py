@@ -6,14 +6,21 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+
 from qtasks.asyncio import QueueTasks
-from qtasks.connectors.base import Record
+from qtasks.connectors.base import Record, TopicPartition
 from qtasks.executor import TaskExecutor
+from qtasks.partitioner import partition_for
 from qtasks.records import TaskRecord, encode
 from tests.engine_suite import status_log
+from tests.helpers import free_port
+from tests.unit.test_metrics import sample, scrape
 
 
 async def test_a_record_of_a_task_running_here_joins_the_run_and_takes_no_slot(app: QueueTasks) -> None:
@@ -264,3 +271,138 @@ async def test_copies_of_a_keyed_task_read_again_while_it_ran_are_done_with_it_o
     while worker._offsets[tp].in_flight or log.committed(worker.group_id, tp) != end:
         assert asyncio.get_running_loop().time() < deadline, (worker._offsets[tp].in_flight, end)
         await asyncio.sleep(0.05)
+
+
+async def _taken_over_while_it_streams(make_app: Any, lease: float, **settings: Any) -> _TakenOver:
+    """A generator task streaming here, and a status that says another worker took it over
+    (its attempt 2, leased for ``lease`` seconds): what a worker frozen past its lease finds
+    when it wakes."""
+    app = make_app(**settings)
+    yielded: list[int] = []
+
+    @app.task
+    async def stream(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yielded.append(i)
+            yield i
+            await asyncio.sleep(0.01)
+
+    worker = await app.start(concurrency=2)
+    task = await app.add_task("stream", 100_000)
+    await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
+    await _until(lambda: len(yielded) >= 5, "streaming")
+    running = app.view.get(task.uuid)
+    assert running is not None and running.worker == worker.id and running.attempt == 1
+    taken = _TakenOver(app, worker, task.uuid, yielded)
+    now = time.time()
+    await taken.write(running, worker="another-worker", attempt=2, lease_until=now + lease, updated_at=now)
+    return taken
+
+
+class _TakenOver:
+    """The task's status writes from here on (the compacted log keeps none of the history)."""
+
+    def __init__(self, app: QueueTasks, worker: Any, uuid: str, yielded: list[int]) -> None:
+        self.app, self.worker, self.uuid, self.yielded = app, worker, uuid, yielded
+        self.writes: list[tuple[str, str | None, int]] = []
+        store = app.core.store
+        write = store.write
+
+        async def spy(task: Any, *args: Any, **kwargs: Any) -> Any:
+            self.writes.append((task.status, task.worker, task.attempt))
+            return await write(task, *args, **kwargs)
+
+        store.write = spy  # type: ignore[method-assign]
+        tasks = TopicPartition(app.topics.tasks, partition_for(uuid, app.config.tasks_partitions))
+        self.record = worker._offsets[tasks]
+        self._results = TopicPartition(app.topics.results, partition_for(uuid, app.config.results_partitions))
+
+    async def write(self, task: Any, **changes: Any) -> None:
+        """A status of the task as another worker would write it."""
+        await self.app.core.store.write(msgspec.structs.replace(task, **changes), durable=True)
+
+    def results(self) -> int:
+        return int(self.app.core.broker.log.end_offset(self._results))
+
+    def here(self) -> list[tuple[str, str | None, int]]:
+        return [w for w in self.writes if w[1] == self.worker.id]
+
+
+async def test_a_run_another_worker_took_over_stops_writes_nothing_more_and_its_record_waits_for_that_run(
+    make_app: Any,
+) -> None:
+    taken = await _taken_over_while_it_streams(make_app, lease=30, metrics_port=free_port())
+    app, worker, uuid = taken.app, taken.worker, taken.uuid
+    await _until(lambda: worker.runs_superseded == 1 and not worker._running, "stopped")
+    stopped_at, written = len(taken.yielded), taken.results()
+    await asyncio.sleep(0.3)
+    assert len(taken.yielded) == stopped_at and taken.results() == written, "the run went on after it was taken over"
+    head = app.view.head(uuid)
+    assert head is not None and (head.status, head.worker, head.attempt) == ("process", "another-worker", 2)
+    # Its record is not done: admitted again, it waits for the other worker's run (leased for 30 s).
+    assert taken.record.in_flight == 1 and taken.record.committable() is None
+    running = app.view.get(uuid)
+    assert running is not None
+    await taken.write(running, status="success", lease_until=0.0, updated_at=time.time())
+    await _until(lambda: taken.record.in_flight == 0, "the record finished once the other run ended")
+    assert taken.here() == [], "the run wrote a status after it was taken over"
+    assert worker._in_flight == 0
+    assert sample(await scrape(app), "qtasks_runs_superseded_total") == 1
+
+
+async def test_a_run_taken_over_by_a_worker_that_then_died_is_taken_over_again_from_its_record(make_app: Any) -> None:
+    # The other worker's lease runs out 1 s later (it died too): the record admitted again here
+    # takes the task over as attempt 3, from what the earlier attempts streamed.
+    taken = await _taken_over_while_it_streams(make_app, lease=1.0)
+    app, worker, uuid = taken.app, taken.worker, taken.uuid
+    await _until(lambda: worker.runs_superseded == 1, "stopped")
+    await _until(lambda: (h := app.view.head(uuid)) is not None and h.attempt == 3 and h.worker == worker.id, "again")
+    assert uuid in worker._running
+    await app.cancel(uuid)
+    end = await app.wait(uuid, 10)
+    assert (end.status, end.attempt) == ("cancel", 3)
+    await _until(lambda: taken.record.in_flight == 0, "the record finished")
+    assert [w for w in taken.here() if w[2] < 3] == [], "the stopped run (attempt 1) wrote after it was taken over"
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not {what} within {timeout} s"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_copy_of_the_record_that_joined_a_run_taken_over_waits_with_it_and_finishes_with_the_other_run(
+    make_app: Any,
+) -> None:
+    # A rebalance gave the partition back while the task ran here: its record, read again,
+    # joined the run. When the run stops, both records wait for the other worker's run.
+    app = make_app()
+
+    @app.task
+    async def hold() -> AsyncIterator[int]:
+        while True:
+            yield 1
+            await asyncio.sleep(0.01)
+
+    worker = await app.start(concurrency=2)
+    task = await app.add_task("hold")
+    await app.view.wait_for(task.uuid, lambda h: h is not None and h.status == "process", 10)
+    rec = TaskRecord(uuid=task.uuid, task_name="hold", created_at=task.created_at)
+    partition = partition_for(task.uuid, app.config.tasks_partitions)
+    worker._take(Record(app.topics.tasks, partition, 10_000, task.uuid.encode(), encode(rec), 0))
+    worker._fill()
+    tracker = worker._offsets[TopicPartition(app.topics.tasks, partition)]
+    assert tracker.in_flight == 2 and len(worker._active[task.uuid]) == 1
+    taken = _TakenOver(app, worker, task.uuid, [])
+    running = app.view.get(task.uuid)
+    assert running is not None
+    await taken.write(running, worker="another-worker", attempt=2, lease_until=time.time() + 30)
+    await _until(lambda: worker.runs_superseded == 1 and not worker._running, "stopped")
+    await asyncio.sleep(0.1)
+    assert tracker.in_flight == 2 and tracker.committable() is None, "a record of the task finished before it ended"
+    running = app.view.get(task.uuid)
+    assert running is not None
+    await taken.write(running, status="success", lease_until=0.0, updated_at=time.time())
+    await _until(lambda: tracker.in_flight == 0, "both records finished once the other run ended")
+    assert taken.here() == [] and worker._in_flight == 0
