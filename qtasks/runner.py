@@ -517,7 +517,7 @@ class TaskRun:
         A checkpoint is written once the values before it are stored (the last delivery
         settled), so a later attempt that goes on from it misses nothing.
         """
-        if self.concluding or not self.announced:
+        if self.concluding or self.superseded or not self.announced:
             return  # a run not yet announced has been running for less than process_grace
         checkpoint = self.sink.checkpoint
         last = self.sink.last_delivery
@@ -525,7 +525,7 @@ class TaskRun:
             await asyncio.wait([last], timeout=self.host.core.config.lease_interval)
             if not last.done() or last.cancelled() or last.exception() is not None:
                 checkpoint = None
-        if self.concluding:
+        if self.concluding or self.superseded or self.finished:
             return
         now = time.time()
         renewal = msgspec.structs.replace(
@@ -539,7 +539,7 @@ class TaskRun:
             renewal = msgspec.structs.replace(renewal, checkpoint=state, checkpoint_seq=seq, checkpoint_crc=crc)
             self.task = renewal
         # A renewal still waiting for the broker when the task ends is dropped, never written after the end.
-        await self.host.core.store.write(renewal, wanted=lambda: not self.concluding)
+        await self.host.core.store.write(renewal, wanted=lambda: not (self.concluding or self.superseded))
         self.host.core.stats.lease_renewals += 1
 
     async def write_progress(self) -> None:

@@ -29,10 +29,12 @@ def supersedes(current: tuple[int, int, bool] | None, new: tuple[int, int, bool]
     """Whether a record ``(attempt, rev, terminal)`` replaces the one held.
 
     A terminal status is never replaced by a non-terminal one (a late ``process`` write
-    or the echo of an older write cannot undo ``success``). Between two runs in progress,
-    the later attempt wins: a worker that wakes past its lease and renews it before it
-    reads that another worker took the task over cannot undo the takeover. Otherwise the
-    higher or equal ``rev`` wins.
+    or the echo of an older write cannot undo ``success``). Over a run in progress, a later
+    attempt's record wins and an earlier attempt's run loses, whatever their revs: a worker
+    that wakes past its lease and renews it before it reads that another worker took the
+    task over cannot undo the takeover (the views that dropped its renewals did not count
+    their revs, so the taker's ending may carry a lower rev). Otherwise the higher or
+    equal ``rev`` wins.
     """
     if current is None:
         return True
@@ -40,8 +42,11 @@ def supersedes(current: tuple[int, int, bool] | None, new: tuple[int, int, bool]
     new_attempt, new_rev, new_terminal = new
     if cur_terminal and not new_terminal:
         return False
-    if not cur_terminal and not new_terminal and new_attempt != cur_attempt:
-        return new_attempt > cur_attempt
+    if not cur_terminal and new_attempt != cur_attempt:
+        if new_attempt > cur_attempt:
+            return True  # a later attempt's run, or its ending
+        if not new_terminal:
+            return False  # an earlier attempt's run
     return new_rev >= cur_rev
 
 

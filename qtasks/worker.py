@@ -847,16 +847,25 @@ class Worker:
             log.error("could not finish %s@%d", record.tp, record.offset, exc_info=exc)
             finished = isinstance(rec, TaskRecord) and await end_unfinished(self.host, rec, exc, txn)
         finally:
-            superseded = me in self._superseded
-            self._superseded.discard(me)
             joined = self._active.pop(rec.uuid, []) if isinstance(rec, TaskRecord) else []
+            retaken: list[tuple[PartitionOffsets, Record]] = []
+            if me in self._superseded:
+                self._superseded.discard(me)
+                if not finished and not self._stopping and not isinstance(offsets, ShareOffsets):
+                    # Group mode, another worker took the task over: while the partition is read
+                    # here, the task's records are admitted again. They wait for that run and
+                    # finish once it ends (or take the task over if that worker dies too). A
+                    # partition gone elsewhere is read again by its owner.
+                    retaken = [(o, r) for o, r in ((offsets, record), *joined) if o is self._offsets.get(r.tp)]
             # The key is given up here, so a rebalance from now on must not count it held.
-            self._handler_keys.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._handler_keys.pop(me, None)
             key = rec.key if isinstance(rec, TaskRecord) else None
             child = None
             if key is not None:
                 assert isinstance(rec, TaskRecord)
                 child = self._retry_of.get(rec.uuid)
+                if retaken:  # first of its key: the key's next task waits while the other run goes on
+                    self._first_of_key(rec, *retaken.pop(0))
                 self._release_key(rec)
             if finished and child is not None and (self._stopping or self._key_retries.get(key or "") == child):
                 # Its retry is not taken yet: the record stays unfinished until it is (above).
@@ -876,14 +885,8 @@ class Worker:
                 offsets.finish(record.offset)
                 for other, copy in joined:
                     other.finish(copy.offset)
-            if superseded and not finished and not isinstance(offsets, ShareOffsets):
-                # Group mode: while the partition is read here, the task's records are admitted
-                # again. They wait for the other worker's run, and finish once it ends (or take
-                # the task over if that worker dies too). A partition gone elsewhere is read
-                # again by its owner.
-                for other, copy in (offsets, record), *joined:
-                    if not self._stopping and other is self._offsets.get(copy.tp):
-                        self._retake(copy, other)
+            for other, copy in retaken:
+                self._retake(copy, other)
             if not finished and isinstance(offsets, ShareOffsets):
                 offsets.give_back()  # handed back (a stop), or not ours to finish: another worker takes it
                 for other, _ in joined:
@@ -902,6 +905,15 @@ class Worker:
         """Group mode: admit a record taken before once more (its offset stays unfinished all along)."""
         self._take(record)  # into its partition's offsets, ``offsets`` (the caller checked)
         offsets.finish(record.offset)
+
+    def _first_of_key(self, rec: TaskRecord, offsets: PartitionOffsets, record: Record) -> None:
+        """Put a record taken before (its offset unfinished) first in its key's queue, which
+        its key's run holds: the run's end then hands the key to it, not to the next task."""
+        assert rec.key is not None
+        self._sequence += 1
+        self._keys[rec.key].appendleft((rec.priority, self._sequence, rec, record, offsets))
+        self._queued_by_key += 1
+        self._count_key_queue(record.tp, 1)
 
     def _free_slot(self) -> None:
         self._in_flight -= 1

@@ -138,6 +138,8 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(n: int, low: floa
         # an ending is never undone by a run, and an earlier attempt's ending still ends the task
         ((1, 5, True), (2, 6, False), False),
         ((2, 4, False), (1, 5, True), True),
+        # attempt 2 ends with a lower rev than attempt 1's late renewals (views that dropped them)
+        ((1, 5, False), (2, 4, True), True),
     ],
 )
 def test_status_precedence(current: tuple[int, int, bool] | None, new: tuple[int, int, bool], expected: bool) -> None:

@@ -406,3 +406,36 @@ async def test_a_copy_of_the_record_that_joined_a_run_taken_over_waits_with_it_a
     await taken.write(running, status="success", lease_until=0.0, updated_at=time.time())
     await _until(lambda: tracker.in_flight == 0, "both records finished once the other run ended")
     assert taken.here() == [] and worker._in_flight == 0
+
+
+async def test_the_next_task_of_a_key_waits_while_another_worker_runs_the_task_taken_over(make_app: Any) -> None:
+    # Another worker took over the key's running task: the task stops here, and its record,
+    # admitted again, keeps the key until that other run ends.
+    app = make_app()
+    started: list[int] = []
+
+    @app.task
+    async def step(i: int) -> AsyncIterator[int]:
+        started.append(i)
+        while i == 0:
+            yield 0
+            await asyncio.sleep(0.01)
+        yield i
+
+    worker = await app.start(concurrency=2)
+    first = await app.add_task("step", 0, key="k")
+    await app.view.wait_for(first.uuid, lambda h: h is not None and h.status == "process", 10)
+    second = await app.add_task("step", 1, key="k")
+    await _until(lambda: worker._queued_by_key == 1, "the second task behind the first")
+    taken = _TakenOver(app, worker, first.uuid, [])
+    running = app.view.get(first.uuid)
+    assert running is not None
+    await taken.write(running, worker="another-worker", attempt=2, lease_until=time.time() + 30)
+    await _until(lambda: worker.runs_superseded == 1 and first.uuid not in worker._running, "stopped")
+    await asyncio.sleep(0.3)
+    assert started == [0], "the key's next task started while the other worker ran its task"
+    running = app.view.get(first.uuid)
+    assert running is not None
+    await taken.write(running, status="success", lease_until=0.0, updated_at=time.time())
+    end = await app.wait(second.uuid, 10)
+    assert end.status == "success" and started == [0, 1]
