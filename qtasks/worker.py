@@ -911,7 +911,7 @@ class Worker:
         its key's run holds: the run's end then hands the key to it, not to the next task."""
         assert rec.key is not None
         self._sequence += 1
-        self._keys[rec.key].appendleft((rec.priority, self._sequence, rec, record, offsets))
+        self._keys.setdefault(rec.key, deque()).appendleft((rec.priority, self._sequence, rec, record, offsets))
         self._queued_by_key += 1
         self._count_key_queue(record.tp, 1)
 
