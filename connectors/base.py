@@ -197,6 +197,16 @@ class Consumer(Protocol):
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
 
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        """The end of an assigned partition including the records of transactions not decided
+        yet, as this consumer last fetched it (None: not fetched yet).
+
+        A read_committed consumer's ``end_offsets`` stop at the partition's oldest open
+        transaction, which can hold back records that are committed already: Kafka writes a
+        commit's markers partition by partition, after the commit returns.
+        """
+        ...
+
     async def position(self, tp: TopicPartition) -> int: ...
 
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]: ...

@@ -317,6 +317,10 @@ class FaultyConsumer:
         await self._faults.enter("end_offsets", self._topics | {tp.topic for tp in partitions})
         return await self._inner.end_offsets(partitions)
 
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        """The partition's end including undecided transactions, as last fetched."""
+        return self._inner.high_watermark(tp)
+
     async def position(self, tp: TopicPartition) -> int:
         """The next offset this consumer returns from ``tp``."""
         return await self._inner.position(tp)

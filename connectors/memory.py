@@ -311,6 +311,10 @@ class MemoryConsumer:
         """The next offset of each partition."""
         return {tp: self._log.end_offset(tp, self.read_committed) for tp in partitions}
 
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        """The partition's end including open transactions (exact in memory)."""
+        return self._log.end_offset(tp) if tp in self._assigned else None
+
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
         """The first offset at or after each timestamp (milliseconds), or None."""
         return {tp: self._log.offset_for_time(tp, ts) for tp, ts in timestamps.items()}

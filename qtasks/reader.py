@@ -188,8 +188,16 @@ class ResultsReader:
         return int(await self._consumer.position(tp))
 
     async def end_offset(self, tp: TopicPartition) -> int:
-        """The partition's end offset now."""
+        """The partition's end offset now (exactly-once: its last stable offset)."""
         return (await self.end_offsets([tp]))[tp]
+
+    async def end_with_undecided(self, tp: TopicPartition) -> int:
+        """The end of ``tp``, a partition the reader reads, including the records of transactions
+        not decided yet (exactly-once, they may be committed already: see
+        ``Consumer.high_watermark``). Never below :meth:`end_offset`."""
+        stable = await self.end_offset(tp)
+        consumer = await self._ensure()
+        return max(stable, consumer.high_watermark(tp) or 0)
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """The end offsets now of any partitions (of any topic: nothing is assigned for it)."""

@@ -269,11 +269,16 @@ async def _stream_one(
                     stats.stream_latency.observe(max(time.time() - record.timestamp / 1000, 0.0))
                     yield result
                 continue
-            # Nothing new for a while: has the task ended without (or before) a marker?
+            # Nothing new for a while: has the task ended without (or before) a marker? Its
+            # records were all written before its ending was, so they are below the partition's
+            # end now, decided or not. Exactly-once, read until every transaction open now is
+            # decided: its commit may be visible in the status topic and not yet here (Kafka
+            # writes a commit's markers partition by partition; another producer's open
+            # transaction holds back everything after its start).
             if drain_to is None:
                 head = core.view.head(uuid)
                 if head is not None and head.is_finished:
-                    drain_to = await _patiently(functools.partial(reader.end_offset, tp), deadline)
+                    drain_to = await _patiently(functools.partial(reader.end_with_undecided, tp), deadline)
             # Position first: past drain_to means every record before it was handed out
             # (records are dispatched as soon as they are fetched); then the queue.
             if drain_to is not None and await reader.position(tp) >= drain_to and not queue.records:

@@ -182,6 +182,14 @@ class KafkaConsumer:
             ends = await self._consumer.end_offsets([_tp(tp) for tp in partitions])
         return {TopicPartition(tp.topic, tp.partition): int(offset) for tp, offset in ends.items()}
 
+    def high_watermark(self, tp: TopicPartition) -> int | None:
+        """The partition's end including undecided transactions, from the last fetch (None: not fetched)."""
+        ours = _tp(tp)
+        if ours not in self._consumer.assignment():
+            return None
+        end = self._consumer.highwater(ours)
+        return None if end is None else int(end)
+
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
         """The first offset at or after each timestamp (ms), or None."""
         with self._errors("look up offsets by time"):
