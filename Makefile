@@ -18,7 +18,7 @@ ARGS ?=
 # waiting on brokers (outages, session timeouts), so more processes than cores pay; each file
 # runs whole in one process, the fault tests one after another (tests/conftest.py).
 TEST_PROCESSES ?= 3
-PARALLEL := -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder
+PARALLEL := -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install browser-deps deploy-check test-deploy run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers bench-share kafka-up kafka-down clean
 

@@ -27,11 +27,29 @@ from tests.helpers import FAST, unique
 ONE_UNIT = ("tests/faults/", "tests/secure/")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        group = next((unit for unit in ONE_UNIT if path.startswith(unit)), path)
-        item.add_marker(pytest.mark.xdist_group(group))
+def unit_of_work(nodeid: str) -> str:
+    """The unit a test runs in: its file, or the suite of ``ONE_UNIT`` it belongs to."""
+    path = nodeid.split("::", 1)[0]
+    return next((unit for unit in ONE_UNIT if path.startswith(unit)), path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, with each suite of ``ONE_UNIT`` one unit.
+
+    A scheduler of our own, not ``xdist_group`` marks: pytest 9.2's structured test ids drop
+    the group suffix that pytest-xdist 3.8's ``loadgroup`` writes into them, so it silently
+    spreads a group over every worker (pytest-xdist issue 1386).
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of_work(nodeid)
+
+    return ByUnit(config, log)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
