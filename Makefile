@@ -14,6 +14,11 @@ N ?= 20
 # Extra flags for bench, bench-peers and bench-share (see each script's --help), e.g. for bench-peers
 # ARGS="--tasks-gen 100 --k 10 --tasks-short 300".
 ARGS ?=
+# Test processes of make test and test-kafka (pytest-xdist). Most of the suite's time is spent
+# waiting on brokers (outages, session timeouts), so more processes than cores pay; each file
+# runs whole in one process, the fault tests one after another (tests/conftest.py).
+TEST_PROCESSES ?= 3
+PARALLEL := -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install browser-deps deploy-check test-deploy run test test-unit test-kafka test-browser test-cluster screenshot docs lint format typecheck bench bench-rss bench-kafka bench-peers bench-share kafka-up kafka-down clean
 
@@ -46,13 +51,13 @@ endif
 # Lint, types, then every test: unit (memory://), integration + faults on a real
 # Apache Kafka broker that the test session starts itself, and the dashboard in a browser.
 test: install browser-deps lint typecheck deploy-check
-	$(BIN)/pytest
+	$(BIN)/pytest $(PARALLEL)
 
 test-unit: install
 	$(BIN)/pytest tests/unit
 
 test-kafka: install
-	$(BIN)/pytest tests/integration tests/faults tests/secure
+	$(BIN)/pytest $(PARALLEL) tests/integration tests/faults tests/secure
 
 # The Kubernetes base rendered and validated offline (kustomize and kubeconform, built once with Go).
 deploy-check: install
