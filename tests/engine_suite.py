@@ -1513,3 +1513,42 @@ async def test_a_finished_run_is_freed_at_once_not_left_to_the_garbage_collector
     finally:
         gc.enable()
     assert found < len(handles) // 10, f"{found} objects in reference cycles after {len(handles)} tasks"
+
+
+async def test_a_stream_waits_for_values_behind_another_producer_s_open_transaction(app: QueueTasks) -> None:
+    """Exactly-once, a reader sees nothing past a partition's oldest open transaction.
+
+    Another producer's transaction is open on every results partition while a task runs and
+    ends. Its ending is visible at once (the status topic has no open transaction), its values
+    only once that transaction ends. A live stream reads them all then, instead of ending with
+    the values it has (on Kafka: a transaction coordinator that fails over writes a commit's
+    markers late, or a worker's transaction stays open until its timeout). At least once,
+    nothing waits for the other transaction.
+    """
+
+    @app.task(echo=True)
+    async def three(self: Any) -> Any:
+        for i in range(3):
+            yield i
+
+    await app.start()
+    core = app.core
+    other = core.broker.transactional_producer(f"{core.name}-other")
+    await other.start()
+    try:
+        for partition in range(core.results_partitions):
+            await other.send(core.topics.results, b"not a result", key=b"other", partition=partition)
+        task = await app.add_task("three")
+        stream = asyncio.create_task(_values(app.stream(task.uuid, timeout=30)))
+        assert (await app.wait(task.uuid, 30)).status == "success"
+        if app.config.exactly_once:
+            await asyncio.sleep(1.0)  # the stream has found the task ended with values it cannot read yet
+            assert not stream.done()
+            await other.commit()
+        assert await asyncio.wait_for(stream, 30) == [0, 1, 2]
+    finally:
+        await other.stop()
+
+
+async def _values(stream: Any) -> list[Any]:
+    return [value async for value in stream]

@@ -480,36 +480,3 @@ async def test_a_commit_that_never_answers_loses_the_partition_within_the_transa
         assert_exactly_once(await committed_results(app), [task.uuid], 20)
     finally:
         await app.stop()
-
-
-async def test_a_stream_waits_for_values_behind_another_producer_s_open_transaction(make_app: Any) -> None:
-    """A read_committed reader sees nothing past the oldest open transaction of a partition.
-
-    Another producer's transaction is open on every results partition while a task runs and
-    ends. Its ending is visible at once (the status topic has no open transaction), its values
-    only once that transaction ends. A live stream reads them all then, instead of giving up
-    with the values it has (on Kafka: a transaction coordinator that fails over writes its
-    markers late, or a worker's transaction stays open until its timeout).
-    """
-    app = make_app(**EOS)
-    register_counting(app)
-    await app.start()
-    core = app.core
-    other = core.broker.transactional_producer(unique("other"))
-    await other.start()
-    try:
-        for partition in range(core.results_partitions):
-            await other.send(core.topics.results, b"not a result", key=b"other", partition=partition)
-        task = await app.add_task("gen", 3)
-        stream = asyncio.create_task(collect(app.stream(task.uuid, timeout=30)))
-        assert (await app.wait(task.uuid, 10)).status == "success"
-        await asyncio.sleep(1.0)  # the stream has found the task ended with values it cannot read yet
-        assert not stream.done()
-        await other.commit()
-        assert await asyncio.wait_for(stream, 10) == [0, 1, 2]
-    finally:
-        await other.stop()
-
-
-async def collect(stream: Any) -> list[Any]:
-    return [value async for value in stream]
