@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -28,10 +29,26 @@ def unique(prefix: str = "t") -> str:
 
 
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 free a moment ago (for a subprocess that must be told its port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port of 127.0.0.1 free a moment ago (for a subprocess that must be told its port).
+
+    Below the kernel's ephemeral range, as the local broker's ports are: a port the kernel
+    hands out (``bind`` to 0) can be given to any process's next outgoing connection before
+    the subprocess binds it, and ``make test`` runs three test processes at once.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randrange(10000, low if low > 10001 else 65536)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 @contextlib.asynccontextmanager
