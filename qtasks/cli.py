@@ -45,7 +45,7 @@ from qtasks import ops
 from qtasks.app import QueueTasks as AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.connectors import from_url
-from qtasks.exc import BrokerUnavailableError, ConnectorError, error_of
+from qtasks.exc import BrokerUnavailableError, ConnectorError, StreamIncompleteError, error_of
 from qtasks.logs import formatter
 from qtasks.supervise import raise_if_cancelled
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         app.use_broker(args.broker)
     try:
         return _dispatch(app, args)
-    except ConnectorError as exc:
+    except (ConnectorError, StreamIncompleteError) as exc:
         print(f"qtasks: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

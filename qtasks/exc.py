@@ -11,6 +11,7 @@ Every error the engine raises derives from :class:`QTasksError`::
     ├── TaskFailedError          handle.result() of a task that ended in error (the remote error)
     ├── RecordError              a record could not be decoded (goes to the dead-letter topic)
     ├── AppClosedError           the app was closed while a call (a stream) still used it
+    ├── StreamIncompleteError    a stream cannot read every value: some are gone from the log
     └── ConnectorError           the transport failed; carries ``retriable``
         ├── TopicConfigError     a topic exists with the wrong settings
         ├── CommitFailedError    offsets could not be committed (the group rebalanced)
@@ -165,6 +166,25 @@ class RecordError(QTasksError, ValueError):
 
 class AppClosedError(QTasksError, RuntimeError):
     """The app was closed (``stop``/``close``) while a stream or a call still used it."""
+
+
+class StreamIncompleteError(QTasksError):
+    """A stream could not read every value of its task: some are no longer in the results
+    topic (deleted by its retention, or lost with a replica), though the task's status says
+    they were stored.
+
+    Raised after the values before the first missing one, once the stream has read the
+    task's results partition again from its start: ``missing`` is the range of seqs (of
+    ``uuid``) that are not there.
+    """
+
+    def __init__(self, uuid: str, missing: range) -> None:
+        seqs = f"{missing.start}" if len(missing) == 1 else f"{missing.start} to {missing.stop - 1}"
+        super().__init__(
+            f"stream of {uuid}: its values of seq {seqs} are not in the results topic any more (past its retention?)"
+        )
+        self.uuid = uuid
+        self.missing = missing
 
 
 class ConnectorError(QTasksError):

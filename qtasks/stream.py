@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from qtasks.connectors.base import TopicPartition
 from qtasks.core import Core
 from qtasks.delivery import retry_delay
-from qtasks.exc import ConnectorError, RecordError, TaskNotFoundError
+from qtasks.exc import ConnectorError, RecordError, StreamIncompleteError, TaskNotFoundError
 from qtasks.partitioner import partition_for
 from qtasks.reader import ResultsReader, StreamQueue
 from qtasks.records import ResultRecord, StatusHead, StreamItem, Task, decode_result
@@ -258,7 +258,9 @@ async def _stream_one(
                     result: ResultRecord = decode_result(record.value, limit)
                 except RecordError:
                     continue
-                if result.seq > next_seq and heals < 2:
+                if result.seq > next_seq:
+                    if heals == 2:  # read from the partition's start, and still missing
+                        raise StreamIncompleteError(uuid, range(next_seq, result.seq))
                     # Values before this one were not seen: the start was too late.
                     await read_again(f"missed seq {next_seq}..{result.seq - 1}")
                     continue
@@ -285,7 +287,9 @@ async def _stream_one(
                 if queue.missed_from is not None:
                     continue
                 final = core.view.get(uuid)
-                if final is not None and final.yield_count > next_seq and heals < 2:
+                if final is not None and final.yield_count > next_seq:
+                    if heals == 2:  # read from the partition's start, and still missing
+                        raise StreamIncompleteError(uuid, range(next_seq, final.yield_count))
                     await read_again(f"saw {next_seq} of {final.yield_count} values")
                     drain_to = None
                     continue

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from qtasks import ops
 from qtasks.bulk import Args
-from qtasks.exc import AppClosedError, TaskNotFoundError
+from qtasks.exc import AppClosedError, StreamIncompleteError, TaskNotFoundError
 from qtasks.validate import check_uuid
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ class _Dashboard:
                 )
             final = await app.wait(uuid)
             yield _sse("end", _data(final))
-        except TaskNotFoundError as exc:
+        except (TaskNotFoundError, StreamIncompleteError) as exc:
             yield _sse("error", {"error": str(exc)})
         except AppClosedError:
             return

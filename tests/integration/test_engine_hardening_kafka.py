@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTP
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from qtasks.asyncio import QueueTasks
-from qtasks.exc import BrokerUnavailableError
+from qtasks.exc import BrokerUnavailableError, StreamIncompleteError
 from qtasks.partitioner import partition_for
 from tests.helpers import FAST, silent_server, unique
 
@@ -490,3 +490,43 @@ async def test_a_value_over_a_limit_lowered_while_running_is_an_error_and_the_wo
         finished = await app.wait(t.uuid, 10)
         assert finished.status == "success", finished
     await until_committed(kafka_bootstrap, app.group_id, app.topics.tasks, 20)
+
+
+async def test_a_stream_whose_values_were_deleted_from_the_results_topic_raises(
+    make_app: Callable[..., QueueTasks], kafka_bootstrap: str
+) -> None:
+    """Records deleted from the log (retention, or DeleteRecords as here) cannot be streamed:
+    the stream reads the partition again from its start, then names the missing values."""
+    app = make_app()
+
+    @app.task
+    async def ten() -> AsyncIterator[int]:
+        for i in range(10):
+            yield i
+
+    await app.start()
+    task = await app.add_task("ten")
+    assert (await app.wait(task.uuid, 30)).status == "success"
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        # The partition holds this task's records only: delete its first 4 values.
+        tp = KafkaTP(app.topics.results, partition_for(task.uuid, app.core.results_partitions))
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        records: list[Any] = []
+        deadline = time.monotonic() + 10
+        while len(records) < 11 and time.monotonic() < deadline:  # 10 values and the end marker
+            batch = await consumer.getmany(tp, timeout_ms=500)
+            records += [r for r in batch.get(tp, []) if r.key == task.uuid.encode()]
+        assert len(records) == 11, records
+        await admin.delete_records({tp: RecordsToDelete(records[4].offset)})
+    finally:
+        await consumer.stop()
+        await admin.close()
+    with pytest.raises(StreamIncompleteError) as raised:
+        async for _ in app.stream(task.uuid, timeout=30):
+            pytest.fail("a value after a missing one was streamed")
+    assert raised.value.missing == range(0, 4)

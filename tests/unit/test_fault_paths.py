@@ -12,7 +12,7 @@ import pytest
 
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import TopicPartition
-from qtasks.exc import AppClosedError, ConnectorError
+from qtasks.exc import AppClosedError, ConnectorError, StreamIncompleteError
 from tests.helpers import FAST, unique
 
 
@@ -369,3 +369,29 @@ async def test_values_whose_deliveries_are_settled_when_sent_are_all_counted(
     monkeypatch.setattr(producer, "send", send)
     task = await app.add_task("three", timeout=10)
     assert task is not None and task.status == "success" and task.returning == [0, 1, 2], task
+
+
+async def test_a_stream_whose_first_values_are_gone_from_the_log_raises_after_reading_again() -> None:
+    """Values past the results topic's retention cannot be streamed: the stream reads the
+    partition again from its start, then says which values are missing (never ends short)."""
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}?retention_bytes=1500", **FAST)
+
+    @app.task(echo=True)
+    async def wide(self: Any) -> Any:
+        for i in range(40):
+            yield {"i": i, "pad": "x" * 100}
+
+    try:
+        await app.start()
+        task = await app.add_task("wide")
+        assert (await app.wait(task.uuid, 10)).status == "success"
+        seen: list[int] = []
+        with pytest.raises(StreamIncompleteError) as raised:
+            async for value in app.stream(task.uuid, timeout=10):
+                seen.append(value["i"])
+        missing = raised.value.missing
+        assert raised.value.uuid == task.uuid and seen == []
+        assert missing.start == 0 and 0 < missing.stop < 40, missing  # retention kept the last few
+        assert f"seq 0 to {missing.stop - 1} are not in the results topic" in str(raised.value)
+    finally:
+        await app.stop(timeout=2)
