@@ -40,9 +40,10 @@ class StreamQueue:
         self.woken = False
 
     def put(self, record: Record) -> None:
+        if self.missed_from is not None:
+            return  # behind already: everything from the first dropped record is read again
         if len(self.records) >= self.limit:
-            if self.missed_from is None:
-                self.missed_from = record.offset
+            self.missed_from = record.offset
             return
         self.records.append(record)
         self.ready.set()

@@ -1118,6 +1118,27 @@ async def test_a_slow_stream_reader_gets_every_value_with_a_small_buffer(make_ap
     assert seen == list(range(300))
 
 
+async def test_a_reader_a_little_slower_than_its_task_gets_every_value_with_a_small_buffer(make_app: Any) -> None:
+    """Values keep coming while a full buffer drains: once one is dropped, the ones after it
+    are dropped too until the stream reads again from the first dropped (a buffer with a
+    hole in it looked like values missing from the log)."""
+    app = make_app(stream_buffer=4)
+
+    @app.task
+    async def steady(n: int):
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0.002)
+
+    await app.start()
+    task = await app.add_task("steady", 150)
+    seen = []
+    async for value in app.stream(task.uuid, timeout=60):
+        seen.append(value)
+        await asyncio.sleep(0.004)  # a little slower than the task, all the way
+    assert seen == list(range(150))
+
+
 async def test_the_status_view_is_bounded_and_reads_dropped_tasks_back(make_app: Any) -> None:
     app = make_app(status_cache_size=5)
 
