@@ -178,13 +178,15 @@ class StreamIncompleteError(QTasksError):
     ``uuid``) that are not there.
     """
 
-    def __init__(self, uuid: str, missing: range) -> None:
+    def __init__(self, uuid: str, missing: range, undecodable: str | None = None) -> None:
         seqs = f"{missing.start}" if len(missing) == 1 else f"{missing.start} to {missing.stop - 1}"
-        super().__init__(
-            f"stream of {uuid}: its values of seq {seqs} are not in the results topic any more (past its retention?)"
-        )
+        why = f"a record of the task cannot be read here: {undecodable}" if undecodable else "past its retention?"
+        super().__init__(f"stream of {uuid}: its values of seq {seqs} are not in the results topic any more ({why})")
         self.uuid = uuid
         self.missing = missing
+        #: Why a record of the task could not be decoded by this client (its
+        #: ``max_record_bytes`` below the worker's, say), if one could not: the likelier cause.
+        self.undecodable = undecodable
 
 
 class ConnectorError(QTasksError):

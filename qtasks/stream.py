@@ -149,7 +149,11 @@ async def stream_results(
         raise TaskNotFoundError(f"no task {uuid} is known")
     while True:
         next_seq = from_seq
+        ended_as = None
         async for result in _stream_one(core, reader, uuid, deadline, from_seq):
+            if result.end:
+                ended_as = result.status
+                continue
             next_seq = result.seq + 1
             yield (
                 StreamItem(uuid=uuid, seq=result.seq, attempt=result.attempt, value=result.value)
@@ -158,11 +162,18 @@ async def stream_results(
             )
         # The end marker comes just before the terminal status: wait for it, so that what
         # `app.get` says after the stream agrees with it (a dead worker cannot hold this
-        # up for more than a lease).
-        with contextlib.suppress(TimeoutError):
-            await core.view.wait_for(
-                uuid, lambda h: h is None or h.is_finished, deadline.cap(core.config.lease_timeout)
-            )
+        # up for more than a lease). A marker that says ``retry`` is followed by the retry:
+        # its status is waited for as long as the stream may last (a slow broker must not
+        # end the stream before the retry's values, as if the task had ended).
+        if ended_as == "retry":
+            try:
+                await core.view.wait_for(uuid, _finished, deadline.left())
+            except TimeoutError:
+                deadline.left()  # the stream's own TimeoutError, which says whose
+                raise
+        else:
+            with contextlib.suppress(TimeoutError):
+                await core.view.wait_for(uuid, _finished, deadline.cap(core.config.lease_timeout))
         head = core.view.head(uuid)
         if head is None or head.status != "retry":
             return
@@ -218,7 +229,9 @@ async def _open_at_start(
             if start is None:
                 start = await _start_by_time(core, reader, tp, task, deadline)
             if start < opened_at:
+                # Values that came live meanwhile come again, after the ones before them.
                 await reader.rewind(tp, start)
+                queue.clear()
             return tp, queue, task
         except BaseException:
             await reader.close(uuid, tp, queue)
@@ -228,13 +241,15 @@ async def _open_at_start(
 async def _stream_one(
     core: Core, reader: ResultsReader, uuid: str, deadline: _Deadline, from_seq: int
 ) -> AsyncIterator[ResultRecord]:
-    """The value records of one task of a chain, each seq once from ``from_seq``, until its end."""
+    """The value records of one task of a chain, each seq once from ``from_seq``, then its end
+    marker if it wrote one (its status: ``retry`` is followed by a retry)."""
     tp, queue, task = await _open_at_start(core, reader, uuid, deadline)
     limit = core.config.max_record_bytes
     stats = core.stats
     next_seq = from_seq
     drain_to: int | None = None
-    heals = 0
+    heals = 0  # reads again since the last value: two that find nothing new mean it is gone
+    undecodable: str | None = None  # why a record of this task could not be decoded here
     # A task that yields nothing writes no end marker: its terminal status ends the stream at once.
     forget = core.view.when(uuid, _finished, queue.wake)
 
@@ -249,25 +264,32 @@ async def _stream_one(
     try:
         while True:
             if queue.missed_from is not None and not queue.records:
-                # This stream fell behind its buffer: read the rest again from the log.
-                missed, queue.missed_from = queue.missed_from, None
-                await reader.rewind(tp, missed)
+                # This stream fell behind its buffer: read the rest again from the log. Its
+                # buffer takes nothing until the reader is there (a rewind may wait for the
+                # reader), so nothing newer comes before what it missed.
+                await reader.rewind(tp, queue.missed_from)
+                queue.clear()
             record = await queue.get(deadline.cap(_POLL))
             if record is not None:
                 try:
                     result: ResultRecord = decode_result(record.value, limit)
-                except RecordError:
+                except RecordError as exc:
+                    if undecodable is None:
+                        log.warning("stream of %s: a record at offset %d cannot be read: %s", uuid, record.offset, exc)
+                    undecodable = str(exc)
                     continue
                 if result.seq > next_seq:
                     if heals == 2:  # read from the partition's start, and still missing
-                        raise StreamIncompleteError(uuid, range(next_seq, result.seq))
+                        raise StreamIncompleteError(uuid, range(next_seq, result.seq), undecodable)
                     # Values before this one were not seen: the start was too late.
                     await read_again(f"missed seq {next_seq}..{result.seq - 1}")
                     continue
                 if result.end:
+                    yield result
                     return
                 if result.seq == next_seq:
                     next_seq += 1
+                    heals = 0
                     stats.stream_latency.observe(max(time.time() - record.timestamp / 1000, 0.0))
                     yield result
                 continue
@@ -289,7 +311,7 @@ async def _stream_one(
                 final = core.view.get(uuid)
                 if final is not None and final.yield_count > next_seq:
                     if heals == 2:  # read from the partition's start, and still missing
-                        raise StreamIncompleteError(uuid, range(next_seq, final.yield_count))
+                        raise StreamIncompleteError(uuid, range(next_seq, final.yield_count), undecodable)
                     await read_again(f"saw {next_seq} of {final.yield_count} values")
                     drain_to = None
                     continue

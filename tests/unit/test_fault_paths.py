@@ -12,7 +12,10 @@ import pytest
 
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import TopicPartition
+from qtasks.connectors.memory import MemoryConsumer, MemoryProducer
+from qtasks.core import Core
 from qtasks.exc import AppClosedError, ConnectorError, StreamIncompleteError
+from qtasks.reader import ResultsReader
 from tests.helpers import FAST, unique
 
 
@@ -395,3 +398,135 @@ async def test_a_stream_whose_first_values_are_gone_from_the_log_raises_after_re
         assert f"seq 0 to {missing.stop - 1} are not in the results topic" in str(raised.value)
     finally:
         await app.stop(timeout=2)
+
+
+async def test_streams_that_fall_behind_while_the_reader_is_busy_get_every_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream that fell behind its buffer reads again from its first dropped record. The
+    reader may be busy meanwhile (another stream's seek): what comes in that time must not
+    land in the buffer before the records it missed (that looked like a hole in the log)."""
+    original = ResultsReader.rewind
+
+    async def busy(self: ResultsReader, tp: TopicPartition, offset: int) -> None:
+        await asyncio.sleep(0.005)
+        await original(self, tp, offset)
+
+    monkeypatch.setattr(ResultsReader, "rewind", busy)
+    settings = {**FAST, "stream_buffer": 4, "results_partitions": 1}  # the two tasks share the partition
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", **settings)
+
+    @app.task
+    async def steady(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0.001)
+
+    async def read(uuid: str, pause: float) -> list[int]:
+        seen = []
+        async for value in app.stream(uuid, timeout=30):
+            seen.append(value)
+            await asyncio.sleep(pause)
+        return seen
+
+    try:
+        await app.start()
+        tasks = [await app.add_task("steady", 300) for _ in range(2)]
+        fast, slow = await asyncio.gather(read(tasks[0].uuid, 0), read(tasks[1].uuid, 0.003))
+        assert fast == slow == list(range(300))
+    finally:
+        await app.stop(timeout=2)
+
+
+async def test_a_stream_that_looks_its_start_up_keeps_no_live_value_ahead_of_the_earlier_ones(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that does not know where its results start (on Kafka: its producer's first write
+    to the partition) makes a stream look the start up by time. Values that came live during
+    that lookup come again after the earlier ones: no gap, no read again."""
+    monkeypatch.setattr(MemoryProducer, "known_end", lambda self, topic, partition: None)
+    original = MemoryConsumer.offsets_for_times
+
+    async def slow(self: MemoryConsumer, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        await asyncio.sleep(0.05)
+        return await original(self, timestamps)
+
+    monkeypatch.setattr(MemoryConsumer, "offsets_for_times", slow)
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", process_grace=0.0, **FAST)
+
+    @app.task
+    async def steady(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0.002)
+
+    try:
+        await app.start()
+        task = await app.add_task("steady", 100)
+        await asyncio.sleep(0.1)
+        with caplog.at_level(logging.WARNING, logger="qtasks.stream"):
+            seen = [value async for value in app.stream(task.uuid, timeout=30)]
+        assert seen == list(range(100))
+        assert not [r for r in caplog.records if "reading again" in r.getMessage()]
+    finally:
+        await app.stop(timeout=2)
+
+
+async def test_a_stream_follows_a_retry_whose_status_is_slow_to_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end marker of a run that is retried says so: the stream goes on to the retry's
+    values even when the retry's status takes longer than a lease to be written."""
+    original = Core.submit
+
+    async def slow_retry(self: Core, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("retry_parent_uuid"):
+            await asyncio.sleep(FAST["lease_timeout"] + 1.0)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Core, "submit", slow_retry)
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", **FAST)
+    runs: list[str] = []
+
+    @app.task(retry=1)
+    async def flaky() -> AsyncIterator[str]:
+        runs.append("run")
+        if len(runs) == 1:
+            yield "a"
+            yield "b"
+            raise ValueError("first run fails")
+        yield "c"
+
+    try:
+        await app.start()
+        task = await app.add_task("flaky")
+        assert [value async for value in app.stream(task.uuid, timeout=30)] == ["a", "b", "c"]
+    finally:
+        await app.stop(timeout=2)
+
+
+async def test_a_stream_that_cannot_decode_a_value_says_so(make_app: Any, broker_url: str) -> None:
+    """A client whose ``max_record_bytes`` is below the worker's cannot read a big value: the
+    stream ends with an error naming that cause, not a guess about retention."""
+    # (a small returning_max_bytes keeps the terminal status, which sums the values up, small)
+    worker = QueueTasks(
+        name=unique(), broker_url=broker_url, max_record_bytes=200_000, returning_max_bytes=1000, **FAST
+    )
+    client = QueueTasks(name=worker.name, broker_url=broker_url, max_record_bytes=100_000, **FAST)
+
+    @worker.task
+    async def big() -> AsyncIterator[str]:
+        yield "a"
+        yield "x" * 150_000
+        yield "c"
+
+    try:
+        await worker.start()
+        task = await worker.add_task("big")
+        assert (await worker.wait(task.uuid, 10)).status == "success"
+        seen = []
+        with pytest.raises(StreamIncompleteError, match="cannot be read here") as raised:
+            async for value in client.stream(task.uuid, timeout=30):
+                seen.append(value)
+        assert seen == ["a"] and raised.value.missing == range(1, 2) and raised.value.undecodable
+    finally:
+        await client.stop(timeout=2)
+        await worker.stop(timeout=2)
