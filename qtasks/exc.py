@@ -173,9 +173,10 @@ class StreamIncompleteError(QTasksError):
     topic (deleted by its retention, or lost with a replica), though the task's status says
     they were stored.
 
-    Raised after the values before the first missing one, once the stream has read the
-    task's results partition again from its start: ``missing`` is the range of seqs (of
-    ``uuid``) that are not there.
+    Raised once the task has ended and the stream has read its results partition again from
+    its start, after the values before the first missing one (a stream never skips a value):
+    ``missing`` is the first range of seqs (of ``uuid``) that are not there; values after it
+    may be.
     """
 
     def __init__(self, uuid: str, missing: range, undecodable: str | None = None) -> None:

@@ -110,7 +110,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     retry_child_uuid: str | None = None
     #: Why it was cancelled (status ``cancel``).
     cancel_reason: str | None = None
-    #: Values the task yielded (handled and written as result records).
+    #: Values the task yielded (handled and written as result records). In a terminal status,
+    #: the values stored: a value that could not be stored ends the task as ``error``, and
+    #: only the values before it count.
     yield_count: int = 0
     #: Which run of this task this is: 1, or more when a worker died mid-run and another
     #: took it over (same uuid; a retry after an error is a new task instead).

@@ -98,6 +98,7 @@ class ResultSink:
         "committed_crc",
         "crc",
         "error",
+        "failed_seq",
         "first_at",
         "headers",
         "items",
@@ -146,11 +147,13 @@ class ResultSink:
         #: The last ``ctx.checkpoint``: (seq of the next value, state, CRC-32 of the values before it).
         self.checkpoint: tuple[int, Any, int] | None = None
         self.last_delivery: Any = None
-        #: Deliveries of values not seen done yet, oldest first (a partition's deliveries
+        #: Values' deliveries not seen done yet, oldest first (a partition's deliveries
         #: end in order): looked at as values are sent and at the end, no callback per value.
-        self._pending: deque[Any] = deque()
+        self._pending: deque[tuple[int, Any]] = deque()  # (seq, delivery)
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
+        #: The seq of the first value whose delivery failed: the values stored are those before it.
+        self.failed_seq: int | None = None
         #: ``time.monotonic()`` when this attempt sent its first value (0.0: none yet).
         self.first_at = 0.0
         #: Traces on: the run's trace (told of each value) and the headers its records carry.
@@ -200,9 +203,9 @@ class ResultSink:
         if delivery is not None:
             self.last_delivery = delivery
             pending = self._pending
-            pending.append(delivery)
-            while pending and pending[0].done():
-                self._delivered(pending.popleft())
+            pending.append((seq, delivery))
+            while pending and pending[0][1].done():
+                self._delivered(*pending.popleft())
 
     def _count(self, seq: int, value: Any, size: int, crc: int) -> None:
         self.seq = self.sent = seq + 1
@@ -240,21 +243,23 @@ class ResultSink:
         check_checkpoint(state, limit)
         self.checkpoint = (self.seq, state, self.crc)
 
-    def _delivered(self, delivery: Any) -> None:
+    def _delivered(self, seq: int, delivery: Any) -> None:
         if delivery.cancelled():
             return
         error = delivery.exception()  # read every failure, so none is reported as never retrieved
-        if error is not None and self.error is None:
-            self.error = error
+        if error is not None and self.failed_seq is None:
+            self.failed_seq = seq
+            if self.error is None:
+                self.error = error
 
     async def settle(self) -> None:
         """Wait for the deliveries of the values sent so far; the first failure is in ``error``."""
         pending = self._pending
         while pending:
-            delivery = pending.popleft()
+            seq, delivery = pending.popleft()
             if not delivery.done():
                 await asyncio.wait([delivery])
-            self._delivered(delivery)
+            self._delivered(seq, delivery)
 
     async def end(self, status: str) -> None:
         """Write the end marker of this attempt and wait until it is stored (exactly-once: sent in the transaction).
@@ -272,6 +277,13 @@ class ResultSink:
 
         await deliver(send, what=f"end of the results of {self._uuid}", trouble=self._trouble)
         await self.settle()  # done already: they were sent before the marker, to its partition
+
+    @property
+    def stored(self) -> int:
+        """How many values of the task are stored (known once :meth:`end` returned): all those
+        before the first one not stored. Values after it may be stored too; they do not count."""
+        count = self.seq if self.failed_seq is None else self.failed_seq
+        return max(count, self.committed)
 
 
 class Announcer:
@@ -616,6 +628,7 @@ class TaskRun:
                 await sink.end(done.status)
             except ConnectorError as exc:  # refused for good (retriable ones are retried)
                 sink.error = sink.error or exc
+                await sink.settle()  # which values are stored: the ending counts those
         traceback = outcome.traceback
         status = done.status
         if sink.error is not None:
@@ -641,7 +654,8 @@ class TaskRun:
         final = msgspec.structs.replace(
             self.task,
             status=status,
-            yield_count=max(sink.seq, sink.committed),
+            # The values a reader finds (a value not stored ends the task as error after it).
+            yield_count=sink.stored,
             returning=done.returning,
             returning_truncated=done.truncated,
             traceback=traceback,

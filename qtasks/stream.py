@@ -250,16 +250,18 @@ async def _stream_one(
     drain_to: int | None = None
     heals = 0  # reads again since the last value: two that find nothing new mean it is gone
     undecodable: str | None = None  # why a record of this task could not be decoded here
+    beyond: int | None = None  # the lowest seq seen past a gap since the last read again
     # A task that yields nothing writes no end marker: its terminal status ends the stream at once.
     forget = core.view.when(uuid, _finished, queue.wake)
 
     async def read_again(why: str) -> None:
-        nonlocal heals
+        nonlocal heals, beyond
         heals += 1
         back = await _start_by_time(core, reader, tp, task, deadline) if heals == 1 else 0
         log.warning("stream of %s %s; reading again from offset %d", uuid, why, back)
         await reader.rewind(tp, back)
         queue.clear()  # all of it comes again from `back`
+        beyond = None
 
     try:
         while True:
@@ -279,17 +281,22 @@ async def _stream_one(
                     undecodable = str(exc)
                     continue
                 if result.seq > next_seq:
-                    if heals == 2:  # read from the partition's start, and still missing
-                        raise StreamIncompleteError(uuid, range(next_seq, result.seq), undecodable)
-                    # Values before this one were not seen: the start was too late.
-                    await read_again(f"missed seq {next_seq}..{result.seq - 1}")
+                    # Values before this one were not seen: the start was too late, unless the
+                    # task's ending counts no more values than this stream has (a value that
+                    # was not stored ends the task as error; what came after it does not count),
+                    # or it was read from the partition's start already: then its ending decides
+                    # (below) whether values are missing.
+                    beyond = result.seq if beyond is None else min(beyond, result.seq)
+                    final = core.view.get(uuid) if heals < 2 else None
+                    if heals < 2 and not (final is not None and final.is_finished and final.yield_count <= next_seq):
+                        await read_again(f"missed seq {next_seq}..{result.seq - 1}")
                     continue
                 if result.end:
                     yield result
                     return
                 if result.seq == next_seq:
                     next_seq += 1
-                    heals = 0
+                    heals, beyond = 0, None
                     stats.stream_latency.observe(max(time.time() - record.timestamp / 1000, 0.0))
                     yield result
                 continue
@@ -311,7 +318,8 @@ async def _stream_one(
                 final = core.view.get(uuid)
                 if final is not None and final.yield_count > next_seq:
                     if heals == 2:  # read from the partition's start, and still missing
-                        raise StreamIncompleteError(uuid, range(next_seq, final.yield_count), undecodable)
+                        missing = range(next_seq, min(final.yield_count, beyond or final.yield_count))
+                        raise StreamIncompleteError(uuid, missing, undecodable)
                     await read_again(f"saw {next_seq} of {final.yield_count} values")
                     drain_to = None
                     continue

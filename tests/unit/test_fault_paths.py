@@ -530,3 +530,26 @@ async def test_a_stream_that_cannot_decode_a_value_says_so(make_app: Any, broker
     finally:
         await client.stop(timeout=2)
         await worker.stop(timeout=2)
+
+
+async def test_a_value_not_stored_ends_its_task_as_error_and_its_stream_with_the_values_before_it(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    """The ending counts the values a reader finds: those before the first one not stored.
+    A later value stored anyway (sent once the failed one was settled) does not count, and
+    the stream ends with the values before the failed one, no error of its own."""
+    app = faulty_app()
+
+    @app.task
+    async def paced() -> AsyncIterator[int]:
+        for i in range(6):
+            yield i
+            await asyncio.sleep(0.05)  # each delivery settles before the next value
+
+    await app.start()
+    app.broker.faults.fail("delivery", nth=3, error=ConnectorError("refused"), topic=app.topics.results)  # type: ignore[attr-defined]
+    task = await app.add_task("paced")
+    values = [value async for value in app.stream(task.uuid, timeout=10)]
+    done = await app.wait(task.uuid, 10)
+    assert done.status == "error" and "a value of this task was not stored" in (done.traceback or "")
+    assert (done.yield_count, values) == (2, [0, 1])
