@@ -110,9 +110,7 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     retry_child_uuid: str | None = None
     #: Why it was cancelled (status ``cancel``).
     cancel_reason: str | None = None
-    #: Values the task yielded (handled and written as result records). In a terminal status,
-    #: the values stored: a value that could not be stored ends the task as ``error``, and
-    #: only the values before it count.
+    #: Values the task yielded (handled and written as result records).
     yield_count: int = 0
     #: Which run of this task this is: 1, or more when a worker died mid-run and another
     #: took it over (same uuid; a retry after an error is a new task instead).
@@ -154,6 +152,10 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: Share mode: runs handed back by a stopping worker (past ``stop_timeout``): of the
     #: ``attempt`` runs, these did not die, so the poison limit does not count them.
     released: int = 0
+    #: Status ``error`` because a value could not be stored (the broker refused it): that
+    #: value's seq. It and the values after it may be missing from the results topic (a
+    #: stream ends before the first one missing from there on, with no error of its own).
+    lost_from: int | None = None
 
     @property
     def is_finished(self) -> bool:

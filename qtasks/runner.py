@@ -204,8 +204,7 @@ class ResultSink:
             self.last_delivery = delivery
             pending = self._pending
             pending.append((seq, delivery))
-            while pending and pending[0][1].done():
-                self._delivered(*pending.popleft())
+            self.settle_done()
 
     def _count(self, seq: int, value: Any, size: int, crc: int) -> None:
         self.seq = self.sent = seq + 1
@@ -278,12 +277,11 @@ class ResultSink:
         await deliver(send, what=f"end of the results of {self._uuid}", trouble=self._trouble)
         await self.settle()  # done already: they were sent before the marker, to its partition
 
-    @property
-    def stored(self) -> int:
-        """How many values of the task are stored (known once :meth:`end` returned): all those
-        before the first one not stored. Values after it may be stored too; they do not count."""
-        count = self.seq if self.failed_seq is None else self.failed_seq
-        return max(count, self.committed)
+    def settle_done(self) -> None:
+        """Take in the deliveries that are done (in order), so ``failed_seq`` is current up to them."""
+        pending = self._pending
+        while pending and pending[0][1].done():
+            self._delivered(*pending.popleft())
 
 
 class Announcer:
@@ -537,6 +535,13 @@ class TaskRun:
             await asyncio.wait([last], timeout=self.host.core.config.lease_interval)
             if not last.done() or last.cancelled() or last.exception() is not None:
                 checkpoint = None
+        if checkpoint is not None:
+            # Every value before it must be stored, not only the last: a later attempt that
+            # goes on from it would never send again one that was refused.
+            self.sink.settle_done()
+            failed = self.sink.failed_seq
+            if failed is not None and failed < checkpoint[0]:
+                checkpoint = None
         if self.concluding or self.superseded or self.finished:
             return
         now = time.time()
@@ -654,8 +659,8 @@ class TaskRun:
         final = msgspec.structs.replace(
             self.task,
             status=status,
-            # The values a reader finds (a value not stored ends the task as error after it).
-            yield_count=sink.stored,
+            yield_count=max(sink.seq, sink.committed),
+            lost_from=sink.failed_seq if status == "error" else None,
             returning=done.returning,
             returning_truncated=done.truncated,
             traceback=traceback,

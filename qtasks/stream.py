@@ -281,14 +281,11 @@ async def _stream_one(
                     undecodable = str(exc)
                     continue
                 if result.seq > next_seq:
-                    # Values before this one were not seen: the start was too late, unless the
-                    # task's ending counts no more values than this stream has (a value that
-                    # was not stored ends the task as error; what came after it does not count),
-                    # or it was read from the partition's start already: then its ending decides
-                    # (below) whether values are missing.
+                    # Values before this one were not seen: the start was too late. Once read
+                    # from the partition's start, the records past the gap are passed over and
+                    # the task's ending decides (below) whether values are missing.
                     beyond = result.seq if beyond is None else min(beyond, result.seq)
-                    final = core.view.get(uuid) if heals < 2 else None
-                    if heals < 2 and not (final is not None and final.is_finished and final.yield_count <= next_seq):
+                    if heals < 2:
                         await read_again(f"missed seq {next_seq}..{result.seq - 1}")
                     continue
                 if result.end:
@@ -317,12 +314,16 @@ async def _stream_one(
                     continue
                 final = core.view.get(uuid)
                 if final is not None and final.yield_count > next_seq:
-                    if heals == 2:  # read from the partition's start, and still missing
+                    if heals < 2:
+                        await read_again(f"saw {next_seq} of {final.yield_count} values")
+                        drain_to = None
+                        continue
+                    # Read from the partition's start, and still missing. A value the broker
+                    # refused ended the task as error: from it on, values may be missing, and
+                    # the ending says so (``lost_from``). Otherwise they were stored and are gone.
+                    if final.lost_from is None or next_seq < final.lost_from:
                         missing = range(next_seq, min(final.yield_count, beyond or final.yield_count))
                         raise StreamIncompleteError(uuid, missing, undecodable)
-                    await read_again(f"saw {next_seq} of {final.yield_count} values")
-                    drain_to = None
-                    continue
                 return
     finally:
         forget()

@@ -17,6 +17,7 @@ from qtasks.core import Core
 from qtasks.exc import AppClosedError, ConnectorError, StreamIncompleteError
 from qtasks.reader import ResultsReader
 from tests.helpers import FAST, unique
+from tests.unit.test_exactly_once import crash
 
 
 @pytest.fixture
@@ -552,4 +553,76 @@ async def test_a_value_not_stored_ends_its_task_as_error_and_its_stream_with_the
     values = [value async for value in app.stream(task.uuid, timeout=10)]
     done = await app.wait(task.uuid, 10)
     assert done.status == "error" and "a value of this task was not stored" in (done.traceback or "")
-    assert (done.yield_count, values) == (2, [0, 1])
+    assert (done.yield_count, done.lost_from, values) == (6, 2, [0, 1])
+
+
+def _two_workers(url: str, register: Callable[[QueueTasks], None]) -> tuple[QueueTasks, QueueTasks]:
+    name = unique()
+    apps = QueueTasks(name=name, broker_url=url, **FAST), QueueTasks(name=name, broker_url=url, **FAST)
+    for app in apps:
+        register(app)
+    return apps
+
+
+async def test_a_value_refused_to_the_attempt_that_took_over_leaves_the_values_the_first_one_stored_readable() -> None:
+    """Attempt 1 stored values 0..11 and died; attempt 2 ran from the start and its value 2 was
+    refused (the task ends as error). Every value is in the log all the same (2 from attempt 1):
+    a stream opened before and one opened after the ending read all 20."""
+
+    def register(app: QueueTasks) -> None:
+        @app.task
+        async def paced(n: int) -> AsyncIterator[int]:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0.05)
+
+    a, b = _two_workers(f"faulty+memory://{unique('log')}", register)
+    try:
+        await a.start()
+        task = await a.add_task("paced", 20)
+        before = asyncio.create_task(_values(b, task.uuid))
+        await asyncio.sleep(0.6)
+        await crash(a)
+        b.broker.faults.fail("delivery", nth=3, error=ConnectorError("refused"), topic=b.topics.results)  # type: ignore[attr-defined]
+        await b.start()
+        done = await b.wait(task.uuid, 30)
+        assert (done.status, done.attempt, done.lost_from, done.yield_count) == ("error", 2, 2, 20)
+        assert await before == list(range(20))
+        assert await _values(b, task.uuid) == list(range(20))
+    finally:
+        await b.stop(timeout=2)
+        await a.stop(timeout=2)
+
+
+async def test_no_checkpoint_is_stored_past_a_value_that_was_refused() -> None:
+    """A checkpoint says every value before it is stored. Value 3 was refused and later ones
+    stored: no checkpoint past 3 is written, so the attempt that takes over after a crash
+    sends value 3 again and the task's values are all there."""
+
+    def register(app: QueueTasks) -> None:
+        @app.task(echo=True)
+        async def resumable(self: Any, n: int) -> AsyncIterator[int]:
+            state = self.ctx.resume_state
+            for i in range(state["next"] if state else 0, n):
+                yield i
+                self.ctx.checkpoint({"next": i + 1})
+                await asyncio.sleep(0.05)
+
+    a, b = _two_workers(f"faulty+memory://{unique('log')}", register)
+    try:
+        await a.start()
+        a.broker.faults.fail("delivery", nth=4, error=ConnectorError("refused"), topic=a.topics.results)  # type: ignore[attr-defined]
+        task = await a.add_task("resumable", 30)
+        await asyncio.sleep(1.2)  # past two lease renewals, each with the last checkpoint
+        await crash(a)
+        await b.start()
+        done = await b.wait(task.uuid, 30)
+        assert (done.status, done.attempt) == ("success", 2)
+        assert await _values(b, task.uuid) == list(range(30))
+    finally:
+        await b.stop(timeout=2)
+        await a.stop(timeout=2)
+
+
+async def _values(app: QueueTasks, uuid: str) -> list[Any]:
+    return [value async for value in app.stream(uuid, timeout=30)]
