@@ -152,7 +152,7 @@ class ResultSink:
         self._pending: deque[tuple[int, Any]] = deque()  # (seq, delivery)
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
-        #: The seq of the first value whose delivery failed: the values stored are those before it.
+        #: The seq of the first value whose delivery failed (an ending as error says it: ``lost_from``).
         self.failed_seq: int | None = None
         #: ``time.monotonic()`` when this attempt sent its first value (0.0: none yet).
         self.first_at = 0.0
@@ -633,7 +633,7 @@ class TaskRun:
                 await sink.end(done.status)
             except ConnectorError as exc:  # refused for good (retriable ones are retried)
                 sink.error = sink.error or exc
-                await sink.settle()  # which values are stored: the ending counts those
+                await sink.settle()  # which value was refused first: the ending says so (lost_from)
         traceback = outcome.traceback
         status = done.status
         if sink.error is not None:
