@@ -453,14 +453,24 @@ class Worker:
         # is still held back (process_grace) writes it now, so the partition's next owner
         # sees it running and waits for its lease; bounded, as a broker that is away cannot
         # take it anyway (the next owner then runs the task again: at least once).
+        # A run whose code is done (concluding) is not announced: its ending is being stored,
+        # and the partition's next owner must see that ending, not a task still ``new``, or it
+        # runs the task again. It is waited for, within the same bound.
         self._revoked = True
         runs = list(self._running.values())
+        ending = [
+            handler
+            for uuid, run in self._running.items()
+            if run.concluding and (handler := self._run_handlers.get(uuid)) is not None
+        ]
         if runs:
             try:
                 async with asyncio.timeout(self.core.config.lease_interval):
                     await asyncio.gather(*(run.announce(durable=True) for run in runs))
+                    if ending:
+                        await asyncio.wait(ending)
             except (ConnectorError, TimeoutError) as exc:
-                log.info("could not write every process status before the rebalance: %r", exc)
+                log.info("could not write every process status or ending before the rebalance: %r", exc)
         try:
             await self._commit()
         except ConnectorError as exc:

@@ -19,7 +19,7 @@ from qtasks.executor import TaskExecutor
 from qtasks.partitioner import partition_for
 from qtasks.records import TaskRecord, encode
 from tests.engine_suite import status_log
-from tests.helpers import free_port
+from tests.helpers import FAST, free_port, unique
 from tests.unit.test_metrics import sample, scrape
 
 
@@ -205,6 +205,38 @@ async def test_a_run_that_fails_outside_the_task_never_writes_process_after_its_
     await asyncio.sleep(0.5)  # past process_grace: a timer left behind would have written by now
     # The lease released as the run failed, then the ending; nothing after it.
     assert await status_log(app, task.uuid) == ["new", "process", "error"]
+
+
+async def test_a_run_storing_its_ending_during_a_rebalance_is_not_started_again_by_the_next_owner() -> None:
+    """A run whose code is done writes no process status any more: its ending is on its way.
+    A worker that joins then takes some of its partitions; the first worker lets them go
+    only once those endings are stored, so the new owner finds the tasks ended, not new."""
+    name, url = unique(), f"faulty+memory://{unique('log')}"
+    # The revoke waits at most lease_interval; the delayed endings queue per status partition.
+    settings = {**FAST, "tasks_partitions": 6, "concurrency": 8, "lease_interval": 2.0}
+    first, second = QueueTasks(name=name, broker_url=url, **settings), QueueTasks(name=name, broker_url=url, **settings)
+    runs: Counter[int] = Counter()
+
+    async def short(i: int) -> int:
+        runs[i] += 1
+        return i
+
+    for app in (first, second):
+        app.task(name="short")(short)
+    try:
+        await first.start()
+        handles = await first.add_tasks("short", [(i,) for i in range(12)])
+        # Every ending now takes 0.3 s more to be stored (all of them within the revoke's bound).
+        first.broker.faults.delay("delivery", 0.3, topic=first.topics.status)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)  # the runs are done and store their endings
+        await second.start()  # the rebalance lands while they do
+        for handle in handles:
+            assert (await first.wait(handle.uuid, 30)).status == "success"
+        assert [i for i, n in runs.items() if n > 1] == [] and len(runs) == 12
+    finally:
+        first.broker.faults.clear()  # type: ignore[attr-defined]
+        await second.stop(timeout=2)
+        await first.stop(timeout=2)
 
 
 async def test_workers_joining_a_busy_group_run_no_short_task_twice(make_app: Any) -> None:
