@@ -17,7 +17,9 @@ The operations a plan names, and what a fault does to each:
 - ``start`` (connector and consumers), ``ensure_topics``, ``send``, ``flush``, ``commit``,
   ``fetch`` (``getmany``), ``end_offsets`` (and ``offsets_for_times``: both are Kafka's
   ListOffsets), ``seek`` (and ``seek_to_end``, ``seek_to_beginning``): the call waits for
-  any delay, then raises the error.
+  any delay, then raises the error. ``position`` too, but an outage does not fail it: a
+  Kafka consumer knows its positions and asks the broker only while a partition's offset
+  is being reset, which a plan for ``position`` stands for.
 - ``txn_send``, ``txn_commit`` (exactly-once): a transactional producer's ``send``, and
   its ``commit`` (a failed commit leaves the transaction open, as a lost commit request
   does); ``start`` covers its ``start`` too.
@@ -69,6 +71,7 @@ Op = Literal[
     "fetch",
     "end_offsets",
     "seek",
+    "position",
     "txn_send",
     "txn_commit",
     "describe_group",
@@ -105,9 +108,12 @@ class Faults:
         error = error if error is not None else ConnectorError("injected fault", retriable=True)
         self._add(_Rule(op, topic, nth - 1, times, error=error))
 
-    def delay(self, op: Op, seconds: float, *, topic: str | None = None, times: int | None = None) -> None:
-        """Delay the matching calls of ``op`` by ``seconds`` (the next ``times``; every one if None)."""
-        self._add(_Rule(op, topic, 0, times, delay=seconds))
+    def delay(
+        self, op: Op, seconds: float, *, nth: int = 1, topic: str | None = None, times: int | None = None
+    ) -> None:
+        """Delay the matching calls of ``op`` by ``seconds``, from the ``nth`` from now on (the
+        next ``times``; every one if None)."""
+        self._add(_Rule(op, topic, nth - 1, times, delay=seconds))
 
     def down(self) -> None:
         """Start an outage: every operation raises ``BrokerUnavailableError`` (retriable) until :meth:`up`."""
@@ -135,10 +141,11 @@ class Faults:
             raise ValueError("nth and times count calls: they must be 1 or more")
         self._rules.append(rule)
 
-    def take(self, op: Op, topics: Iterable[str] = ()) -> tuple[float, Error | None]:
-        """Count a call of ``op`` on ``topics`` and return its fate: a delay, and an error or None."""
+    def take(self, op: Op, topics: Iterable[str] = (), *, outage: bool = True) -> tuple[float, Error | None]:
+        """Count a call of ``op`` on ``topics`` and return its fate: a delay, and an error or None
+        (``outage``: whether an outage fails it)."""
         self.calls[op] += 1
-        if self._down:
+        if self._down and outage:
             return 0.0, BrokerUnavailableError("injected outage: the broker is down until faults.up()")
         topics = set(topics)
         delay, error = 0.0, None
@@ -156,9 +163,9 @@ class Faults:
             error = error or rule.error
         return delay, error
 
-    async def enter(self, op: Op, topics: Iterable[str] = ()) -> None:
+    async def enter(self, op: Op, topics: Iterable[str] = (), *, outage: bool = True) -> None:
         """Apply the plan to a call of ``op``: wait for its delay, then raise its error, if any."""
-        delay, error = self.take(op, topics)
+        delay, error = self.take(op, topics, outage=outage)
         if delay:
             await asyncio.sleep(delay)
         if error is not None:
@@ -322,7 +329,10 @@ class FaultyConsumer:
         return self._inner.high_watermark(tp)
 
     async def position(self, tp: TopicPartition) -> int:
-        """The next offset this consumer returns from ``tp``."""
+        """The next offset this consumer returns from ``tp`` (op ``position``, which an outage
+        does not fail: a Kafka consumer knows its positions, and asks the broker only while a
+        partition's offset is being reset)."""
+        await self._faults.enter("position", self._topics | {tp.topic}, outage=False)
         return await self._inner.position(tp)
 
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:

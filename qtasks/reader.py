@@ -139,7 +139,13 @@ class ResultsReader:
             self._users[tp] += 1
             self._idle_since.pop(tp, None)
             self._needed.set()
-            return queue, await self.position(tp)
+            try:
+                # Kafka asks the broker while the partition's offset is being reset: this may
+                # wait, and a stream that gives up (its deadline) leaves nothing registered.
+                return queue, await self.position(tp)
+            except BaseException:
+                self._unregister(uuid, tp, queue)
+                raise
 
     async def rewind(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` again from ``offset`` (the other streams on it drop what they already saw)."""
@@ -150,16 +156,19 @@ class ResultsReader:
     async def close(self, uuid: str, tp: TopicPartition, queue: StreamQueue) -> None:
         """Unregister a stream; its partition is released once no stream used it for ``stream_linger``."""
         async with self._lock:
-            key = uuid.encode()
-            queues = self._streams.get(key, [])
-            if queue in queues:
-                queues.remove(queue)
-            if not queues:
-                self._streams.pop(key, None)
-            if tp in self._users:
-                self._users[tp] = max(0, self._users[tp] - 1)
-                if self._users[tp] == 0:
-                    self._idle_since[tp] = time.monotonic()
+            self._unregister(uuid, tp, queue)
+
+    def _unregister(self, uuid: str, tp: TopicPartition, queue: StreamQueue) -> None:
+        key = uuid.encode()
+        queues = self._streams.get(key, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self._streams.pop(key, None)
+        if tp in self._users:
+            self._users[tp] = max(0, self._users[tp] - 1)
+            if self._users[tp] == 0:
+                self._idle_since[tp] = time.monotonic()
 
     async def _release_idle(self) -> None:
         linger = self._core.config.stream_linger

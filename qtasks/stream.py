@@ -195,7 +195,7 @@ async def _open_at_start(
     while True:
         # Listen from now on at once, while the worker takes the task ...
         end = None if reader.listening(tp) else await _patiently(functools.partial(reader.end_offset, tp), deadline)
-        opened = await reader.open(uuid, tp, end)
+        opened = await _patiently(functools.partial(reader.open, uuid, tp, end), deadline)
         if opened is None:
             continue
         queue, opened_at = opened
@@ -230,7 +230,7 @@ async def _open_at_start(
                 start = await _start_by_time(core, reader, tp, task, deadline)
             if start < opened_at:
                 # Values that came live meanwhile come again, after the ones before them.
-                await reader.rewind(tp, start)
+                await _patiently(functools.partial(reader.rewind, tp, start), deadline)
                 queue.clear()
             return tp, queue, task
         except BaseException:
@@ -259,7 +259,7 @@ async def _stream_one(
         heals += 1
         back = await _start_by_time(core, reader, tp, task, deadline) if heals == 1 else 0
         log.warning("stream of %s %s; reading again from offset %d", uuid, why, back)
-        await reader.rewind(tp, back)
+        await _patiently(functools.partial(reader.rewind, tp, back), deadline)
         queue.clear()  # all of it comes again from `back`
         beyond = None
 
@@ -269,7 +269,7 @@ async def _stream_one(
                 # This stream fell behind its buffer: read the rest again from the log. Its
                 # buffer takes nothing until the reader is there (a rewind may wait for the
                 # reader), so nothing newer comes before what it missed.
-                await reader.rewind(tp, queue.missed_from)
+                await _patiently(functools.partial(reader.rewind, tp, queue.missed_from), deadline)
                 queue.clear()
             record = await queue.get(deadline.cap(_POLL))
             if record is not None:
@@ -309,7 +309,11 @@ async def _stream_one(
                     drain_to = await _patiently(functools.partial(reader.end_with_undecided, tp), deadline)
             # Position first: past drain_to means every record before it was handed out
             # (records are dispatched as soon as they are fetched); then the queue.
-            if drain_to is not None and await reader.position(tp) >= drain_to and not queue.records:
+            if (
+                drain_to is not None
+                and await _patiently(functools.partial(reader.position, tp), deadline) >= drain_to
+                and not queue.records
+            ):
                 if queue.missed_from is not None:
                     continue
                 final = core.view.get(uuid)

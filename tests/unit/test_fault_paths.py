@@ -227,6 +227,41 @@ async def test_a_stream_read_that_hangs_ends_at_the_stream_s_timeout(faulty_app:
     assert asyncio.get_running_loop().time() - started < 2.0
 
 
+async def test_a_stream_whose_position_waits_for_the_broker_ends_at_its_timeout(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    # A Kafka consumer asks the broker for a position while the partition's offset is being
+    # reset (past retention, say): a frozen node must not hold the stream past its deadline,
+    # neither when it opens nor when it has read every value and looks where it stands.
+    app = faulty_app()
+
+    faults, task = await streaming_five_values(app)
+    assert (await app.wait(task.uuid, timeout=5)).status == "success"
+    faults.delay("position", 30.0, topic=app.topics.results)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError, match=r"did not end within 0\.5 s"):
+        [v async for v in app.stream(task.uuid, timeout=0.5)]
+    assert asyncio.get_running_loop().time() - started < 2.0
+    faults.clear()
+    # Nothing of the stream that gave up is left registered: the next one reads every value.
+    assert [v async for v in app.stream(task.uuid, timeout=5)] == list(range(5))
+    assert app._reader is not None and not app._reader._streams
+
+    # A task that wrote no end marker: once it has ended, the stream looks where it stands.
+    @app.task
+    async def plain() -> int:
+        return 1
+
+    done = await app.add_task("plain")
+    assert (await app.wait(done.uuid, timeout=5)).status == "success"
+    # The first two are the stream's opening and its rewind to where the task's results start.
+    faults.delay("position", 30.0, nth=3, topic=app.topics.results)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError, match=r"did not end within 1\.0 s"):
+        [v async for v in app.stream(done.uuid, timeout=1.0)]
+    assert asyncio.get_running_loop().time() - started < 2.5
+
+
 async def test_closing_the_app_ends_a_stream_that_waits_for_the_broker(
     faulty_app: Callable[..., QueueTasks],
 ) -> None:
