@@ -252,3 +252,32 @@ async def test_two_replays_of_one_dead_letter_at_once_run_its_task_once(
     replayed = [r.uuid for r in first + second if r.uuid is not None]
     await asyncio.sleep(0.5)
     assert len(replayed) == 1 and runs == [21]
+
+
+async def test_a_pass_of_the_delays_loop_that_fails_loses_no_delayed_task_read_in_it(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    """Any failure inside one pass of the delays loop (here: the dead letter of a bad record in the
+    same batch is refused once) restarts the loop on the same consumer, past the batch: the good
+    delayed task read with it is never moved on, and the next commit goes past it."""
+    import time
+    import uuid
+
+    from qtasks.delays import AT
+    from qtasks.exc import ConnectorError
+
+    app = faulty_app()
+
+    @app.task
+    def quick(x: int) -> int:
+        return x
+
+    await app.start()
+    handle = await app.add_task("quick", 1, countdown=2)  # level 0 (partition 0), held there for 1 s
+    bad = str(uuid.uuid4())  # no due header: a bad record, dead-lettered in the same pass
+    await app.broker.producer.send(
+        app.topics.delays, b"{}", key=bad.encode(), partition=0, headers=[(AT, repr(time.time()).encode())]
+    )
+    app.broker.faults.fail("send", topic=app.topics.dlq, error=ConnectorError("refused", retriable=False))  # type: ignore[attr-defined]
+    task = await app.wait(handle.uuid, timeout=10)  # TimeoutError: lost
+    assert task.status == "success"
