@@ -65,6 +65,9 @@ def read_headers(headers: Sequence[tuple[str, bytes]]) -> tuple[float, float, li
         elif name == AT:
             at = _seconds(value, AT)
         else:
+            if name == KEY and not (isinstance(value, (bytes, bytearray)) and value):
+                # Kafka headers may have no value: the key names the task's partition.
+                raise RecordError(f"delayed task record has a bad {KEY} header: {value!r:.60}", "wrong_shape")
             others.append((name, value))
     if due is None or at is None:
         missing = " and ".join(n for n, v in ((DUE, due), (AT, at)) if v is None)
