@@ -31,7 +31,7 @@ from qtasks.plugins import Events, PluginManager
 from qtasks.records import ControlRecord, StreamItem, Task
 from qtasks.registry import Registry, TaskSpec, make_spec
 from qtasks.router import Router
-from qtasks.status import StatusView
+from qtasks.status import CANCEL_REV, StatusView
 from qtasks.stream import ResultsReader, stream_results
 from qtasks.validate import check_due, check_key, check_priority, check_task_name, check_uuid
 from qtasks.worker import Worker
@@ -574,12 +574,24 @@ class QueueTasks:
             return False
         reason = reason or f"{task.task_name}.cancel"
         await self.core.send_control(ControlRecord(kind="cancel", uuid=task.uuid, reason=reason, at=time.time()))
-        if task.status == "new":
-            # Queued (or waiting out a retry's backoff): mark it now, the worker that takes it skips it.
-            task.status = "cancel"
-            task.cancel_reason = reason
-            task.updated_at = time.time()
-            await self.core.store.write(task, durable=True)
+        if task.status == "process" and task.lease_until > time.time():
+            return True  # its worker stops it at its next await or yield, and ends it as cancel
+        # Queued (or waiting out a retry's backoff), or its worker died (its lease ran out):
+        # end it now. What was stored before now counts first: an ending there wins.
+        await self.core.store.catch_up(task.uuid)
+        now = self.core.view.get(task.uuid)
+        if now is None or now.is_finished:
+            return False
+        if now.status == "process" and now.lease_until > time.time():
+            return True
+        # Final, in every view: a worker whose short run started meanwhile (the log still says
+        # `new` while its `process` is held back) or that wakes past its lease writes its
+        # ending below this rev. The run stops at the cancel sent above, or ends as it would.
+        now.status = "cancel"
+        now.cancel_reason = reason
+        now.lease_until = 0.0
+        now.updated_at = time.time()
+        await self.core.store.write(now, durable=True, rev=CANCEL_REV)
         return True
 
     # -- worker ----------------------------------------------------------------------

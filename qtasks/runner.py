@@ -626,16 +626,23 @@ class TaskRun:
             count=sink.seq,
         )
         sink.finish_replay()
+        token = self.executor.token
+        # A cancel that comes while a failed run ends stops its chain: no retry is submitted.
+        status = "cancel" if done.status == "retry" and token.is_set else done.status
         if sink.seq or spec.is_generator:
             # Results are stored before the status says the task ended, so a reader who
             # sees the terminal status can read every value.
             try:
-                await sink.end(done.status)
+                await sink.end(status)
             except ConnectorError as exc:  # refused for good (retriable ones are retried)
                 sink.error = sink.error or exc
                 await sink.settle()  # which value was refused first: the ending says so (lost_from)
+        if status == "retry" and token.is_set:
+            status = "cancel"  # it came while the end marker was being stored (a stream follows the status)
         traceback = outcome.traceback
-        status = done.status
+        cancel_reason = outcome.cancel_reason
+        if status == "cancel" and done.status == "retry":
+            cancel_reason = token.reason
         if sink.error is not None:
             status = "error"
             traceback = f"ConnectorError: a value of this task was not stored: {sink.error}"
@@ -664,7 +671,7 @@ class TaskRun:
             returning=done.returning,
             returning_truncated=done.truncated,
             traceback=traceback,
-            cancel_reason=outcome.cancel_reason,
+            cancel_reason=cancel_reason,
             lease_until=0.0,
             retry_child_uuid=child_uuid,
             retry=retries_left if child_uuid else self.task.retry,
@@ -675,8 +682,11 @@ class TaskRun:
         # returns at once: the record's offset commits in the same transaction.
         self.task = await core.store.write(final, durable=True, txn=self.txn)
         self.ended = True
+        if self.task.status != status:
+            status = self.task.status  # a client's cancel ended the task while it ran (it stands)
+            log.info("task %s (%s) was cancelled as its run ended", self.task.uuid, self.task.task_name)
         core.stats.ended(spec.name, status, time.monotonic() - self.began if self.began else None)
-        self._end_trace(status, outcome.exc, outcome.cancel_reason if status == "cancel" else traceback)
+        self._end_trace(status, outcome.exc, cancel_reason if status == "cancel" else traceback)
         if status in ("error", "retry"):
             kind, message = error_of(traceback)
             then = f"; retried as {child_uuid}" if child_uuid else ""

@@ -50,6 +50,12 @@ def supersedes(current: tuple[int, int, bool] | None, new: tuple[int, int, bool]
     return new_rev >= cur_rev
 
 
+#: The ``rev`` of a client's ``cancel`` of a task the log shows as ``new``: above any rev a
+#: worker writes, so the cancel is final in every view, even over the ending of a short run
+#: that had started meanwhile (its ``process`` held back, the log still said ``new``).
+CANCEL_REV = 1 << 40
+
+
 def next_rev(held: int, status: str) -> int:
     """The ``rev`` of a new write, given the ``rev`` this process holds for the task (-1: none).
 

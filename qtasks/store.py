@@ -30,8 +30,8 @@ from qtasks.connectors.base import Connector, TopicPartition
 from qtasks.delivery import Trouble, deliver, fetch
 from qtasks.exc import ConnectorError, RecordError
 from qtasks.partitioner import partition_for
-from qtasks.records import StatusHead, Task, decode_status, decode_status_head, encode, head_of
-from qtasks.status import StatusView, next_rev, slim
+from qtasks.records import TERMINAL, StatusHead, Task, decode_status, decode_status_head, encode, head_of
+from qtasks.status import CANCEL_REV, StatusView, next_rev, slim
 from qtasks.supervise import Supervisor
 
 if TYPE_CHECKING:
@@ -270,8 +270,11 @@ class StatusStore:
         durable: bool = False,
         wanted: Callable[[], bool] | None = None,
         txn: PartitionTxn | None = None,
+        rev: int | None = None,
     ) -> Task:
-        """Write a copy of ``task`` with the next rev; return what was written.
+        """Write a copy of ``task`` with the next rev (or ``rev``); return what was written
+        (a terminal status over a client's cancel that ended the task meanwhile is not
+        written: the cancel, as held, is returned).
 
         ``durable``: wait until the broker stored it (retrying while the failure is
         retriable) and only then show it in the view. A non-terminal write is retried only
@@ -282,7 +285,13 @@ class StatusStore:
         loses the transaction), and is shown once the transaction commits, durable or not.
         """
         uuid = task.uuid
-        record, raw = self.prepare(task)
+        if rev is None and task.status in TERMINAL:
+            held = self.view.head(uuid)
+            if held is not None and held.is_finished and held.rev >= CANCEL_REV:
+                # A client cancelled the task while this process ran it (its `process` was held
+                # back: the client saw `new`): the cancel stands, this ending is not written.
+                return self.view.get(uuid) or task
+        record, raw = self.prepare(task, rev)
         if txn is not None:
             # Shown once committed, never before: what the view holds of a partition's tasks
             # is what a run taken up again goes on from, so it must never be a write that
@@ -360,9 +369,11 @@ class StatusStore:
         self.view.apply(record, raw)
         return record
 
-    def prepare(self, task: Task) -> tuple[Task, bytes]:
-        """The record to write for ``task`` (a copy with the next rev, slimmed to fit) and its bytes."""
-        record = msgspec.structs.replace(task, rev=next_rev(self.view.rev(task.uuid), task.status))
+    def prepare(self, task: Task, rev: int | None = None) -> tuple[Task, bytes]:
+        """The record to write for ``task`` (a copy with the next rev or ``rev``, slimmed to fit) and its bytes."""
+        if rev is None:
+            rev = next_rev(self.view.rev(task.uuid), task.status)
+        record = msgspec.structs.replace(task, rev=rev)
         raw = encode(record)
         if len(raw) > self._record_limit:
             record = slim(record, self._record_limit)

@@ -71,6 +71,7 @@ from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_
 from qtasks.scheduler import DelayScheduler
 from qtasks.share_mode import ShareOffsets, as_record, end_at_limit, send_again
 from qtasks.stats import UNKNOWN_TASK
+from qtasks.store import CATCH_UP_TIMEOUT
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
 from qtasks.transactions import PartitionLostError, PartitionTxn, transactional_id
@@ -170,6 +171,8 @@ class Worker:
         #: Runs stopped here because another worker took their task over.
         self.runs_superseded = 0
         self._cancelled: OrderedDict[str, str] = OrderedDict()
+        #: When the control loop started reading (epoch s): every cancel sent since has been or will be read here.
+        self._control_from = float("inf")
         self._stopping = False
         self._started = False
         self._context = contextvars.Context()
@@ -236,6 +239,7 @@ class Worker:
         try:
             control_tps = [TopicPartition(core.topics.control, p) for p in range(core.config.control_partitions)]
             self._control.assign(control_tps)
+            self._control_from = time.time()
             await self._control.seek_to_end(control_tps)
             if share:
                 await self._start_share()
@@ -1037,6 +1041,8 @@ class Worker:
             assert share is not None and record is not None
             await send_again(self.core, rec, head, share, record)
             return "again"
+        elif action == "run" and rec.retry_parent_uuid and (why := await self._chain_cancelled(rec)) is not None:
+            await end_without_running(self.host, rec, head, "cancel", txn, cancel_reason=why)
         elif action == "run" and rec.after and (chord := await self._results_of(rec.after))[1] is not None:
             task = await end_without_running(
                 self.host, rec, head, "error", txn, traceback=chord[1], attempt=decision.attempt
@@ -1053,6 +1059,16 @@ class Worker:
                 else:
                     why = "lease expired"
                 log.info("taking over %s from %s (%s)", uuid, head.worker, why)
+                sent = await retried(
+                    lambda: self._cancel_sent(uuid), what=f"the cancels of {uuid}", trouble=core.trouble
+                )
+                if sent is not None:
+                    # Cancelled while its worker was gone: a cancel sent before this worker
+                    # started is not in what it reads of the control topic.
+                    await end_without_running(
+                        self.host, rec, head, "cancel", txn, cancel_reason=sent, attempt=decision.attempt
+                    )
+                    return None
             if self._revoked:
                 # Revoked while it was being admitted: it may be another worker's by now. It
                 # is read again from the committed offset if it stays here.
@@ -1066,6 +1082,71 @@ class Worker:
             run.on_ran = ran
             await self._run(run)
         return None
+
+    async def _chain_cancelled(self, rec: TaskRecord) -> str | None:
+        """Why a retry's chain was cancelled while the run it follows was ending, or None.
+
+        A cancel that reaches a failed run as it ends goes to that run (or, once it is over,
+        waits here by its uuid); a client's that raced it ends the failed task as ``cancel``
+        over its ``retry`` (a client's cancel outranks a worker's ending). Either way the retry
+        the run handed over to must not run.
+        """
+        parent = rec.retry_parent_uuid
+        assert parent is not None
+        if parent in self._cancelled:
+            return self._cancelled.pop(parent) or f"{rec.task_name}.cancel"
+        store = self.core.store
+        await retried(lambda: store.catch_up(parent), what=f"the status of {parent}", trouble=self.core.trouble)
+        task = self.core.view.get(parent)
+        if task is None or task.status != "cancel":
+            return None
+        return task.cancel_reason or f"{rec.task_name}.cancel"
+
+    async def _cancel_sent(self, uuid: str) -> str | None:
+        """The reason of a cancel of ``uuid`` on the control topic since its run started, or None.
+
+        Each worker reads the control topic from where it stood when it started, so the cancel
+        of a task whose worker died before this one started is not in what it read: a worker
+        that takes a task over looks back for one (from the run's start, less the clock skew
+        allowed between client and worker; takeovers are rare and the topic is small). A run
+        that started after this worker's control loop did needs no look back.
+        """
+        core = self.core
+        task = core.view.get(uuid)
+        if task is None:
+            return None
+        since = (task.started_at or task.updated_at) - core.config.stream_clock_skew
+        if since >= self._control_from:
+            return None  # the control loop reads every cancel sent since: one would be waiting in _cancelled
+        tp = TopicPartition(core.topics.control, partition_for(uuid, core.config.control_partitions))
+        consumer = core.broker.consumer(None, client_id=f"{self.id}-cancels")
+        await consumer.start()
+        key, limit, reason = uuid.encode(), core.config.max_record_bytes, None
+        try:
+            consumer.assign([tp])
+            start = (await consumer.offsets_for_times({tp: int(since * 1000)})).get(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            if start is None or start >= end:
+                return None
+            await consumer.seek(tp, start)
+            async with asyncio.timeout(CATCH_UP_TIMEOUT):
+                while await consumer.position(tp) < end:
+                    for record in await consumer.getmany(timeout=0.5):
+                        if record.key != key or record.offset >= end:
+                            continue
+                        try:
+                            command = decode_control(record.value, limit)
+                        except RecordError:
+                            continue  # the control loop logs it
+                        if command.kind == "cancel" and command.uuid == uuid:
+                            reason = command.reason or f"{task.task_name}.cancel"
+        except TimeoutError:
+            raise ConnectorError(
+                f"could not read the control topic to its end within {CATCH_UP_TIMEOUT} s", retriable=True
+            ) from None
+        finally:
+            await consumer.stop()
+        return reason
 
     async def _forward(self, rec: TaskRecord, record: Record, txn: PartitionTxn | None) -> None:
         """A task record due later than this worker holds one: into the delays topic, as a client
