@@ -263,11 +263,13 @@ class Core:
         key: str | None = None,
         after: Sequence[str] = (),
         txn: PartitionTxn | None = None,
+        uuid: str | None = None,
     ) -> Task:
         """Write the task's ``new`` status and its task record; return once both are stored.
 
         ``txn`` (exactly-once, a retry's child): both go in that transaction instead, and
-        the view shows the task once it commits.
+        the view shows the task once it commits. ``uuid``: the task's id (a replayed dead
+        letter's is derived from the letter); a new uuid4 otherwise.
         """
         await self.connect()
         new = self.new_task(
@@ -279,6 +281,7 @@ class Core:
             retry_parent_uuid=retry_parent_uuid,
             retry_count=retry_count,
             not_before=not_before,
+            uuid=uuid,
             key=key,
             after=after,
         )

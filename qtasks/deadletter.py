@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid as uuid_mod
 
 import msgspec
 
 from qtasks.connectors.base import Record
 from qtasks.core import Core
+from qtasks.delivery import retried
+from qtasks.exc import RecordError
 from qtasks.partitioner import partition_for
-from qtasks.records import DeadLetter, Task, encode
+from qtasks.records import DeadLetter, StatusHead, Task, encode
 from qtasks.transactions import PartitionTxn
 
 log = logging.getLogger("qtasks.worker")
@@ -30,11 +33,17 @@ async def dead_letter(
 ) -> None:
     """Send ``record`` to ``<app>.dlq`` with ``reason``; a record that names a task ends that task as error.
 
+    The task is the one the value names (JSON with a ``uuid``) or else the one the key names
+    (a uuid: qtasks keys every task record so), such as a record over this worker's
+    ``max_record_bytes`` that a client with a larger limit submitted. It ends only if
+    :func:`ends_its_task` says so: never once finished, nor while a worker runs it.
+
     ``txn`` (exactly-once): both go in the transaction of the record's partition. ``kind``:
     the problem in a word (:class:`~qtasks.exc.RecordError`'s), counted by the metrics.
     """
     limit = core.config.max_record_bytes
     value = record.value
+    given = reason  # the task's status says why, not how the letter was cut
     cut = False
     if value is not None and len(value) > limit // 2:
         cut = True
@@ -60,21 +69,68 @@ async def dead_letter(
     core.stats.dead_letter(kind)
     log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
     uuid, task_name = identify(record.value, limit)
+    uuid = uuid or uuid_of_key(record.key)
     if uuid is None:
         return
-    head = core.view.head(uuid)
-    if head is None or not head.is_finished:
-        now = time.time()
-        task = Task(
-            uuid=uuid,
-            task_name=task_name,
-            status="error",
-            created_at=now,
-            updated_at=now,
-            traceback=f"RecordError: {reason}",
-            worker=worker_id,
+    head = await _head(core, uuid, txn)
+    now = time.time()
+    if not ends_its_task(head, now):
+        log.info(
+            "the dead-lettered record names task %s, which is %s: left as it is", uuid, head.status if head else None
         )
-        await core.store.write(task, durable=True, txn=txn)
+        return
+    # A small status (no arguments): readable by every worker and client, whatever their limits.
+    task = Task(
+        uuid=uuid,
+        task_name=task_name,
+        status="error",
+        created_at=now,
+        updated_at=now,
+        traceback=f"RecordError: {given}",
+        attempt=head.attempt if head is not None else 0,
+        worker=worker_id,
+    )
+    await core.store.write(task, durable=True, txn=txn)
+
+
+async def _head(core: Core, uuid: str, txn: PartitionTxn | None) -> StatusHead | None:
+    """The task's status as the worker decides on it (a finished one the view dropped is read back).
+
+    A status this worker cannot read (over its ``max_record_bytes``: the ``new`` of a task
+    submitted by a client with a larger limit) counts as none: the view ignores it too.
+    """
+    try:
+        return await retried(
+            lambda: core.store.head(uuid, timeout=2.0, txn=txn), what=f"the status of {uuid}", trouble=core.trouble
+        )
+    except RecordError:
+        return None
+
+
+def ends_its_task(head: StatusHead | None, now: float) -> bool:
+    """Whether a dead-lettered record ends the task it names as ``error``.
+
+    Yes if no status of it is known here (or none can be read), or it is ``new``, or its
+    run's lease ran out (its worker is gone, and this record, dead-lettered, will not be
+    read again). Never over an ending, nor over a run in progress (here or on another
+    worker, maybe one whose ``max_record_bytes`` took the record): that run ends it.
+    """
+    if head is None:
+        return True
+    if head.is_finished:
+        return False
+    return head.status != "process" or head.lease_until <= now
+
+
+def uuid_of_key(key: bytes | None) -> str | None:
+    """The task uuid a record's key names, if it is one in its canonical form (as qtasks writes it)."""
+    if key is None or len(key) != 36:
+        return None
+    try:
+        text = key.decode("ascii")
+        return text if str(uuid_mod.UUID(text)) == text else None
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def identify(value: bytes | None, limit: int) -> tuple[str | None, str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid as uuid_mod
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,6 +26,7 @@ from qtasks.records import DeadLetter, Task, decode_status, decode_task
 
 if TYPE_CHECKING:
     from qtasks.app import QueueTasks
+    from qtasks.core import Core
 
 __all__ = [
     "GroupReport",
@@ -34,6 +37,7 @@ __all__ = [
     "inspect_group",
     "list_tasks",
     "replay",
+    "replay_uuid",
     "status_changes",
 ]
 
@@ -252,39 +256,62 @@ class Replayed:
     refused: str | None = None
 
 
+#: The uuids of replayed letters are named in this namespace (uuid5), from the letter itself.
+#: Fixed for good: another would let a letter replayed by an older version be replayed again.
+REPLAY_NAMESPACE = uuid_mod.UUID("5b0f3c1e-7a4d-5c39-9d0e-2f6a8b1c4d7e")
+
+#: One replay at a time per app: a second one waits, then finds the first one's task.
+_replaying: weakref.WeakKeyDictionary[Core, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def replay_uuid(dlq: str, letter: Letter) -> str:
+    """The uuid a letter's task gets when replayed: the same for every replay of that letter,
+    from any process, so replays at once submit one task (a uuid runs once)."""
+    dead = letter.letter
+    name = f"{dlq}:{letter.partition}:{letter.offset}:{dead.topic}:{dead.partition}:{dead.offset}:{dead.at!r}"
+    return str(uuid_mod.uuid5(REPLAY_NAMESPACE, name))
+
+
 async def replay(app: QueueTasks, letters: Iterable[Letter]) -> list[Replayed]:
     """Put dead letters back on their topic, once they can be used (they decode now).
 
     A task record goes back as a new task (a new uuid: the dead one has ended as ``error``;
     the record's name, arguments, priority and retries), and the dead task's status becomes
     ``retry`` pointing at it, so ``app.wait`` and ``app.stream`` of the old uuid follow the
-    replay, and a second replay of the same letter is refused. A letter that still does not
-    decode here, or whose value was cut, is refused with the reason (it would only come back).
+    replay, and a second replay of the same letter is refused. The new uuid comes from the
+    letter (:func:`replay_uuid`): replays at once, even from two processes, submit one task,
+    which runs once. A letter that still does not decode here, or whose value was cut, is
+    refused with the reason (it would only come back).
     """
     await app._connect()
     core = app.core
+    lock = _replaying.setdefault(core, asyncio.Lock())
     out: list[Replayed] = []
     for letter in letters:
-        dead = letter.letter
-        if dead.cut:
-            out.append(Replayed(letter, refused="its value was cut to fit the dead-letter topic"))
-            continue
-        if dead.topic != core.topics.tasks:
-            out.append(Replayed(letter, refused=f"it came from {dead.topic}, not this app's tasks topic"))
-            continue
-        try:
-            record = decode_task(dead.value, core.record_limit(core.topics.tasks))
-        except RecordError as exc:
-            out.append(Replayed(letter, refused=f"it still does not decode: {exc}"))
-            continue
-        old = await core.store.lookup(record.uuid)
-        if old is not None and old.retry_child_uuid is not None:
-            out.append(Replayed(letter, refused=f"it was replayed already, as task {old.retry_child_uuid}"))
-            continue
-        if old is not None and old.status != "error":
-            out.append(Replayed(letter, refused=f"its task {record.uuid} is {old.status}, not dead"))
-            continue
-        new = await core.submit(
+        async with lock:
+            out.append(await _replay_one(core, letter))
+    return out
+
+
+async def _replay_one(core: Core, letter: Letter) -> Replayed:
+    dead = letter.letter
+    if dead.cut:
+        return Replayed(letter, refused="its value was cut to fit the dead-letter topic")
+    if dead.topic != core.topics.tasks:
+        return Replayed(letter, refused=f"it came from {dead.topic}, not this app's tasks topic")
+    try:
+        record = decode_task(dead.value, core.record_limit(core.topics.tasks))
+    except RecordError as exc:
+        return Replayed(letter, refused=f"it still does not decode: {exc}")
+    old = await core.store.lookup(record.uuid)
+    if old is not None and old.retry_child_uuid is not None:
+        return Replayed(letter, refused=f"it was replayed already, as task {old.retry_child_uuid}")
+    if old is not None and old.status != "error":
+        return Replayed(letter, refused=f"its task {record.uuid} is {old.status}, not dead")
+    uuid = replay_uuid(core.topics.dlq, letter)
+    replayed = await core.store.lookup(uuid) is not None  # by another process, or cut short before the pointer
+    if not replayed:
+        await core.submit(
             record.task_name,
             record.args,
             record.kwargs,
@@ -293,16 +320,18 @@ async def replay(app: QueueTasks, letters: Iterable[Letter]) -> list[Replayed]:
             retry_parent_uuid=record.uuid,
             retry_count=record.retry_count,
             key=record.key,  # its ordering key goes with it (a delay does not: it runs now)
+            uuid=uuid,
         )
-        if old is not None:
-            # Written once the new task is stored: a replay cut short here is found by its
-            # task (no status points at it) and may be replayed again; never lost.
-            await core.store.write(
-                msgspec.structs.replace(old, status="retry", retry_child_uuid=new.uuid, updated_at=time.time()),
-                durable=True,
-            )
-        out.append(Replayed(letter, uuid=new.uuid))
-    return out
+    if old is not None:
+        # Written once the new task is stored: a replay cut short here is found by its
+        # task's uuid, and the next replay of the letter writes this.
+        await core.store.write(
+            msgspec.structs.replace(old, status="retry", retry_child_uuid=uuid, updated_at=time.time()),
+            durable=True,
+        )
+    if replayed:
+        return Replayed(letter, refused=f"it was replayed already, as task {uuid}")
+    return Replayed(letter, uuid=uuid)
 
 
 # -- status changes ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from qtasks import ops
 from qtasks.asyncio import QueueTasks
-from qtasks.exc import BrokerUnavailableError
+from qtasks.exc import BrokerUnavailableError, ConnectorError
 from qtasks.records import Task
 from tests.helpers import FAST, unique
 
@@ -19,13 +19,16 @@ from tests.helpers import FAST, unique
 async def make_app() -> AsyncIterator[Callable[..., QueueTasks]]:
     apps: list[QueueTasks] = []
 
-    def make(**settings: Any) -> QueueTasks:
-        app = QueueTasks(name=unique(), broker_url=f"memory://{unique('log')}", **{**FAST, **settings})
+    def make(name: str | None = None, broker_url: str | None = None, **settings: Any) -> QueueTasks:
+        url = broker_url or f"memory://{unique('log')}"
+        app = QueueTasks(name=name or unique(), broker_url=url, **{**FAST, **settings})
         apps.append(app)
         return app
 
     yield make
     for app in apps:
+        if (faults := getattr(app.broker, "faults", None)) is not None:
+            faults.clear()
         await app.stop(timeout=2)
 
 
@@ -130,6 +133,120 @@ async def test_dead_letters_are_listed_and_a_usable_one_is_replayed_as_a_new_tas
     # A second replay (a second click) makes no second task.
     again = {r.letter.letter.key: r for r in await ops.replay(app, letters)}[lost.uuid.encode()]
     assert again.uuid is None and again.refused == f"it was replayed already, as task {replayed.uuid}"
+
+
+class DeadTask:
+    """A task its worker dead-lettered (its decoder had a bug), and the letter; ``fix()`` deploys the fix."""
+
+    def __init__(self, app: QueueTasks, monkeypatch: pytest.MonkeyPatch) -> None:
+        import qtasks.worker
+
+        self.app, self.runs, self.broken = app, list[int](), True
+        real = qtasks.worker.decode_task
+
+        def buggy(data: Any, limit: int) -> Any:
+            if self.broken:
+                raise KeyError("a bug in the decoder")
+            return real(data, limit)
+
+        monkeypatch.setattr(qtasks.worker, "decode_task", buggy)
+
+        @app.task
+        def double(x: int) -> int:
+            self.runs.append(x)
+            return 2 * x
+
+    async def letters(self) -> tuple[str, list[ops.Letter]]:
+        await self.app.start()
+        lost = await self.app.add_task("double", 21)
+        assert (await self.app.wait(lost.uuid, timeout=10)).status == "error"
+        letters: list[ops.Letter] = []
+        while not letters:
+            letters = await ops.dead_letters(self.app)
+            await asyncio.sleep(0.02)
+        self.broken = False
+        return lost.uuid, letters
+
+
+def replayed_as(results: list[ops.Replayed]) -> set[str]:
+    """The tasks the replays name: the one each submitted, or the one each found replayed already."""
+    prefix = "it was replayed already, as task "
+    return {r.uuid or (r.refused or "").removeprefix(prefix) for r in results}
+
+
+async def test_two_replays_of_one_dead_letter_at_once_run_its_task_once(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The dashboard's Replay button clicked twice: the second replay waits for the first one.
+    app = make_app(broker_url=f"faulty+memory://{unique('log')}")
+    dead = DeadTask(app, monkeypatch)
+    lost, letters = await dead.letters()
+    app.broker.faults.delay("send", 0.2, topic=app.topics.tasks, times=2)  # type: ignore[attr-defined]
+    first, second = await asyncio.gather(ops.replay(app, letters), ops.replay(app, letters))
+    [new] = [r.uuid for r in first + second if r.uuid is not None]
+    assert [r.refused for r in first + second if r.uuid is None] == [f"it was replayed already, as task {new}"]
+    assert (await app.wait(lost, timeout=10)).uuid == new
+    await asyncio.sleep(0.3)
+    assert dead.runs == [21]
+
+
+async def test_replays_of_one_dead_letter_from_two_processes_at_once_submit_one_task(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two operators: no lock is shared, but both replays give the task the letter's uuid.
+    log, name = unique("log"), unique()
+    app = make_app(name=name, broker_url=f"faulty+memory://{log}")
+    dead = DeadTask(app, monkeypatch)
+    lost, letters = await dead.letters()
+    operators = [make_app(name=name, broker_url=f"faulty+memory://{log}") for _ in range(2)]
+    for operator in operators:
+        await operator._connect()
+        operator.broker.faults.delay("send", 0.2, topic=operator.topics.tasks)  # type: ignore[attr-defined]
+    first, second = await asyncio.gather(*(ops.replay(operator, letters) for operator in operators))
+    [new] = replayed_as(first + second)
+    assert new == ops.replay_uuid(app.topics.dlq, letters[0])
+    final = await operators[0].wait(lost, timeout=10)  # its view holds the pointer it wrote
+    assert (final.uuid, final.status, final.returning) == (new, "success", 42)
+    await asyncio.sleep(0.3)
+    assert dead.runs == [21]
+
+
+async def test_a_replay_cut_short_before_the_dead_task_points_at_its_replay_is_finished_by_the_next_one(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, name = unique("log"), unique()
+    app = make_app(name=name, broker_url=f"faulty+memory://{log}")
+    dead = DeadTask(app, monkeypatch)
+    lost, letters = await dead.letters()
+    operator = make_app(name=name, broker_url=f"faulty+memory://{log}")
+    await operator._connect()
+    # The replay's second status write (the dead task's `retry`, after the new task's `new`) is refused.
+    refused = ConnectorError("refused", retriable=False)
+    operator.broker.faults.fail("send", nth=2, topic=operator.topics.status, error=refused)  # type: ignore[attr-defined]
+    with pytest.raises(ConnectorError, match="refused"):
+        await ops.replay(operator, letters)
+    [again] = await ops.replay(operator, letters)
+    new = ops.replay_uuid(app.topics.dlq, letters[0])
+    assert again.uuid is None and again.refused == f"it was replayed already, as task {new}"
+    final = await operator.wait(lost, timeout=10)  # its view holds the pointer it wrote
+    assert (final.uuid, final.status) == (new, "success")
+    await asyncio.sleep(0.3)
+    assert dead.runs == [21]
+
+
+async def test_a_second_replay_of_a_letter_whose_dead_task_has_expired_makes_no_second_task(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app()
+    dead = DeadTask(app, monkeypatch)
+    lost, letters = await dead.letters()
+    await app.core.store.tombstone(lost)  # past status_ttl: no status points at a replay
+    [first] = await ops.replay(app, letters)
+    assert first.uuid is not None and (await app.wait(first.uuid, timeout=10)).status == "success"
+    [second] = await ops.replay(app, letters)
+    assert second.uuid is None and second.refused == f"it was replayed already, as task {first.uuid}"
+    await asyncio.sleep(0.3)
+    assert dead.runs == [21]
 
 
 async def test_reading_the_dead_letters_gives_up_with_a_clear_error_when_the_broker_does_not_answer(

@@ -7,20 +7,25 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid as uuid_mod
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
+import pytest
 
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import Record, TopicPartition
+from qtasks.deadletter import ends_its_task, uuid_of_key
 from qtasks.executor import TaskExecutor
 from qtasks.partitioner import partition_for
-from qtasks.records import TaskRecord, encode
+from qtasks.records import StatusHead, TaskRecord, encode
 from tests.engine_suite import status_log
 from tests.helpers import FAST, free_port, unique
 from tests.unit.test_metrics import sample, scrape
+
+NOW = 1_700_000_000.0
 
 
 async def test_a_record_of_a_task_running_here_joins_the_run_and_takes_no_slot(app: QueueTasks) -> None:
@@ -474,3 +479,104 @@ async def test_the_next_task_of_a_key_waits_while_another_worker_runs_the_task_t
     await taken.write(running, status="success", lease_until=0.0, updated_at=time.time())
     end = await app.wait(second.uuid, 10)
     assert end.status == "success" and started == [0, 1]
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+async def test_a_task_record_over_the_worker_s_limit_ends_its_task_as_error_instead_of_leaving_it_new(
+    make_app: Any, evicted: bool
+) -> None:
+    # Clients and workers may differ in max_record_bytes: the worker dead-letters the record,
+    # whose value it does not read, so its key names the task (its `new` is unreadable here too,
+    # also when read back from the topic, as for a view that has dropped finished tasks).
+    worker_app = make_app(name=(name := unique()), status_cache_size=1 if evicted else 100_000)
+    client = make_app(name=name, max_record_bytes=3_000_000)
+
+    @worker_app.task
+    def size(text: str) -> int:
+        return len(text)
+
+    await worker_app.start()
+    if evicted:
+        for _ in range(3):
+            await worker_app.add_task("size", "a", timeout=10)
+        assert worker_app.core.view.evicted > 0
+    handle = await client.add_task("size", "x" * 1_500_000)
+    task = await client.wait(handle.uuid, timeout=10)
+    assert task.status == "error" and "over the limit of 1000000" in (task.traceback or "")
+    assert task.args == [] and len(encode(task)) < 1000, "the error copies the huge arguments"
+    seen = await worker_app.get(handle.uuid)
+    assert seen is not None and seen.status == "error"
+    assert await worker_app.add_task("size", "small", timeout=10) is not None  # the worker goes on
+
+
+async def test_a_record_whose_uuid_cannot_be_read_ends_the_task_its_key_names(app: QueueTasks) -> None:
+    await app.start()
+    named, junk = str(uuid_mod.uuid4()), str(uuid_mod.uuid4()).upper()  # a key not as qtasks writes it
+    value = b'{"uuid": "' + named.encode() + b'", "task_name": "x", "created_at": 1e400}'  # out of range
+    for key in (named, junk):
+        await app.broker.producer.send(app.topics.tasks, value, key=key.encode(), partition=0)
+    await _until(lambda: sum(app.core.stats.dead_letters.values()) == 2, "both dead-lettered")
+    task = await app.get(named)
+    assert task is not None and task.status == "error" and "Number out of range" in (task.traceback or "")
+    assert await app.get(junk) is None and await app.get(junk.lower()) is None
+
+
+async def test_a_bad_record_keyed_by_a_running_or_finished_task_leaves_that_task_alone(make_app: Any) -> None:
+    app = make_app(process_grace=0)
+    gate = asyncio.Event()
+
+    @app.task
+    async def hold() -> str:
+        await gate.wait()
+        return "held"
+
+    await app.start()
+    running = await app.add_task("hold")
+    await app.view.wait_for(running.uuid, lambda h: h is not None and h.status == "process", 10)
+    gate.set()
+    done = await app.wait(running.uuid, timeout=10)
+    gate.clear()
+    running = await app.add_task("hold")
+    await app.view.wait_for(running.uuid, lambda h: h is not None and h.status == "process", 10)
+    for uuid in (done.uuid, running.uuid):  # another producer's records: the value or the key names a task
+        named = b'{"uuid": "' + uuid.encode() + b'", "task_name": 5}'
+        await app.broker.producer.send(app.topics.tasks, named, key=b"other", partition=0)
+        await app.broker.producer.send(app.topics.tasks, b"{not json", key=uuid.encode(), partition=0)
+    await _until(lambda: sum(app.core.stats.dead_letters.values()) == 4, "all dead-lettered")
+    assert (await app.wait(done.uuid, timeout=1)).status == "success"
+    gate.set()
+    assert (await app.wait(running.uuid, timeout=10)).status == "success"
+
+
+@pytest.mark.parametrize(
+    ("head", "ends"),
+    [
+        (None, True),  # unknown here, or its status is over this worker's limit
+        (StatusHead(uuid="u", status="new"), True),
+        (StatusHead(uuid="u", status="process", attempt=1, lease_until=NOW - 1), True),  # its worker is gone
+        (StatusHead(uuid="u", status="process", attempt=1, lease_until=NOW + 30), False),  # a run in progress
+        (StatusHead(uuid="u", status="success", rev=3), False),
+        (StatusHead(uuid="u", status="error", rev=3), False),
+        (StatusHead(uuid="u", status="cancel", rev=1), False),
+        (StatusHead(uuid="u", status="retry", rev=2), False),
+    ],
+)
+def test_a_dead_lettered_record_ends_its_task_only_if_nothing_runs_or_ended_it(
+    head: StatusHead | None, ends: bool
+) -> None:
+    assert ends_its_task(head, NOW) is ends
+
+
+@pytest.mark.parametrize(
+    ("key", "uuid"),
+    [
+        (b"6f1c2a9e-8d1b-4c5e-9a3f-0b2d4e6f8a1c", "6f1c2a9e-8d1b-4c5e-9a3f-0b2d4e6f8a1c"),
+        (b"6F1C2A9E-8D1B-4C5E-9A3F-0B2D4E6F8A1C", None),  # not as qtasks writes it
+        (b"6f1c2a9e8d1b4c5e9a3f0b2d4e6f8a1c", None),
+        (b"junk", None),
+        (b"\xff" * 36, None),
+        (None, None),
+    ],
+)
+def test_the_uuid_of_a_record_s_key(key: bytes | None, uuid: str | None) -> None:
+    assert uuid_of_key(key) == uuid
