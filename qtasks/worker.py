@@ -91,6 +91,11 @@ FORWARD_AFTER = 5.0
 KEY_RETRY_ROOM = 16
 
 
+def _has_ended(head: StatusHead | None) -> bool:
+    """Whether a task's status is terminal (a retry the key waits for, cancelled meanwhile)."""
+    return head is not None and head.is_finished
+
+
 def _moved(record: Record) -> bool:
     """Whether the delays topic moved this record here (it is held, never sent back)."""
     return any(name == MOVED for name, _ in record.headers or ())
@@ -197,6 +202,8 @@ class Worker:
         #: A keyed run that ended as ``retry``: its uuid -> its child's; the key waits for the child.
         self._retry_of: dict[str, str] = {}
         self._key_retries: dict[str, str] = {}
+        #: Key -> what forgets its watch on the status of the retry it waits for (see _release_key).
+        self._retry_watches: dict[str, Callable[[], None]] = {}
         #: Partitions a key's retry child will come in, with how many keys wait there: their
         #: key-queue limit is KEY_RETRY_ROOM times larger meanwhile (the child is behind them).
         self._retry_tps: dict[TopicPartition, int] = {}
@@ -493,6 +500,9 @@ class Worker:
         self._queued_in = {}
         self._key_paused = set()
         self._key_retries = {}
+        for forget in self._retry_watches.values():
+            forget()
+        self._retry_watches = {}
         self._retry_tps = {}
         self._retry_parents = {}
         for waiter in self._afters:  # chords' callbacks are read again too
@@ -692,6 +702,8 @@ class Worker:
         tp = TopicPartition(self.core.topics.tasks, partition_for(key, self.core.tasks_partitions))
         if child is None and (waited := self._key_retries.get(key)) is not None:
             self._parent_done(waited)
+        if (forget := self._retry_watches.pop(key, None)) is not None:
+            forget()  # no longer waited for (or waited for afresh, below)
         if child is not None:
             self._key_retries[key] = child
             self._retry_tps[tp] = self._retry_tps.get(tp, 0) + 1
@@ -725,21 +737,35 @@ class Worker:
                     self._fill()
                     return
             self._wait_for_retry(key, child)
+            # A child that ends before it comes here never comes: cancelled during its backoff
+            # (the chain was), the delays loop drops it. The key goes on once the view shows its
+            # ending. A worker that reads the parent's record again after a restart or a
+            # rebalance finds the child ended and does not wait for it at all (_run_record).
+            self._retry_watches[key] = self.core.view.when(child, _has_ended, lambda: self._retry_ended(key, child))
             # Bounded: a child that never comes here (its partition moved) does not hold the key for ever.
             bound = self.core.config.retry_backoff_max + 2 * self.core.config.lease_timeout + 30.0
             asyncio.get_running_loop().call_later(bound, self._stop_waiting_for, key, child)
             return
         self._next_of_key(key)
 
+    def _retry_ended(self, key: str, child: str) -> None:
+        if self._go_on_without(key, child):
+            log.info("the retry %s of key %r ended before it came here; the key goes on", child, key)
+
     def _stop_waiting_for(self, key: str, child: str) -> None:
+        if self._go_on_without(key, child):
+            log.warning(
+                "the retry %s of key %r did not come to this worker in time; the key goes on without it", child, key
+            )
+
+    def _go_on_without(self, key: str, child: str) -> bool:
+        """The key stops waiting for its retry ``child`` and goes on (False: it no longer waited for it)."""
         if self._key_retries.get(key) != child:
-            return
+            return False
         self._wait_for_retry(key, None)
-        log.warning(
-            "the retry %s of key %r did not come to this worker in time; the key goes on without it", child, key
-        )
         self._next_of_key(key)
         self._fill()
+        return True
 
     def _next_of_key(self, key: str, *, fill: bool = True) -> None:
         waiting = self._keys.get(key)

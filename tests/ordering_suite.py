@@ -130,6 +130,68 @@ async def test_a_queued_keyed_task_can_be_cancelled_and_the_key_goes_on(app: Que
     assert [i for _, i, _, _ in log] == [1]
 
 
+async def test_cancelling_a_keyed_task_during_its_retry_backoff_lets_the_key_go_on_at_once(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """Found by review: the key waited for the cancelled retry, which the delays loop drops, so
+    the key's next task waited for the whole bound (retry_backoff_max + 2 * lease_timeout + 30 s)."""
+    app = make_app(retry_backoff_base=1.5, retry_backoff_max=1.5)  # a backoff of seconds: the delays topic
+    ran: list[str] = []
+
+    @app.task(retry=2)
+    async def step(name: str, fail: bool = False) -> str:
+        ran.append(name)
+        if fail:
+            raise RuntimeError("fails")
+        return name
+
+    await app.start()
+    first = await app.add_task("step", "A", fail=True, key="k")
+    second = await app.add_task("step", "B", key="k")
+    await app.view.wait_for(first.uuid, lambda head: head is not None and head.status == "retry", 20)
+    assert await app.cancel(first.uuid, "enough")  # follows the chain: the retry waiting in the delays topic
+    assert (await app.wait(first.uuid, timeout=20)).status == "cancel"
+    started = time.monotonic()
+    assert (await app.wait(second.uuid, timeout=20)).status == "success"
+    assert time.monotonic() - started < 10  # not the key's retry bound
+    assert ran == ["A", "B"]
+
+
+async def test_a_keyed_retry_cancelled_while_the_next_worker_waits_for_it_lets_the_key_go_on(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """The worker stops during the retry's backoff; the next one reads the failed task's record
+    again and waits for the retry too, until the chain is cancelled: the key then goes on at once."""
+    ran: list[str] = []
+
+    def app_of(name: str | None = None) -> QueueTasks:
+        app = make_app(name, retry_backoff_base=20.0, retry_backoff_max=20.0)  # 10 to 20 s
+
+        @app.task(retry=1)
+        async def step(name: str, fail: bool = False) -> str:
+            ran.append(name)
+            if fail:
+                raise RuntimeError("fails")
+            return name
+
+        return app
+
+    first_app = app_of()
+    await first_app.start()
+    first = await first_app.add_task("step", "A", fail=True, key="k")
+    second = await first_app.add_task("step", "B", key="k")
+    await first_app.view.wait_for(first.uuid, lambda head: head is not None and head.status == "retry", 20)
+    await first_app.stop()  # its retry waits in the delays topic
+    second_app = app_of(first_app.name)
+    worker = await second_app.start()
+    await until_true(lambda: "k" in worker._key_retries)  # the next worker waits for the retry too
+    assert await second_app.cancel(first.uuid, "enough")
+    started = time.monotonic()
+    assert (await second_app.wait(second.uuid, timeout=20)).status == "success"
+    assert time.monotonic() - started < 10  # not the key's retry bound
+    assert ran == ["A", "B"]
+
+
 async def test_a_delayed_keyed_task_takes_its_place_in_the_key_when_it_comes_due(app: QueueTasks) -> None:
     log: list[tuple[str, int, float, float]] = []
     recording(app, log)

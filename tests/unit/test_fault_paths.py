@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
+from qtasks import ops
 from qtasks.asyncio import QueueTasks
 from qtasks.connectors.base import TopicPartition
 from qtasks.connectors.memory import MemoryConsumer, MemoryProducer
 from qtasks.core import Core
+from qtasks.delays import AT
 from qtasks.exc import AppClosedError, ConnectorError, StreamIncompleteError
 from qtasks.reader import ResultsReader
 from tests.helpers import FAST, unique
@@ -24,8 +27,10 @@ from tests.unit.test_exactly_once import crash
 async def faulty_app() -> AsyncIterator[Callable[..., QueueTasks]]:
     apps: list[QueueTasks] = []
 
-    def make(**settings: Any) -> QueueTasks:
-        app = QueueTasks(name=unique(), broker_url=f"faulty+memory://{unique('log')}", **{**FAST, **settings})
+    def make(log: str | None = None, name: str | None = None, **settings: Any) -> QueueTasks:
+        """An app on the log ``log`` (several apps on one log are one cluster), named ``name``."""
+        url = f"faulty+memory://{log or unique('log')}"
+        app = QueueTasks(name=name or unique(), broker_url=url, **{**FAST, **settings})
         apps.append(app)
         return app
 
@@ -661,3 +666,52 @@ async def test_no_checkpoint_is_stored_past_a_value_that_was_refused() -> None:
 
 async def _values(app: QueueTasks, uuid: str) -> list[Any]:
     return [value async for value in app.stream(uuid, timeout=30)]
+
+
+def quick_task(app: QueueTasks) -> None:
+    @app.task
+    def quick(x: int) -> int:
+        return x
+
+
+async def test_a_delayed_task_read_with_a_bad_record_whose_dead_letter_is_refused_is_not_lost(
+    faulty_app: Callable[..., QueueTasks],
+) -> None:
+    """Found by review: the refused dead letter failed the whole pass of the delays loop, which
+    was restarted past the batch, so the good delayed task read with the bad record stayed
+    `new` for ever. The bad record is now left to be read again, and the good one moves on."""
+    app = faulty_app()
+    quick_task(app)
+    await app.start()
+    handle = await app.add_task("quick", 1, countdown=2)  # level 0 (partition 0), held there for 1 s
+    bad = str(uuid_mod.uuid4())  # no qtasks-due header: dead-lettered in the same pass
+    at = [(AT, repr(time.time()).encode())]
+    await app.broker.producer.send(app.topics.delays, b"{}", key=bad.encode(), partition=0, headers=at)
+    app.broker.faults.fail("send", topic=app.topics.dlq, error=ConnectorError("refused", retriable=False))  # type: ignore[attr-defined]
+    assert (await app.wait(handle.uuid, timeout=10)).status == "success"
+    letters: list[ops.Letter] = []
+    async with asyncio.timeout(10):
+        while not letters:  # the bad record is read again a second later, and dead-lettered then
+            letters = await ops.dead_letters(app)
+            await asyncio.sleep(0.05)
+    assert [letter.letter.key for letter in letters] == [bad.encode()]
+
+
+async def test_a_pass_of_the_delays_loop_that_fails_leaves_its_records_to_be_read_again(
+    faulty_app: Callable[..., QueueTasks], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever fails in a pass (here: setting level 0 back to a record not due yet) restarts the
+    loop on a consumer whose position is past the batch: the due task read before it in the same
+    pass, not moved on yet, must be read again, not skipped."""
+    log = unique("log")
+    client = faulty_app(log=log)
+    due = await client.add_task("quick", 1, countdown=1.5)  # level 0
+    await asyncio.sleep(1.1)  # due at its level by now
+    later = await client.add_task("quick", 2, countdown=2)  # level 0 too, behind it: held
+    worker = faulty_app(log=log, name=client.name)
+    quick_task(worker)
+    worker.broker.faults.fail("seek", topic=worker.topics.delays)  # type: ignore[attr-defined]
+    await worker.start()  # its first pass reads both
+    assert (await worker.wait(due.uuid, timeout=10)).status == "success"
+    assert (await worker.wait(later.uuid, timeout=10)).status == "success"
+    assert any("loop delays failed" in r.getMessage() for r in caplog.records)  # the pass did fail
