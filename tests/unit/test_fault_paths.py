@@ -233,7 +233,7 @@ async def test_a_stream_read_that_hangs_ends_at_the_stream_s_timeout(faulty_app:
 
 
 async def test_a_stream_whose_position_waits_for_the_broker_ends_at_its_timeout(
-    faulty_app: Callable[..., QueueTasks],
+    faulty_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A Kafka consumer asks the broker for a position while the partition's offset is being
     # reset (past retention, say): a frozen node must not hold the stream past its deadline,
@@ -242,7 +242,7 @@ async def test_a_stream_whose_position_waits_for_the_broker_ends_at_its_timeout(
 
     faults, task = await streaming_five_values(app)
     assert (await app.wait(task.uuid, timeout=5)).status == "success"
-    faults.delay("position", 30.0, topic=app.topics.results)
+    faults.delay("position", 30.0, topic=app.topics.results)  # the stream's first: its opening
     started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError, match=r"did not end within 0\.5 s"):
         [v async for v in app.stream(task.uuid, timeout=0.5)]
@@ -252,15 +252,22 @@ async def test_a_stream_whose_position_waits_for_the_broker_ends_at_its_timeout(
     assert [v async for v in app.stream(task.uuid, timeout=5)] == list(range(5))
     assert app._reader is not None and not app._reader._streams
 
-    # A task that wrote no end marker: once it has ended, the stream looks where it stands.
+    # A task that wrote no end marker: once it has ended, the stream reads the partition's end
+    # (every record before it is the task's or older), then looks where it stands: that hangs.
     @app.task
     async def plain() -> int:
         return 1
 
+    real = ResultsReader.end_with_undecided
+
+    async def then_hang(self: ResultsReader, tp: TopicPartition) -> int:
+        end = await real(self, tp)
+        faults.delay("position", 30.0, topic=app.topics.results)
+        return end
+
+    monkeypatch.setattr(ResultsReader, "end_with_undecided", then_hang)
     done = await app.add_task("plain")
     assert (await app.wait(done.uuid, timeout=5)).status == "success"
-    # The first two are the stream's opening and its rewind to where the task's results start.
-    faults.delay("position", 30.0, nth=3, topic=app.topics.results)
     started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError, match=r"did not end within 1\.0 s"):
         [v async for v in app.stream(done.uuid, timeout=1.0)]
