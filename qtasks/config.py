@@ -95,7 +95,7 @@ class QueueConfig:
     min_insync_replicas: int = 0
     #: Consumer group of the workers; empty means ``<name>-workers``.
     group_id: str = ""
-    #: A record larger than this is not decoded: it goes to the dead-letter topic.
+    #: A record larger than this is not decoded: it goes to the dead-letter topic (a task record's task ends as error).
     max_record_bytes: int = 1_000_000
     #: A generator's ``returning`` keeps the handled values up to this many; past it, the count.
     returning_max_items: int = 1000
