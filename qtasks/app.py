@@ -581,7 +581,8 @@ class QueueTasks:
         await self.core.store.catch_up(task.uuid)
         now = self.core.view.get(task.uuid)
         if now is None or now.is_finished:
-            return False
+            # A worker that read the cancel record above may have ended it as cancel already.
+            return now is not None and now.status == "cancel"
         if now.status == "process" and now.lease_until > time.time():
             return True
         # Final, in every view: a worker whose short run started meanwhile (the log still says

@@ -49,6 +49,8 @@ async def dead_letter(
         cut = True
         reason = f"{reason} (value cut to its first {limit // 2} bytes here)"
         value = value[: limit // 2]
+    # The task first: once its letter can be read, its status says why it ended.
+    await _end_its_task(core, record, given, worker_id, txn)
     letter = DeadLetter(
         reason=reason,
         topic=record.topic,
@@ -68,7 +70,11 @@ async def dead_letter(
         await core.send(core.topics.dlq, encode(letter), key, 1, what=f"dead letter of {record.tp}@{record.offset}")
     core.stats.dead_letter(kind)
     log.warning("record %s@%d sent to the dead-letter topic: %s", record.tp, record.offset, reason)
-    uuid, task_name = identify(record.value, limit)
+
+
+async def _end_its_task(core: Core, record: Record, given: str, worker_id: str, txn: PartitionTxn | None) -> None:
+    """End the task a dead-lettered record names as error (:func:`ends_its_task`), durably."""
+    uuid, task_name = identify(record.value, core.config.max_record_bytes)
     uuid = uuid or uuid_of_key(record.key)
     if uuid is None:
         return
