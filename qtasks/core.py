@@ -393,10 +393,18 @@ class Core:
         await deliver(self._task_sender(new, None), what=f"task {new.task.uuid}", trouble=self.trouble)
 
     async def send_control(self, command: ControlRecord) -> None:
-        """Send a command to whichever worker runs the task."""
+        """Send a command to whichever worker runs the task (ValueError if it is over the control
+        topic's record limit: workers would not read it, and the command would be lost)."""
+        raw = encode(command)
+        limit = self.record_limit(self.topics.control)
+        if len(raw) > limit:
+            raise ValueError(
+                f"the {command.kind} of {command.uuid} is {len(raw)} bytes encoded, over the limit of {limit}"
+                " (max_record_bytes): give a shorter reason"
+            )
         await self.send(
             self.topics.control,
-            encode(command),
+            raw,
             command.uuid,
             self.config.control_partitions,
             what=f"{command.kind} of {command.uuid}",

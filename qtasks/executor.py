@@ -90,15 +90,17 @@ def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
 
-def check_checkpoint(state: Any, limit: int) -> int:
-    """The encoded size of a checkpoint state; TypeError if it is not JSON, ValueError if over ``limit`` bytes."""
+def snapshot_checkpoint(state: Any, limit: int) -> Any:
+    """A copy of a checkpoint state as it is now, through JSON: the task may go on changing its
+    own object, and what is stored must be what it was at the checkpoint. TypeError if it is
+    not JSON, ValueError if over ``limit`` bytes encoded."""
     try:
-        size = len(msgspec.json.encode(state))
+        raw = msgspec.json.encode(state)
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise TypeError(f"a checkpoint must be JSON (dicts, lists, str, numbers, bool, None): {exc}") from None
-    if size > limit:
-        raise ValueError(f"a checkpoint is {size} bytes encoded, over checkpoint_max_bytes={limit}")
-    return size
+    if len(raw) > limit:
+        raise ValueError(f"a checkpoint is {len(raw)} bytes encoded, over checkpoint_max_bytes={limit}")
+    return msgspec.json.decode(raw)
 
 
 class TaskExecutor:
@@ -387,7 +389,9 @@ class TaskExecutor:
         if kind in ("async", "async_gen"):
             take(state)
             return
-        check_checkpoint(state, self.checkpoint_limit)  # raised in the task's thread, where the call is
+        # Checked and copied in the task's thread, where the call is (an error is raised there,
+        # and the thread may change its object before the loop takes the checkpoint).
+        state = snapshot_checkpoint(state, self.checkpoint_limit)
         bridge = self._bridge
         if kind == "sync_gen" and bridge is not None:
             bridge.put(Checkpoint(state))

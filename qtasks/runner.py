@@ -29,7 +29,7 @@ from qtasks.core import Core
 from qtasks.decisions import ENCODE_ERRORS, check_result, conclude
 from qtasks.delivery import deliver
 from qtasks.exc import ConnectorError, error_of
-from qtasks.executor import Outcome, TaskExecutor, check_checkpoint
+from qtasks.executor import Outcome, TaskExecutor, snapshot_checkpoint
 from qtasks.logs import current_task
 from qtasks.partitioner import partition_for
 from qtasks.plugins import Events, PluginManager
@@ -239,8 +239,7 @@ class ResultSink:
 
     def mark(self, state: Any, limit: int) -> None:
         """``ctx.checkpoint(state)``: the state to go on from at the next value (JSON, at most ``limit`` bytes)."""
-        check_checkpoint(state, limit)
-        self.checkpoint = (self.seq, state, self.crc)
+        self.checkpoint = (self.seq, snapshot_checkpoint(state, limit), self.crc)
 
     def _delivered(self, seq: int, delivery: Any) -> None:
         if delivery.cancelled():
@@ -363,6 +362,15 @@ class TaskRun:
         self.task.source = source  # share mode: the record another worker would take over
         prior = core.view.get(rec.uuid) if attempt > 1 else None
         self.resume = Resume.of(prior, exactly_once=txn is not None)
+        #: Where an earlier attempt's results start, when this run goes on from its values (a
+        #: stream of the task starts there, not at this run's first value).
+        self._earlier_start = (
+            prior.results_offset
+            if prior is not None
+            and (self.resume.seq or self.resume.committed)
+            and prior.results_partition == self.partition
+            else None
+        )
         self.sink = ResultSink(core, rec.uuid, attempt, self.partition, txn=txn, resume=self.resume)
         #: Set once the run writes its ending: lease renewals stop.
         self.concluding = False
@@ -431,7 +439,7 @@ class TaskRun:
             lease_until=now + core.config.lease_timeout,
             results_partition=self.partition,
             # Every result of this run lands after this offset: a reader starts here.
-            results_offset=self._results_start(),
+            results_offset=self._results_start(self._earlier_start),
             updated_at=now,
             yield_count=self.sink.committed,
             values_crc=self.sink.committed_crc,
@@ -511,15 +519,19 @@ class TaskRun:
             # The next lease renewal writes it again; the ending does not depend on it.
             log.warning("could not write the process status of %s: %s", self.rec.uuid, exc)
 
-    def _results_start(self) -> int | None:
-        """An offset of the results partition at or before this run's first result (None: not known here)."""
+    def _results_start(self, earlier: int | None = None) -> int | None:
+        """An offset of the results partition at or before this run's first result (None: not
+        known here); at or before ``earlier`` too (an earlier attempt's, whose values this run goes on from)."""
         core = self.host.core
         topic = core.topics.results
         known = [core.broker.producer.known_end(topic, self.partition)]
         if self.txn is not None:
             known.append(self.txn.producer.known_end(topic, self.partition))
         found = [offset for offset in known if offset is not None]
-        return max(found) if found else None
+        if not found:
+            return earlier
+        start = max(found)
+        return start if earlier is None else min(start, earlier)
 
     async def renew(self) -> None:
         """Renew the lease, with the progress so far (``yield_count``) and the last checkpoint.

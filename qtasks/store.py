@@ -259,7 +259,14 @@ class StatusStore:
                             last = record.value
         finally:
             await consumer.stop()
-        return None if last is None else decode_status(last, self.config.max_record_bytes)
+        if last is None:
+            return None
+        task = decode_status(last, self.config.max_record_bytes)
+        if uuid not in self.view:
+            # Held again (a cache: it may drop another finished task): whoever asked goes on to
+            # read the view (a stream of the task, its retries, its ending) and finds it there.
+            self.view.apply_raw(key, last)
+        return task
 
     # -- writing ---------------------------------------------------------------------
 

@@ -148,6 +148,8 @@ async def stream_results(
     if known is None:
         raise TaskNotFoundError(f"no task {uuid} is known")
     while True:
+        if core.view.head(uuid) is None:
+            await core.store.lookup(uuid)  # a finished task the view dropped is read back into it
         next_seq = from_seq
         ended_as = None
         async for result in _stream_one(core, reader, uuid, deadline, from_seq):

@@ -96,7 +96,7 @@ class _Dashboard:
             kwargs = body.get("kwargs") or {}
             if not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise TypeError("name is text, args a list, kwargs an object")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
             return JSONResponse({"error": f"a task is {{name, args, kwargs}}: {exc}"}, status_code=400)
         try:
             # add_tasks takes the task's own arguments whatever their names (add_task keeps

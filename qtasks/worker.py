@@ -1456,7 +1456,14 @@ class Worker:
                 head = self.core.view.head(uuid)
                 if head is None or head.is_finished or head.worker != self.id:
                     continue
-                await run.renew()
+                try:
+                    await run.renew()
+                except ConnectorError:
+                    raise  # the broker's: the supervisor retries the loop, or stops the worker and says why
+                except Exception:
+                    # One run's trouble (a bug) must not keep the other runs' leases from renewal.
+                    raise_if_cancelled()
+                    log.exception("could not renew the lease of %s", uuid)
 
     async def _expire_loop(self) -> None:
         store = self.core.store
