@@ -362,7 +362,7 @@ class TaskExecutor:
                     f"task {self.spec.name!r}: parameter {name!r} is a qtasks.Stream and takes an upstream "
                     f"task's uuid, got {uuid!r:.80}"
                 ) from None
-            bound.arguments[name] = Stream(uuid, self.stream_app, loop)
+            bound.arguments[name] = Stream(uuid, self.stream_app, loop, self.token)
         return list(bound.args), dict(bound.kwargs)
 
     def context(self) -> AsyncContext | SyncContext:

@@ -33,10 +33,12 @@ from __future__ import annotations
 import asyncio
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any, Generic, TypeVar
 
+from qtasks.context import CancelToken
 from qtasks.exc import QTasksError, TaskCancelError
+from qtasks.threads import TaskAbandoned
 
 T = TypeVar("T")
 
@@ -58,11 +60,15 @@ class UpstreamRetriedError(UpstreamFailedError):
 class Stream(Generic[T]):
     """The values of an upstream task, as it produces them: ``async for value in stream`` (``for`` in sync tasks)."""
 
-    def __init__(self, uuid: str, app: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self, uuid: str, app: Any, loop: asyncio.AbstractEventLoop | None = None, token: CancelToken | None = None
+    ) -> None:
         #: The upstream task's uuid.
         self.uuid = uuid
         self._app = app
         self._loop = loop
+        #: The reading run's cancel token: a sync stage waiting for a value stops at a cancel.
+        self._token = token
 
     def __repr__(self) -> str:
         return f"Stream({self.uuid!r})"
@@ -91,8 +97,19 @@ class Stream(Generic[T]):
         if loop is None:
             raise RuntimeError("this Stream belongs to no running worker")
         values = self.__aiter__()
+        token = self._token
         while True:
             future: Future[T] = asyncio.run_coroutine_threadsafe(_next(values), loop)
+            # In short waits, never one blocking C call: a cancel of the reading run, or its
+            # abandon (TaskAbandoned raised in this thread), stops the wait however long the
+            # upstream is quiet.
+            while not future.done():
+                wait((future,), timeout=0.1)
+                if token is not None and (token.is_set or token.abandoned) and not future.done():
+                    future.cancel()  # the read on the loop stops too
+                    if token.abandoned:
+                        raise TaskAbandoned()
+                    raise TaskCancelError(token.reason)
             try:
                 yield future.result()
             except StopAsyncIteration:

@@ -1,6 +1,6 @@
 """Edges a demanding user meets: the stream of a task the status view dropped, checkpoints
 changed after they were taken, a cancel too large to send, a body nested too deep for the
-dashboard, the stream of a run resumed from an earlier one.
+dashboard, the stream of a run resumed from an earlier one, a cancelled sync pipeline stage.
 
 Every test runs on ``memory://`` (or ``faulty+memory://``) in a few seconds.
 """
@@ -8,12 +8,14 @@ Every test runs on ``memory://`` (or ``faulty+memory://``) in a few seconds.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
+from qtasks import Stream
 from qtasks.asyncio import QueueTasks
 from qtasks.web import create_app
 from tests.helpers import FAST, unique
@@ -173,3 +175,33 @@ async def test_a_finished_task_the_view_dropped_still_streams(make_app: Any) -> 
     found = await app.get(handle.uuid)
     assert found is not None and found.status == "success"  # ... and read back by get
     assert [v async for v in app.stream(handle.uuid, timeout=10)] == [0, 1, 2]
+
+
+async def test_a_cancelled_sync_stage_stops_without_waiting_for_its_upstream_s_next_value(make_app: Any) -> None:
+    """A sync pipeline stage waiting for its upstream's next value stops at once when cancelled,
+    however long the upstream is quiet (it held its slot and its thread until the next value)."""
+    app = make_app()
+
+    @app.task
+    async def upstream(pause: float) -> Any:
+        yield 0
+        await asyncio.sleep(pause)
+        yield 1
+
+    @app.task
+    def stage(values: Stream[int]) -> Any:
+        yield from values
+
+    await app.start()
+    up = await app.add_task("upstream", 20.0)
+    down = await app.add_task("stage", up.uuid)
+    async for _ in down.stream(timeout=10):
+        break  # the stage is running and waits for the upstream's next value
+    started = time.monotonic()
+    assert await app.cancel(down.uuid, "stop the stage")
+    try:
+        final = await app.wait(down.uuid, timeout=5)
+        assert final.status == "cancel"
+        assert time.monotonic() - started < 5
+    finally:
+        await app.cancel(up.uuid, "cleanup")
