@@ -33,12 +33,12 @@ from __future__ import annotations
 import asyncio
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from qtasks.context import CancelToken
 from qtasks.exc import QTasksError, TaskCancelError
-from qtasks.threads import TaskAbandoned
+from qtasks.threads import TaskAbandoned, wait_future
 
 T = TypeVar("T")
 
@@ -98,20 +98,20 @@ class Stream(Generic[T]):
             raise RuntimeError("this Stream belongs to no running worker")
         values = self.__aiter__()
         token = self._token
+
+        def stopped() -> BaseException | None:
+            # A cancel of the reading run, or its abandon, stops the wait however long the
+            # upstream is quiet.
+            if token is None:
+                return None
+            if token.abandoned:
+                return TaskAbandoned()
+            return TaskCancelError(token.reason) if token.is_set else None
+
         while True:
             future: Future[T] = asyncio.run_coroutine_threadsafe(_next(values), loop)
-            # In short waits, never one blocking C call: a cancel of the reading run, or its
-            # abandon (TaskAbandoned raised in this thread), stops the wait however long the
-            # upstream is quiet.
-            while not future.done():
-                wait((future,), timeout=0.1)
-                if token is not None and (token.is_set or token.abandoned) and not future.done():
-                    future.cancel()  # the read on the loop stops too
-                    if token.abandoned:
-                        raise TaskAbandoned()
-                    raise TaskCancelError(token.reason)
             try:
-                yield future.result()
+                yield wait_future(future, stopped)
             except StopAsyncIteration:
                 return
 

@@ -26,9 +26,9 @@ import msgspec
 
 from qtasks import _state
 from qtasks.config import QueueConfig
-from qtasks.connectors.base import Connector, TopicPartition
+from qtasks.connectors.base import Connector, Record, TopicPartition
 from qtasks.delivery import Trouble, deliver, fetch
-from qtasks.exc import ConnectorError, RecordError
+from qtasks.exc import BrokerUnavailableError, ConnectorError, RecordError
 from qtasks.partitioner import partition_for
 from qtasks.records import TERMINAL, StatusHead, Task, decode_status, decode_status_head, encode, head_of
 from qtasks.status import CANCEL_REV, StatusView, next_rev, slim
@@ -245,20 +245,8 @@ class StatusStore:
         assert self._connector is not None
         tp = TopicPartition(self.topic, partition_for(uuid, self.partitions))
         key = uuid.encode()
-        consumer = self._connector.consumer(None, client_id=f"{self.topic}-lookup")
-        await consumer.start()
-        last: bytes | None = None
-        try:
-            consumer.assign([tp])
-            await consumer.seek_to_beginning([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            async with asyncio.timeout(timeout):
-                while await consumer.position(tp) < end:
-                    for record in await consumer.getmany(timeout=0.5):
-                        if record.key == key:
-                            last = record.value
-        finally:
-            await consumer.stop()
+        found = await records_of(self._connector, tp, key, client_id=f"{self.topic}-lookup", timeout=timeout)
+        last = found[-1].value if found else None
         if last is None:
             return None
         task = decode_status(last, self.config.max_record_bytes)
@@ -450,3 +438,43 @@ class StatusStore:
     def expired(self, ttl: float) -> list[str]:
         """uuids of finished tasks older than ``ttl`` seconds."""
         return list(self.view.expired(time.time() - ttl))
+
+
+async def records_of(
+    connector: Connector,
+    tp: TopicPartition,
+    key: bytes,
+    *,
+    client_id: str,
+    since_ms: int | None = None,
+    timeout: float = CATCH_UP_TIMEOUT,
+) -> list[Record]:
+    """The records of ``key`` in ``tp`` up to its end at the call, from its beginning (or from the
+    first at or after ``since_ms``), read by a consumer of their own: a scan, for rare lookups.
+
+    Not reaching the end within ``timeout`` (the broker is away) is a retriable
+    :class:`BrokerUnavailableError`.
+    """
+    consumer = connector.consumer(None, client_id=client_id)
+    await consumer.start()
+    found: list[Record] = []
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        if since_ms is None:
+            await consumer.seek_to_beginning([tp])
+        else:
+            start = (await consumer.offsets_for_times({tp: since_ms})).get(tp)
+            if start is None or start >= end:
+                return found
+            await consumer.seek(tp, start)
+        async with asyncio.timeout(timeout):
+            while await consumer.position(tp) < end:
+                found.extend(record for record in await consumer.getmany(timeout=0.5) if record.key == key)
+    except TimeoutError:
+        raise BrokerUnavailableError(
+            f"could not read {tp.topic} partition {tp.partition} to its end within {timeout:g} s"
+        ) from None
+    finally:
+        await consumer.stop()
+    return found

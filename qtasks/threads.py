@@ -61,14 +61,19 @@ class ThreadLimitError(QTasksError, RuntimeError):
     """
 
 
-def wait_future(future: Future[T]) -> T:
+def wait_future(future: Future[T], stop: Callable[[], BaseException | None] | None = None) -> T:
     """``future.result()`` for a task's thread: in short waits, so a ``TaskAbandoned`` raised there lands between them.
 
     A plain ``result()`` blocks in one C call that nothing interrupts; if the loop that
-    should complete ``future`` is gone, the thread would hang there forever.
+    should complete ``future`` is gone, the thread would hang there forever. ``stop`` is
+    asked between waits: an exception it returns cancels ``future`` (the coroutine run for
+    it on the loop stops too) and is raised.
     """
     while not future.done():
         wait((future,), timeout=0.1)
+        if stop is not None and not future.done() and (exc := stop()) is not None:
+            future.cancel()
+            raise exc
     return future.result()
 
 

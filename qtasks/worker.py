@@ -71,7 +71,7 @@ from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_
 from qtasks.scheduler import DelayScheduler
 from qtasks.share_mode import ShareOffsets, as_record, end_at_limit, send_again
 from qtasks.stats import UNKNOWN_TASK
-from qtasks.store import CATCH_UP_TIMEOUT
+from qtasks.store import records_of
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
 from qtasks.transactions import PartitionLostError, PartitionTxn, transactional_id
@@ -1145,33 +1145,17 @@ class Worker:
         if since >= self._control_from:
             return None  # the control loop reads every cancel sent since: one would be waiting in _cancelled
         tp = TopicPartition(core.topics.control, partition_for(uuid, core.config.control_partitions))
-        consumer = core.broker.consumer(None, client_id=f"{self.id}-cancels")
-        await consumer.start()
-        key, limit, reason = uuid.encode(), core.config.max_record_bytes, None
-        try:
-            consumer.assign([tp])
-            start = (await consumer.offsets_for_times({tp: int(since * 1000)})).get(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            if start is None or start >= end:
-                return None
-            await consumer.seek(tp, start)
-            async with asyncio.timeout(CATCH_UP_TIMEOUT):
-                while await consumer.position(tp) < end:
-                    for record in await consumer.getmany(timeout=0.5):
-                        if record.key != key or record.offset >= end:
-                            continue
-                        try:
-                            command = decode_control(record.value, limit)
-                        except RecordError:
-                            continue  # the control loop logs it
-                        if command.kind == "cancel" and command.uuid == uuid:
-                            reason = command.reason or f"{task.task_name}.cancel"
-        except TimeoutError:
-            raise ConnectorError(
-                f"could not read the control topic to its end within {CATCH_UP_TIMEOUT} s", retriable=True
-            ) from None
-        finally:
-            await consumer.stop()
+        found = await records_of(
+            core.broker, tp, uuid.encode(), client_id=f"{self.id}-cancels", since_ms=int(since * 1000)
+        )
+        reason = None
+        for record in found:
+            try:
+                command = decode_control(record.value, core.config.max_record_bytes)
+            except RecordError:
+                continue  # the control loop logs it
+            if command.kind == "cancel" and command.uuid == uuid:
+                reason = command.reason or f"{task.task_name}.cancel"
         return reason
 
     async def _forward(self, rec: TaskRecord, record: Record, txn: PartitionTxn | None) -> None:
