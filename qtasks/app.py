@@ -562,7 +562,14 @@ class QueueTasks:
             yield item
 
     async def cancel(self, uuid: str | uuid_mod.UUID, reason: str = "") -> bool:
-        """Cancel a queued or running task (or the retry it handed over to); False when it is unknown or finished."""
+        """Cancel a queued or running task (or the retry it handed over to).
+
+        False when it is unknown or has ended, also when it ended just before (as its status
+        partition says), unless a worker ended it as ``cancel`` on this very cancel. A queued
+        task ends as ``cancel`` at once, final in every view; a running one stops at its next
+        await, yield or ``ctx.sleep``, and one whose code is already done ends as it would,
+        except that a failed run is not retried.
+        """
         uuid = check_uuid(uuid)
         await self._here()
         await self.core.connect()

@@ -99,3 +99,21 @@ async def make_app(broker_url: str, app_settings: dict[str, Any]) -> AsyncIterat
 @pytest.fixture
 async def app(make_app: Callable[..., QueueTasks]) -> QueueTasks:
     return make_app()
+
+
+@pytest.fixture
+async def faulty_app() -> AsyncIterator[Callable[..., QueueTasks]]:
+    """Apps on the fault-injecting connector over memory://; its faults are cleared before they stop."""
+    apps: list[QueueTasks] = []
+
+    def make(log: str | None = None, name: str | None = None, **settings: Any) -> QueueTasks:
+        """An app on the log ``log`` (several apps on one log are one cluster), named ``name``."""
+        url = f"faulty+memory://{log or unique('log')}"
+        app = QueueTasks(name=name or unique(), broker_url=url, **{**FAST, **settings})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.broker.faults.clear()  # type: ignore[attr-defined]
+        await app.stop(timeout=2)

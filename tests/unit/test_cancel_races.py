@@ -8,32 +8,14 @@ for everyone else, and never a retry that runs after its chain was cancelled.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from qtasks.asyncio import QueueTasks
 from qtasks.runner import TaskRun
-from tests.helpers import FAST, unique
+from tests.helpers import unique
 from tests.unit.test_exactly_once import crash
-
-
-@pytest.fixture
-async def make_app() -> AsyncIterator[Callable[..., QueueTasks]]:
-    apps: list[QueueTasks] = []
-
-    def make(log: str | None = None, name: str | None = None, **settings: Any) -> QueueTasks:
-        app = QueueTasks(
-            name=name or unique(), broker_url=f"faulty+memory://{log or unique('log')}", **{**FAST, **settings}
-        )
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.broker.faults.clear()  # type: ignore[attr-defined]
-        await app.stop(timeout=2)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
@@ -64,9 +46,9 @@ def flaky_generator(app: QueueTasks, runs: list[int]) -> None:
 
 
 async def test_a_cancel_that_reaches_a_failed_run_as_it_ends_stops_its_retry(
-    make_app: Callable[..., QueueTasks],
+    faulty_app: Callable[..., QueueTasks],
 ) -> None:
-    app = make_app()
+    app = faulty_app()
     runs: list[int] = []
     flaky_generator(app, runs)
     await app.start()
@@ -82,13 +64,13 @@ async def test_a_cancel_that_reaches_a_failed_run_as_it_ends_stops_its_retry(
 
 
 async def test_a_cancel_from_another_process_racing_a_failed_run_s_ending_stops_its_retry(
-    make_app: Callable[..., QueueTasks],
+    faulty_app: Callable[..., QueueTasks],
 ) -> None:
     # The client's view says `new` (a short run's `process` is held back), so it ends the
     # task itself while the worker's run ends as `retry` and hands over to a retry.
     log, name = unique("log"), unique()
-    app = make_app(log, name)
-    client = make_app(log, name)
+    app = faulty_app(log, name)
+    client = faulty_app(log, name)
     runs: list[int] = []
     flaky_generator(app, runs)
     await app.start()
@@ -104,13 +86,13 @@ async def test_a_cancel_from_another_process_racing_a_failed_run_s_ending_stops_
 
 
 async def test_a_cancel_from_another_process_racing_a_short_run_s_success_is_final_everywhere(
-    make_app: Callable[..., QueueTasks],
+    faulty_app: Callable[..., QueueTasks],
 ) -> None:
     # The canceller saw `cancel`: the run's `success`, stored a moment later, must not replace
     # it there or anywhere else (before, every view ended up saying `success`).
     log, name = unique("log"), unique()
-    app = make_app(log, name)
-    client = make_app(log, name)
+    app = faulty_app(log, name)
+    client = faulty_app(log, name)
 
     @app.task
     async def one():  # type: ignore[no-untyped-def]
@@ -132,14 +114,14 @@ async def test_a_cancel_from_another_process_racing_a_short_run_s_success_is_fin
 
 
 async def test_a_cancel_of_a_task_that_ended_where_the_client_cannot_see_yet_says_false(
-    make_app: Callable[..., QueueTasks],
+    faulty_app: Callable[..., QueueTasks],
 ) -> None:
     # The client's view lags behind the log (its reads are slow): it still says `new` for a
     # task that has ended. The cancel must not end it a second time, as `cancel`, over its
     # `success` (a client's cancel outranks any ending a worker writes).
     log, name = unique("log"), unique()
-    app = make_app(log, name)
-    client = make_app(log, name)
+    app = faulty_app(log, name)
+    client = faulty_app(log, name)
     gate = asyncio.Event()
 
     @app.task
@@ -165,13 +147,13 @@ async def test_a_cancel_of_a_task_that_ended_where_the_client_cannot_see_yet_say
 
 
 async def test_a_cancel_of_a_task_whose_worker_died_ends_it_when_another_worker_takes_it_over(
-    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+    faulty_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The worker dies (no lease released: SIGKILL) and the cancel goes to the control topic,
     # for a worker that is gone. Its replacement starts later: it reads the control topic
     # from its start, so it looks back for a cancel when it takes the task over.
     log, name = unique("log"), unique()
-    first = make_app(log, name, process_grace=0)
+    first = faulty_app(log, name, process_grace=0)
     gate = asyncio.Event()
 
     def define(app: QueueTasks) -> None:
@@ -190,12 +172,12 @@ async def test_a_cancel_of_a_task_whose_worker_died_ends_it_when_another_worker_
 
     monkeypatch.setattr(TaskRun, "release", no_release)
     await crash(first)
-    client = make_app(log, name)
+    client = faulty_app(log, name)
     assert await client.cancel(handle.uuid, "not wanted any more")
     head = client.view.head(handle.uuid)
     assert head is not None and head.status == "process"  # under the dead worker's lease: only the control record
     monkeypatch.undo()
-    second = make_app(log, name)
+    second = faulty_app(log, name)
     define(second)
     gate.set()
     await second.start()
@@ -204,12 +186,12 @@ async def test_a_cancel_of_a_task_whose_worker_died_ends_it_when_another_worker_
 
 
 async def test_a_cancel_of_a_task_whose_worker_let_it_go_ends_it_at_once(
-    make_app: Callable[..., QueueTasks],
+    faulty_app: Callable[..., QueueTasks],
 ) -> None:
     # A worker that stops releases its runs' leases; with no worker left the task would wait
     # for the next one: the cancel ends it now.
     log, name = unique("log"), unique()
-    first = make_app(log, name, process_grace=0)
+    first = faulty_app(log, name, process_grace=0)
     gate = asyncio.Event()
 
     @first.task
@@ -221,7 +203,7 @@ async def test_a_cancel_of_a_task_whose_worker_let_it_go_ends_it_at_once(
     handle = await first.add_task("job")
     await first.view.wait_for(handle.uuid, lambda h: h is not None and h.status == "process", 10)
     await crash(first)  # its handler is cancelled: the run releases its lease
-    client = make_app(log, name)
+    client = faulty_app(log, name)
     released = await client.get(handle.uuid)
     assert released is not None and released.status == "process" and released.lease_until == 0.0
     assert await client.cancel(handle.uuid, "not wanted any more")

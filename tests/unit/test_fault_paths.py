@@ -23,23 +23,6 @@ from tests.helpers import FAST, unique
 from tests.unit.test_exactly_once import crash
 
 
-@pytest.fixture
-async def faulty_app() -> AsyncIterator[Callable[..., QueueTasks]]:
-    apps: list[QueueTasks] = []
-
-    def make(log: str | None = None, name: str | None = None, **settings: Any) -> QueueTasks:
-        """An app on the log ``log`` (several apps on one log are one cluster), named ``name``."""
-        url = f"faulty+memory://{log or unique('log')}"
-        app = QueueTasks(name=name or unique(), broker_url=url, **{**FAST, **settings})
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.broker.faults.clear()  # type: ignore[attr-defined]
-        await app.stop(timeout=2)
-
-
 def committed_everything(app: QueueTasks) -> bool:
     log = app.broker.inner.log  # type: ignore[attr-defined]
     for p in range(app.core.tasks_partitions):
