@@ -47,6 +47,12 @@ KEEP_ALIVE = 15.0
 #: The group's description is shared by every page for this long (seconds): one
 #: DescribeGroups per interval, however many browsers look.
 GROUP_CACHE = 1.0
+#: A request other than an event stream is answered within this long (seconds), or gets a 504.
+REQUEST_TIMEOUT = 30.0
+#: Connections served at once; uvicorn answers 503 to more. Each open task page holds one.
+MAX_CONNECTIONS = 200
+#: How long a stopping dashboard waits for open requests (event streams never end by themselves).
+SHUTDOWN_TIMEOUT = 5
 
 
 def _data(value: Any) -> Any:
@@ -262,6 +268,66 @@ class _SameOrigin:
         return None
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _Bounded:
+    """What one request may cost: a body of at most ``max_body`` bytes (413 past it, counted as
+    it arrives whatever its ``Content-Length`` says) and an answer within ``timeout`` seconds
+    (504 past it: the broker may be away). An event stream lasts as long as its task."""
+
+    def __init__(self, app: Any, max_body: int, timeout: float) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.timeout = timeout
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            await self._refuse(413, f"a request body is at most {self.max_body} bytes", scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _TooLarge()
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            if scope["path"].endswith("/events"):
+                await self.app(scope, counted, watched)
+                return
+            async with asyncio.timeout(self.timeout):
+                await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(413, f"a request body is at most {self.max_body} bytes", scope, receive, send)
+        except TimeoutError:
+            if not started:
+                problem = f"no answer within {self.timeout:g} s: the broker may be away"
+                if scope["method"] == "POST":
+                    problem += " (what was asked may still be done: look before asking again)"
+                await self._refuse(504, problem, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(status: int, problem: str, scope: Any, receive: Any, send: Any) -> None:
+        await JSONResponse({"error": problem}, status_code=status)(scope, receive, send)
+
+
 def _host_name(host: str) -> str:
     """The name of a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
     if host.startswith("["):
@@ -269,11 +335,19 @@ def _host_name(host: str) -> str:
     return (host.rpartition(":")[0] if host.count(":") == 1 else host).lower()
 
 
-def create_app(app: QueueTasks, allowed_hosts: list[str] | None = None) -> Starlette:
+def create_app(
+    app: QueueTasks,
+    allowed_hosts: list[str] | None = None,
+    *,
+    max_body: int | None = None,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> Starlette:
     """The dashboard of ``app`` as an ASGI application (it disconnects the app on shutdown).
 
     ``allowed_hosts``: the names it answers to (the ``Host`` header); None: any. POSTs
-    from other origins are refused either way.
+    from other origins are refused either way. ``max_body``: the largest request body
+    (default: the app's ``max_record_bytes``, the largest task record it sends);
+    ``request_timeout``: how long a request other than an event stream may take.
     """
     dashboard = _Dashboard(app)
 
@@ -301,7 +375,14 @@ def create_app(app: QueueTasks, allowed_hosts: list[str] | None = None) -> Starl
             Route("/api/dlq/{number:int}/replay", dashboard.replay, methods=["POST"]),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(_SameOrigin, allowed_hosts=allowed_hosts)],
+        middleware=[
+            Middleware(_SameOrigin, allowed_hosts=allowed_hosts),
+            Middleware(
+                _Bounded,
+                max_body=app.config.max_record_bytes if max_body is None else max_body,
+                timeout=request_timeout,
+            ),
+        ],
     )
 
 
@@ -315,16 +396,30 @@ async def serve(app: QueueTasks, host: str = "127.0.0.1", port: int = 8000, allo
     On a loopback address it answers to loopback names only (and ``allow_hosts``); on
     another address, to that address and ``allow_hosts`` (``*``: any name).
     """
-    import uvicorn
-
     if host in ("0.0.0.0", "::", ""):
         allowed = [*allow_hosts] if allow_hosts else ["*"]
     else:
         allowed = [*LOOPBACK, host, *allow_hosts]
-    config = uvicorn.Config(create_app(app, allowed), host=host, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = _server(app, host, port, allowed)
     print(f"qtasks dashboard of {app.name} on http://{host}:{port}/", flush=True)
     await server.serve()
+
+
+def _server(app: QueueTasks, host: str, port: int, allowed: list[str]) -> Any:
+    """The uvicorn server of the dashboard: bounded in connections, and in how long it waits
+    for open requests when it stops."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(app, allowed),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
+    )
+    return uvicorn.Server(config)
 
 
 # -- the pages ---------------------------------------------------------------------------

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import httpx
 import pytest
 
+from qtasks import ops, web
 from qtasks.asyncio import QueueTasks
 from qtasks.web import create_app
-from tests.helpers import FAST, unique
+from tests.helpers import FAST, free_port, unique
 
 
 @pytest.fixture
@@ -147,3 +150,87 @@ async def test_a_reconnecting_event_source_goes_on_after_its_last_value(
     assert done.status_code == 204  # everything was sent: the browser stops reconnecting
     bad = await client.get(f"/api/tasks/{uuid}/events", headers={"last-event-id": "nonsense"})
     assert bad.status_code == 400
+
+
+async def test_a_body_over_the_limit_is_refused_whatever_its_length_says_and_nothing_is_submitted(
+    app: QueueTasks,
+) -> None:
+    dashboard = create_app(app, max_body=1000)
+    big = json.dumps({"name": "count", "args": [1], "kwargs": {"pad": "x" * 2000}}).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for at in range(0, len(big), 100):
+            yield big[at : at + 100]
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=dashboard), base_url="http://dash") as client:
+        said = await client.post("/api/tasks", content=big, headers={"content-type": "application/json"})
+        assert said.status_code == 413 and "at most 1000 bytes" in said.json()["error"]
+        unsaid = await client.post("/api/tasks", content=chunked(), headers={"content-type": "application/json"})
+        assert unsaid.status_code == 413
+        assert (await client.get("/api/tasks")).json() == []
+        assert (await client.post("/api/tasks", json={"name": "count", "args": [1]})).status_code == 201
+
+
+async def test_a_request_the_broker_does_not_answer_gets_a_504_but_an_event_stream_lasts_as_long_as_its_task(
+    app: QueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unanswered(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ops, "inspect_group", unanswered)
+
+    @app.task
+    async def slowly() -> AsyncIterator[int]:
+        for i in range(3):
+            await asyncio.sleep(0.2)
+            yield i
+
+    dashboard = create_app(app, request_timeout=0.3)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=dashboard), base_url="http://dash") as client:
+        started = time.monotonic()
+        stuck = await client.get("/api/group")
+        assert stuck.status_code == 504 and "no answer within 0.3 s" in stuck.json()["error"]
+        assert time.monotonic() - started < 2
+        assert (await client.get("/api/group")).status_code == 504  # the next one is not stuck behind it
+        uuid = (await client.post("/api/tasks", json={"name": "slowly"})).json()["uuid"]
+        streamed = events((await client.get(f"/api/tasks/{uuid}/events")).text)
+        assert [kind for kind, _ in streamed] == ["value", "value", "value", "end"]
+
+
+async def test_the_server_refuses_connections_past_its_limit_and_stops_with_streams_open(
+    app: QueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(web, "SHUTDOWN_TIMEOUT", 1)
+
+    @app.task
+    async def endless() -> AsyncIterator[int]:
+        while True:
+            await asyncio.sleep(0.05)
+            yield 1
+
+    port = free_port()
+    server = web._server(app, "127.0.0.1", port, web.LOOPBACK)
+    serving = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{port}"
+    clients = [httpx.AsyncClient(base_url=base, timeout=10) for _ in range(3)]
+    try:
+        while not server.started:
+            assert not serving.done(), serving
+            await asyncio.sleep(0.02)
+        uuid = (await clients[0].post("/api/tasks", json={"name": "endless"})).json()["uuid"]
+        # Three task pages open at once, on connections of their own: the one past the limit is
+        # refused (uvicorn counts the connection asking too).
+        streams = [client.stream("GET", f"/api/tasks/{uuid}/events") for client in clients]
+        answers = [(await stream.__aenter__()).status_code for stream in streams]
+        assert answers[0] == 200 and answers[-1] == 503 and answers.count(200) <= 2
+        stopping = time.monotonic()
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        assert time.monotonic() - stopping < 5  # the open streams did not hold it
+    finally:
+        server.should_exit = True
+        for client in clients:
+            await client.aclose()
+        if not serving.done():
+            serving.cancel()
