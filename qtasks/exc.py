@@ -155,7 +155,7 @@ class RecordError(QTasksError, ValueError):
 
     ``kind`` names the problem in a word (the ``reason`` label of the dead-letter metric):
     ``no_value``, ``not_bytes``, ``too_large``, ``not_utf8``, ``too_deep``, ``not_json``,
-    ``wrong_shape``, ``no_key``, ``keyed`` or ``undecodable``. (A task past the share
+    ``wrong_shape``, ``newer_version``, ``no_key``, ``keyed`` or ``undecodable``. (A task past the share
     group's delivery limit is dead-lettered as ``delivery_limit``.)
     """
 

@@ -47,10 +47,16 @@ Status = Literal["new", "process", "success", "error", "cancel", "retry"]
 TERMINAL: Final = frozenset({"success", "error", "cancel", "retry"})
 
 
+#: The version of the task record this qtasks writes and reads. A field added later is
+#: ignored by older readers and keeps the version; a newer qtasks that changes what a task
+#: record means writes a higher one, which this one dead-letters rather than run by guess.
+TASK_RECORD_VERSION: Final = 1
+
+
 class TaskRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A request to run a task (the tasks topic)."""
 
-    v: int = 1
+    v: int = TASK_RECORD_VERSION
     uuid: str
     task_name: str
     args: list[Any] = []
@@ -358,6 +364,14 @@ def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:
     record: TaskRecord = _decode(_task_decoder, data, limit, "task")
     if not record.uuid or not record.task_name:
         raise RecordError("task record has an empty uuid or task_name", "wrong_shape")
+    if record.v > TASK_RECORD_VERSION:
+        raise RecordError(
+            f"task record is of version {record.v}, written by a newer qtasks: this one reads version "
+            f"{TASK_RECORD_VERSION} (upgrade the workers, then replay it)",
+            "newer_version",
+        )
+    if record.v < 1:
+        raise RecordError(f"task record has version {record.v}: versions start at 1", "wrong_shape")
     return record
 
 

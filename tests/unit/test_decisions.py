@@ -201,6 +201,15 @@ def test_task_record_round_trips_and_ignores_unknown_fields() -> None:
     assert decode_task(b'{"uuid":"u","task_name":"t","created_at":1.5,"added_later":true}').uuid == "u"
 
 
+def test_a_task_record_of_a_newer_version_is_refused_not_run_by_guess() -> None:
+    with pytest.raises(RecordError, match="written by a newer qtasks") as newer:
+        decode_task(b'{"v":2,"uuid":"u","task_name":"t","created_at":1.5}')
+    assert newer.value.kind == "newer_version"
+    with pytest.raises(RecordError, match="versions start at 1"):
+        decode_task(b'{"v":0,"uuid":"u","task_name":"t","created_at":1.5}')
+    assert decode_task(b'{"v":1,"uuid":"u","task_name":"t","created_at":1.5}').v == 1
+
+
 def test_task_is_finished_only_in_terminal_statuses() -> None:
     def make(status: str) -> Task:
         return Task(uuid="u", task_name="t", status=status, created_at=0, updated_at=0)  # type: ignore[arg-type]
