@@ -47,6 +47,9 @@ Status = Literal["new", "process", "success", "error", "cancel", "retry"]
 TERMINAL: Final = frozenset({"success", "error", "cancel", "retry"})
 
 
+#: The latest time a task may be due (Unix time: the year 5138); ``eta`` is checked against it.
+LATEST_DUE: Final = 1e11
+
 #: The version of the task record this qtasks writes and reads. A field added later is
 #: ignored by older readers and keeps the version; a newer qtasks that changes what a task
 #: record means writes a higher one, which this one dead-letters rather than run by guess.
@@ -372,6 +375,11 @@ def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:
         )
     if record.v < 1:
         raise RecordError(f"task record has version {record.v}: versions start at 1", "wrong_shape")
+    if not 0.0 <= record.not_before < LATEST_DUE:  # NaN fails too
+        raise RecordError(
+            f"task record's not_before {record.not_before!r} is not a time between 1970 and the year 5138",
+            "wrong_shape",
+        )
     return record
 
 

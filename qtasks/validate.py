@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import msgspec
 
-from qtasks.records import MAX_DEPTH, TaskRecord, encode
+from qtasks.records import LATEST_DUE, MAX_DEPTH, TaskRecord, encode
 
 __all__ = [
     "MAX_ARGUMENT_DEPTH",
@@ -230,10 +230,6 @@ def check_priority(priority: Any) -> int:
     return int(priority)
 
 
-#: The latest due time ``eta`` may name (Unix time: the year 5138).
-_LATEST_DUE: Final = 1e11
-
-
 def check_due(countdown: Any = None, eta: Any = None) -> float:
     """When a task submitted with ``countdown`` (seconds from now) or ``eta`` may start: Unix time, 0.0 for at once.
 
@@ -250,14 +246,14 @@ def check_due(countdown: Any = None, eta: Any = None) -> float:
         if seconds < 0.0:
             raise ValueError(f"countdown must be a number of seconds from 0 on, got {countdown!r}")
         due = time.time() + seconds if seconds else 0.0
-        if due >= _LATEST_DUE:
+        if due >= LATEST_DUE:
             raise ValueError(f"countdown {countdown!r} puts the task past the year 5138")
         return due
     if isinstance(eta, datetime.datetime):
         due = eta.timestamp()
     else:
         due = _real(eta, "eta (a datetime or Unix time in seconds)")
-    if not 0.0 <= due < _LATEST_DUE:
+    if not 0.0 <= due < LATEST_DUE:
         raise ValueError(f"eta must be a time between 1970 and the year 5138, got {eta!r}")
     return due
 

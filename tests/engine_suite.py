@@ -798,6 +798,7 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_goes_on(ma
         b'{"uuid": "bad-types", "task_name": 5, "created_at": 0}': "wrong shape",
         b'{"uuid": "x", "task_name": "fine", "created_at": 0, "args": [' + b"1," * 6000 + b"1]}": "over the limit",
         b'{"v": 2, "uuid": "from-a-newer-qtasks", "task_name": "fine", "created_at": 0}': "written by a newer qtasks",
+        b'{"uuid": "due-far-later", "task_name": "fine", "created_at": 0, "not_before": 1e15}': "year 5138",
     }
     for raw in bad:
         sent = await send(app.topics.tasks, raw, key=b"bad", partition=0)

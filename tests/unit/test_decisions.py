@@ -210,6 +210,12 @@ def test_a_task_record_of_a_newer_version_is_refused_not_run_by_guess() -> None:
     assert decode_task(b'{"v":1,"uuid":"u","task_name":"t","created_at":1.5}').v == 1
 
 
+@pytest.mark.parametrize("due", ["1e15", "-1", "1e11"])
+def test_a_task_record_due_at_no_real_time_is_refused(due: str) -> None:
+    with pytest.raises(RecordError, match="not a time between 1970 and the year 5138"):
+        decode_task(b'{"uuid":"u","task_name":"t","created_at":1.5,"not_before":' + due.encode() + b"}")
+
+
 def test_task_is_finished_only_in_terminal_statuses() -> None:
     def make(status: str) -> Task:
         return Task(uuid="u", task_name="t", status=status, created_at=0, updated_at=0)  # type: ignore[arg-type]
