@@ -76,6 +76,8 @@ class DelayScheduler:
         self._rewind: dict[TopicPartition, int] = {}
         #: Counts the assignments: a pass that fails across one sets nothing back (all is read afresh).
         self._generation = 0
+        #: (partition, offset) of a record whose dead letter is refused -> since when (logged once).
+        self._refused: dict[tuple[TopicPartition, int], float] = {}
         self._leaving = False
         self._closing: asyncio.Future[None] | None = None
         #: Delayed tasks moved on (to a shorter level or to the tasks topic), and dropped (cancelled).
@@ -247,14 +249,29 @@ class DelayScheduler:
             raise  # not allowed to write: the worker stops and says so
         except Exception as exc:
             raise_if_cancelled()  # a stop whose cancellation became an error
+            where = (record.tp, record.offset)
+            if where in self._refused:
+                log.debug("delays: the dead letter of %s@%d is still refused: %r", record.tp, record.offset, exc)
+                return False
+            # Once per record, not once per try: the records of partitions gone elsewhere are forgotten.
+            self._refused = {w: t for w, t in self._refused.items() if w[0] in self._assigned}
+            self._refused[where] = time.monotonic()
             log.error(
-                "delays: could not send %s@%d to the dead-letter topic (%r); it is read again in %.0f s",
+                "delays: could not send %s@%d to the dead-letter topic (%r); it is tried again every %.0f s",
                 record.tp,
                 record.offset,
                 exc,
                 RETRY,
             )
             return False
+        since = self._refused.pop((record.tp, record.offset), None)
+        if since is not None:
+            log.info(
+                "delays: %s@%d reached the dead-letter topic after %.0f s",
+                record.tp,
+                record.offset,
+                time.monotonic() - since,
+            )
         return True
 
     def _sender(self, record: Record, uuid: str, due: float, now: float, headers: list[tuple[str, bytes]]) -> _Send:

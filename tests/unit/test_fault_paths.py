@@ -687,6 +687,27 @@ async def test_a_delayed_task_read_with_a_bad_record_whose_dead_letter_is_refuse
     assert [letter.letter.key for letter in letters] == [bad.encode()]
 
 
+async def test_a_dead_letter_the_delays_loop_cannot_send_is_logged_once_not_at_every_try(
+    faulty_app: Callable[..., QueueTasks], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = faulty_app()
+    await app.start()
+    bad = str(uuid_mod.uuid4())  # no qtasks-due header
+    at = [(AT, repr(time.time()).encode())]
+    refused = ConnectorError("refused", retriable=False)
+    app.broker.faults.fail("send", topic=app.topics.dlq, error=refused, times=4)  # type: ignore[attr-defined]
+    await app.broker.producer.send(app.topics.delays, b"{}", key=bad.encode(), partition=0, headers=at)
+    letters: list[ops.Letter] = []
+    async with asyncio.timeout(15):
+        while not letters:  # tried again every second: the fifth try gets through
+            letters = await ops.dead_letters(app)
+            await asyncio.sleep(0.05)
+    said = [r for r in caplog.records if r.getMessage().startswith("delays:") and "dead-letter topic" in r.getMessage()]
+    assert [r.levelname for r in said] == ["ERROR", "INFO"], [r.getMessage() for r in said]
+    assert "reached the dead-letter topic after" in said[1].getMessage()
+
+
 async def test_a_pass_of_the_delays_loop_that_fails_leaves_its_records_to_be_read_again(
     faulty_app: Callable[..., QueueTasks], caplog: pytest.LogCaptureFixture
 ) -> None:
