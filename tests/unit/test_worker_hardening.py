@@ -345,6 +345,8 @@ class _TakenOver:
     def __init__(self, app: QueueTasks, worker: Any, uuid: str, yielded: list[int]) -> None:
         self.app, self.worker, self.uuid, self.yielded = app, worker, uuid, yielded
         self.writes: list[tuple[str, str | None, int]] = []
+        #: How many writes began before the other worker's first status was in this worker's view.
+        self.seen_at: int | None = None
         store = app.core.store
         write = store.write
 
@@ -360,12 +362,15 @@ class _TakenOver:
     async def write(self, task: Any, **changes: Any) -> None:
         """A status of the task as another worker would write it."""
         await self.app.core.store.write(msgspec.structs.replace(task, **changes), durable=True)
+        if self.seen_at is None:  # a renewal that began before it was in the view could not know of it
+            self.seen_at = len(self.writes)
 
     def results(self) -> int:
         return int(self.app.core.broker.log.end_offset(self._results))
 
     def here(self) -> list[tuple[str, str | None, int]]:
-        return [w for w in self.writes if w[1] == self.worker.id]
+        """What this worker wrote once it could see the other worker's status."""
+        return [w for w in self.writes[self.seen_at or 0 :] if w[1] == self.worker.id]
 
 
 async def test_a_run_another_worker_took_over_stops_writes_nothing_more_and_its_record_waits_for_that_run(
