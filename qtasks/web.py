@@ -307,16 +307,19 @@ class _Bounded:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        if scope["path"].endswith("/events"):
+            await self.app(scope, receive, send)  # a GET that lasts as long as its task (it reads no body)
+            return
+        bound = asyncio.timeout(self.timeout)
         try:
-            if scope["path"].endswith("/events"):
-                await self.app(scope, counted, watched)
-                return
-            async with asyncio.timeout(self.timeout):
+            async with bound:
                 await self.app(scope, counted, watched)
         except _TooLarge:
             if not started:
                 await self._refuse(413, f"a request body is at most {self.max_body} bytes", scope, receive, send)
         except TimeoutError:
+            if not bound.expired():
+                raise  # the handler's own
             if not started:
                 problem = f"no answer within {self.timeout:g} s: the broker may be away"
                 if scope["method"] == "POST":
