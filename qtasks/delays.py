@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from qtasks.exc import RecordError
+from qtasks.records import LATEST_DUE
 
 #: Seconds each partition of the delays topic holds its records (partition i: LEVELS[i]).
 LEVELS: Final = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0)
@@ -82,6 +83,6 @@ def _seconds(value: object, name: str) -> float:
         seconds = float(value.decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         raise RecordError(f"delayed task record has a bad {name} header: {value!r:.60}", "wrong_shape") from None
-    if not 0.0 <= seconds < 1e11:  # NaN fails too
+    if not 0.0 <= seconds < LATEST_DUE:  # NaN fails too
         raise RecordError(f"delayed task record has a bad {name} header: {value!r:.60}", "wrong_shape")
     return seconds

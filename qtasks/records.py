@@ -364,15 +364,17 @@ def decode_key(key: bytes | None) -> str:
 
 def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:
     """Decode a tasks-topic record; raise :class:`RecordError` with the reason."""
-    record: TaskRecord = _decode(_task_decoder, data, limit, "task")
+    try:
+        record: TaskRecord = _decode(_task_decoder, data, limit, "task")
+    except RecordError as exc:
+        # A newer version may well change the shape: say so rather than "wrong shape".
+        if exc.kind == "wrong_shape" and (version := _version_of(data)) > TASK_RECORD_VERSION:
+            raise _newer(version) from None
+        raise
     if not record.uuid or not record.task_name:
         raise RecordError("task record has an empty uuid or task_name", "wrong_shape")
     if record.v > TASK_RECORD_VERSION:
-        raise RecordError(
-            f"task record is of version {record.v}, written by a newer qtasks: this one reads version "
-            f"{TASK_RECORD_VERSION} (upgrade the workers, then replay it)",
-            "newer_version",
-        )
+        raise _newer(record.v)
     if record.v < 1:
         raise RecordError(f"task record has version {record.v}: versions start at 1", "wrong_shape")
     if not 0.0 <= record.not_before < LATEST_DUE:  # NaN fails too
@@ -381,6 +383,29 @@ def decode_task(data: bytes | None, limit: int = 1_000_000) -> TaskRecord:
             "wrong_shape",
         )
     return record
+
+
+class _Versioned(msgspec.Struct):
+    v: int = TASK_RECORD_VERSION
+
+
+_version_decoder = msgspec.json.Decoder(_Versioned)
+
+
+def _version_of(data: Any) -> int:
+    """The ``v`` of a task record of the wrong shape (one already checked for size and depth)."""
+    try:
+        return _version_decoder.decode(data).v
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
+        return TASK_RECORD_VERSION
+
+
+def _newer(version: int) -> RecordError:
+    return RecordError(
+        f"task record is of version {version}, written by a newer qtasks: this one reads version "
+        f"{TASK_RECORD_VERSION} (upgrade the workers, then replay it)",
+        "newer_version",
+    )
 
 
 def decode_status(data: bytes | None, limit: int = 1_000_000) -> Task:

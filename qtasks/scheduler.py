@@ -124,6 +124,7 @@ class DelayScheduler:
         # Every assigned partition is read again from its committed offset: nothing is held
         # (and nothing a failed pass left needs setting back).
         self._assigned = set(assigned)
+        self._refused = {}
         self._held = {}
         self._rewind = {}
         self._generation += 1
@@ -253,9 +254,7 @@ class DelayScheduler:
             if where in self._refused:
                 log.debug("delays: the dead letter of %s@%d is still refused: %r", record.tp, record.offset, exc)
                 return False
-            # Once per record, not once per try: the records of partitions gone elsewhere are forgotten.
-            self._refused = {w: t for w, t in self._refused.items() if w[0] in self._assigned}
-            self._refused[where] = time.monotonic()
+            self._refused[where] = time.monotonic()  # logged once per record, not once per try
             log.error(
                 "delays: could not send %s@%d to the dead-letter topic (%r); it is tried again every %.0f s",
                 record.tp,

@@ -28,7 +28,7 @@ from qtasks import _state
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import Connector, Record, TopicPartition
 from qtasks.delivery import Trouble, deliver, fetch
-from qtasks.exc import BrokerUnavailableError, ConnectorError, RecordError
+from qtasks.exc import ConnectorError, RecordError
 from qtasks.partitioner import partition_for
 from qtasks.records import TERMINAL, StatusHead, Task, decode_status, decode_status_head, encode, head_of
 from qtasks.status import CANCEL_REV, StatusView, next_rev, slim
@@ -449,11 +449,9 @@ async def records_of(
     since_ms: int | None = None,
     timeout: float = CATCH_UP_TIMEOUT,
 ) -> list[Record]:
-    """The records of ``key`` in ``tp`` up to its end at the call, from its beginning (or from the
-    first at or after ``since_ms``), read by a consumer of their own: a scan, for rare lookups.
-
-    Not reaching the end within ``timeout`` (the broker is away) is a retriable
-    :class:`BrokerUnavailableError`.
+    """The records of ``key`` in ``tp`` before its end at the call, from its beginning (or from
+    the first at or after ``since_ms``), read by a consumer of their own: a scan, for rare
+    lookups. ``TimeoutError`` if the end is not reached within ``timeout`` (the broker is away).
     """
     consumer = connector.consumer(None, client_id=client_id)
     await consumer.start()
@@ -470,11 +468,8 @@ async def records_of(
             await consumer.seek(tp, start)
         async with asyncio.timeout(timeout):
             while await consumer.position(tp) < end:
-                found.extend(record for record in await consumer.getmany(timeout=0.5) if record.key == key)
-    except TimeoutError:
-        raise BrokerUnavailableError(
-            f"could not read {tp.topic} partition {tp.partition} to its end within {timeout:g} s"
-        ) from None
+                batch = await consumer.getmany(timeout=0.5)
+                found.extend(record for record in batch if record.key == key and record.offset < end)
     finally:
         await consumer.stop()
     return found

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from qtasks import ops
 from qtasks.bulk import Args
-from qtasks.exc import AppClosedError, StreamIncompleteError, TaskNotFoundError
+from qtasks.exc import AppClosedError, ConnectorError, StreamIncompleteError, TaskNotFoundError
 from qtasks.validate import check_uuid
 
 if TYPE_CHECKING:
@@ -47,9 +47,10 @@ KEEP_ALIVE = 15.0
 #: The group's description is shared by every page for this long (seconds): one
 #: DescribeGroups per interval, however many browsers look.
 GROUP_CACHE = 1.0
-#: A request other than an event stream is answered within this long (seconds), or gets a 504.
+#: An answer begins within this long (seconds), or the request gets a 504.
 REQUEST_TIMEOUT = 30.0
-#: Connections served at once; uvicorn answers 503 to more. Each open task page holds one.
+#: uvicorn's connection limit: it answers 503 once this many are open, counting the one
+#: asking (so one fewer are served). Each open task page holds one.
 MAX_CONNECTIONS = 200
 #: How long a stopping dashboard waits for open requests (event streams never end by themselves).
 SHUTDOWN_TIMEOUT = 5
@@ -274,8 +275,9 @@ class _TooLarge(Exception):
 
 class _Bounded:
     """What one request may cost: a body of at most ``max_body`` bytes (413 past it, counted as
-    it arrives whatever its ``Content-Length`` says) and an answer within ``timeout`` seconds
-    (504 past it: the broker may be away). An event stream lasts as long as its task."""
+    it arrives whatever its ``Content-Length`` says), and an answer begun within ``timeout``
+    seconds (504 past it: the broker may be away). Once begun, an answer is not cut: an event
+    stream lasts as long as its task. A broker that is away is a 503."""
 
     def __init__(self, app: Any, max_body: int, timeout: float) -> None:
         self.app = app
@@ -286,12 +288,14 @@ class _Bounded:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        too_large = f"a request body is at most {self.max_body} bytes"
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            await self._refuse(413, f"a request body is at most {self.max_body} bytes", scope, receive, send)
+            await self._refuse(413, too_large, scope, receive, send, close=True)
             return
         received = 0
         started = False
+        bound = asyncio.timeout(self.timeout)
 
         async def counted() -> Any:
             nonlocal received
@@ -304,31 +308,35 @@ class _Bounded:
 
         async def watched(message: Any) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                bound.reschedule(None)  # answered: the body (an event stream's too) takes its time
             await send(message)
 
-        if scope["path"].endswith("/events"):
-            await self.app(scope, receive, send)  # a GET that lasts as long as its task (it reads no body)
-            return
-        bound = asyncio.timeout(self.timeout)
         try:
             async with bound:
                 await self.app(scope, counted, watched)
         except _TooLarge:
-            if not started:
-                await self._refuse(413, f"a request body is at most {self.max_body} bytes", scope, receive, send)
+            if started:
+                raise
+            await self._refuse(413, too_large, scope, receive, send, close=True)
         except TimeoutError:
-            if not bound.expired():
-                raise  # the handler's own
-            if not started:
-                problem = f"no answer within {self.timeout:g} s: the broker may be away"
-                if scope["method"] == "POST":
-                    problem += " (what was asked may still be done: look before asking again)"
-                await self._refuse(504, problem, scope, receive, send)
+            if started or not bound.expired():
+                raise  # not this bound's: the handler's own
+            problem = f"no answer within {self.timeout:g} s: the broker may be away"
+            if scope["method"] == "POST":
+                problem += " (what was asked may still be done: look before asking again)"
+            await self._refuse(504, problem, scope, receive, send)
+        except ConnectorError as exc:
+            if started or not exc.retriable:
+                raise
+            await self._refuse(503, f"the broker is away: {exc}", scope, receive, send)
 
     @staticmethod
-    async def _refuse(status: int, problem: str, scope: Any, receive: Any, send: Any) -> None:
-        await JSONResponse({"error": problem}, status_code=status)(scope, receive, send)
+    async def _refuse(status: int, problem: str, scope: Any, receive: Any, send: Any, close: bool = False) -> None:
+        # A body past the limit is not read on: the connection is closed after the answer.
+        headers = {"connection": "close"} if close else None
+        await JSONResponse({"error": problem}, status_code=status, headers=headers)(scope, receive, send)
 
 
 def _host_name(host: str) -> str:

@@ -71,7 +71,7 @@ from qtasks.runner import Announcer, Host, TaskRun, end_unfinished, end_without_
 from qtasks.scheduler import DelayScheduler
 from qtasks.share_mode import ShareOffsets, as_record, end_at_limit, send_again
 from qtasks.stats import UNKNOWN_TASK
-from qtasks.store import records_of
+from qtasks.store import CATCH_UP_TIMEOUT, records_of
 from qtasks.supervise import Supervisor, raise_if_cancelled
 from qtasks.threads import TaskThreads
 from qtasks.transactions import PartitionLostError, PartitionTxn, transactional_id
@@ -1145,9 +1145,14 @@ class Worker:
         if since >= self._control_from:
             return None  # the control loop reads every cancel sent since: one would be waiting in _cancelled
         tp = TopicPartition(core.topics.control, partition_for(uuid, core.config.control_partitions))
-        found = await records_of(
-            core.broker, tp, uuid.encode(), client_id=f"{self.id}-cancels", since_ms=int(since * 1000)
-        )
+        try:
+            found = await records_of(
+                core.broker, tp, uuid.encode(), client_id=f"{self.id}-cancels", since_ms=int(since * 1000)
+            )
+        except TimeoutError:
+            raise ConnectorError(
+                f"could not read the control topic to its end within {CATCH_UP_TIMEOUT} s", retriable=True
+            ) from None
         reason = None
         for record in found:
             try:

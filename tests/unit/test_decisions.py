@@ -205,6 +205,10 @@ def test_a_task_record_of_a_newer_version_is_refused_not_run_by_guess() -> None:
     with pytest.raises(RecordError, match="written by a newer qtasks") as newer:
         decode_task(b'{"v":2,"uuid":"u","task_name":"t","created_at":1.5}')
     assert newer.value.kind == "newer_version"
+    with pytest.raises(RecordError, match="written by a newer qtasks"):  # whose shape changed, too
+        decode_task(b'{"v":3,"uuid":"u","function":"t","created_at":"today"}')
+    with pytest.raises(RecordError, match="wrong shape"):
+        decode_task(b'{"v":"2","uuid":"u","task_name":"t","created_at":1.5}')
     with pytest.raises(RecordError, match="versions start at 1"):
         decode_task(b'{"v":0,"uuid":"u","task_name":"t","created_at":1.5}')
     assert decode_task(b'{"v":1,"uuid":"u","task_name":"t","created_at":1.5}').v == 1

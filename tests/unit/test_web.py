@@ -13,6 +13,7 @@ import pytest
 
 from qtasks import ops, web
 from qtasks.asyncio import QueueTasks
+from qtasks.exc import BrokerUnavailableError
 from qtasks.web import create_app
 from tests.helpers import FAST, free_port, unique
 
@@ -43,6 +44,9 @@ async def app() -> AsyncIterator[QueueTasks]:
 async def client(app: QueueTasks) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(app)), base_url="http://dash") as client:
         yield client
+
+
+JSON = {"content-type": "application/json"}
 
 
 def events(text: str) -> list[tuple[str, dict[str, object]]]:
@@ -195,6 +199,26 @@ async def test_a_request_the_broker_does_not_answer_gets_a_504_but_an_event_stre
         uuid = (await client.post("/api/tasks", json={"name": "slowly"})).json()["uuid"]
         streamed = events((await client.get(f"/api/tasks/{uuid}/events")).text)
         assert [kind for kind, _ in streamed] == ["value", "value", "value", "end"]
+
+
+async def test_a_broker_away_is_a_503_and_a_handler_s_own_timeout_is_not_called_the_dashboard_s(
+    app: QueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def away(*args: object, **kwargs: object) -> None:
+        raise BrokerUnavailableError("no broker")
+
+    async def own_timeout(*args: object, **kwargs: object) -> None:
+        raise TimeoutError("an inner wait ran out")
+
+    transport = httpx.ASGITransport(app=create_app(app), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://dash") as client:
+        monkeypatch.setattr(ops, "list_tasks", away)
+        answer = await client.get("/api/tasks")
+        assert answer.status_code == 503 and "the broker is away: no broker" in answer.json()["error"]
+        monkeypatch.setattr(ops, "list_tasks", own_timeout)
+        assert (await client.get("/api/tasks")).status_code == 500  # a bug to see, not "no answer in 30 s"
+        big = await client.post("/api/tasks", content=b"[" + b"1," * 600_000 + b"1]", headers=JSON)
+        assert big.status_code == 413 and big.headers["connection"] == "close"  # not read on
 
 
 async def test_the_server_refuses_connections_past_its_limit_and_stops_with_streams_open(
