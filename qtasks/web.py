@@ -20,6 +20,7 @@ import contextlib
 import html
 import json
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -65,6 +66,9 @@ class _Dashboard:
         self.app = app
         self._group: tuple[float, dict[str, Any]] | None = None
         self._group_lock = asyncio.Lock()
+        #: Set as the server stops: open event streams end (a browser's EventSource reconnects
+        #: to the next dashboard, from its last value) instead of being cancelled.
+        self.closing = asyncio.Event()
 
     # -- JSON ------------------------------------------------------------------------
 
@@ -148,11 +152,14 @@ class _Dashboard:
         app = self.app
         items = app.stream(uuid, from_seq=from_seq, meta=True).__aiter__()
         step: asyncio.Future[Any] | None = None
+        closing = asyncio.ensure_future(self.closing.wait())
         try:
             while True:
                 step = asyncio.ensure_future(items.__anext__())
                 while True:
-                    done, _ = await asyncio.wait([step], timeout=KEEP_ALIVE)
+                    done, _ = await asyncio.wait([step, closing], timeout=KEEP_ALIVE, return_when=FIRST_COMPLETED)
+                    if closing in done:
+                        return  # the server stops
                     if done:
                         break
                     yield ": keep-alive\n\n"
@@ -175,6 +182,7 @@ class _Dashboard:
         except AppClosedError:
             return
         finally:
+            closing.cancel()
             # The browser went away (or the stream ended): stop reading its results.
             if step is not None and not step.done():
                 step.cancel()
@@ -369,7 +377,7 @@ def create_app(
         finally:
             await app.close()
 
-    return Starlette(
+    site = Starlette(
         routes=[
             Route("/", dashboard.overview),
             Route("/tasks", dashboard.tasks_page),
@@ -395,6 +403,8 @@ def create_app(
             ),
         ],
     )
+    site.state.dashboard = dashboard
+    return site
 
 
 #: The names a dashboard on a loopback address answers to.
@@ -421,8 +431,16 @@ def _server(app: QueueTasks, host: str, port: int, allowed: list[str]) -> Any:
     for open requests when it stops."""
     import uvicorn
 
+    site = create_app(app, allowed)
+    dashboard: _Dashboard = site.state.dashboard
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            dashboard.closing.set()  # the open event streams end, and their connections with them
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
-        create_app(app, allowed),
+        site,
         host=host,
         port=port,
         log_level="warning",
@@ -430,7 +448,7 @@ def _server(app: QueueTasks, host: str, port: int, allowed: list[str]) -> Any:
         limit_concurrency=MAX_CONNECTIONS,
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 # -- the pages ---------------------------------------------------------------------------
