@@ -236,7 +236,7 @@ class StatusStore:
             await self.catch_up(uuid, timeout)
             head = self.view.head(uuid)
         if head is None and self.view.evicted:
-            task = await self._read_back(uuid)
+            task = await self._read_back(uuid, timeout)
             head = None if task is None else head_of(task)
         return head
 
