@@ -53,7 +53,7 @@ REQUEST_TIMEOUT = 30.0
 #: uvicorn's connection limit: it answers 503 once this many are open, counting the one
 #: asking (so one fewer are served). Each open task page holds one.
 MAX_CONNECTIONS = 200
-#: How long a stopping dashboard waits for open requests (event streams never end by themselves).
+#: How long a stopping dashboard waits for its open requests (its event streams end at once).
 SHUTDOWN_TIMEOUT = 5
 
 
@@ -366,7 +366,7 @@ def create_app(
     ``allowed_hosts``: the names it answers to (the ``Host`` header); None: any. POSTs
     from other origins are refused either way. ``max_body``: the largest request body
     (default: the app's ``max_record_bytes``, the largest task record it sends);
-    ``request_timeout``: how long a request other than an event stream may take.
+    ``request_timeout``: how long an answer may take to begin (504 past it).
     """
     dashboard = _Dashboard(app)
 
