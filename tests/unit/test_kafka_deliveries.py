@@ -1,4 +1,4 @@
-"""A Kafka delivery whose caller gave up on it (no broker: the producer's future is driven by hand)."""
+"""Kafka deliveries as the engine sees them (no broker: aiokafka's futures are driven by hand)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 
 from qtasks.connectors.kafka.producer import KafkaProducer
+from qtasks.exc import ConnectorError
 
 
 def bare_producer() -> KafkaProducer:
     producer = KafkaProducer.__new__(KafkaProducer)
     producer._client = None
     producer._connector = SimpleNamespace(where="127.0.0.1:1")  # type: ignore[assignment]
+    producer._deliveries = {}
     return producer
 
 
@@ -38,4 +40,31 @@ async def test_a_delivery_whose_caller_gave_up_ends_without_an_error_in_a_callba
         raw.set_exception(KafkaTimeoutError())
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+    assert errors == []
+
+
+async def test_each_delivery_ends_as_its_own_record_did_also_out_of_order() -> None:
+    """One callback serves a partition's deliveries; records usually end in the order sent,
+    but a stopping producer fails what it holds in any order: each caller still gets its own
+    record's outcome, a failure as a ConnectorError already marked as retrieved."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    producer = bare_producer()
+    raws: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(4)]
+    deliveries = [producer._mapped(raw, "t", 0) for raw in raws]
+    other = producer._mapped(loop.create_future(), "t", 1)  # another partition: untouched
+    raws[2].set_exception(NotLeaderForPartitionError())
+    raws[0].set_result("first")
+    raws[3].cancel()
+    raws[1].set_result("second")
+    await asyncio.sleep(0)
+    assert deliveries[0].result() == "first"
+    assert deliveries[1].result() == "second"
+    failed = deliveries[2].exception()
+    assert isinstance(failed, ConnectorError) and failed.retriable
+    assert "t[0]" in str(failed)
+    assert deliveries[3].cancelled()
+    assert not other.done()
+    del deliveries, failed
     assert errors == []
