@@ -88,6 +88,7 @@ class ResultSink:
         "_mismatch",
         "_partition",
         "_pending",
+        "_pending_seqs",
         "_send",
         "_topic",
         "_trouble",
@@ -149,7 +150,10 @@ class ResultSink:
         self.last_delivery: Any = None
         #: Values' deliveries not seen done yet, oldest first (a partition's deliveries
         #: end in order): looked at as values are sent and at the end, no callback per value.
-        self._pending: deque[tuple[int, Any]] = deque()  # (seq, delivery)
+        #: Their seqs beside them, not in a tuple each: no object per value in flight for the
+        #: garbage collector to walk.
+        self._pending: deque[Any] = deque()
+        self._pending_seqs: deque[int] = deque()
         #: The first delivery error of a value of this attempt (the attempt then ends as error).
         self.error: BaseException | None = None
         #: The seq of the first value whose delivery failed (an ending as error says it: ``lost_from``).
@@ -203,8 +207,10 @@ class ResultSink:
         if delivery is not None:
             self.last_delivery = delivery
             pending = self._pending
-            pending.append((seq, delivery))
-            self.settle_done()
+            pending.append(delivery)
+            self._pending_seqs.append(seq)
+            if pending[0].done():
+                self.settle_done()
 
     def _count(self, seq: int, value: Any, size: int, crc: int) -> None:
         self.seq = self.sent = seq + 1
@@ -252,12 +258,13 @@ class ResultSink:
 
     async def settle(self) -> None:
         """Wait for the deliveries of the values sent so far; the first failure is in ``error``."""
-        pending = self._pending
+        pending, seqs = self._pending, self._pending_seqs
         while pending:
-            seq, delivery = pending.popleft()
+            delivery = pending[0]
             if not delivery.done():
                 await asyncio.wait([delivery])
-            self._delivered(seq, delivery)
+            pending.popleft()
+            self._delivered(seqs.popleft(), delivery)
 
     async def end(self, status: str) -> None:
         """Write the end marker of this attempt and wait until it is stored (exactly-once: sent in the transaction).
@@ -279,8 +286,8 @@ class ResultSink:
     def settle_done(self) -> None:
         """Take in the deliveries that are done (in order), so ``failed_seq`` is current up to them."""
         pending = self._pending
-        while pending and pending[0][1].done():
-            self._delivered(*pending.popleft())
+        while pending and pending[0].done():
+            self._delivered(self._pending_seqs.popleft(), pending.popleft())
 
 
 class Announcer:

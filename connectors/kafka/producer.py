@@ -36,6 +36,8 @@ _NO_HEADERS: list[tuple[str, bytes]] = []
 class _Deliveries:
     """The deliveries of one partition's records, as the engine sees them, for one aiokafka producer.
 
+    The producer keeps one per partition it sends to, with the partition's aiokafka name.
+
     Every record gets a delivery of its own, apart from aiokafka's future: a caller that
     gives up on it (a timeout, a cancel) cancels only its own, never aiokafka's, which
     the producer still reads (a partition's end, the failures a ``flush`` reports). This
@@ -44,7 +46,7 @@ class _Deliveries:
     walk (a third of a generator task's CPU).
     """
 
-    __slots__ = ("_context", "_loop", "_partition", "_producer", "_topic", "_waiting", "sender")
+    __slots__ = ("_context", "_deliveries", "_loop", "_partition", "_producer", "_raws", "_topic", "sender", "tp")
 
     def __init__(self, producer: KafkaProducer, sender: AIOKafkaProducer | None, topic: str, partition: int) -> None:
         self._producer = producer
@@ -52,26 +54,32 @@ class _Deliveries:
         self.sender = sender
         self._topic = topic
         self._partition = partition
+        self.tp = KafkaTP(topic, partition)
         self._loop = asyncio.get_running_loop()
         # The callback needs no context variable: one empty context, not a copy per record.
         self._context = contextvars.Context()
-        #: (aiokafka's future, the delivery) in the order sent: a partition's records end in that order.
-        self._waiting: deque[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = deque()
+        #: aiokafka's futures and the deliveries, side by side (no tuple per record), in the
+        #: order sent: a partition's records end in that order.
+        self._raws: deque[asyncio.Future[Any]] = deque()
+        self._deliveries: deque[asyncio.Future[Any]] = deque()
 
     def add(self, raw: asyncio.Future[Any]) -> asyncio.Future[Any]:
         delivery: asyncio.Future[Any] = self._loop.create_future()
-        self._waiting.append((raw, delivery))
+        self._raws.append(raw)
+        self._deliveries.append(delivery)
         raw.add_done_callback(self, context=self._context)
         return delivery
 
     def __call__(self, raw: asyncio.Future[Any]) -> None:
-        waiting = self._waiting
-        if waiting[0][0] is raw:
-            delivery = waiting.popleft()[1]
+        raws, deliveries = self._raws, self._deliveries
+        if raws[0] is raw:
+            raws.popleft()
+            delivery = deliveries.popleft()
         else:  # out of order (a producer that stopped fails what it holds in any order)
-            entry = next(entry for entry in waiting if entry[0] is raw)
-            waiting.remove(entry)
-            delivery = entry[1]
+            at = raws.index(raw)
+            del raws[at]
+            delivery = deliveries[at]
+            del deliveries[at]
         # The delivery may be done already: a caller that gave up awaiting it (its timeout)
         # cancelled it. The outcome then concerns no one, but a fatal one still counts.
         if raw.cancelled():
@@ -113,7 +121,6 @@ class KafkaProducer:
         # numbers no longer follow), so the last delivery tells both the partition's end
         # and whether anything failed; no callback per record is needed.
         self._last: dict[tuple[str, int], asyncio.Future[Any]] = {}
-        self._tps: dict[tuple[str, int], KafkaTP] = {}
         self._deliveries: dict[tuple[str, int], _Deliveries] = {}
         self._ends: dict[tuple[str, int], int] = {}
         #: Failed deliveries not reported by a flush yet.
@@ -251,11 +258,12 @@ class KafkaProducer:
         if room > c.batch_limit(topic):
             self.check_size(topic, key, value, headers)
         key_ = (topic, partition)
-        tp = self._tps.get(key_)
-        if tp is None:
-            tp = self._tps[key_] = KafkaTP(topic, partition)
         try:
             client = self._client or await self._current()
+            deliveries = self._deliveries.get(key_)
+            if deliveries is None or deliveries.sender is not client:
+                deliveries = self._deliveries[key_] = _Deliveries(self, client, topic, partition)
+            tp = deliveries.tp
             if client.client.cluster.leader_for_partition(tp) is None:  # not in the metadata (yet)
                 await self._ensure_partition(client, topic, partition)
             try:
@@ -277,7 +285,9 @@ class KafkaProducer:
         if previous is not None and previous.done():
             self._fold(key_, previous)
         self._last[key_] = fut
-        return self._mapped(fut, topic, partition)
+        if deliveries.sender is not self._client:  # rebuilt meanwhile: sent by the new one
+            return self._mapped(fut, topic, partition)
+        return deliveries.add(fut)
 
     def _mapped(self, fut: asyncio.Future[Any], topic: str, partition: int) -> asyncio.Future[Any]:
         """The delivery as the engine sees it: a failure is a ConnectorError, and a fatal one restarts the producer.
