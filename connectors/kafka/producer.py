@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka import TopicPartition as KafkaTP
 from aiokafka import errors as kafka_exc
 
+from qtasks.connectors.kafka.deliveries import Deliveries
 from qtasks.connectors.kafka.errors import _FATAL, KAFKA_ERRORS, is_fatal, kafka_errors, map_error, mapped
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
@@ -31,73 +29,6 @@ log = logging.getLogger("qtasks.kafka")
 
 #: What a record without headers passes to aiokafka (which only reads it).
 _NO_HEADERS: list[tuple[str, bytes]] = []
-
-
-class _Deliveries:
-    """The deliveries of one partition's records, as the engine sees them, for one aiokafka producer.
-
-    The producer keeps one per partition it sends to, with the partition's aiokafka name.
-
-    Every record gets a delivery of its own, apart from aiokafka's future: a caller that
-    gives up on it (a timeout, a cancel) cancels only its own, never aiokafka's, which
-    the producer still reads (a partition's end, the failures a ``flush`` reports). This
-    object is the one callback of all of them: a closure per record (a function and its
-    cells) kept some ten objects alive per record in flight, for the garbage collector to
-    walk (a third of a generator task's CPU).
-    """
-
-    __slots__ = ("_context", "_deliveries", "_loop", "_partition", "_producer", "_raws", "_topic", "sender", "tp")
-
-    def __init__(self, producer: KafkaProducer, sender: AIOKafkaProducer | None, topic: str, partition: int) -> None:
-        self._producer = producer
-        #: The aiokafka producer that sent them: only its own fatal failure restarts it.
-        self.sender = sender
-        self._topic = topic
-        self._partition = partition
-        self.tp = KafkaTP(topic, partition)
-        self._loop = asyncio.get_running_loop()
-        # The callback needs no context variable: one empty context, not a copy per record.
-        self._context = contextvars.Context()
-        #: aiokafka's futures and the deliveries, side by side (no tuple per record), in the
-        #: order sent: a partition's records end in that order.
-        self._raws: deque[asyncio.Future[Any]] = deque()
-        self._deliveries: deque[asyncio.Future[Any]] = deque()
-
-    def add(self, raw: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        delivery: asyncio.Future[Any] = self._loop.create_future()
-        self._raws.append(raw)
-        self._deliveries.append(delivery)
-        raw.add_done_callback(self, context=self._context)
-        return delivery
-
-    def __call__(self, raw: asyncio.Future[Any]) -> None:
-        raws, deliveries = self._raws, self._deliveries
-        if raws[0] is raw:
-            raws.popleft()
-            delivery = deliveries.popleft()
-        else:  # out of order (a producer that stopped fails what it holds in any order)
-            at = raws.index(raw)
-            del raws[at]
-            delivery = deliveries[at]
-            del deliveries[at]
-        # The delivery may be done already: a caller that gave up awaiting it (its timeout)
-        # cancelled it. The outcome then concerns no one, but a fatal one still counts.
-        if raw.cancelled():
-            delivery.cancel()
-            return
-        exc = raw.exception()
-        if exc is None:
-            if not delivery.done():
-                delivery.set_result(raw.result())
-            return
-        producer = self._producer
-        if not delivery.done():
-            where = f"deliver to {self._topic}[{self._partition}]"
-            delivery.set_exception(map_error(exc, where, servers=producer._connector.where, topic=self._topic))
-            delivery.exception()
-        sender = self.sender
-        if is_fatal(exc) and sender is not None and sender is producer._client:
-            self._loop.create_task(producer._rebuild_once(sender, f"a delivery failed: {exc!r}"))
 
 
 # -- producer ----------------------------------------------------------------------------
@@ -119,9 +50,11 @@ class KafkaProducer:
         # The last delivery of each partition. An idempotent producer writes a partition's
         # batches in order, and a failed batch fails the ones after it (their sequence
         # numbers no longer follow), so the last delivery tells both the partition's end
-        # and whether anything failed; no callback per record is needed.
+        # and whether anything failed (a ``flush`` reads them as it returns, before any
+        # delivery's callback has run).
         self._last: dict[tuple[str, int], asyncio.Future[Any]] = {}
-        self._deliveries: dict[tuple[str, int], _Deliveries] = {}
+        #: Each partition's deliveries (the callers' view of its records), with its aiokafka name.
+        self._deliveries: dict[tuple[str, int], Deliveries] = {}
         self._ends: dict[tuple[str, int], int] = {}
         #: Failed deliveries not reported by a flush yet.
         self._failed: list[tuple[tuple[str, int], BaseException]] = []
@@ -262,7 +195,7 @@ class KafkaProducer:
             client = self._client or await self._current()
             deliveries = self._deliveries.get(key_)
             if deliveries is None or deliveries.sender is not client:
-                deliveries = self._deliveries[key_] = _Deliveries(self, client, topic, partition)
+                deliveries = self._deliveries[key_] = Deliveries(self, client, topic, partition)
             tp = deliveries.tp
             if client.client.cluster.leader_for_partition(tp) is None:  # not in the metadata (yet)
                 await self._ensure_partition(client, topic, partition)
@@ -299,8 +232,20 @@ class KafkaProducer:
         key = (topic, partition)
         deliveries = self._deliveries.get(key)
         if deliveries is None or deliveries.sender is not sender:
-            deliveries = self._deliveries[key] = _Deliveries(self, sender, topic, partition)
+            deliveries = self._deliveries[key] = Deliveries(self, sender, topic, partition)
         return deliveries.add(fut)
+
+    def delivered(self, deliveries: Deliveries, result: Any) -> None:
+        """A record is stored (the partition's end is read from its last delivery, when asked)."""
+
+    def failed(self, deliveries: Deliveries, exc: BaseException) -> BaseException:
+        """A record failed: its error as a ConnectorError; a fatal one restarts its producer."""
+        topic = deliveries.topic
+        sender = deliveries.sender
+        if is_fatal(exc) and sender is not None and sender is self._client:
+            asyncio.get_running_loop().create_task(self._rebuild_once(sender, f"a delivery failed: {exc!r}"))
+        where = f"deliver to {topic}[{deliveries.partition}]"
+        return map_error(exc, where, servers=self._connector.where, topic=topic)
 
     async def _rebuild_once(self, sender: AIOKafkaProducer, why: str) -> None:
         """Rebuild after a fatal delivery failure, unless another rebuild replaced ``sender`` already."""

@@ -20,6 +20,7 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka import errors as kafka_exc
 
 from qtasks.connectors.base import TopicPartition
+from qtasks.connectors.kafka.deliveries import Deliveries
 from qtasks.connectors.kafka.errors import kafka_errors, map_error
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
@@ -59,6 +60,7 @@ class KafkaTxnProducer:
         self._beginning: asyncio.Lock | None = None
         #: One past the highest offset each partition's deliveries reported.
         self._ends: dict[tuple[str, int], int] = {}
+        self._deliveries: dict[tuple[str, int], Deliveries] = {}
 
     async def start(self) -> None:
         """Connect and register the id (InitProducerId): an older producer of it is fenced."""
@@ -175,28 +177,25 @@ class KafkaTxnProducer:
         return self._mapped(fut, topic, partition)
 
     def _mapped(self, fut: asyncio.Future[Any], topic: str, partition: int) -> asyncio.Future[Any]:
-        mapped: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        key = (topic, partition)
+        deliveries = self._deliveries.get(key)
+        if deliveries is None:
+            deliveries = self._deliveries[key] = Deliveries(self, None, topic, partition)
+        return deliveries.add(fut)  # the commit reports a failure; never "never retrieved"
 
-        def done(raw: asyncio.Future[Any]) -> None:
-            if raw.cancelled():
-                mapped.cancel()
-                return
-            exc = raw.exception()
-            if exc is None:
-                result = raw.result()
-                key = (topic, partition)
-                if result.offset >= self._ends.get(key, 0):
-                    self._ends[key] = result.offset + 1
-                mapped.set_result(result)
-            elif isinstance(exc, _FENCED):
-                mapped.set_exception(_fenced(self.transactional_id, exc))
-            else:
-                c = self._connector
-                mapped.set_exception(map_error(exc, f"deliver to {topic}[{partition}]", servers=c.where, topic=topic))
-            mapped.exception()  # the commit reports it; never "never retrieved"
+    def delivered(self, deliveries: Deliveries, result: Any) -> None:
+        """A record is stored: the partition's end moves past it."""
+        key = (deliveries.topic, deliveries.partition)
+        if result.offset >= self._ends.get(key, 0):
+            self._ends[key] = result.offset + 1
 
-        fut.add_done_callback(done)
-        return mapped
+    def failed(self, deliveries: Deliveries, exc: BaseException) -> BaseException:
+        """A record failed: fenced, or its error as a ConnectorError."""
+        if isinstance(exc, _FENCED):
+            return _fenced(self.transactional_id, exc)
+        topic = deliveries.topic
+        c = self._connector
+        return map_error(exc, f"deliver to {topic}[{deliveries.partition}]", servers=c.where, topic=topic)
 
     def known_end(self, topic: str, partition: int) -> int | None:
         """One past the highest offset this producer's deliveries to the partition reported (None: none yet)."""

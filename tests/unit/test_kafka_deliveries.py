@@ -7,10 +7,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
+from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError, ProducerFenced
 
 from qtasks.connectors.kafka.producer import KafkaProducer
-from qtasks.exc import ConnectorError
+from qtasks.connectors.kafka.transactions import KafkaTxnProducer
+from qtasks.exc import ConnectorError, ProducerFencedError
 
 
 def bare_producer() -> KafkaProducer:
@@ -68,3 +69,22 @@ async def test_each_delivery_ends_as_its_own_record_did_also_out_of_order() -> N
     assert not other.done()
     del deliveries, failed
     assert errors == []
+
+
+async def test_a_transactional_delivery_moves_the_partition_end_and_says_fenced_when_fenced() -> None:
+    """Exactly-once: a stored record moves ``known_end`` (where a stream of the task starts);
+    a record refused because a newer owner took the transactional id says so."""
+    loop = asyncio.get_running_loop()
+    producer = KafkaTxnProducer.__new__(KafkaTxnProducer)
+    producer._connector = SimpleNamespace(where="127.0.0.1:1")  # type: ignore[assignment]
+    producer.transactional_id = "qtasks-tasks-0"
+    producer._ends = {}
+    producer._deliveries = {}
+    stored, fenced = loop.create_future(), loop.create_future()
+    first, second = producer._mapped(stored, "t", 2), producer._mapped(fenced, "t", 2)
+    stored.set_result(SimpleNamespace(offset=41))
+    fenced.set_exception(ProducerFenced())
+    await asyncio.sleep(0)
+    assert first.result().offset == 41
+    assert producer.known_end("t", 2) == 42
+    assert isinstance(second.exception(), ProducerFencedError)

@@ -1,0 +1,89 @@
+"""A partition's deliveries as the engine sees them: one callback for all its records.
+
+Every record a producer sends gets a delivery of its own, apart from aiokafka's future:
+a caller that gives up on it (a timeout, a cancel) cancels only its own, never
+aiokafka's, which the producer still reads (a partition's end, the failures a ``flush``
+reports). A failure is a :class:`~qtasks.exc.ConnectorError` (the producer maps it),
+already marked as retrieved: a caller that never awaits it learns of it elsewhere.
+
+One :class:`Deliveries` per partition is the callback of all its records. A closure per
+record (a function and its cells) kept some ten objects alive per record in flight for
+the garbage collector to walk: a third of the CPU of a task that yields many values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from typing import Any, Protocol
+
+from aiokafka import TopicPartition as KafkaTP
+
+
+class Owner(Protocol):
+    """The producer a partition's deliveries report to."""
+
+    def delivered(self, deliveries: Deliveries, result: Any) -> None:
+        """A record of the partition is stored (``result``: aiokafka's metadata of it)."""
+
+    def failed(self, deliveries: Deliveries, exc: BaseException) -> BaseException:
+        """A record of the partition failed with ``exc``: the error its delivery ends with."""
+        ...
+
+
+class Deliveries:
+    """The deliveries of one partition's records, sent by one aiokafka producer (``sender``)."""
+
+    __slots__ = ("_context", "_deliveries", "_loop", "_owner", "_raws", "partition", "sender", "topic", "tp")
+
+    def __init__(self, owner: Owner, sender: Any, topic: str, partition: int) -> None:
+        self._owner = owner
+        #: The aiokafka producer that sends them (a producer that is rebuilt starts new ones).
+        self.sender = sender
+        self.topic = topic
+        self.partition = partition
+        #: The partition's name for aiokafka.
+        self.tp = KafkaTP(topic, partition)
+        self._loop = asyncio.get_running_loop()
+        # The callback reads no context variable: one empty context, not a copy per record.
+        self._context = contextvars.Context()
+        #: aiokafka's futures and the deliveries, side by side (no tuple per record), in the
+        #: order sent: a partition's records end in that order.
+        self._raws: deque[asyncio.Future[Any]] = deque()
+        self._deliveries: deque[asyncio.Future[Any]] = deque()
+
+    def add(self, raw: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """The delivery of the record whose aiokafka future is ``raw``."""
+        delivery: asyncio.Future[Any] = self._loop.create_future()
+        self._raws.append(raw)
+        self._deliveries.append(delivery)
+        raw.add_done_callback(self, context=self._context)
+        return delivery
+
+    def __call__(self, raw: asyncio.Future[Any]) -> None:
+        raws, deliveries = self._raws, self._deliveries
+        if raws[0] is raw:
+            raws.popleft()
+            delivery = deliveries.popleft()
+        else:  # out of order (a producer that stops fails what it holds in any order)
+            at = raws.index(raw)
+            del raws[at]
+            delivery = deliveries[at]
+            del deliveries[at]
+        # The delivery may be done already: a caller that gave up awaiting it cancelled it.
+        # The outcome then concerns no one, but the producer still learns of it.
+        if raw.cancelled():
+            delivery.cancel()
+            return
+        exc = raw.exception()
+        if exc is None:
+            result = raw.result()
+            self._owner.delivered(self, result)
+            if not delivery.done():
+                delivery.set_result(result)
+            return
+        error = self._owner.failed(self, exc)
+        if not delivery.done():
+            delivery.set_exception(error)
+            delivery.exception()
