@@ -263,6 +263,7 @@ class ResultSink:
             delivery = pending[0]
             if not delivery.done():
                 await asyncio.wait([delivery])
+                continue  # a lease renewal's settle_done may have taken it in meanwhile
             pending.popleft()
             self._delivered(seqs.popleft(), delivery)
 

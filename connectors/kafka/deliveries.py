@@ -35,7 +35,7 @@ class Owner(Protocol):
 class Deliveries:
     """The deliveries of one partition's records, sent by one aiokafka producer (``sender``)."""
 
-    __slots__ = ("_context", "_deliveries", "_loop", "_owner", "_raws", "partition", "sender", "topic", "tp")
+    __slots__ = ("_context", "_deliveries", "_loop", "_owner", "_raws", "_strays", "partition", "sender", "topic", "tp")
 
     def __init__(self, owner: Owner, sender: Any, topic: str, partition: int) -> None:
         self._owner = owner
@@ -52,6 +52,10 @@ class Deliveries:
         #: order sent: a partition's records end in that order.
         self._raws: deque[asyncio.Future[Any]] = deque()
         self._deliveries: deque[asyncio.Future[Any]] = deque()
+        #: Records taken out of the deques once one ended out of order (aiokafka's future:
+        #: the delivery), so a stopping producer that fails thousands of them in another
+        #: order costs one pass, not one search each.
+        self._strays: dict[asyncio.Future[Any], asyncio.Future[Any]] = {}
 
     def add(self, raw: asyncio.Future[Any]) -> asyncio.Future[Any]:
         """The delivery of the record whose aiokafka future is ``raw``."""
@@ -63,14 +67,16 @@ class Deliveries:
 
     def __call__(self, raw: asyncio.Future[Any]) -> None:
         raws, deliveries = self._raws, self._deliveries
-        if raws[0] is raw:
+        if raws and raws[0] is raw:
             raws.popleft()
             delivery = deliveries.popleft()
-        else:  # out of order (a producer that stops fails what it holds in any order)
-            at = raws.index(raw)
-            del raws[at]
-            delivery = deliveries[at]
-            del deliveries[at]
+        else:  # out of order (a producer that stops fails its queued batches before the one in flight)
+            strays = self._strays
+            if raw not in strays:
+                strays.update(zip(raws, deliveries, strict=True))
+                raws.clear()
+                deliveries.clear()
+            delivery = strays.pop(raw)
         # The delivery may be done already: a caller that gave up awaiting it cancelled it.
         # The outcome then concerns no one, but the producer still learns of it.
         if raw.cancelled():

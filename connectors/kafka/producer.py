@@ -91,6 +91,7 @@ class KafkaProducer:
     async def stop(self) -> None:
         """Deliver what is pending, then disconnect."""
         client, self._client = self._client, None
+        self._deliveries.clear()
         if client is not None:
             await client.stop()
 
@@ -123,6 +124,9 @@ class KafkaProducer:
                 await old.stop()
             finally:
                 self._settle()
+                # Records still under way keep their own (their futures hold it); the old
+                # producer is kept by nothing else.
+                self._deliveries.clear()
             await self.start()
             self.rebuilds += 1
 
@@ -193,9 +197,7 @@ class KafkaProducer:
         key_ = (topic, partition)
         try:
             client = self._client or await self._current()
-            deliveries = self._deliveries.get(key_)
-            if deliveries is None or deliveries.sender is not client:
-                deliveries = self._deliveries[key_] = Deliveries(self, client, topic, partition)
+            deliveries = self._deliveries_of(topic, partition, client)
             tp = deliveries.tp
             if client.client.cluster.leader_for_partition(tp) is None:  # not in the metadata (yet)
                 await self._ensure_partition(client, topic, partition)
@@ -209,7 +211,9 @@ class KafkaProducer:
             except _FATAL as exc:
                 # The sender died (its error is kept by the accumulator): start again, once.
                 await self._rebuild(f"it failed: {exc!r}")
-                fut = await self.client.send(topic, value, key=key, partition=partition, headers=headers)
+                client = self.client
+                fut = await client.send(topic, value, key=key, partition=partition, headers=headers)
+                deliveries = self._deliveries_of(topic, partition, client)
         except ConnectorError:
             raise
         except KAFKA_ERRORS as exc:
@@ -218,22 +222,18 @@ class KafkaProducer:
         if previous is not None and previous.done():
             self._fold(key_, previous)
         self._last[key_] = fut
-        if deliveries.sender is not self._client:  # rebuilt meanwhile: sent by the new one
-            return self._mapped(fut, topic, partition)
+        # The delivery as the engine sees it: a failure is a ConnectorError (marked as
+        # retrieved: a caller that does not await it learns of it from the next ``flush``),
+        # and a fatal one restarts the producer that sent it, if it is still the current one.
         return deliveries.add(fut)
 
-    def _mapped(self, fut: asyncio.Future[Any], topic: str, partition: int) -> asyncio.Future[Any]:
-        """The delivery as the engine sees it: a failure is a ConnectorError, and a fatal one restarts the producer.
-
-        Its error is marked as retrieved at once: a caller that does not await a delivery
-        still learns of the failure from the next ``flush``.
-        """
-        sender = self._client
+    def _deliveries_of(self, topic: str, partition: int, sender: AIOKafkaProducer | None) -> Deliveries:
+        """The deliveries of the partition's records that ``sender`` sends."""
         key = (topic, partition)
         deliveries = self._deliveries.get(key)
         if deliveries is None or deliveries.sender is not sender:
             deliveries = self._deliveries[key] = Deliveries(self, sender, topic, partition)
-        return deliveries.add(fut)
+        return deliveries
 
     def delivered(self, deliveries: Deliveries, result: Any) -> None:
         """A record is stored (the partition's end is read from its last delivery, when asked)."""

@@ -177,11 +177,12 @@ class KafkaTxnProducer:
         return self._mapped(fut, topic, partition)
 
     def _mapped(self, fut: asyncio.Future[Any], topic: str, partition: int) -> asyncio.Future[Any]:
+        """The delivery as the engine sees it (the commit reports a failure; never "never retrieved")."""
         key = (topic, partition)
         deliveries = self._deliveries.get(key)
         if deliveries is None:
             deliveries = self._deliveries[key] = Deliveries(self, None, topic, partition)
-        return deliveries.add(fut)  # the commit reports a failure; never "never retrieved"
+        return deliveries.add(fut)
 
     def delivered(self, deliveries: Deliveries, result: Any) -> None:
         """A record is stored: the partition's end moves past it."""
