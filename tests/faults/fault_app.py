@@ -86,14 +86,20 @@ async def crunch(self, n: int, delay: float = 0.05):
 
 
 @app.task(echo=True)
-async def block_once(self, seconds: float, marker: str):
+async def block_once(self, seconds: float, marker: str, release: str | None = None):
     """Blocks the worker's event loop for ``seconds`` (``time.sleep`` in async code), once:
-    the first run creates ``marker``, a run that finds it returns at once."""
+    the first run creates ``marker``, a run that finds it returns at once. The block ends
+    sooner once ``release`` exists (a test that wants to try again)."""
     if os.path.exists(marker):  # noqa: ASYNC240 - blocking on purpose, as the sleep below
         return "again"
+    # Its own ``process`` status (exactly-once: in its partition's transaction) reaches the
+    # broker first, so that transaction is open there as the loop stops.
+    await asyncio.sleep(0.2)
     with open(marker, "w") as f:  # noqa: ASYNC230
         f.write(str(os.getpid()))
-    time.sleep(seconds)  # noqa: ASYNC251 - a bug a user may well write: nothing on this loop runs meanwhile
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (release and os.path.exists(release)):  # noqa: ASYNC240
+        time.sleep(0.05)  # noqa: ASYNC251 - a bug a user may well write: nothing on this loop runs meanwhile
     return "blocked"
 
 

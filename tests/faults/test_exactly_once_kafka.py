@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from qtasks.records import ResultRecord
 from tests.faults.workers import (
@@ -181,9 +182,27 @@ async def test_a_checkpointing_generator_resumes_from_its_checkpoint_after_a_kil
 # -- 4. a transaction past its timeout --------------------------------------------------------------
 
 
-@pytest.mark.timeout(240)
+async def open_transaction(bootstrap: str, topics: list[str]) -> bool:
+    """Whether some partition of ``topics`` holds records of a transaction not ended yet: its
+    last stable offset (a read_committed consumer's end) is behind its high watermark."""
+    committed = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    everything = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await committed.start()
+    await everything.start()
+    try:
+        cluster = await committed._client.fetch_all_metadata()
+        tps = [TopicPartition(t, p) for t in topics for p in cluster.partitions_for_topic(t) or ()]
+        assert tps, topics
+        stable, high = await committed.end_offsets(tps), await everything.end_offsets(tps)
+        return any(stable[tp] < high[tp] for tp in tps)
+    finally:
+        await committed.stop()
+        await everything.stop()
+
+
+@pytest.mark.timeout(300)
 async def test_a_worker_stalled_past_the_transaction_timeout_loses_nothing_and_repeats_nothing(
-    make_cluster: Callable[..., Workers], tmp_path: Path
+    make_cluster: Callable[..., Workers], tmp_path: Path, kafka_bootstrap: str
 ) -> None:
     # The stall (25 s) is past the transaction timeout (10 s) plus the broker's check for
     # timed-out transactions (every 10 s by default) and inside the session (45 s): the
@@ -197,13 +216,29 @@ async def test_a_worker_stalled_past_the_transaction_timeout_loses_nothing_and_r
     await cluster.wait_assigned([worker])
     app = await cluster.client()
 
-    n_tasks, n_values = 12, 40
+    n_tasks, n_values = 12, 60  # 3 to 10 s each: they send through the stalls, a second one too
     tasks = await asyncio.gather(*(app.add_task("gen", n_values, 0.05 + 0.011 * k) for k in range(n_tasks)))
     uuids = [t.uuid for t in tasks]
     await until(lambda: len(running_on(app, uuids, worker)) >= 12, 60, "12 tasks running")
     await asyncio.sleep(1.0)
     started = time.monotonic()
-    blocker = await app.add_task("block_once", 25.0, str(tmp_path / "blocked"))
+    # The broker aborts (and fences) only a transaction that is open on its side. A stall that
+    # begins just as the last commits ended, before any partition's next send reached the
+    # broker, leaves none open: then nothing times out. So the stall is judged on the broker:
+    # a transaction ending as it began has its markers written within milliseconds, and one
+    # still open two seconds in stays open until its timeout. If none is, it is cut short and
+    # another one begins.
+    for attempt in range(4):
+        marker, release = tmp_path / f"blocked{attempt}", tmp_path / f"release{attempt}"
+        blocker = await app.add_task("block_once", 25.0, str(marker), str(release))
+        await until(marker.exists, 60, "the stall to begin")
+        await asyncio.sleep(2.0)
+        if await open_transaction(kafka_bootstrap, [app.topics.results, app.topics.status]):
+            break
+        release.touch()
+        await wait_all(app, [blocker.uuid], timeout=60)
+    else:
+        raise AssertionError("four stalls began with no transaction of the worker open on the broker")
 
     finals = await wait_all(app, [*uuids, blocker.uuid], timeout=180)
     assert {t.status for t in finals.values()} == {"success"}
@@ -213,5 +248,6 @@ async def test_a_worker_stalled_past_the_transaction_timeout_loses_nothing_and_r
     for u in uuids:
         check_values(streams[u], n_values)
     print(
-        f"exactly-once, a 25 s stall past a 10 s transaction timeout: all done {time.monotonic() - started:.1f} s later"
+        f"exactly-once, a 25 s stall past a 10 s transaction timeout (stall {attempt + 1}): "
+        f"all done {time.monotonic() - started:.1f} s later"
     )
