@@ -94,3 +94,14 @@ class Deliveries:
         if not delivery.done():
             delivery.set_exception(error)
             delivery.exception()
+
+
+def deliveries_of(
+    table: dict[tuple[str, int], Deliveries], owner: Owner, sender: Any, topic: str, partition: int
+) -> Deliveries:
+    """The partition's deliveries in ``table`` for records ``sender`` sends (new ones for a new sender)."""
+    key = (topic, partition)
+    deliveries = table.get(key)
+    if deliveries is None or deliveries.sender is not sender:
+        deliveries = table[key] = Deliveries(owner, sender, topic, partition)
+    return deliveries

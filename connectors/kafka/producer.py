@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kafka_exc
 
-from qtasks.connectors.kafka.deliveries import Deliveries
+from qtasks.connectors.kafka.deliveries import Deliveries, deliveries_of
 from qtasks.connectors.kafka.errors import _FATAL, KAFKA_ERRORS, is_fatal, kafka_errors, map_error, mapped
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
@@ -229,11 +229,7 @@ class KafkaProducer:
 
     def _deliveries_of(self, topic: str, partition: int, sender: AIOKafkaProducer | None) -> Deliveries:
         """The deliveries of the partition's records that ``sender`` sends."""
-        key = (topic, partition)
-        deliveries = self._deliveries.get(key)
-        if deliveries is None or deliveries.sender is not sender:
-            deliveries = self._deliveries[key] = Deliveries(self, sender, topic, partition)
-        return deliveries
+        return deliveries_of(self._deliveries, self, sender, topic, partition)
 
     def delivered(self, deliveries: Deliveries, result: Any) -> None:
         """A record is stored (the partition's end is read from its last delivery, when asked)."""

@@ -20,7 +20,7 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka import errors as kafka_exc
 
 from qtasks.connectors.base import TopicPartition
-from qtasks.connectors.kafka.deliveries import Deliveries
+from qtasks.connectors.kafka.deliveries import Deliveries, deliveries_of
 from qtasks.connectors.kafka.errors import kafka_errors, map_error
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
@@ -178,11 +178,7 @@ class KafkaTxnProducer:
 
     def _mapped(self, fut: asyncio.Future[Any], topic: str, partition: int) -> asyncio.Future[Any]:
         """The delivery as the engine sees it (the commit reports a failure; never "never retrieved")."""
-        key = (topic, partition)
-        deliveries = self._deliveries.get(key)
-        if deliveries is None:
-            deliveries = self._deliveries[key] = Deliveries(self, None, topic, partition)
-        return deliveries.add(fut)
+        return deliveries_of(self._deliveries, self, None, topic, partition).add(fut)
 
     def delivered(self, deliveries: Deliveries, result: Any) -> None:
         """A record is stored: the partition's end moves past it."""
