@@ -54,6 +54,24 @@ async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
         await admin.close()
 
 
+async def delete_topic(bootstrap: str, topic: str) -> None:
+    """Delete `topic` and return once the broker no longer has it.
+
+    DeleteTopics returns when the controller took the deletion; the broker applies it
+    when it replays the metadata log, which on a loaded machine can be a moment later,
+    and until then it still appends to the topic (50 records sent after DeleteTopics
+    were stored, 2 runs in 60 with the cores busy). The broker updates the metadata it
+    answers with and, in the same pass, stops the topic's partitions: once a client
+    has read that the topic is gone, its next appends are refused.
+    """
+    async with admin_client(bootstrap) as admin:
+        await admin.delete_topics([topic])
+        deadline = time.monotonic() + 30
+        while topic in await admin.list_topics():
+            assert time.monotonic() < deadline, f"the broker still has {topic}"
+            await asyncio.sleep(0.01)
+
+
 class Quiet(RebalanceListener):
     def __init__(self) -> None:
         self.assigned: set[TopicPartition] = set()
@@ -194,8 +212,7 @@ async def test_send_to_a_deleted_topic_is_a_clear_error_in_bounded_time(kafka_bo
         await kafka.ensure_topics([TopicSpec(topic, 1)])
         await kafka.producer.send(topic, b"x", key=b"u", partition=0)
         await kafka.producer.flush()
-        async with admin_client(kafka_bootstrap) as admin:
-            await admin.delete_topics([topic])
+        await delete_topic(kafka_bootstrap, topic)
         started, cpu = time.monotonic(), time.process_time()
         with pytest.raises(ConnectorError, match=topic) as caught:
             for _ in range(200):
@@ -225,8 +242,7 @@ async def test_records_queued_for_a_topic_deleted_under_them_fail_without_noise_
         await kafka.ensure_topics([TopicSpec(topic, 1)])
         await kafka.producer.send(topic, b"x", key=b"u", partition=0)
         await kafka.producer.flush()
-        async with admin_client(kafka_bootstrap) as admin:
-            await admin.delete_topics([topic])
+        await delete_topic(kafka_bootstrap, topic)
         deliveries = [await kafka.producer.send(topic, b"x" * 100, key=b"u", partition=0) for _ in range(50)]
         with pytest.raises(ConnectorError, match=topic):
             await kafka.producer.flush()
