@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import itertools
 from collections import deque
 from typing import Any, Protocol
 
@@ -105,3 +107,37 @@ def deliveries_of(
     if deliveries is None or deliveries.sender is not sender:
         deliveries = table[key] = Deliveries(owner, sender, topic, partition)
     return deliveries
+
+
+def read_when_sender_dies(client: Any) -> None:
+    """Read the errors a started aiokafka producer leaves unread when its sender dies.
+
+    A sender that stops on an error (fenced, a sequence out of order) fails every queued
+    batch and the open transaction on futures of aiokafka's own: a batch's future and
+    drain waiter, which nothing waits on once the sender is gone, and the transaction's
+    waiter, which a commit may never come to read. The engine learns of the failure from
+    each record's delivery and from its next commit; unread, asyncio logs each of those
+    errors as "never retrieved" when the batch is collected: ERROR lines an operator can
+    do nothing about, for a failure the engine handles.
+    """
+    client._sender.sender_task.add_done_callback(functools.partial(_read_failures, client))
+
+
+def _read_failures(client: Any, sender_task: asyncio.Task[Any]) -> None:
+    # Runs after aiokafka's own callback (added when it started the sender), which failed them.
+    if sender_task.cancelled() or sender_task.exception() is None:
+        return
+    accumulator = client._message_accumulator
+    batches = [*itertools.chain.from_iterable(accumulator._batches.values()), *accumulator._pending_batches]
+    futures = [f for batch in batches for f in (batch.future, batch._drain_waiter)]
+    manager = client._txn_manager
+    if manager is not None and manager._transaction_waiter is not None:
+        futures.append(manager._transaction_waiter)
+    for future in futures:
+        read_error(future)
+
+
+def read_error(future: asyncio.Future[Any]) -> None:
+    """Mark a failed future's error as read (whoever awaits it still gets it)."""
+    if future.done() and not future.cancelled():
+        future.exception()

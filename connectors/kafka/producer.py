@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kafka_exc
 
-from qtasks.connectors.kafka.deliveries import Deliveries, deliveries_of
+from qtasks.connectors.kafka.deliveries import Deliveries, deliveries_of, read_error, read_when_sender_dies
 from qtasks.connectors.kafka.errors import _FATAL, KAFKA_ERRORS, is_fatal, kafka_errors, map_error, mapped
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
@@ -86,6 +86,7 @@ class KafkaProducer:
         client = self._new_client()
         with kafka_errors("start the producer", servers=self._connector.where, health=self._connector.health):
             await self._connector.starts.run(client.start, client.stop)
+        read_when_sender_dies(client)
         self._client = client
 
     async def stop(self) -> None:
@@ -333,9 +334,7 @@ class KafkaProducer:
                     batch.failure(exception=error)
                     # Its drain waiter failed too, and no sender will ever wait on it: read
                     # its error, or asyncio logs it as never retrieved when it is collected.
-                    drain = batch._drain_waiter
-                    if drain.done() and not drain.cancelled():
-                        drain.exception()
+                    read_error(batch._drain_waiter)
             del self._missing_since[topic]
 
     async def partitions_for(self, topic: str, *, refresh: bool = False) -> int:

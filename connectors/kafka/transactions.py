@@ -20,7 +20,7 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka import errors as kafka_exc
 
 from qtasks.connectors.base import TopicPartition
-from qtasks.connectors.kafka.deliveries import Deliveries, deliveries_of
+from qtasks.connectors.kafka.deliveries import Deliveries, deliveries_of, read_when_sender_dies
 from qtasks.connectors.kafka.errors import kafka_errors, map_error
 from qtasks.connectors.kafka.health import pace_metadata_updates
 from qtasks.connectors.kafka.options import _BATCH_SIZE
@@ -84,6 +84,7 @@ class KafkaTxnProducer:
                     functools.partial(self._close, client),
                     bootstrapped=lambda: client.client._sync_task is not None,
                 )
+        read_when_sender_dies(client)
         self._client = client
 
     async def stop(self) -> None:

@@ -27,7 +27,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import RebalanceListener, TopicPartition, TopicSpec
 from qtasks.connectors.kafka import KEY_ROOM, KafkaConnector, install_log_filter
-from qtasks.exc import BrokerUnavailableError, ConnectorError, RecordTooLargeError
+from qtasks.exc import BrokerUnavailableError, ConnectorError, ProducerFencedError, RecordTooLargeError
 from tests.helpers import silent_server, unique
 from tests.kafka_fixtures import _local_kafka_class
 
@@ -247,6 +247,37 @@ async def test_records_queued_for_a_topic_deleted_under_them_fail_without_noise_
         with pytest.raises(ConnectorError, match=topic):
             await kafka.producer.flush()
         assert all(d.done() and d.exception() is not None for d in deliveries)
+    gc.collect()
+    await asyncio.sleep(0.1)
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+async def test_a_fenced_transactional_producer_fails_its_records_without_noise_from_the_event_loop(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A newer producer of the id fences the old one; the old one's next partition is
+    # refused, its sender stops, and aiokafka fails every queued batch and the
+    # transaction on futures of its own. The engine hears of it from the deliveries and
+    # the commit; those futures' errors must be read, or asyncio logs errors nobody can act on.
+    topic, tid = unique("fenced"), unique("tid")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 3)])
+        old = kafka.transactional_producer(tid)
+        await old.start()
+        try:
+            await (await old.send(topic, b"x", key=b"u", partition=0))
+            newer = kafka.transactional_producer(tid)
+            await newer.start()
+            await newer.stop()
+            deliveries = [await old.send(topic, b"x" * 100, key=b"u", partition=p % 3) for p in range(60)]
+            with pytest.raises(ProducerFencedError):
+                await old.commit()
+            await asyncio.wait(deliveries, timeout=30)
+            assert all(d.done() and d.exception() is not None for d in deliveries)
+        finally:
+            await old.stop()
     gc.collect()
     await asyncio.sleep(0.1)
     gc.collect()
