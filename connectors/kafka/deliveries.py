@@ -112,29 +112,48 @@ def deliveries_of(
 def read_when_sender_dies(client: Any) -> None:
     """Read the errors a started aiokafka producer leaves unread when its sender dies.
 
-    A sender that stops on an error (fenced, a sequence out of order) fails every queued
-    batch and the open transaction on futures of aiokafka's own: a batch's future and
-    drain waiter, which nothing waits on once the sender is gone, and the transaction's
-    waiter, which a commit may never come to read. The engine learns of the failure from
-    each record's delivery and from its next commit; unread, asyncio logs each of those
-    errors as "never retrieved" when the batch is collected: ERROR lines an operator can
-    do nothing about, for a failure the engine handles.
+    A sender that stops on an error (the transactional producer fenced, or an error
+    aiokafka does not expect) fails every queued batch and the open transaction on
+    futures of aiokafka's own: a batch's future and drain waiter, which nothing waits on
+    once the sender is gone, and the transaction's waiter, which a commit may never come
+    to read. The engine learns of the failure from each record's delivery and from its
+    next commit or flush; unread, asyncio logs each of those errors as "never retrieved"
+    when the batch is collected: ERROR lines an operator can do nothing about, for a
+    failure the engine handles.
     """
-    client._sender.sender_task.add_done_callback(functools.partial(_read_failures, client))
+    # The accumulator and the transaction manager, not the client: the sender's task must
+    # not keep an unstopped client alive (its "unclosed" warning would never come).
+    sender = client._sender
+    failed = functools.partial(_read_failures, sender, client._message_accumulator, client._txn_manager)
+    sender.sender_task.add_done_callback(failed)
 
 
-def _read_failures(client: Any, sender_task: asyncio.Task[Any]) -> None:
+def _read_failures(sender: Any, accumulator: Any, manager: Any, sender_task: asyncio.Task[Any]) -> None:
     # Runs after aiokafka's own callback (added when it started the sender), which failed them.
     if sender_task.cancelled() or sender_task.exception() is None:
         return
-    accumulator = client._message_accumulator
+    # The sender's requests still under way (a produce, a transaction step) are its tasks
+    # no more: they would wait on, once the client closes, for a metadata update that
+    # never comes, and asyncio logs each as "destroyed but pending" when it is collected.
+    # Their batches failed with the sender; nothing waits for their answers.
+    for task in asyncio.all_tasks():
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        if frame is not None and frame.f_locals.get("self") is sender:
+            task.cancel()
     batches = [*itertools.chain.from_iterable(accumulator._batches.values()), *accumulator._pending_batches]
     futures = [f for batch in batches for f in (batch.future, batch._drain_waiter)]
-    manager = client._txn_manager
     if manager is not None and manager._transaction_waiter is not None:
         futures.append(manager._transaction_waiter)
     for future in futures:
         read_error(future)
+    # A request still in flight ends later; a retriable error (its connection closed as the
+    # producer stops) would put its batch back for a sender that is gone, and aiokafka's
+    # re-queue of a batch it already failed raises KeyError in a task nobody reads.
+    accumulator.reenqueue = _never_again
+
+
+def _never_again(batch: Any) -> None:
+    """A dead sender's batch is not queued again: it failed with the sender's error."""
 
 
 def read_error(future: asyncio.Future[Any]) -> None:
