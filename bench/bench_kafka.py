@@ -16,6 +16,11 @@ Throughput (``--rounds`` rounds, raw then qtasks, after an unmeasured warm-up of
    (``{"uuid", "seq", "value"}`` keyed by uuid, partition computed once per task) with
    the producer settings of connectors/kafka.py (acks=all, idempotent, linger_ms as QueueConfig,
    256 KiB batches), awaits the batch's deliveries, then commits its offsets.
+   The same loop again with the records qtasks handles per task on top of the values
+   (``bench_raw(statuses=True)``: a ``new`` status written with each task, an end marker
+   and a terminal status written per task, every status read back and decoded by a
+   tailer; its clock stops at the last status read back): what a qtasks worker could
+   reach at most with its records as they are, with no engine.
 2. qtasks: the same N tasks (``gen(k)``, an async generator yielding k ints) submitted
    with ``add_task`` before the worker starts, then ``app.start()`` and ``app.wait`` on
    each (sequentially: tasks end roughly in order, and one live waiter at a time keeps
@@ -245,14 +250,46 @@ def task_value(task_uuid: str, k: int) -> bytes:
 # --------------------------------------------------------------------------- 1. raw ceiling
 
 
+def status_value(task_uuid: str, status: str, k: int = 0) -> bytes:
+    """A status record shaped like qtasks' (``new`` as the client writes it, or a terminal one)."""
+    now = time.time()
+    if status == "new":
+        return _json_encode(
+            {"uuid": task_uuid, "task_name": "gen", "status": "new", "created_at": now, "updated_at": now}
+        )
+    return _json_encode(
+        {
+            "uuid": task_uuid,
+            "task_name": "gen",
+            "status": status,
+            "created_at": now,
+            "updated_at": now,
+            "returning": list(range(k)),
+            "yield_count": k,
+            "attempt": 1,
+            "worker": "bench-raw",
+            "rev": 2,
+            "lease_until": 0.0,
+            "results_partition": 0,
+            "results_offset": 0,
+            "started_at": now,
+        }
+    )
+
+
 async def raw_worker_batch(
     consumer: AIOKafkaConsumer,
     producer: AIOKafkaProducer,
     results_topic: str,
     timeout_ms: int,
     marks: dict[str, float] | None = None,
+    status_topic: str | None = None,
 ) -> int:
-    """One round of the raw worker loop: fetch, produce k results per task, await the deliveries, commit."""
+    """One round of the raw worker loop: fetch, produce k results per task, await the deliveries, commit.
+
+    With ``status_topic``, each task also gets qtasks' records: an end marker after its
+    values and a terminal status (``success``) keyed by its id.
+    """
     batches = await consumer.getmany(timeout_ms=timeout_ms)
     if not batches:
         return 0
@@ -269,9 +306,15 @@ async def raw_worker_batch(
             key = task_uuid.encode()
             # The default partitioner's choice, computed once per task rather than per record.
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
-            for i in range(task["args"][0]):
+            k = task["args"][0]
+            for i in range(k):
                 value = _json_encode({"uuid": task_uuid, "seq": i, "value": i})
                 deliveries.append(await send(results_topic, value, key=key, partition=partition))
+            if status_topic is not None:
+                end = _json_encode({"uuid": task_uuid, "seq": k, "end": True, "status": "success"})
+                deliveries.append(await send(results_topic, end, key=key, partition=partition))
+                status = status_value(task_uuid, "success", k)
+                deliveries.append(await send(status_topic, status, key=key, partition=partition))
             done += 1
         offsets[tp] = records[-1].offset + 1
     for delivery in deliveries:  # raises a delivery error; cheaper than gather() over thousands
@@ -280,37 +323,84 @@ async def raw_worker_batch(
     return done
 
 
-async def bench_raw(bootstrap: str, topics: Topics, n: int, k: int, linger_ms: int) -> dict[str, float]:
+async def tail_statuses(consumer: AIOKafkaConsumer, view: dict[bytes, Any], ended: list[int]) -> None:
+    """Read every status record into ``view`` (decoded), counting the terminal ones, as qtasks' tailer does."""
+    while True:
+        for records in (await consumer.getmany(timeout_ms=100)).values():
+            for record in records:
+                status = _json_decode(record.value)
+                view[record.key] = status
+                if status["status"] != "new":
+                    ended[0] += 1
+
+
+async def bench_raw(
+    bootstrap: str, topics: Topics, n: int, k: int, linger_ms: int, statuses: bool = False
+) -> dict[str, float]:
+    """The raw loop over a backlog of ``n`` tasks of ``k`` values.
+
+    ``statuses``: with the records qtasks handles per task on top of the values (a
+    ``new`` status written with the task, an end marker and a terminal status written by
+    the worker, every status read back by a tailer that decodes it), and no engine: what
+    a qtasks worker could reach at most with its records as they are.
+    """
     tag = uuid_mod.uuid4().hex[:8]
     tasks_topic, results_topic, group = f"raw{tag}.tasks", f"raw{tag}.results", f"raw{tag}-workers"
-    await topics.create(tasks_topic, results_topic)
+    status_topic = f"raw{tag}.status" if statuses else None
+    await topics.create(tasks_topic, results_topic, *([status_topic] if status_topic else []))
     producer = make_producer(bootstrap, linger_ms)
     await producer.start()
+    tailer: AIOKafkaConsumer | None = None
+    tailing: asyncio.Task[None] | None = None
     try:
         for _ in range(n):
             task_uuid = str(uuid_mod.uuid4())
             await producer.send(tasks_topic, task_value(task_uuid, k), key=task_uuid.encode())
+            if status_topic is not None:
+                await producer.send(status_topic, status_value(task_uuid, "new"), key=task_uuid.encode())
         await producer.flush()
         consumer = AIOKafkaConsumer(
             tasks_topic, bootstrap_servers=bootstrap, group_id=group, client_id="bench-raw", **CONSUMER_SETTINGS
         )
         marks: dict[str, float] = {}
         done = 0
+        view: dict[bytes, Any] = {}
+        ended = [0]
         started, cpu = time.perf_counter(), time.process_time()
+        if status_topic is not None:
+            tailer = AIOKafkaConsumer(bootstrap_servers=bootstrap, client_id="bench-raw-status", **CONSUMER_SETTINGS)
+            await tailer.start()
+            status_tps = [KTP(status_topic, p) for p in range(PARTITIONS)]
+            tailer.assign(status_tps)
+            await tailer.seek_to_beginning(*status_tps)
+            tailing = asyncio.ensure_future(tail_statuses(tailer, view, ended))
         await consumer.start()
         try:
             while done < n:
-                done += await raw_worker_batch(consumer, producer, results_topic, 500, marks)
+                done += await raw_worker_batch(consumer, producer, results_topic, 500, marks, status_topic)
                 if time.perf_counter() - started > 600:
                     raise AssertionError(f"raw loop: only {done} of {n} tasks in 600 s")
+            while tailing is not None and ended[0] < n:  # every terminal status read back
+                await asyncio.sleep(0.001)
+                if time.perf_counter() - started > 600:
+                    raise AssertionError(f"raw loop: only {ended[0]} of {n} terminal statuses read back in 600 s")
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
             await consumer.stop()
     finally:
+        if tailing is not None:
+            tailing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tailing
+        if tailer is not None:
+            await tailer.stop()
         await producer.stop()
     assert done == n, (done, n)
+    per_task = k + 1 if statuses else k
     written = await record_count(bootstrap, results_topic)
-    assert written == n * k, f"raw: {written} result records, expected {n * k}"
+    assert written == n * per_task, f"raw: {written} result records, expected {n * per_task}"
+    if statuses:
+        assert len(view) == n and ended[0] == n, (len(view), ended[0], n)
     await check_all_committed(bootstrap, tasks_topic, group)
     return {"elapsed": elapsed, "cpu": cpu, "join": marks["first"] - started}
 
@@ -570,15 +660,18 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
             await bench_raw(bootstrap, topics, w, k, linger)
             await bench_qtasks(bootstrap, topics, w, k, c, linger)
             await topics.delete_all()
-            raw_runs, q_runs = [], []
+            raw_runs, rs_runs, q_runs = [], [], []
             for r in range(args.rounds):
                 raw = await bench_raw(bootstrap, topics, n, k, linger)
+                rs = await bench_raw(bootstrap, topics, n, k, linger, statuses=True)
                 q = await bench_qtasks(bootstrap, topics, n, k, c, linger)
                 await topics.delete_all()
                 raw_runs.append(raw)
+                rs_runs.append(rs)
                 q_runs.append(q)
                 print(
                     f"round {r + 1}: raw {n * k / raw['elapsed']:,.0f} results/s ({raw['elapsed']:.2f} s), "
+                    f"raw with qtasks' records {n * k / rs['elapsed']:,.0f} results/s ({rs['elapsed']:.2f} s), "
                     f"qtasks {n * k / q['elapsed']:,.0f} results/s ({q['elapsed']:.2f} s)",
                     flush=True,
                 )
@@ -603,6 +696,17 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
                 f"join + first fetch {med(raw_runs, 'join'):.2f} s",
             )
             row("raw loop: CPU per result", f"{med(raw_runs, 'cpu') / results * 1e6:.1f} us", "this process only")
+            rs_e = med(rs_runs, "elapsed")
+            row(
+                "raw loop with qtasks' records: results/s",
+                f"{results / rs_e:,.0f}",
+                f"median of {args.rounds}, {rs_e:.2f} s (to the last status read back); {raw_e / rs_e:.2f}x raw",
+            )
+            row(
+                "raw loop with qtasks' records: CPU per task",
+                f"{med(rs_runs, 'cpu') / n * 1e6:.1f} us",
+                f"raw: {med(raw_runs, 'cpu') / n * 1e6:.1f} us",
+            )
             row(
                 "qtasks: results/s",
                 f"{results / q_e:,.0f}",
@@ -614,6 +718,11 @@ async def run(args: argparse.Namespace, bootstrap: str) -> list[tuple[str, str, 
                 f"start + join {med(q_runs, 'join'):.2f} s; {raw_f / q_f:.2f}x raw",
             )
             row("qtasks: tasks/s", f"{n / q_e:,.0f}", "")
+            row(
+                "qtasks: CPU per task",
+                f"{med(q_runs, 'cpu') / n * 1e6:.1f} us",
+                f"{med(q_runs, 'cpu') / med(rs_runs, 'cpu'):.2f}x the raw loop with qtasks' records",
+            )
             row(
                 "qtasks: CPU per result",
                 f"{med(q_runs, 'cpu') / results * 1e6:.1f} us",

@@ -36,6 +36,12 @@ The engines (each worker as its library's docs write one; bench/peers/ holds the
 
 - raw: bench_kafka.py's hand-written aiokafka loop (``bench_raw``, ``raw_worker_batch``),
   the ceiling, in this process.
+- raw-statuses: the same loop with the records qtasks handles per task on top of the
+  values and nothing else of an engine (``bench_raw(statuses=True)``): a ``new`` status
+  written with each task, an end marker and a terminal status written by the worker,
+  every status read back and decoded by a tailer; its clock stops once the last
+  terminal status is read back. Its figure is what a qtasks worker could reach at most
+  with the records it handles today (not run by default).
 - qtasks: bench_kafka.py's ``bench_qtasks`` (``make_app``, ``submit_all``): async
   generator tasks, ``concurrency`` as given, in this process (its sequential
   ``app.wait`` client shares the process, as in bench_kafka.py).
@@ -104,6 +110,8 @@ from bench_kafka import (
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 ENGINES = ("raw", "qtasks", "faust", "faststream", "taskiq")
+#: Run only when asked for (``--engines``).
+EXTRA_ENGINES = ("raw-statuses",)
 WORKLOADS = ("generator", "short")
 STOP_TIMEOUT = 60.0  # seconds a peer's worker gets to stop gracefully
 
@@ -141,6 +149,8 @@ class Peer:
 def engine_version(engine: str) -> str:
     if engine == "raw":
         return f"aiokafka {version('aiokafka')}"
+    if engine == "raw-statuses":
+        return f"aiokafka {version('aiokafka')}, qtasks' records per task"
     if engine == "qtasks":
         return f"qtasks-kafka {version('qtasks-kafka')} (this tree)"
     if engine == "faust":
@@ -233,6 +243,9 @@ async def run_in_process(engine: str, bootstrap: str, topics: Topics, workload: 
     if engine == "raw":
         await bench_raw(bootstrap, topics, workload.tasks, workload.k, LINGER_MS)
         per_task = workload.k
+    elif engine == "raw-statuses":
+        await bench_raw(bootstrap, topics, workload.tasks, workload.k, LINGER_MS, statuses=True)
+        per_task = workload.k + 1  # the values, then the end-of-stream marker
     else:
         await bench_qtasks(bootstrap, topics, workload.tasks, workload.k, args.concurrency, LINGER_MS)
         per_task = workload.k + 1  # the values, then the end-of-stream marker
@@ -504,9 +517,9 @@ def main() -> None:
     parser.add_argument("--worker-logs", metavar="DIR", help="keep each peer worker's output in DIR")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = set(engines) - set(ENGINES)
+    unknown = set(engines) - set(ENGINES) - set(EXTRA_ENGINES)
     if unknown:
-        parser.error(f"unknown engines {sorted(unknown)}; choose from {','.join(ENGINES)}")
+        parser.error(f"unknown engines {sorted(unknown)}; choose from {','.join(ENGINES + EXTRA_ENGINES)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The first group join logs a GroupCoordinatorNotAvailableError while __consumer_offsets is made.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
