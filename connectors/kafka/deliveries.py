@@ -132,10 +132,10 @@ def _read_failures(sender: Any, accumulator: Any, manager: Any, sender_task: asy
     # Runs after aiokafka's own callback (added when it started the sender), which failed them.
     if sender_task.cancelled() or sender_task.exception() is None:
         return
-    # The sender's requests still under way (a produce, a transaction step) are its tasks
-    # no more: they would wait on, once the client closes, for a metadata update that
-    # never comes, and asyncio logs each as "destroyed but pending" when it is collected.
-    # Their batches failed with the sender; nothing waits for their answers.
+    # The sender's requests still under way (a produce, a transaction step) belong to no
+    # running sender now: once the client closes, they would wait forever for a metadata
+    # update that never comes, and asyncio logs each one as "destroyed but pending" when
+    # it is collected. Their batches failed with the sender; nothing waits for the answers.
     for task in asyncio.all_tasks():
         frame = getattr(task.get_coro(), "cr_frame", None)
         if frame is not None and frame.f_locals.get("self") is sender:

@@ -86,8 +86,8 @@ class KafkaProducer:
         client = self._new_client()
         with kafka_errors("start the producer", servers=self._connector.where, health=self._connector.health):
             await self._connector.starts.run(client.start, client.stop)
-        read_when_sender_dies(client)
         self._client = client
+        read_when_sender_dies(client)
 
     async def stop(self) -> None:
         """Deliver what is pending, then disconnect."""

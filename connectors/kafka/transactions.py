@@ -84,8 +84,8 @@ class KafkaTxnProducer:
                     functools.partial(self._close, client),
                     bootstrapped=lambda: client.client._sync_task is not None,
                 )
-        read_when_sender_dies(client)
         self._client = client
+        read_when_sender_dies(client)
 
     async def stop(self) -> None:
         """Abort the open transaction (if it still can, within a bound) and disconnect."""
