@@ -8,6 +8,7 @@ and without a broker. ``FaultyConnector`` wraps a connector (``memory://`` in pr
     broker.faults.fail("send", nth=2)                   # the 2nd send from now raises
     broker.faults.fail("delivery", topic="app.results") # a result is lost; its delivery and the next flush raise
     broker.faults.delay("fetch", 0.5, times=3)          # the next 3 getmany calls wait 0.5 s first
+    held = broker.faults.hold("fetch", topic="app.status")  # status reads wait until held.release()
     broker.faults.down()                                # an outage: every operation raises BrokerUnavailableError
     broker.faults.up()
     assert broker.faults.calls["commit"] == 3
@@ -59,7 +60,7 @@ from qtasks.connectors.base import (
 )
 from qtasks.exc import BrokerUnavailableError, ConnectorError
 
-__all__ = ["Faults", "FaultyConnector", "Op"]
+__all__ = ["Faults", "FaultyConnector", "Hold", "Op"]
 
 Op = Literal[
     "start",
@@ -88,6 +89,32 @@ class _Rule:
     times: int | None  # matching calls it then applies to (None: every one)
     delay: float = 0.0
     error: Error | None = None
+    hold: Hold | None = None  # matching calls wait until it is released (then the rule goes)
+
+
+class Hold:
+    """Calls held by :meth:`Faults.hold`: how many wait now, and their release."""
+
+    def __init__(self) -> None:
+        self._released = asyncio.Event()
+        #: Calls waiting for the release now.
+        self.waiting = 0
+
+    def release(self) -> None:
+        """Let the held calls go, and every later one."""
+        self._released.set()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released.is_set()
+
+    async def wait(self) -> None:
+        self.waiting += 1
+        try:
+            await self._released.wait()
+        finally:
+            self.waiting -= 1
 
 
 class Faults:
@@ -115,6 +142,16 @@ class Faults:
         next ``times``; every one if None)."""
         self._add(_Rule(op, topic, nth - 1, times, delay=seconds))
 
+    def hold(self, op: Op, *, topic: str | None = None) -> Hold:
+        """Hold every matching call of ``op`` from now on until the returned hold is released
+        (or :meth:`clear`): a wait as long as the test needs, not a guess in seconds. Any
+        operation a delay applies to but ``delivery``. A call under way is not held."""
+        if op == "delivery":
+            raise ValueError("a delivery cannot be held: delay it")
+        hold = Hold()
+        self._add(_Rule(op, topic, 0, None, hold=hold))
+        return hold
+
     def down(self) -> None:
         """Start an outage: every operation raises ``BrokerUnavailableError`` (retriable) until :meth:`up`."""
         self._down = True
@@ -129,7 +166,10 @@ class Faults:
         self._down = False
 
     def clear(self) -> None:
-        """Forget the plan and the call counts, and end any outage."""
+        """Forget the plan and the call counts, end any outage and let held calls go."""
+        for rule in self._rules:
+            if rule.hold is not None:
+                rule.hold.release()
         self._rules.clear()
         self.calls.clear()
         self._down = False
@@ -150,7 +190,7 @@ class Faults:
         topics = set(topics)
         delay, error = 0.0, None
         for rule in list(self._rules):
-            if rule.op != op or (rule.topic is not None and rule.topic not in topics):
+            if rule.op != op or (rule.topic is not None and rule.topic not in topics) or rule.hold is not None:
                 continue
             if rule.skip:
                 rule.skip -= 1
@@ -168,6 +208,13 @@ class Faults:
         delay, error = self.take(op, topics, outage=outage)
         if delay:
             await asyncio.sleep(delay)
+        topics = set(topics)
+        for rule in list(self._rules):
+            hold = rule.hold
+            if hold is not None and rule.op == op and (rule.topic is None or rule.topic in topics):
+                await hold.wait()
+                if rule in self._rules:
+                    self._rules.remove(rule)
         if error is not None:
             raise error
 

@@ -842,6 +842,7 @@ class Worker:
         sent_again = False  # share mode: the record was sent afresh; the task has not ended
         txn = None
         holds_slot = True
+        dropped = False
 
         def ran() -> None:
             # The task's code is done and only its ending is left to store: the slot goes to
@@ -866,9 +867,7 @@ class Worker:
                 delivery = None
                 if isinstance(offsets, ShareOffsets):
                     delivery = offsets.delivery(record, self.core.config.share_delivery_limit)
-                done = await self._run_record(
-                    rec, txn, ran, record, delivery, offsets if isinstance(offsets, ShareOffsets) else None
-                )
+                done = await self._run_record(rec, txn, ran, record, delivery, offsets)
                 rejected, sent_again = done == "rejected", done == "again"
             finished = True
         except asyncio.CancelledError:
@@ -876,7 +875,7 @@ class Worker:
                 raise  # handed back: the worker stops past its deadline
             me.uncancel()  # taken over by another worker: the run stopped, the handler ends here
         except _Dropped:
-            return  # not finished here: the record is read again after the rebalance
+            dropped = True  # not finished here: the record is read again after the rebalance
         except Exception as exc:
             raise_if_cancelled()  # a stop whose cancellation became an error hands the task back
             if txn is not None and (txn.lost or txn.error is not None):
@@ -897,6 +896,10 @@ class Worker:
                     # finish once it ends (or take the task over if that worker dies too). A
                     # partition gone elsewhere is read again by its owner.
                     retaken = [(o, r) for o, r in ((offsets, record), *joined) if o is self._offsets.get(r.tp)]
+            elif dropped and not self._stopping and not isinstance(offsets, ShareOffsets):
+                # Group mode, a rebalance came during its admission: copies of the record read
+                # again since (the partition stayed here) joined it; they are admitted afresh.
+                retaken = [(o, r) for o, r in joined if o is self._offsets.get(r.tp)]
             # The key is given up here, so a rebalance from now on must not count it held.
             self._handler_keys.pop(me, None)
             key = rec.key if isinstance(rec, TaskRecord) else None
@@ -972,12 +975,15 @@ class Worker:
         ran: Callable[[], None] | None = None,
         record: Record | None = None,
         share: ShareDelivery | None = None,
-        held: ShareOffsets | None = None,
+        taken: PartitionOffsets | None = None,
     ) -> Literal["rejected", "again"] | None:
         """Admit and run (or end) one task record: ``rejected`` when its record went to the
         dead-letter topic, ``again`` when it was sent afresh (share mode: the task has not ended).
 
-        Share mode, ``held`` is the record's lock here: a record whose lock ran out is not
+        ``taken`` is what the record was taken into. Group mode: the offsets of its partition
+        in the assignment it was read in; a record read in an earlier one is not started (its
+        partition's owner reads it again from the committed offset, this worker too if it
+        stayed here). Share mode: the record's lock here; a record whose lock ran out is not
         started (the group may have handed it to another worker), and one whose task another
         worker runs from this very record is taken over only once the group confirms this
         worker holds it (a copy of it that waited here after its lock ran out must not take
@@ -985,13 +991,16 @@ class Worker:
         """
         core = self.core
         uuid = rec.uuid
+        held = taken if isinstance(taken, ShareOffsets) else None
         if held is not None and held.lost:
             raise _Dropped()
         if record is not None and rec.not_before > time.time() + FORWARD_AFTER and not _moved(record):
             await self._forward(rec, record, txn)
             return None
-        if self._view_ready is not None and not self._view_ready.done():
-            await asyncio.shield(self._view_ready)
+        # The catch-up after the last assignment (a rebalance meanwhile cancels it and starts
+        # another: this record then waits for that one, and is dropped below as read before it).
+        while (ready := self._view_ready) is not None and not ready.done():
+            await asyncio.wait((ready,))
         # Share mode, a record handed out before: its task's runs (``attempt``, ``released``)
         # decide whether it is poison, so the view first reads what its last worker wrote
         # before handing it back (a hand-back not read yet would count as a death).
@@ -1095,8 +1104,9 @@ class Worker:
                         self.host, rec, head, "cancel", txn, cancel_reason=sent, attempt=decision.attempt
                     )
                     return None
-            if self._revoked:
-                # Revoked while it was being admitted: it may be another worker's by now. It
+            if self._revoked or (held is None and record is not None and taken is not self._offsets.get(record.tp)):
+                # A rebalance came while it was being admitted: it may be another worker's by
+                # now (an assignment since, and no revoke to say so any more, is the same). It
                 # is read again from the committed offset if it stays here.
                 raise _Dropped()
             source = share.source if share is not None else None

@@ -134,6 +134,34 @@ async def test_a_delayed_fetch_waits_before_reading(broker: FaultyConnector) -> 
     assert time.monotonic() - started < 0.09
 
 
+async def test_a_held_fetch_waits_until_released_and_other_topics_go_on(broker: FaultyConnector) -> None:
+    await broker.producer.send("t", b"x", key=None, partition=0)
+    await broker.producer.send("u", b"y", key=None, partition=0)
+    consumer = await reader(broker)  # reads t
+    other = broker.consumer()
+    other.assign([TopicPartition("u", 0)])
+    held = broker.faults.hold("fetch", topic="t")
+    fetch = asyncio.ensure_future(consumer.getmany(1.0))
+    assert [r.value for r in await other.getmany(1.0)] == [b"y"]  # not held
+    await asyncio.sleep(0.05)
+    assert not fetch.done() and held.waiting == 1 and not held.released
+    held.release()
+    assert [r.value for r in await fetch] == [b"x"] and held.waiting == 0
+    assert await asyncio.wait_for(consumer.getmany(0), 1.0) == []  # released: the rule is gone
+    with pytest.raises(ValueError, match="delay it"):
+        broker.faults.hold("delivery")
+
+
+async def test_clear_lets_held_calls_go(broker: FaultyConnector) -> None:
+    consumer = await reader(broker)
+    held = broker.faults.hold("fetch")
+    fetch = asyncio.ensure_future(consumer.getmany(0))
+    await asyncio.sleep(0.05)
+    assert held.waiting == 1
+    broker.faults.clear()
+    assert await asyncio.wait_for(fetch, 1.0) == []
+
+
 async def test_consumer_faults_with_a_topic_hit_only_consumers_reading_it(broker: FaultyConnector) -> None:
     broker.faults.fail("fetch", topic="u", times=5)
     consumer = await reader(broker)  # reads t
