@@ -145,7 +145,9 @@ class Faults:
     def hold(self, op: Op, *, topic: str | None = None) -> Hold:
         """Hold every matching call of ``op`` from now on until the returned hold is released
         (or :meth:`clear`): a wait as long as the test needs, not a guess in seconds. Any
-        operation a delay applies to but ``delivery``. A call under way is not held."""
+        operation a delay applies to but ``delivery``. A call already in the inner connector
+        is not held (one still sleeping out a delay is). Over memory://, a group consumer
+        rebalances inside ``getmany``: holding its ``fetch`` holds its group's rebalances too."""
         if op == "delivery":
             raise ValueError("a delivery cannot be held: delay it")
         hold = Hold()

@@ -136,6 +136,9 @@ class Supervisor:
         failed = asyncio.ensure_future(self.failed.wait())
         try:
             done, _ = await asyncio.wait({job, failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller is cancelled: what it waited for goes too
+            job.cancel()
+            raise
         finally:
             failed.cancel()
         if job in done:

@@ -1011,6 +1011,8 @@ class Worker:
             head = await retried(
                 lambda: core.store.head(uuid, timeout=2.0, txn=txn), what=f"the status of {uuid}", trouble=core.trouble
             )
+            if self._left_behind(record, taken):
+                raise _Dropped()  # nothing is decided on it here: not even an ending
             if not caught_up and head is not None and head.status == "process":
                 caught_up = True
                 await retried(lambda: core.store.catch_up(uuid), what=f"the status of {uuid}", trouble=core.trouble)
@@ -1050,6 +1052,7 @@ class Worker:
             )
             if child is None or child.status == "new":
                 self._retry_of[uuid] = head.retry_child_uuid
+        chord: tuple[list[Any], str | None] = ([], None)  # a chord's callback: what it comes after
         if action == "expired":
             log.warning("skipped %s (%s): older than status_ttl and its status has expired", uuid, rec.task_name)
         elif action == "cancel":
@@ -1104,20 +1107,27 @@ class Worker:
                         self.host, rec, head, "cancel", txn, cancel_reason=sent, attempt=decision.attempt
                     )
                     return None
-            if self._revoked or (held is None and record is not None and taken is not self._offsets.get(record.tp)):
-                # A rebalance came while it was being admitted: it may be another worker's by
-                # now (an assignment since, and no revoke to say so any more, is the same). It
-                # is read again from the committed offset if it stays here.
-                raise _Dropped()
+            if self._left_behind(record, taken):
+                raise _Dropped()  # the waits since the status lookup may have outlived a rebalance
             source = share.source if share is not None else None
             run = TaskRun(self.host, rec, spec, head, decision.attempt, txn, record, source)
             # Share mode: a run of a record handed out before is counted before it starts.
             run.announce_at_start = share is not None and share.announce_at_start
             if rec.after:  # a chord's callback: the results of the tasks it came after go first
-                run.executor.args = [(await self._results_of(rec.after))[0], *run.executor.args]
+                run.executor.args = [chord[0], *run.executor.args]
             run.on_ran = ran
             await self._run(run)
         return None
+
+    def _left_behind(self, record: Record | None, taken: PartitionOffsets | None) -> bool:
+        """Group mode: whether a rebalance came since ``record`` was taken into ``taken`` (a
+        revoke under way, or an assignment since, which makes every partition's offsets
+        afresh). The record may be another worker's by now: it is left unfinished, read
+        again from the committed offset by its partition's owner (this worker too, if it
+        stayed here)."""
+        if record is None or taken is None or isinstance(taken, ShareOffsets):
+            return False
+        return self._revoked or taken is not self._offsets.get(record.tp)
 
     async def _chain_cancelled(self, rec: TaskRecord) -> str | None:
         """Why a retry's chain was cancelled while the run it follows was ending, or None.

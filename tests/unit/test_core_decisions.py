@@ -238,6 +238,27 @@ async def test_a_loop_that_keeps_failing_is_fatal_and_wakes_whoever_waits() -> N
     await supervisor.stop()
 
 
+async def test_a_wait_whose_caller_is_cancelled_leaves_nothing_waiting_behind() -> None:
+    # The status view's catch-up waits through the supervisor; a rebalance cancels it.
+    supervisor = Supervisor("test")
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def behind() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            ended.set()
+
+    waiter = asyncio.ensure_future(supervisor.wait(behind(), timeout=60))
+    await asyncio.wait_for(started.wait(), 10)
+    waiter.cancel()
+    await asyncio.wait((waiter,))
+    assert waiter.cancelled()
+    await asyncio.wait_for(ended.wait(), 1)  # the job was cancelled with its caller
+    await supervisor.stop()
+
+
 async def test_a_loop_that_returns_is_restarted_too() -> None:
     runs = 0
     third = asyncio.Event()

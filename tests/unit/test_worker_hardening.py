@@ -286,11 +286,15 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0)
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize("known", [True, False], ids=["known", "unknown here"])
 @pytest.mark.parametrize("waits_in", ["the status lookup", "the catch-up"])
-async def test_records_admitted_across_a_rebalance_run_once_each(faulty_app: Any, waits_in: str) -> None:
+async def test_records_admitted_across_a_rebalance_are_decided_once_each(
+    faulty_app: Any, waits_in: str, known: bool
+) -> None:
     """Records taken before a rebalance whose admission ends after it (their tasks' statuses
-    not read yet) are not run from the old assignment: a partition that went to the other
-    worker is run there, one that stayed is read again and run here; each task once."""
+    not read yet) are not decided on from the old assignment: a partition that went to the
+    other worker is run there, one that stayed is read again here; each task runs once, and
+    a task this worker does not know is not ended as unknown while the other one runs it."""
     # Found in CI: admissions that outlived a revoke and the next assignment saw no revoke
     # and started their runs, and the partitions' new owner ran the same tasks (8 twice).
     # The runs stay quiet (no process status) until they end, as short runs do.
@@ -307,12 +311,13 @@ async def test_records_admitted_across_a_rebalance_run_once_each(faulty_app: Any
         return i
 
     first.task(name="job")(job)
+    name = "job" if known else "deployed_since"  # only the worker that joins later knows it
     worker = await first.start()
     go.set()
     warm_up = await client.add_task("job", -1, timeout=10)  # the worker is assigned; its view caught up
     assert warm_up is not None and warm_up.status == "success"
     go.clear()
-    # The view reads nothing more of the status topic, nor its end, until the gates open:
+    # The view reads nothing more of the status topic, nor its end, until the holds end:
     # records taken now wait in their status lookup or, after a rebalance of this worker
     # alone, in the catch-up that follows it.
     holds = [first.broker.faults.hold(op, topic=first.topics.status) for op in ("fetch", "end_offsets")]
@@ -322,24 +327,31 @@ async def test_records_admitted_across_a_rebalance_run_once_each(faulty_app: Any
         await until(lambda: worker._view_ready is not None and not worker._view_ready.done(), "the rebalance")
     handles = []
     while len({partition_for(h.uuid, 2) for h in handles}) < 2 or len(handles) < 8:  # on both partitions
-        handles += await client.add_tasks("job", [(len(handles),)])
+        handles += await client.add_tasks(name, [(len(handles),)])
     await until(lambda: len(worker._active) == len(handles), "the records taken")
     assert not runs.keys() - {-1}
     second = faulty_app(log, first.name, **settings, process_grace=20.0)
-    second.task(name="job")(job)
+    for registered in {"job", name}:
+        second.task(name=registered)(job)
     other = await second.start()
     await until(lambda: len(worker._owned) == 1 and len(other._owned) == 1, "one partition each")
+    theirs = {h.uuid for h in handles if TopicPartition(first.topics.tasks, partition_for(h.uuid, 2)) in other._owned}
     for hold in holds:
         hold.release()
-    await until(lambda: len(runs) == len(handles) + 1, "every task started")
+    started = len(handles) if known else len(theirs)
+    await until(lambda: len(runs) == started + 1, "every task to start")
     for w in (worker, other):  # and no record is still being admitted anywhere
         await until(lambda w=w: len(w._handlers) == len(w._running), "the admissions to end")
     assert [i for i, n in runs.items() if n > 1] == []
     go.set()
     for handle in handles:
-        assert (await client.wait(handle.uuid, 30)).status == "success"
+        ended = await client.wait(handle.uuid, 30)
+        if known or handle.uuid in theirs:
+            assert ended.status == "success", ended.traceback
+        else:  # read again here, where it is not known
+            assert ended.status == "error" and "unknown task 'deployed_since'" in (ended.traceback or "")
     assert [i for i, n in runs.items() if n > 1] == []
-    assert other.tasks_done and worker.tasks_done + other.tasks_done == len(handles) + 1  # the warm-up too
+    assert other.tasks_done and worker.tasks_done + other.tasks_done == started + 1  # the warm-up too
 
 
 async def test_copies_of_a_keyed_task_read_again_while_it_ran_are_done_with_it_once_its_retry_is_taken(
