@@ -981,9 +981,9 @@ class Worker:
         dead-letter topic, ``again`` when it was sent afresh (share mode: the task has not ended).
 
         ``taken`` is what the record was taken into. Group mode: the offsets of its partition
-        in the assignment it was read in; a record read in an earlier one is not started (its
-        partition's owner reads it again from the committed offset, this worker too if it
-        stayed here). Share mode: the record's lock here; a record whose lock ran out is not
+        in the assignment it was read in; a record read in an earlier one is neither run nor
+        ended here (its partition's owner reads it again from the committed offset, this
+        worker too if it stayed here). Share mode: the record's lock here; a record whose lock ran out is not
         started (the group may have handed it to another worker), and one whose task another
         worker runs from this very record is taken over only once the group confirms this
         worker holds it (a copy of it that waited here after its lock ran out must not take
