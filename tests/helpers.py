@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import random
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 #: Settings that make tests quick without changing behaviour.
 FAST = {
@@ -21,6 +22,14 @@ FAST = {
     "results_partitions": 3,
     "status_partitions": 3,
 }
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str, *, every: float = 0.05) -> None:
+    """Wait until ``predicate()`` holds (looked at every ``every`` s); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(every)
 
 
 def unique(prefix: str = "t") -> str:

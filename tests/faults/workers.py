@@ -264,13 +264,6 @@ def finished(app: QueueTasks, uuids: list[str]) -> int:
     return sum(1 for u in uuids if (h := app.view.head(u)) is not None and h.is_finished)
 
 
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def read_stream(app: QueueTasks, uuid: str, timeout: float = 60) -> list[Any]:
     return [value async for value in app.stream(uuid, timeout=timeout)]
 

@@ -32,7 +32,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from qtasks.asyncio import QueueTasks
 from qtasks.exc import BrokerUnavailableError, StreamIncompleteError
 from qtasks.partitioner import partition_for
-from tests.helpers import FAST, silent_server, unique
+from tests.helpers import FAST, silent_server, unique, until
 
 pytestmark = pytest.mark.kafka
 
@@ -50,14 +50,6 @@ async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
         yield admin
     finally:
         await admin.close()
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait until ``predicate()`` holds (checked every 50 ms); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def leftover_tasks() -> set[asyncio.Task[Any]]:

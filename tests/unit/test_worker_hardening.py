@@ -22,7 +22,7 @@ from qtasks.executor import TaskExecutor
 from qtasks.partitioner import partition_for
 from qtasks.records import StatusHead, TaskRecord, encode
 from tests.engine_suite import status_log
-from tests.helpers import FAST, free_port, unique
+from tests.helpers import FAST, free_port, unique, until
 from tests.unit.test_metrics import sample, scrape
 
 NOW = 1_700_000_000.0
@@ -278,14 +278,6 @@ async def test_workers_joining_a_busy_group_run_no_short_task_twice(make_app: An
     assert [i for i, n in runs.items() if n > 1] == [] and len(runs) == 1000
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Wait until ``condition()`` holds (looked at every 10 ms), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("known", [True, False], ids=["known", "unknown here"])
 @pytest.mark.parametrize("waits_in", ["the status lookup", "the catch-up"])
 async def test_records_admitted_across_a_rebalance_are_decided_once_each(
@@ -321,27 +313,27 @@ async def test_records_admitted_across_a_rebalance_are_decided_once_each(
     # records taken now wait in their status lookup or, after a rebalance of this worker
     # alone, in the catch-up that follows it.
     holds = [first.broker.faults.hold(op, topic=first.topics.status) for op in ("fetch", "end_offsets")]
-    await until(lambda: holds[0].waiting == 1, "the view's reads to be held")  # its read under way ended
+    await until(lambda: holds[0].waiting == 1, 20, "the view's reads to be held")  # its read under way ended
     if waits_in == "the catch-up":
         worker._consumer.rejoin()
-        await until(lambda: worker._view_ready is not None and not worker._view_ready.done(), "the rebalance")
+        await until(lambda: worker._view_ready is not None and not worker._view_ready.done(), 20, "the rebalance")
     handles = []
     while len({partition_for(h.uuid, 2) for h in handles}) < 2 or len(handles) < 8:  # on both partitions
         handles += await client.add_tasks(name, [(len(handles),)])
-    await until(lambda: len(worker._active) == len(handles), "the records taken")
+    await until(lambda: len(worker._active) == len(handles), 20, "the records taken")
     assert not runs.keys() - {-1}
     second = faulty_app(log, first.name, **settings, process_grace=20.0)
     for registered in {"job", name}:
         second.task(name=registered)(job)
     other = await second.start()
-    await until(lambda: len(worker._owned) == 1 and len(other._owned) == 1, "one partition each")
+    await until(lambda: len(worker._owned) == 1 and len(other._owned) == 1, 20, "one partition each")
     theirs = {h.uuid for h in handles if TopicPartition(first.topics.tasks, partition_for(h.uuid, 2)) in other._owned}
     for hold in holds:
         hold.release()
     started = len(handles) if known else len(theirs)
-    await until(lambda: len(runs) == started + 1, "every task to start")
+    await until(lambda: len(runs) == started + 1, 20, "every task to start")
     for w in (worker, other):  # and no record is still being admitted anywhere
-        await until(lambda w=w: len(w._handlers) == len(w._running), "the admissions to end")
+        await until(lambda w=w: len(w._handlers) == len(w._running), 20, "the admissions to end")
     assert [i for i, n in runs.items() if n > 1] == []
     go.set()
     for handle in handles:
