@@ -27,8 +27,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from qtasks.asyncio import QueueTasks
 from tests.faults.report import MEASURED, Measured
-from tests.faults.workers import Proc, Workers, executions, read_streams, scan_results, until, wait_all, workers_of
-from tests.helpers import free_port, unique
+from tests.faults.workers import Proc, Workers, executions, read_streams, scan_results, wait_all, workers_of
+from tests.helpers import free_port, unique, until
 from tests.kafka_fixtures import _local_kafka_class
 
 pytestmark = pytest.mark.kafka

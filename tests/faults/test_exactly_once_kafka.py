@@ -25,10 +25,10 @@ from tests.faults.workers import (
     read_streams,
     running_on,
     scan_results,
-    until,
     wait_all,
     workers_of,
 )
+from tests.helpers import until
 
 pytestmark = pytest.mark.kafka
 
