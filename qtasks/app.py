@@ -297,7 +297,10 @@ class QueueTasks:
                     await self.stop(timeout=0)
                 else:
                     await self.close()
-        except Exception as exc:  # the loop's end must not fail because of this app
+        # The loop's end must not fail because of this app. A CancelledError is said too:
+        # nothing cancels the loop's last step, so one is a close that stopped halfway (and
+        # asyncio would drop it without a word).
+        except (Exception, asyncio.CancelledError) as exc:
             log.warning("app %r could not be closed at the end of its event loop: %r", self.name, exc)
 
     def _renew(self) -> None:

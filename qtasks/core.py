@@ -194,12 +194,16 @@ class Core:
     async def close(self) -> None:
         """Stop the background loops and disconnect (idempotent)."""
         self.closed.set()
-        await self.supervisor.stop()
-        await self.store.stop()
-        # Also when never connected: a failed start may have left a client start to stop.
-        self.connected = False
-        await self.broker.stop()
-        self._lock = None
+        try:
+            await self.supervisor.stop()
+            await self.store.stop()
+        finally:
+            # Whatever the store's stop raised, the connector is stopped (its producer, its
+            # connections). Also when never connected: a failed start may have left a client
+            # start to stop.
+            self.connected = False
+            await self.broker.stop()
+            self._lock = None
 
     # -- writing ---------------------------------------------------------------------
 

@@ -100,8 +100,40 @@ class KafkaConsumer:
                 raise
 
     async def stop(self) -> None:
-        """Leave the group and disconnect."""
-        await self._consumer.stop()
+        """Leave the group and disconnect; raises only if the caller itself is cancelled.
+
+        aiokafka's fetcher, as it closes, cancels each fetch still under way and awaits it.
+        A fetch that catches its cancel returns, but one that had not started yet (the end
+        of an ``asyncio.run`` cancels every task at once) or was sleeping out the backoff
+        after a failed fetch (a connection dropped) raises its CancelledError into ``stop``,
+        before the client's connections are closed. That cancel is not the caller's: the
+        close is finished here (the other fetches are cancelled and waited for, then the
+        connections closed), and the caller goes on (a store, a worker, an app closing
+        behind it would otherwise stop halfway, and leave the producer open).
+        """
+        try:
+            await self._consumer.stop()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelled = task is not None and task.cancelling() > 0
+            # Shielded: a caller cancelled meanwhile still leaves nothing open.
+            await asyncio.shield(self._finish_stop())
+            if cancelled:
+                raise
+            log.debug(
+                "aiokafka's consumer stop ended early on a cancel that was not the caller's; its close was finished"
+            )
+
+    async def _finish_stop(self) -> None:
+        """What ``AIOKafkaConsumer.stop`` leaves undone when a cancel escapes it: its fetches, its connections."""
+        fetcher = self._consumer._fetcher
+        tasks = [getattr(fetcher, "_fetch_task", None), *getattr(fetcher, "_pending_tasks", ())]
+        running = [task for task in tasks if task is not None and not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)  # their cancels are theirs: wait does not raise them
+        await self._consumer._client.close()
 
     def subscribe(self, topics: list[str], listener: RebalanceListener) -> None:
         """Join the consumer group for these topics (at ``start``)."""

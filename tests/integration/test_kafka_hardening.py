@@ -22,13 +22,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.conn import CloseReason
 from aiokafka.errors import MessageSizeTooLargeError
 
 from qtasks.config import QueueConfig
 from qtasks.connectors.base import RebalanceListener, TopicPartition, TopicSpec
 from qtasks.connectors.kafka import KEY_ROOM, KafkaConnector, install_log_filter
 from qtasks.exc import BrokerUnavailableError, ConnectorError, ProducerFencedError, RecordTooLargeError
-from tests.helpers import silent_server, unique
+from tests.helpers import silent_server, unique, until
 from tests.kafka_fixtures import _local_kafka_class
 
 KEY = b"k" * KEY_ROOM
@@ -83,15 +84,6 @@ class Quiet(RebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assigned |= assigned
-
-
-async def until(condition: Any, timeout: float) -> None:
-    """Wait until ``condition()`` holds (checked every 50 ms); fail after ``timeout`` seconds."""
-    for _ in range(int(timeout / 0.05) + 1):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true after {timeout} s: {condition}")
 
 
 def leftover_tasks() -> set[asyncio.Task[Any]]:
@@ -431,16 +423,16 @@ async def test_an_outage_logs_one_warning_and_one_info(own_broker: Any) -> None:
 
             loops = [asyncio.create_task(produce()), asyncio.create_task(consume())]
             try:
-                await until(lambda: received, 20)
+                await until(lambda: received, 20, "a record")
                 down = time.monotonic()
                 await asyncio.to_thread(own_broker.stop)
-                await until(lambda: not kafka.reachable, 15)
+                await until(lambda: not kafka.reachable, 15, "the outage to be seen")
                 assert kafka.unreachable_since is not None
                 await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down)))
                 await asyncio.to_thread(own_broker.start, 240)
-                await until(lambda: kafka.reachable, 30)
+                await until(lambda: kafka.reachable, 30, "the broker to be reachable again")
                 seen = len(received)
-                await until(lambda: len(received) > seen, 30)
+                await until(lambda: len(received) > seen, 30, "a record after the outage")
             finally:
                 stop.set()
                 await asyncio.gather(*loops)
@@ -512,9 +504,9 @@ async def test_an_outage_keeps_the_clients_idle(own_broker: Any) -> None:
             asyncio.create_task(consume(reader, [])),
         ]
         try:
-            await until(lambda: received and listener.assigned, 20)
+            await until(lambda: received and listener.assigned, 20, "a record and an assignment")
             await asyncio.to_thread(own_broker.stop)
-            await until(lambda: not kafka.reachable, 15)
+            await until(lambda: not kafka.reachable, 15, "the outage to be seen")
             records, cpu, started = seen.seen, time.process_time(), time.monotonic()
             await asyncio.sleep(outage)
             records, cpu = seen.seen - records, time.process_time() - cpu
@@ -525,9 +517,9 @@ async def test_an_outage_keeps_the_clients_idle(own_broker: Any) -> None:
                 f"producer's leader for {topic}[0]: {leader}"
             )
             await asyncio.to_thread(own_broker.start, 240)
-            await until(lambda: kafka.reachable, 30)
+            await until(lambda: kafka.reachable, 30, "the broker to be reachable again")
             count = len(received)
-            await until(lambda: len(received) > count, 30)  # the clients work again
+            await until(lambda: len(received) > count, 30, "a record after the outage")  # the clients work again
         finally:
             stop.set()
             await asyncio.gather(*loops)
@@ -535,3 +527,61 @@ async def test_an_outage_keeps_the_clients_idle(own_broker: Any) -> None:
             await group.stop()
     assert share < 0.15, (cpu, records)
     assert records < 1_000, (cpu, records)
+
+
+async def _a_dropped_fetch_waiting_out_its_backoff(
+    kafka: KafkaConnector, topic: str
+) -> tuple[Any, Any, asyncio.Task[Any]]:
+    """A started consumer of ``topic`` whose fetch in flight lost its connection and now
+    sleeps out aiokafka's retry backoff (the fetch, the consumer, its aiokafka client)."""
+    consumer = kafka.consumer(None, max_wait_ms=5_000)  # an empty fetch waits at the broker
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, 0)])
+    inner = consumer._consumer
+    fetcher = inner._fetcher
+    # Long enough that the stop surely lands in it (aiokafka's default is 0.1 s).
+    fetcher._retry_backoff = 60.0
+    await until(lambda: bool(fetcher._pending_tasks), 10, "a fetch in flight")
+    (fetch,) = fetcher._pending_tasks
+    for conn in list(inner._client._conns.values()):  # the broker's connection drops
+        conn.close(reason=CloseReason.CONNECTION_BROKEN)
+
+    def backing_off() -> bool:
+        waiting_on = fetch.get_coro().cr_await  # the fetch coroutine's own await
+        return getattr(getattr(waiting_on, "cr_code", None), "co_name", "") == "sleep"
+
+    await until(backing_off, 10, "the failed fetch to sleep out its backoff")
+    assert not fetch.done()
+    return consumer, inner, fetch
+
+
+async def test_a_consumer_stopped_while_a_dropped_fetch_backs_off_stops_whole(kafka_bootstrap: str) -> None:
+    # aiokafka cancels that fetch and awaits it: its CancelledError came out of stop()
+    # before the connections were closed, and the caller (a store, an app closing) went
+    # no further, as if it had been cancelled itself.
+    topic = unique("drop")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1)])
+        consumer, inner, fetch = await _a_dropped_fetch_waiting_out_its_backoff(kafka, topic)
+        async with asyncio.timeout(10):
+            await consumer.stop()  # returns: the cancel was aiokafka's, not ours
+        assert fetch.cancelled()
+        assert inner._client._sync_task is None
+        assert not [conn for conn in inner._client._conns.values() if conn.connected()]
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_consumer_stop_that_is_cancelled_still_closes_the_connections(kafka_bootstrap: str) -> None:
+    topic = unique("drop")
+    async with connected(kafka_bootstrap) as kafka:
+        await kafka.ensure_topics([TopicSpec(topic, 1)])
+        consumer, inner, fetch = await _a_dropped_fetch_waiting_out_its_backoff(kafka, topic)
+        stopping = asyncio.ensure_future(consumer.stop())
+        await asyncio.sleep(0)  # the stop is under way
+        stopping.cancel()  # and its caller gives up
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        # The close goes on to its end all the same.
+        await until(lambda: not [c for c in inner._client._conns.values() if c.connected()], 10, "the close to end")
+        await until(fetch.done, 10, "the fetch to end")
+        assert inner._client._sync_task is None

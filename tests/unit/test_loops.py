@@ -62,6 +62,40 @@ def test_a_worker_left_running_at_the_end_of_its_loop_is_named_and_closed(caplog
     asyncio.run(forgetful())  # and the app works on the next loop
 
 
+def test_a_close_stopped_halfway_by_a_stray_cancel_at_the_loop_s_end_still_disconnects_and_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Kafka consumer's stop could raise a CancelledError of its own (a fetch it cancelled):
+    # asyncio drops what the loop's last step raises without a word, and the connector,
+    # its producer with it, was left open.
+    app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
+    stopped: list[bool] = []
+
+    async def submit() -> None:
+        await app.add_task("anything")
+        core = app.core
+
+        async def stop_raising_a_cancel() -> None:
+            raise asyncio.CancelledError
+
+        broker_stop = core.broker.stop
+
+        async def broker_stopped() -> None:
+            stopped.append(True)
+            await broker_stop()
+
+        monkeypatch.setattr(core.store, "stop", stop_raising_a_cancel)
+        monkeypatch.setattr(core.broker, "stop", broker_stopped)
+
+    asyncio.run(submit())
+    assert stopped == [True]
+    assert not app.core.connected
+    assert any(
+        "could not be closed at the end of its event loop" in r.getMessage() and r.levelname == "WARNING"
+        for r in caplog.records
+    )
+
+
 def test_a_client_call_then_a_worker_under_two_asyncio_runs() -> None:
     app = QueueTasks(name=unique(), broker_url=f"memory://{unique()}", **FAST)
 
